@@ -1,0 +1,221 @@
+"""The public ops of mambakit: the selective scan, the causal depthwise conv, and their single-step updates.
+
+Each op validates its arguments once (shapes, dtypes, devices, finiteness of A) with messages that name the
+argument and the expected shape, then dispatches to a backend:
+
+- "reference": the specification in plain PyTorch (scan_ref.py, conv.py); any device, any float dtype.
+- "cpu": fused numba kernels (scan_cpu.py, conv.py) for CPU tensors in float16 / bfloat16 / float32 / float64.
+- None: "cpu" for CPU tensors, "reference" otherwise. The choice is logged once per op at debug level.
+
+Layouts are time-major (shared/design.md): activations (b, l, d), B and C (b, l, n), states (b, d, n),
+conv states (b, d, w − 1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .conv import (
+    causal_conv1d_cpu,
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+)
+from .scan_ref import selective_scan_ref, selective_state_update_ref
+
+__all__ = [
+    "selective_scan",
+    "causal_conv1d",
+    "selective_state_update",
+    "causal_conv1d_update",
+    "BACKENDS",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("reference", "cpu")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_logged: set[tuple[str, str]] = set()
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _check_tensor(name: str, x, shape: tuple, names: str, device: torch.device | None = None) -> None:
+    """x must be a floating tensor of `shape` (ints; None matches anything) on `device`."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {names}, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != len(shape) or any(s is not None and s != xs for s, xs in zip(shape, x.shape)):
+        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {names} = {want}, got {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but u is on {device}; all inputs must share one device")
+
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, step: bool) -> tuple[int, ...]:
+    """Validates the scan's arguments; returns (b, l, d, n) (l = 1 for a single step)."""
+    if step:
+        _check_tensor("u", u, (None, None), "(b, d)")
+        b, d = u.shape
+        l = 1
+        act, bn = (b, d), (b, None)
+        act_names, bn_names = "(b, d)", "(b, n)"
+    else:
+        _check_tensor("u", u, (None, None, None), "(b, l, d)")
+        b, l, d = u.shape
+        act, bn = (b, l, d), (b, l, None)
+        act_names, bn_names = "(b, l, d)", "(b, l, n)"
+    dev = u.device
+    _check_tensor("A", A, (d, None), "(d, n)", dev)
+    n = A.shape[1]
+    if n < 1:
+        raise ValueError("A must have at least one state dimension: shape (d, n) with n >= 1")
+    _check_tensor("delta", delta, act, act_names, dev)
+    _check_tensor("B", B, bn[:-1] + (n,), bn_names, dev)
+    _check_tensor("C", C, bn[:-1] + (n,), bn_names, dev)
+    if D is not None:
+        _check_tensor("D", D, (d,), "(d,)", dev)
+    if z is not None:
+        _check_tensor("z", z, act, act_names, dev)
+    if delta_bias is not None:
+        _check_tensor("delta_bias", delta_bias, (d,), "(d,)", dev)
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, (b, d, n), "(b, d, n)", dev)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("A contains NaN or inf; A = -exp(A_log) must be finite")
+    return b, l, d, n
+
+
+def _check_conv_args(x, weight, bias, state, step: bool) -> tuple[int, int, int, int]:
+    """Validates the conv's arguments; returns (b, l, d, w)."""
+    if step:
+        _check_tensor("x", x, (None, None), "(b, d)")
+        (b, d), l = x.shape, 1
+    else:
+        _check_tensor("x", x, (None, None, None), "(b, l, d)")
+        b, l, d = x.shape
+    _check_tensor("weight", weight, (d, None), "(d, w)", x.device)
+    w = weight.shape[1]
+    if w < 1:
+        raise ValueError("weight must have a kernel width w >= 1: shape (d, w)")
+    if bias is not None:
+        _check_tensor("bias", bias, (d,), "(d,)", x.device)
+    if state is not None:
+        _check_tensor("conv_state" if step else "initial_state", state, (b, d, w - 1), "(b, d, w-1)", x.device)
+    return b, l, d, w
+
+
+def _check_activation(activation) -> None:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+
+
+def _resolve_backend(op: str, backend: str | None, x: Tensor) -> str:
+    """The backend for this call: the explicit one (checked it can run) or the default for x's device."""
+    if backend is None:
+        chosen = "cpu" if x.device.type == "cpu" else "reference"
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    else:
+        chosen = backend
+        if chosen == "cpu" and x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {x.device}")
+    if (op, chosen) not in _logged:
+        _logged.add((op, chosen))
+        logger.debug("mambakit.ops.%s: using the %r backend (for %s tensors)", op, chosen, x.device.type)
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ the ops
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    backend: str | None = None,
+):
+    """The selective scan of Mamba (paper Section 3.2, Algorithm 2).
+
+    Δ = softplus(delta + delta_bias) (if delta_softplus) else delta + delta_bias;
+    h_t = exp(Δ_t·A) ⊙ h_{t−1} + Δ_t·B_t·u_t; y_t = C_t·h_t + D·u_t; y ← y·silu(z) if z is given.
+
+    Shapes: u, delta, z, y: (b, l, d); A: (d, n); B, C: (b, l, n); D, delta_bias: (d,);
+    initial_state, final_state: (b, d, n). Returns y (in u's dtype), or (y, final_state) with
+    return_final_state (final_state in float32, float64 for float64 inputs). Gradients flow to every
+    tensor input, initial_state included, and from final_state.
+    """
+    _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, step=False)
+    args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, bool(return_final_state))
+    if _resolve_backend("selective_scan", backend, u) == "cpu":
+        from .scan_cpu import selective_scan_cpu  # numba compiles lazily: import only when used
+
+        return selective_scan_cpu(*args)
+    return selective_scan_ref(*args)
+
+
+def selective_state_update(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """One decoding step of the selective scan: updates `state` (b, d, n) in place and returns y (b, d).
+
+    u, delta, z: (b, d); A: (d, n); B, C: (b, n); D, delta_bias: (d,). Stepping l times from a state equals
+    `selective_scan` over those l steps with that state as initial_state.
+    """
+    b, _, d, n = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, None, step=True)
+    _check_tensor("state", state, (b, d, n), "(b, d, n)", u.device)
+    return selective_state_update_ref(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    activation: str | None = None,
+    backend: str | None = None,
+):
+    """Depthwise causal conv over time: y_t = bias + Σ_k weight[:, k]·x_{t−w+1+k}, with the w−1 inputs
+    before t = 0 taken from initial_state (zeros if None); then SiLU if activation == "silu".
+
+    x, y: (b, l, d); weight: (d, w); bias: (d,); initial_state, final_state: (b, d, w − 1) (the last w − 1
+    inputs, for the next call). Returns y, or (y, final_state) with return_final_state.
+    """
+    _check_conv_args(x, weight, bias, initial_state, step=False)
+    _check_activation(activation)
+    args = (x, weight, bias, initial_state, bool(return_final_state), activation)
+    if _resolve_backend("causal_conv1d", backend, x) == "cpu":
+        return causal_conv1d_cpu(*args)
+    return causal_conv1d_ref(*args)
+
+
+def causal_conv1d_update(
+    conv_state: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+) -> Tensor:
+    """One decoding step of the causal conv: x (b, d) is the new input, conv_state (b, d, w − 1) holds the
+    previous w − 1 inputs and is shifted in place. Returns y (b, d)."""
+    _check_conv_args(x, weight, bias, conv_state, step=True)
+    _check_activation(activation)
+    return causal_conv1d_update_ref(conv_state, x, weight, bias, activation)
