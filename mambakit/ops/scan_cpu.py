@@ -1,2 +1,304 @@
-# TEMPORARY placeholder while the fused kernel is written: delegates to the reference.
-from .scan_ref import selective_scan_ref as selective_scan_cpu  # noqa: F401
+"""The fused selective scan on CPU: numba kernels for forward and backward, and their autograd Function.
+
+The paper's hardware-aware algorithm (Section 3.3.2) keeps the expanded state (b, l, d, n) out of slow memory:
+it loads Δ, A, B, C, discretises, scans and reads out y in fast memory, and recomputes states in the backward
+pass. On a CPU "fast memory" is registers and L1/L2, and the same plan reads:
+
+- Work is split into tasks of (one sequence) × (a block of BLOCK contiguous channels); tasks are independent
+  (the recurrence is diagonal in d), so they run in parallel threads with no synchronisation.
+- A task keeps its state block h (n, BLOCK) in L1 and walks the sequence once. For each step it loads
+  delta/u/z for its channels (contiguous in the time-major layout) and B_t, C_t, and every inner loop runs
+  over contiguous channels, which LLVM vectorises (16 float32 lanes with AVX-512). exp is a polynomial
+  (see _numba.py) so that it vectorises too. softplus, the D skip and the SiLU(z) gate are fused into the
+  same pass: the only tensors written are y (b, l, d) and the final state.
+- For the backward, the forward also writes the state at every CHUNK-th step (b, l/CHUNK, n, d): 1/CHUNK of
+  the (b, l, d, n) tensor. The backward walks chunks from last to first, recomputes the chunk's states from
+  its checkpoint into a per-task buffer (CHUNK + 1, n, BLOCK) that stays in L2, then runs the adjoint
+  recurrence g_{t−1} = Ā_t ⊙ (g_t + C_t dy_t) backwards through it.
+- dB and dC sum over channels, i.e. across tasks: each task writes its own partial (b, tasks, l, n) and torch
+  sums them. dA, dD, d(delta_bias) sum over time within a task and over sequences in torch.
+
+Kernels compute in float32 (float64 when given float64, for gradcheck); bfloat16/float16 inputs are
+converted on the way in and gradients converted back, as the official kernels accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+from ._numba import fexp, kernel_options, set_threads, sigmoid, softplus
+
+BLOCK = 64  # channels per task: 4 AVX-512 vectors of float32; the state block is n·64·4 bytes
+CHUNK_BYTES = 1 << 18  # the backward's per-task state buffer (CHUNK + 1, n, BLOCK) is about this size
+
+
+def chunk_len(n: int, itemsize: int) -> int:
+    """Steps between state checkpoints: as many as fit the backward's buffer in L2, within [8, 256]."""
+    return int(min(256, max(8, CHUNK_BYTES // (n * BLOCK * itemsize))))
+
+
+# -------------------------------------------------------------------------------------------------- kernels
+@njit(**kernel_options())
+def _scan_fwd_kernel(u, delta, At, B, C, D, z, bias, h0, has_z, use_softplus, chunk, ckpt, y, hT):
+    """u, delta, z, y: (b, l, d); At: (n, d) (A transposed); B, C: (b, l, n); D, bias: (d,);
+    h0, hT: (b, n, d); ckpt: (b, ceil(l/chunk), n, d) or empty (then no checkpoints are written)."""
+    b, l, d = u.shape
+    n = At.shape[0]
+    nblk = (d + BLOCK - 1) // BLOCK
+    save = ckpt.shape[0] > 0
+    for task in prange(b * nblk):
+        bi = task // nblk
+        d0 = (task % nblk) * BLOCK
+        w = min(BLOCK, d - d0)
+        h = np.empty((n, BLOCK), dtype=u.dtype)  # the state block, (n, channels)
+        A_blk = np.empty((n, BLOCK), dtype=u.dtype)
+        dt = np.empty(BLOCK, dtype=u.dtype)
+        du = np.empty(BLOCK, dtype=u.dtype)
+        acc = np.empty(BLOCK, dtype=u.dtype)
+        for s in range(n):
+            for j in range(w):
+                h[s, j] = h0[bi, s, d0 + j]
+                A_blk[s, j] = At[s, d0 + j]
+        for t in range(l):
+            if save and t % chunk == 0:
+                for s in range(n):
+                    for j in range(w):
+                        ckpt[bi, t // chunk, s, d0 + j] = h[s, j]
+            for j in range(w):
+                x = delta[bi, t, d0 + j] + bias[d0 + j]
+                dt[j] = softplus(x) if use_softplus else x
+                du[j] = dt[j] * u[bi, t, d0 + j]
+                acc[j] = 0
+            for s in range(n):
+                bs = B[bi, t, s]
+                cs = C[bi, t, s]
+                for j in range(w):
+                    hv = fexp(dt[j] * A_blk[s, j]) * h[s, j] + du[j] * bs
+                    h[s, j] = hv
+                    acc[j] += hv * cs
+            for j in range(w):
+                yv = acc[j] + D[d0 + j] * u[bi, t, d0 + j]
+                if has_z:
+                    zv = z[bi, t, d0 + j]
+                    yv = yv * zv * sigmoid(zv)
+                y[bi, t, d0 + j] = yv
+        for s in range(n):
+            for j in range(w):
+                hT[bi, s, d0 + j] = h[s, j]
+
+
+@njit(**kernel_options())
+def _scan_bwd_kernel(
+    u, delta, At, B, C, D, z, bias, has_z, use_softplus, chunk, ckpt, dy, dhT,
+    du_out, ddelta_out, dz_out, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
+):  # fmt: skip
+    """Adjoint of _scan_fwd_kernel. dy, du_out, ddelta_out, dz_out: (b, l, d); dhT, dh0, dA_part: (b, n, d);
+    dB_part, dC_part: (b, tasks per sequence, l, n); dD_part, dbias_part: (b, d)."""
+    b, l, d = u.shape
+    n = At.shape[0]
+    nblk = (d + BLOCK - 1) // BLOCK
+    nch = (l + chunk - 1) // chunk
+    for task in prange(b * nblk):
+        bi = task // nblk
+        blk = task % nblk
+        d0 = blk * BLOCK
+        w = min(BLOCK, d - d0)
+        g = np.empty((n, BLOCK), dtype=u.dtype)  # adjoint state ∂L/∂h_t, (n, channels)
+        A_blk = np.empty((n, BLOCK), dtype=u.dtype)
+        gA = np.zeros((n, BLOCK), dtype=u.dtype)
+        hs = np.empty((chunk + 1, n, BLOCK), dtype=u.dtype)  # hs[k] = state before step t0 + k
+        dts = np.empty((chunk, BLOCK), dtype=u.dtype)  # Δ for the chunk's steps
+        dyv = np.empty(BLOCK, dtype=u.dtype)
+        uv = np.empty(BLOCK, dtype=u.dtype)
+        dux = np.empty(BLOCK, dtype=u.dtype)
+        ddt = np.empty(BLOCK, dtype=u.dtype)
+        ysum = np.empty(BLOCK, dtype=u.dtype)
+        gD = np.zeros(BLOCK, dtype=u.dtype)
+        gbias = np.zeros(BLOCK, dtype=u.dtype)
+        zero = gbias[0]
+        for s in range(n):
+            for j in range(w):
+                g[s, j] = dhT[bi, s, d0 + j]
+                A_blk[s, j] = At[s, d0 + j]
+        for c in range(nch - 1, -1, -1):
+            t0 = c * chunk
+            t1 = min(l, t0 + chunk)
+            # recompute the chunk's states from its checkpoint (paper §3.3.2: recomputation, not storage)
+            for s in range(n):
+                for j in range(w):
+                    hs[0, s, j] = ckpt[bi, c, s, d0 + j]
+            for t in range(t0, t1):
+                k = t - t0
+                for j in range(w):
+                    x = delta[bi, t, d0 + j] + bias[d0 + j]
+                    dts[k, j] = softplus(x) if use_softplus else x
+                    uv[j] = dts[k, j] * u[bi, t, d0 + j]
+                for s in range(n):
+                    bs = B[bi, t, s]
+                    for j in range(w):
+                        hs[k + 1, s, j] = fexp(dts[k, j] * A_blk[s, j]) * hs[k, s, j] + uv[j] * bs
+            # the adjoint recurrence, last step first
+            for t in range(t1 - 1, t0 - 1, -1):
+                k = t - t0
+                for j in range(w):
+                    uv[j] = u[bi, t, d0 + j]
+                    dyv[j] = dy[bi, t, d0 + j]
+                if has_z:  # y = (C·h + D·u) · silu(z): recompute the pre-gate output for dz
+                    for j in range(w):
+                        ysum[j] = D[d0 + j] * uv[j]
+                    for s in range(n):
+                        cs = C[bi, t, s]
+                        for j in range(w):
+                            ysum[j] += cs * hs[k + 1, s, j]
+                    for j in range(w):
+                        zv = z[bi, t, d0 + j]
+                        sg = sigmoid(zv)
+                        dz_out[bi, t, d0 + j] = dyv[j] * ysum[j] * sg * (1 + zv * (1 - sg))
+                        dyv[j] = dyv[j] * zv * sg
+                for j in range(w):
+                    gD[j] += dyv[j] * uv[j]
+                    dux[j] = dyv[j] * D[d0 + j]
+                    ddt[j] = 0
+                for s in range(n):
+                    bs = B[bi, t, s]
+                    cs = C[bi, t, s]
+                    dcs = zero
+                    dbs = zero
+                    for j in range(w):
+                        dtv = dts[k, j]
+                        a = fexp(dtv * A_blk[s, j])
+                        hp = hs[k, s, j]
+                        gv = g[s, j] + cs * dyv[j]  # ∂L/∂h_t, with y_t's own contribution
+                        dcs += dyv[j] * hs[k + 1, s, j]
+                        dbs += gv * dtv * uv[j]
+                        ddt[j] += gv * (A_blk[s, j] * a * hp + bs * uv[j])
+                        dux[j] += gv * dtv * bs
+                        gA[s, j] += gv * dtv * a * hp
+                        g[s, j] = gv * a  # ∂L/∂h_{t−1} through h_t = Ā_t h_{t−1} + …
+                    dC_part[bi, blk, t, s] = dcs
+                    dB_part[bi, blk, t, s] = dbs
+                for j in range(w):
+                    dd = ddt[j]
+                    if use_softplus:
+                        dd = dd * sigmoid(delta[bi, t, d0 + j] + bias[d0 + j])
+                    ddelta_out[bi, t, d0 + j] = dd
+                    gbias[j] += dd
+                    du_out[bi, t, d0 + j] = dux[j]
+        for s in range(n):
+            for j in range(w):
+                dh0[bi, s, d0 + j] = g[s, j]
+                dA_part[bi, s, d0 + j] = gA[s, j]
+        for j in range(w):
+            dD_part[bi, d0 + j] = gD[j]
+            dbias_part[bi, d0 + j] = gbias[j]
+
+
+# -------------------------------------------------------------------------------------------- the wrappers
+def _np(x: Tensor) -> np.ndarray:
+    return x.detach().numpy()
+
+
+def _kernel_dtype(u: Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        kd = _kernel_dtype(u)
+        b, l, d = u.shape
+        n = A.shape[1]
+
+        def prep(x):  # the kernel's dtype, contiguous
+            return x.detach().to(kd).contiguous()
+
+        u_, delta_, B_, C_ = prep(u), prep(delta), prep(B), prep(C)
+        At = prep(A).t().contiguous()  # (n, d): rows of A over contiguous channels
+        D_ = prep(D) if D is not None else u_.new_zeros(d)
+        bias_ = prep(delta_bias) if delta_bias is not None else u_.new_zeros(d)
+        z_ = prep(z) if z is not None else u_.new_empty(1, 1, 1)
+        h0 = (
+            initial_state.detach().to(kd).transpose(1, 2).contiguous()  # (b, n, d)
+            if initial_state is not None
+            else u_.new_zeros(b, n, d)
+        )
+        chunk = chunk_len(n, u_.element_size())
+        need_grad = any(ctx.needs_input_grad)
+        ckpt = u_.new_empty((b, -(-l // chunk), n, d) if need_grad else (0, 0, 0, 0))
+        y = torch.empty_like(u_)
+        hT = u_.new_empty(b, n, d)
+        set_threads()
+        _scan_fwd_kernel(
+            _np(u_), _np(delta_), _np(At), _np(B_), _np(C_), _np(D_), _np(z_), _np(bias_), _np(h0),
+            z is not None, bool(delta_softplus), chunk, _np(ckpt), _np(y), _np(hT),
+        )  # fmt: skip
+        if need_grad:
+            ctx.save_for_backward(u_, delta_, At, B_, C_, D_, z_, bias_, ckpt)
+            ctx.meta = (chunk, z is not None, bool(delta_softplus), D is not None, delta_bias is not None)
+            ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+        return y.to(u.dtype), hT.transpose(1, 2)  # final state (b, d, n)
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u_, delta_, At, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
+        chunk, has_z, use_softplus, has_D, has_bias = ctx.meta
+        kd = u_.dtype
+        b, l, d = u_.shape
+        n = At.shape[0]
+        nblk = -(-d // BLOCK)
+        dy_ = dy.to(kd).contiguous() if dy is not None else torch.zeros_like(u_)
+        dhT_ = dhT.to(kd).transpose(1, 2).contiguous() if dhT is not None else u_.new_zeros(b, n, d)
+        du = torch.empty_like(u_)
+        ddelta = torch.empty_like(u_)
+        dz = torch.empty_like(u_) if has_z else u_.new_empty(1, 1, 1)
+        dB_part = u_.new_empty(b, nblk, l, n)
+        dC_part = u_.new_empty(b, nblk, l, n)
+        dA_part = u_.new_empty(b, n, d)
+        dD_part = u_.new_empty(b, d)
+        dbias_part = u_.new_empty(b, d)
+        dh0 = u_.new_empty(b, n, d)
+        set_threads()
+        _scan_bwd_kernel(
+            _np(u_), _np(delta_), _np(At), _np(B_), _np(C_), _np(D_), _np(z_), _np(bias_), has_z, use_softplus,
+            chunk, _np(ckpt), _np(dy_), _np(dhT_), _np(du), _np(ddelta), _np(dz), _np(dB_part), _np(dC_part),
+            _np(dA_part), _np(dD_part), _np(dbias_part), _np(dh0),
+        )  # fmt: skip
+        t_u, t_delta, t_A, t_B, t_C, t_D, t_z, t_bias, t_h0 = ctx.dtypes
+
+        def out(x, dtype, needed):
+            return x.to(dtype) if needed else None
+
+        need = ctx.needs_input_grad
+        return (
+            out(du, t_u, need[0]),
+            out(ddelta, t_delta, need[1]),
+            out(dA_part.sum(0).t(), t_A, need[2]),  # (d, n)
+            out(dB_part.sum(1), t_B, need[3]),  # (b, l, n)
+            out(dC_part.sum(1), t_C, need[4]),
+            out(dD_part.sum(0), t_D, has_D and need[5]),
+            out(dz, t_z, has_z and need[6]),
+            out(dbias_part.sum(0), t_bias, has_bias and need[7]),
+            None,
+            out(dh0.transpose(1, 2), t_h0, t_h0 is not None and need[9]),  # (b, d, n)
+        )
+
+
+def selective_scan_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """The fused CPU selective scan; same signature and results as `selective_scan_ref`."""
+    y, h = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return (y, h) if return_final_state else y
