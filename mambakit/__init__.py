@@ -1,6 +1,8 @@
 """mambakit: Mamba (selective state space models) in PyTorch, exact and fast on CPU."""
 
 from . import ops
+from .config import PRESETS, MambaConfig
+from .model import Mamba, MambaLM, MambaOutput, MambaState
 
 __version__ = "0.1.0"
-__all__ = ["ops"]
+__all__ = ["ops", "MambaConfig", "PRESETS", "MambaLM", "Mamba", "MambaOutput", "MambaState"]

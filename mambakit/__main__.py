@@ -1,0 +1,7 @@
+"""`python -m mambakit …` is the `mambakit` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,362 @@
+"""The Mamba language model (Gu & Dao, 2023, Section 3.4, Figure 3), parameter for parameter the official one.
+
+Glossary (paper letters → names here):
+    b   batch size                      l   sequence length
+    D   d_model                         E·D d_inner = expand · d_model
+    N   d_state                         R   dt_rank (rank of the Δ projection, Section 3.6)
+    W   d_conv (kernel width of the causal depthwise conv)
+    V   padded_vocab_size
+
+Pieces, smallest first: RMSNorm → Mamba (the mixer block of Figure 3) → ResidualBlock → MambaLM.
+Parameter names and shapes are those of state-spaces/mamba (`MambaLMHeadModel`), so `state_dict()` is the
+official layout. The scan and the conv are the ops of `mambakit.ops`; this file never re-implements them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .config import MambaConfig
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------- state
+@dataclass
+class MambaState:
+    """The recurrent state after a prefix, for every layer: enough to continue the sequence.
+
+    conv: (n_layer, b, E·D, W − 1): the last W − 1 conv inputs, in the model's dtype;
+    ssm:  (n_layer, b, E·D, N): the scan state h, in float32.
+    """
+
+    conv: Tensor
+    ssm: Tensor
+
+    @classmethod
+    def zeros(cls, config: MambaConfig, batch_size: int, device=None, dtype=torch.float32) -> "MambaState":
+        """The state before the first token (the official model starts from zeros too)."""
+        c = config
+        conv = torch.zeros(c.n_layer, batch_size, c.d_inner, c.d_conv - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(c.n_layer, batch_size, c.d_inner, c.d_state, device=device, dtype=torch.float32)
+        return cls(conv, ssm)
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm.shape[1]
+
+
+@dataclass
+class MambaOutput:
+    logits: Tensor  # (b, l, V), or (b, num_last_tokens, V)
+    loss: Optional[Tensor] = None  # mean next-token cross-entropy, float32
+    state: Optional[MambaState] = None
+
+
+# ------------------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 and returned in the weight's dtype (as the official kernel)."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(self.weight.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm in float32, returned in the weight's dtype (for configs with rms_norm=False)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(self.weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- mixer
+class Mamba(nn.Module):
+    """The Mamba block of Figure 3 (Section 3.4): a gated selective-SSM branch.
+
+    x, z = in_proj(u); x = SiLU(conv1d(x)); (δ, B, C) = x_proj(x); Δ = softplus(dt_proj(δ) + bias);
+    y = SelectiveScan(x, Δ, A, B, C) + D·x; out = out_proj(y · SiLU(z)).
+    """
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        E, N, R = c.d_inner, c.d_state, c.dt_rank
+        self.in_proj = nn.Linear(c.d_model, 2 * E, bias=c.bias)
+        # Depthwise conv; only its (E, 1, W) weight is used (by ops.causal_conv1d), never this module's forward.
+        self.conv1d = nn.Conv1d(E, E, c.d_conv, groups=E, padding=c.d_conv - 1, bias=c.conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)  # its bias is the Δ bias, added inside the scan
+        # A and D are kept in float32 whatever the model's dtype (see _apply), as the official code does.
+        self.A_log = nn.Parameter(torch.empty(E, N, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(E, dtype=torch.float32))
+        self.out_proj = nn.Linear(E, c.d_model, bias=c.bias)
+        self.mark_parameters()
+        self.reset_ssm_parameters()
+
+    def mark_parameters(self) -> None:
+        """The official flags on parameters: no weight decay on A_log and D (read by the trainer), and no
+        re-init of the Δ bias by MambaLM.reset_parameters (official README, "Initialization")."""
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.dt_proj.bias._no_reinit = True
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """The SSM-specific init of Section 3.6 (official mamba_simple.py)."""
+        c = self.config
+        dev = self.A_log.device
+        # S4D-Real: A = −(1, 2, …, N) in every channel, stored as A_log = log(1..N).
+        A = torch.arange(1, c.d_state + 1, dtype=torch.float32, device=dev).expand(c.d_inner, -1)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
+        std = c.dt_rank**-0.5 * c.dt_scale
+        if c.dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        # Δ = softplus(bias) log-uniform in [dt_min, dt_max]: bias = softplus⁻¹(dt) = dt + log(1 − exp(−dt)).
+        log_dt = torch.rand(c.d_inner, device=dev) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min)
+        dt = torch.exp(log_dt).clamp(min=c.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16/float16) must leave A_log and D in float32: the recurrence exp(Δ·A) is too
+        # sensitive for half precision (paper Section 3.6 / official README "Precision").
+        keep = {"A_log": self.A_log.data, "D": self.D.data}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            p = getattr(self, name)
+            if p.dtype in _HALF:
+                p.data = old.to(device=p.device, dtype=torch.float32)
+        return self
+
+    def forward(
+        self, u: Tensor, conv_state: Tensor | None = None, ssm_state: Tensor | None = None, return_state: bool = False
+    ):
+        """u: (b, l, D) → (b, l, D). conv_state (b, E·D, W−1) and ssm_state (b, E·D, N) continue a prefix;
+        with return_state, returns (out, new_conv_state, new_ssm_state)."""
+        c = self.config
+        l = u.shape[1]
+        # 1. input projection, split into the SSM branch x and the gate z
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, l, E·D) each
+        weight = self.conv1d.weight.squeeze(1)  # (E·D, W)
+        A = -torch.exp(self.A_log.float())  # (E·D, N)
+        step = l == 1 and conv_state is not None and ssm_state is not None and not torch.is_grad_enabled()
+        # The ops accumulate in float32 themselves; autocast must not push their internals to bf16.
+        with torch.autocast(u.device.type, enabled=False):
+            # 2. causal depthwise conv + SiLU (the "Conv" and "σ" of Figure 3)
+            if step:
+                conv_state = conv_state.clone()
+                x = ops.causal_conv1d_update(conv_state, x[:, 0], weight, self.conv1d.bias, "silu")[:, None]
+            else:
+                x, conv_state = ops.causal_conv1d(
+                    x, weight, self.conv1d.bias, conv_state, return_final_state=True, activation="silu"
+                )
+        # 3. the selection mechanism (Section 3.2, Algorithm 2): Δ, B, C are functions of the input
+        dbc = self.x_proj(x)  # (b, l, R + 2N)
+        dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # (b, l, E·D); the bias goes to the scan as delta_bias
+        with torch.autocast(u.device.type, enabled=False):
+            # 4. selective scan with D skip and the SiLU(z) gate, fused in the op
+            scan_args = dict(D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+            if step:
+                ssm_state = ssm_state.clone()
+                y = ops.selective_state_update(
+                    ssm_state, x[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], z=z[:, 0], **scan_args
+                )[:, None]
+            else:
+                y, ssm_state = ops.selective_scan(
+                    x, delta, A, B, C, z=z, initial_state=ssm_state, return_final_state=True, **scan_args
+                )  # y: (b, l, E·D); ssm_state: (b, E·D, N) float32
+        # 5. output projection
+        out = self.out_proj(y)
+        return (out, conv_state, ssm_state) if return_state else out
+
+
+# ---------------------------------------------------------------------------------------- residual block
+class ResidualBlock(nn.Module):
+    """Pre-norm residual: r ← r + Mamba(Norm(r)).
+
+    The official Block is written Add → Norm → Mixer (to fuse the add into the norm kernel); that is the
+    same computation. With residual_in_fp32 the residual stream r stays float32 in a bf16 model.
+    """
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
+            config.d_model, eps=config.norm_eps
+        )
+        self.mixer = Mamba(config)
+
+    def forward(self, residual: Tensor, conv_state=None, ssm_state=None):
+        out, conv_state, ssm_state = self.mixer(self.norm(residual), conv_state, ssm_state, return_state=True)
+        return residual + out, conv_state, ssm_state
+
+
+class Backbone(nn.Module):
+    """Embedding → n_layer residual blocks → final norm (the official `MixerModel`)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
+            config.d_model, eps=config.norm_eps
+        )
+
+
+# ----------------------------------------------------------------------------------------------- the LM
+class MambaLM(nn.Module):
+    """Mamba language model: embedding → n_layer × (Norm → Mamba, residual) → norm_f → lm_head.
+
+    lm_head is tied to the embedding (tie_embeddings) and the vocabulary is padded to a multiple of
+    pad_vocab_size_multiple, as in the official `MambaLMHeadModel`; logits cover the padded vocabulary.
+    """
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        if not isinstance(config, MambaConfig):
+            raise TypeError(f"MambaLM needs a MambaConfig, got {type(config).__name__}")
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.tie_weights()
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official `_init_weights` (mixer_seq_simple.py) applied on top of the PyTorch defaults:
+        Linear biases zeroed (except the Δ bias), embedding ~ N(0, initializer_range), and out_proj rescaled
+        by 1/sqrt(n_layer) (GPT-2's scheme for residual branches; one residual branch per layer, no MLP)."""
+        c = self.config
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.backbone.embedding.weight, std=c.initializer_range)
+        if c.rescale_prenorm_residual:
+            for layer in self.backbone.layers:
+                w = layer.mixer.out_proj.weight
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                w /= math.sqrt(c.n_layer)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        state: MambaState | None = None,
+        return_state: bool = False,
+        num_last_tokens: int = 0,
+    ) -> MambaOutput:
+        """input_ids: (b, l) int64 in [0, vocab_size). labels (b, l): next-token targets are labels[:, 1:]
+        for logits[:, :-1] (pass labels = input_ids; −100 is ignored). state continues a previous call's
+        `.state` (feeding a sequence in chunks gives the logits of one call). num_last_tokens > 0 keeps
+        only the last positions' logits (for generation)."""
+        self._check_inputs(input_ids, labels, state, num_last_tokens)
+        b, l = input_ids.shape
+        conv_states, ssm_states = [], []
+        h = self.backbone.embedding(input_ids)  # (b, l, D)
+        residual = h.float() if self.config.residual_in_fp32 else h
+        for i, layer in enumerate(self.backbone.layers):
+            cs, ss = (state.conv[i], state.ssm[i]) if state is not None else (None, None)
+            residual, cs, ss = layer(residual, cs, ss)
+            conv_states.append(cs)
+            ssm_states.append(ss)
+        h = self.backbone.norm_f(residual)  # (b, l, D), in the model's dtype
+        if num_last_tokens > 0:
+            h = h[:, -num_last_tokens:]
+        logits = self.lm_head(h)  # (b, l, V)
+        loss = None
+        if labels is not None:
+            # next-token prediction: position t predicts labels[t + 1]
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        new_state = None
+        if return_state:
+            new_state = MambaState(torch.stack(conv_states), torch.stack(ssm_states))
+        return MambaOutput(logits=logits, loss=loss, state=new_state)
+
+    def allocate_state(self, batch_size: int) -> MambaState:
+        """A zero state (the state before any token) on the model's device, conv state in its dtype."""
+        w = self.backbone.layers[0].mixer.conv1d.weight
+        return MambaState.zeros(self.config, batch_size, device=w.device, dtype=w.dtype)
+
+    def _check_inputs(self, input_ids, labels, state, num_last_tokens) -> None:
+        c = self.config
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids (b, l), got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"input_ids must hold integer token ids (e.g. torch.long), got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            hint = " (use input_ids[None] for a single sequence)" if input_ids.dim() == 1 else ""
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}{hint}")
+        if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= c.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {c.vocab_size})")
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise TypeError("labels must be an integer tensor of shape (batch, length), like input_ids")
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            valid = (labels == -100) | ((labels >= 0) & (labels < c.padded_vocab_size))
+            if not bool(valid.all()):
+                raise ValueError(f"labels must be in [0, {c.padded_vocab_size}) or -100 (ignored)")
+            if num_last_tokens > 0:
+                raise ValueError("num_last_tokens > 0 keeps only some logits; it cannot be combined with labels")
+        if not isinstance(num_last_tokens, int) or num_last_tokens < 0:
+            raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
+        if state is not None:
+            if not isinstance(state, MambaState):
+                raise TypeError(f"state must be a MambaState (the .state of a previous call), got {type(state).__name__}")
+            want_conv = (c.n_layer, input_ids.shape[0], c.d_inner, c.d_conv - 1)
+            want_ssm = (c.n_layer, input_ids.shape[0], c.d_inner, c.d_state)
+            if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
+                raise ValueError(
+                    f"state does not fit this model and batch: conv {tuple(state.conv.shape)} (want {want_conv}), "
+                    f"ssm {tuple(state.ssm.shape)} (want {want_ssm})"
+                )
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device=None) -> "MambaLM":
+        """Loads a checkpoint directory in the official (state-spaces/mamba) or transformers layout;
+        the layout is detected from config.json. See mambakit/checkpoint.py."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, layout: str = "hf") -> None:
+        """Writes config.json + weights atomically: layout "hf" (model.safetensors, transformers'
+        MambaForCausalLM) or "official" (pytorch_model.bin, state-spaces/mamba)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, layout=layout)
+
+    def num_parameters(self) -> int:
+        """Unique parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
