@@ -116,7 +116,9 @@ def config_from_hf(d: dict[str, Any]) -> MambaConfig:
 
 def config_to_hf(c: MambaConfig, dtype: torch.dtype) -> dict[str, Any]:
     if not c.rms_norm:
-        raise CheckpointError("transformers' Mamba has RMSNorm only; save a rms_norm=False model with layout='official'")
+        raise CheckpointError(
+            "transformers' Mamba has RMSNorm only; save a rms_norm=False model with layout='official'"
+        )
     d = {theirs: getattr(c, ours) for theirs, ours in _HF_FIELDS.items()}
     # rescale_prenorm_residual is an init-time flag, but transformers 5.x re-applies it to out_proj after
     # loading (dividing trained weights by sqrt(n_layer) again), so a checkpoint must say false.

@@ -332,7 +332,9 @@ class MambaLM(nn.Module):
             raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
         if state is not None:
             if not isinstance(state, MambaState):
-                raise TypeError(f"state must be a MambaState (the .state of a previous call), got {type(state).__name__}")
+                raise TypeError(
+                    f"state must be a MambaState (the .state of a previous call), got {type(state).__name__}"
+                )
             want_conv = (c.n_layer, input_ids.shape[0], c.d_inner, c.d_conv - 1)
             want_ssm = (c.n_layer, input_ids.shape[0], c.d_inner, c.d_state)
             if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
