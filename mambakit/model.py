@@ -270,8 +270,9 @@ class MambaLM(nn.Module):
     ) -> MambaOutput:
         """input_ids: (b, l) int64 in [0, vocab_size). labels (b, l): next-token targets are labels[:, 1:]
         for logits[:, :-1] (pass labels = input_ids; −100 is ignored). state continues a previous call's
-        `.state` (feeding a sequence in chunks gives the logits of one call). num_last_tokens > 0 keeps
-        only the last positions' logits (for generation)."""
+        `.state` (feeding a sequence in chunks gives the logits of one call); a one-token call with a state
+        and autograd off (decoding) takes the single-step ops and leaves the given state untouched.
+        num_last_tokens > 0 keeps only the last positions' logits (for generation)."""
         self._check_inputs(input_ids, labels, state, num_last_tokens)
         b, l = input_ids.shape
         conv_states, ssm_states = [], []
