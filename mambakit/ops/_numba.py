@@ -95,7 +95,7 @@ def _fexp_overload(x):
     return lambda x: math.exp(x)
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _two_atanh(s):
     """2·atanh(s) = log((1 + s)/(1 − s)) for float32 |s| ≤ 0.172, by its odd series (error < 1e-9)."""
     s2 = s * s
@@ -176,6 +176,12 @@ def set_threads() -> None:
 
 
 def kernel_options() -> dict:
-    """Options for every fused kernel: parallel, fast-math (reassociation lets LLVM vectorise reductions),
-    cached on disk (MAMBAKIT_NO_CACHE=1 turns the cache off)."""
-    return dict(parallel=True, fastmath=True, cache=os.environ.get("MAMBAKIT_NO_CACHE", "0") != "1")
+    """Options for every fused kernel: parallel; fast-math (reassociation lets LLVM vectorise reductions);
+    numpy's error model (IEEE division: Python's raises ZeroDivisionError, and that branch blocks
+    vectorisation); cached on disk (MAMBAKIT_NO_CACHE=1 turns the cache off)."""
+    return dict(
+        parallel=True,
+        fastmath=True,
+        error_model="numpy",
+        cache=os.environ.get("MAMBAKIT_NO_CACHE", "0") != "1",
+    )

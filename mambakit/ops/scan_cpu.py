@@ -53,11 +53,20 @@ def _scan_fwd_kernel(u, delta, At, B, C, D, z, bias, h0, has_z, use_softplus, ch
         bi = task // nblk
         d0 = (task % nblk) * BLOCK
         w = min(BLOCK, d - d0)
-        h = np.empty((n, BLOCK), dtype=u.dtype)  # the state block, (n, channels)
-        A_blk = np.empty((n, BLOCK), dtype=u.dtype)
-        dt = np.empty(BLOCK, dtype=u.dtype)
-        du = np.empty(BLOCK, dtype=u.dtype)
-        acc = np.empty(BLOCK, dtype=u.dtype)
+        # Local buffers are BLOCK wide whatever w is (lanes past w stay 0): the hot loops then have a
+        # constant trip count, which LLVM unrolls into whole vectors with no remainder loop.
+        h = np.zeros((n, BLOCK), dtype=u.dtype)  # the state block, (n, channels)
+        A_blk = np.zeros((n, BLOCK), dtype=u.dtype)
+        dt = np.zeros(BLOCK, dtype=u.dtype)
+        du = np.zeros(BLOCK, dtype=u.dtype)
+        acc = np.zeros(BLOCK, dtype=u.dtype)  # y for this step
+        bias_blk = np.zeros(BLOCK, dtype=u.dtype)
+        D_blk = np.zeros(BLOCK, dtype=u.dtype)
+        u_blk = np.zeros(BLOCK, dtype=u.dtype)
+        z_blk = np.zeros(BLOCK, dtype=u.dtype)
+        for j in range(w):
+            bias_blk[j] = bias[d0 + j]
+            D_blk[j] = D[d0 + j]
         for s in range(n):
             for j in range(w):
                 h[s, j] = h0[bi, s, d0 + j]
@@ -67,24 +76,33 @@ def _scan_fwd_kernel(u, delta, At, B, C, D, z, bias, h0, has_z, use_softplus, ch
                 for s in range(n):
                     for j in range(w):
                         ckpt[bi, t // chunk, s, d0 + j] = h[s, j]
+            # gather this step's inputs (w wide), then compute BLOCK wide: branch-free, whole vectors
             for j in range(w):
-                x = delta[bi, t, d0 + j] + bias[d0 + j]
-                dt[j] = softplus(x) if use_softplus else x
-                du[j] = dt[j] * u[bi, t, d0 + j]
-                acc[j] = 0
+                dt[j] = delta[bi, t, d0 + j]
+                u_blk[j] = u[bi, t, d0 + j]
+            if use_softplus:
+                for j in range(BLOCK):
+                    dt[j] = softplus(dt[j] + bias_blk[j])
+            else:
+                for j in range(BLOCK):
+                    dt[j] = dt[j] + bias_blk[j]
+            for j in range(BLOCK):
+                du[j] = dt[j] * u_blk[j]
+                acc[j] = D_blk[j] * u_blk[j]  # the D skip
             for s in range(n):
                 bs = B[bi, t, s]
                 cs = C[bi, t, s]
-                for j in range(w):
+                for j in range(BLOCK):
                     hv = fexp(dt[j] * A_blk[s, j]) * h[s, j] + du[j] * bs
                     h[s, j] = hv
                     acc[j] += hv * cs
+            if has_z:
+                for j in range(w):
+                    z_blk[j] = z[bi, t, d0 + j]
+                for j in range(BLOCK):
+                    acc[j] = acc[j] * z_blk[j] * sigmoid(z_blk[j])
             for j in range(w):
-                yv = acc[j] + D[d0 + j] * u[bi, t, d0 + j]
-                if has_z:
-                    zv = z[bi, t, d0 + j]
-                    yv = yv * zv * sigmoid(zv)
-                y[bi, t, d0 + j] = yv
+                y[bi, t, d0 + j] = acc[j]
         for s in range(n):
             for j in range(w):
                 hT[bi, s, d0 + j] = h[s, j]
@@ -106,19 +124,28 @@ def _scan_bwd_kernel(
         blk = task % nblk
         d0 = blk * BLOCK
         w = min(BLOCK, d - d0)
-        g = np.empty((n, BLOCK), dtype=u.dtype)  # adjoint state ∂L/∂h_t, (n, channels)
-        A_blk = np.empty((n, BLOCK), dtype=u.dtype)
+        # BLOCK-wide local buffers, lanes past w kept at 0 (see the forward kernel)
+        g = np.zeros((n, BLOCK), dtype=u.dtype)  # adjoint state ∂L/∂h_t, (n, channels)
+        A_blk = np.zeros((n, BLOCK), dtype=u.dtype)
         gA = np.zeros((n, BLOCK), dtype=u.dtype)
-        hs = np.empty((chunk + 1, n, BLOCK), dtype=u.dtype)  # hs[k] = state before step t0 + k
-        dts = np.empty((chunk, BLOCK), dtype=u.dtype)  # Δ for the chunk's steps
-        dyv = np.empty(BLOCK, dtype=u.dtype)
-        uv = np.empty(BLOCK, dtype=u.dtype)
-        dux = np.empty(BLOCK, dtype=u.dtype)
-        ddt = np.empty(BLOCK, dtype=u.dtype)
-        ysum = np.empty(BLOCK, dtype=u.dtype)
+        hs = np.zeros((chunk + 1, n, BLOCK), dtype=u.dtype)  # hs[k] = state before step t0 + k
+        dts = np.zeros((chunk, BLOCK), dtype=u.dtype)  # Δ of the chunk's steps
+        xs = np.zeros((chunk, BLOCK), dtype=u.dtype)  # delta + bias of the chunk's steps
+        us = np.zeros((chunk, BLOCK), dtype=u.dtype)  # u of the chunk's steps
+        bias_blk = np.zeros(BLOCK, dtype=u.dtype)
+        D_blk = np.zeros(BLOCK, dtype=u.dtype)
+        du_blk = np.zeros(BLOCK, dtype=u.dtype)  # Δ·u
+        dyv = np.zeros(BLOCK, dtype=u.dtype)
+        zv = np.zeros(BLOCK, dtype=u.dtype)
+        dux = np.zeros(BLOCK, dtype=u.dtype)
+        ddt = np.zeros(BLOCK, dtype=u.dtype)
+        ysum = np.zeros(BLOCK, dtype=u.dtype)
         gD = np.zeros(BLOCK, dtype=u.dtype)
         gbias = np.zeros(BLOCK, dtype=u.dtype)
         zero = gbias[0]
+        for j in range(w):
+            bias_blk[j] = bias[d0 + j]
+            D_blk[j] = D[d0 + j]
         for s in range(n):
             for j in range(w):
                 g[s, j] = dhT[bi, s, d0 + j]
@@ -133,59 +160,72 @@ def _scan_bwd_kernel(
             for t in range(t0, t1):
                 k = t - t0
                 for j in range(w):
-                    x = delta[bi, t, d0 + j] + bias[d0 + j]
-                    dts[k, j] = softplus(x) if use_softplus else x
-                    uv[j] = dts[k, j] * u[bi, t, d0 + j]
+                    xs[k, j] = delta[bi, t, d0 + j]
+                    us[k, j] = u[bi, t, d0 + j]
+                for j in range(BLOCK):
+                    xs[k, j] += bias_blk[j]
+                if use_softplus:
+                    for j in range(BLOCK):
+                        dts[k, j] = softplus(xs[k, j])
+                else:
+                    for j in range(BLOCK):
+                        dts[k, j] = xs[k, j]
+                for j in range(BLOCK):
+                    du_blk[j] = dts[k, j] * us[k, j]
                 for s in range(n):
                     bs = B[bi, t, s]
-                    for j in range(w):
-                        hs[k + 1, s, j] = fexp(dts[k, j] * A_blk[s, j]) * hs[k, s, j] + uv[j] * bs
+                    for j in range(BLOCK):
+                        hs[k + 1, s, j] = fexp(dts[k, j] * A_blk[s, j]) * hs[k, s, j] + du_blk[j] * bs
             # the adjoint recurrence, last step first
             for t in range(t1 - 1, t0 - 1, -1):
                 k = t - t0
                 for j in range(w):
-                    uv[j] = u[bi, t, d0 + j]
                     dyv[j] = dy[bi, t, d0 + j]
-                if has_z:  # y = (C·h + D·u) · silu(z): recompute the pre-gate output for dz
+                if has_z:  # y = (C·h + D·u)·silu(z): recompute the pre-gate output for dz
                     for j in range(w):
-                        ysum[j] = D[d0 + j] * uv[j]
+                        zv[j] = z[bi, t, d0 + j]
+                    for j in range(BLOCK):
+                        ysum[j] = D_blk[j] * us[k, j]
                     for s in range(n):
                         cs = C[bi, t, s]
-                        for j in range(w):
+                        for j in range(BLOCK):
                             ysum[j] += cs * hs[k + 1, s, j]
+                    for j in range(BLOCK):
+                        sg = sigmoid(zv[j])
+                        ysum[j] = dyv[j] * ysum[j] * sg * (1 + zv[j] * (1 - sg))  # now dz
+                        dyv[j] = dyv[j] * zv[j] * sg
                     for j in range(w):
-                        zv = z[bi, t, d0 + j]
-                        sg = sigmoid(zv)
-                        dz_out[bi, t, d0 + j] = dyv[j] * ysum[j] * sg * (1 + zv * (1 - sg))
-                        dyv[j] = dyv[j] * zv * sg
-                for j in range(w):
-                    gD[j] += dyv[j] * uv[j]
-                    dux[j] = dyv[j] * D[d0 + j]
+                        dz_out[bi, t, d0 + j] = ysum[j]
+                for j in range(BLOCK):
+                    gD[j] += dyv[j] * us[k, j]
+                    dux[j] = dyv[j] * D_blk[j]
                     ddt[j] = 0
                 for s in range(n):
                     bs = B[bi, t, s]
                     cs = C[bi, t, s]
                     dcs = zero
                     dbs = zero
-                    for j in range(w):
+                    for j in range(BLOCK):
                         dtv = dts[k, j]
+                        uj = us[k, j]
                         a = fexp(dtv * A_blk[s, j])
                         hp = hs[k, s, j]
                         gv = g[s, j] + cs * dyv[j]  # ∂L/∂h_t, with y_t's own contribution
                         dcs += dyv[j] * hs[k + 1, s, j]
-                        dbs += gv * dtv * uv[j]
-                        ddt[j] += gv * (A_blk[s, j] * a * hp + bs * uv[j])
+                        dbs += gv * dtv * uj
+                        ddt[j] += gv * (A_blk[s, j] * a * hp + bs * uj)
                         dux[j] += gv * dtv * bs
                         gA[s, j] += gv * dtv * a * hp
                         g[s, j] = gv * a  # ∂L/∂h_{t−1} through h_t = Ā_t h_{t−1} + …
                     dC_part[bi, blk, t, s] = dcs
                     dB_part[bi, blk, t, s] = dbs
+                if use_softplus:  # dsoftplus(x)/dx = sigmoid(x)
+                    for j in range(BLOCK):
+                        ddt[j] = ddt[j] * sigmoid(xs[k, j])
+                for j in range(BLOCK):
+                    gbias[j] += ddt[j]
                 for j in range(w):
-                    dd = ddt[j]
-                    if use_softplus:
-                        dd = dd * sigmoid(delta[bi, t, d0 + j] + bias[d0 + j])
-                    ddelta_out[bi, t, d0 + j] = dd
-                    gbias[j] += dd
+                    ddelta_out[bi, t, d0 + j] = ddt[j]
                     du_out[bi, t, d0 + j] = dux[j]
         for s in range(n):
             for j in range(w):
