@@ -13,6 +13,7 @@ conv states (b, d, w − 1).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -55,7 +56,8 @@ def _check_tensor(name: str, x, shape: tuple, names: str, device: torch.device |
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, step: bool) -> tuple[int, ...]:
-    """Validates the scan's arguments; returns (b, l, d, n) (l = 1 for a single step)."""
+    """Validates the scan's arguments; returns (b, l, d, n) (l = 1 for a single step). A's finiteness is
+    checked by the scan only: a decoding step is called once per layer and token, and its A is the scan's."""
     if step:
         _check_tensor("u", u, (None, None), "(b, d)")
         b, d = u.shape
@@ -83,7 +85,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, step: b
         _check_tensor("delta_bias", delta_bias, (d,), "(d,)", dev)
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, (b, d, n), "(b, d, n)", dev)
-    if not bool(torch.isfinite(A).all()):
+    if not step and not bool(torch.isfinite(A).all()):
         raise ValueError("A contains NaN or inf; A = -exp(A_log) must be finite")
     return b, l, d, n
 
@@ -128,6 +130,14 @@ def _resolve_backend(op: str, backend: str | None, x: Tensor) -> str:
     return chosen
 
 
+def _no_autocast(x: Tensor):
+    """The ops choose their own precision (float32 accumulation whatever the inputs): autocast, which would
+    run the reference's einsum and conv in bfloat16, is turned off inside them."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # ------------------------------------------------------------------------------------------------ the ops
 def selective_scan(
     u: Tensor,
@@ -155,11 +165,12 @@ def selective_scan(
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, step=False)
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, bool(return_final_state))
-    if _resolve_backend("selective_scan", backend, u) == "cpu":
-        from .scan_cpu import selective_scan_cpu  # numba compiles lazily: import only when used
+    with _no_autocast(u):
+        if _resolve_backend("selective_scan", backend, u) == "cpu":
+            from .scan_cpu import selective_scan_cpu  # numba loads its kernels lazily: import when used
 
-        return selective_scan_cpu(*args)
-    return selective_scan_ref(*args)
+            return selective_scan_cpu(*args)
+        return selective_scan_ref(*args)
 
 
 def selective_state_update(
@@ -177,11 +188,13 @@ def selective_state_update(
     """One decoding step of the selective scan: updates `state` (b, d, n) in place and returns y (b, d).
 
     u, delta, z: (b, d); A: (d, n); B, C: (b, n); D, delta_bias: (d,). Stepping l times from a state equals
-    `selective_scan` over those l steps with that state as initial_state.
+    `selective_scan` over those l steps with that state as initial_state. For decoding: the in-place update
+    is not differentiable (use `selective_scan` with initial_state to train through states).
     """
     b, _, d, n = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, None, step=True)
     _check_tensor("state", state, (b, d, n), "(b, d, n)", u.device)
-    return selective_state_update_ref(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    with _no_autocast(u):
+        return selective_state_update_ref(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
 
 
 def causal_conv1d(
@@ -202,9 +215,10 @@ def causal_conv1d(
     _check_conv_args(x, weight, bias, initial_state, step=False)
     _check_activation(activation)
     args = (x, weight, bias, initial_state, bool(return_final_state), activation)
-    if _resolve_backend("causal_conv1d", backend, x) == "cpu":
-        return causal_conv1d_cpu(*args)
-    return causal_conv1d_ref(*args)
+    with _no_autocast(x):
+        if _resolve_backend("causal_conv1d", backend, x) == "cpu":
+            return causal_conv1d_cpu(*args)
+        return causal_conv1d_ref(*args)
 
 
 def causal_conv1d_update(
@@ -215,7 +229,9 @@ def causal_conv1d_update(
     activation: str | None = None,
 ) -> Tensor:
     """One decoding step of the causal conv: x (b, d) is the new input, conv_state (b, d, w − 1) holds the
-    previous w − 1 inputs and is shifted in place. Returns y (b, d)."""
+    previous w − 1 inputs and is shifted in place (not differentiable, like selective_state_update).
+    Returns y (b, d)."""
     _check_conv_args(x, weight, bias, conv_state, step=True)
     _check_activation(activation)
-    return causal_conv1d_update_ref(conv_state, x, weight, bias, activation)
+    with _no_autocast(x):
+        return causal_conv1d_update_ref(conv_state, x, weight, bias, activation)
