@@ -6,7 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Library modules that add their own subcommand: each defines `add_cli(subparsers)`, which registers its
+# parser with `set_defaults(func=handler)`; the handler takes the parsed args and returns an exit code.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: config.json + model.safetensors; official: config.json + pytorch_model.bin")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast the weights (default: keep)")
     p.set_defaults(func=_convert)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"mambakit.{name}").add_cli(sub)
     return parser
 
 

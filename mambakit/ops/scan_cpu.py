@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._numba import fexp, kernel_options, set_threads, sigmoid, softplus
 
-BLOCK = 64  # channels per task: 4 AVX-512 vectors of float32; the state block is n·64·4 bytes
+BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
 CHUNK_BYTES = 1 << 18  # the backward's per-task state buffer (CHUNK + 1, n, BLOCK) is about this size
 
 
