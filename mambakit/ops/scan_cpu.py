@@ -29,9 +29,11 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import fexp, kernel_options, set_threads, sigmoid, softplus
+from ._numba import fexp2, kernel_options, set_threads, sigmoid, softplus
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
+LOG2E = 1.4426950408889634
+TILE = 16  # the forward gathers inputs TILE steps at a time
 CHUNK_BYTES = 1 << 18  # the backward's per-task state buffer (CHUNK + 1, n, BLOCK) is about this size
 
 
@@ -42,11 +44,12 @@ def chunk_len(n: int, itemsize: int) -> int:
 
 # -------------------------------------------------------------------------------------------------- kernels
 @njit(**kernel_options())
-def _scan_fwd_kernel(u, delta, At, B, C, D, z, bias, h0, has_z, use_softplus, chunk, ckpt, y, hT):
-    """u, delta, z, y: (b, l, d); At: (n, d) (A transposed); B, C: (b, l, n); D, bias: (d,);
+def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, chunk, ckpt, y, hT):
+    """u, delta, z, y: (b, l, d); At2: (n, d), A transposed and scaled by log2(e) (exp(ΔA) = 2^(Δ·At2));
+    B, C: (b, l, n); D, bias: (d,);
     h0, hT: (b, n, d); ckpt: (b, ceil(l/chunk), n, d) or empty (then no checkpoints are written)."""
     b, l, d = u.shape
-    n = At.shape[0]
+    n = At2.shape[0]
     nblk = (d + BLOCK - 1) // BLOCK
     save = ckpt.shape[0] > 0
     for task in prange(b * nblk):
@@ -56,53 +59,64 @@ def _scan_fwd_kernel(u, delta, At, B, C, D, z, bias, h0, has_z, use_softplus, ch
         # Local buffers are BLOCK wide whatever w is (lanes past w stay 0): the hot loops then have a
         # constant trip count, which LLVM unrolls into whole vectors with no remainder loop.
         h = np.zeros((n, BLOCK), dtype=u.dtype)  # the state block, (n, channels)
-        A_blk = np.zeros((n, BLOCK), dtype=u.dtype)
-        dt = np.zeros(BLOCK, dtype=u.dtype)
+        A2_blk = np.zeros((n, BLOCK), dtype=u.dtype)
         du = np.zeros(BLOCK, dtype=u.dtype)
         acc = np.zeros(BLOCK, dtype=u.dtype)  # y for this step
         bias_blk = np.zeros(BLOCK, dtype=u.dtype)
         D_blk = np.zeros(BLOCK, dtype=u.dtype)
-        u_blk = np.zeros(BLOCK, dtype=u.dtype)
-        z_blk = np.zeros(BLOCK, dtype=u.dtype)
+        dts = np.zeros((TILE, BLOCK), dtype=u.dtype)  # a tile of Δ, u, z, y rows
+        us = np.zeros((TILE, BLOCK), dtype=u.dtype)
+        zs = np.zeros((TILE, BLOCK), dtype=u.dtype)
+        ys = np.zeros((TILE, BLOCK), dtype=u.dtype)
         for j in range(w):
             bias_blk[j] = bias[d0 + j]
             D_blk[j] = D[d0 + j]
         for s in range(n):
             for j in range(w):
                 h[s, j] = h0[bi, s, d0 + j]
-                A_blk[s, j] = At[s, d0 + j]
-        for t in range(l):
-            if save and t % chunk == 0:
-                for s in range(n):
-                    for j in range(w):
-                        ckpt[bi, t // chunk, s, d0 + j] = h[s, j]
-            # gather this step's inputs (w wide), then compute BLOCK wide: branch-free, whole vectors
-            for j in range(w):
-                dt[j] = delta[bi, t, d0 + j]
-                u_blk[j] = u[bi, t, d0 + j]
-            if use_softplus:
-                for j in range(BLOCK):
-                    dt[j] = softplus(dt[j] + bias_blk[j])
-            else:
-                for j in range(BLOCK):
-                    dt[j] = dt[j] + bias_blk[j]
-            for j in range(BLOCK):
-                du[j] = dt[j] * u_blk[j]
-                acc[j] = D_blk[j] * u_blk[j]  # the D skip
-            for s in range(n):
-                bs = B[bi, t, s]
-                cs = C[bi, t, s]
-                for j in range(BLOCK):
-                    hv = fexp(dt[j] * A_blk[s, j]) * h[s, j] + du[j] * bs
-                    h[s, j] = hv
-                    acc[j] += hv * cs
-            if has_z:
+                A2_blk[s, j] = At2[s, d0 + j]
+        for t0 in range(0, l, TILE):
+            nt = min(TILE, l - t0)
+            # Gather a tile of steps first: TILE strided rows per input, loaded back to back, so their cache
+            # misses overlap instead of stalling each step (rows are d apart: one page per row at large d).
+            for k in range(nt):
                 for j in range(w):
-                    z_blk[j] = z[bi, t, d0 + j]
+                    dts[k, j] = delta[bi, t0 + k, d0 + j]
+                    us[k, j] = u[bi, t0 + k, d0 + j]
+                if has_z:
+                    for j in range(w):
+                        zs[k, j] = z[bi, t0 + k, d0 + j]
+            for k in range(nt):  # discretise the whole tile, BLOCK wide: branch-free, whole vectors
+                if use_softplus:
+                    for j in range(BLOCK):
+                        dts[k, j] = softplus(dts[k, j] + bias_blk[j])
+                else:
+                    for j in range(BLOCK):
+                        dts[k, j] = dts[k, j] + bias_blk[j]
+            for k in range(nt):
+                t = t0 + k
+                if save and t % chunk == 0:
+                    for s in range(n):
+                        for j in range(w):
+                            ckpt[bi, t // chunk, s, d0 + j] = h[s, j]
                 for j in range(BLOCK):
-                    acc[j] = acc[j] * z_blk[j] * sigmoid(z_blk[j])
-            for j in range(w):
-                y[bi, t, d0 + j] = acc[j]
+                    du[j] = dts[k, j] * us[k, j]
+                    acc[j] = D_blk[j] * us[k, j]  # the D skip
+                for s in range(n):
+                    bs = B[bi, t, s]
+                    cs = C[bi, t, s]
+                    for j in range(BLOCK):
+                        hv = fexp2(dts[k, j] * A2_blk[s, j]) * h[s, j] + du[j] * bs  # Ā h + B̄ u
+                        h[s, j] = hv
+                        acc[j] += hv * cs
+                if has_z:
+                    for j in range(BLOCK):
+                        acc[j] = acc[j] * zs[k, j] * sigmoid(zs[k, j])
+                for j in range(BLOCK):
+                    ys[k, j] = acc[j]
+            for k in range(nt):
+                for j in range(w):
+                    y[bi, t0 + k, d0 + j] = ys[k, j]
         for s in range(n):
             for j in range(w):
                 hT[bi, s, d0 + j] = h[s, j]
@@ -110,7 +124,7 @@ def _scan_fwd_kernel(u, delta, At, B, C, D, z, bias, h0, has_z, use_softplus, ch
 
 @njit(**kernel_options())
 def _scan_bwd_kernel(
-    u, delta, At, B, C, D, z, bias, has_z, use_softplus, chunk, ckpt, dy, dhT,
+    u, delta, At, At2, B, C, D, z, bias, has_z, use_softplus, chunk, ckpt, dy, dhT,
     du_out, ddelta_out, dz_out, dB_part, dC_part, dA_part, dD_part, dbias_part, dh0,
 ):  # fmt: skip
     """Adjoint of _scan_fwd_kernel. dy, du_out, ddelta_out, dz_out: (b, l, d); dhT, dh0, dA_part: (b, n, d);
@@ -127,6 +141,7 @@ def _scan_bwd_kernel(
         # BLOCK-wide local buffers, lanes past w kept at 0 (see the forward kernel)
         g = np.zeros((n, BLOCK), dtype=u.dtype)  # adjoint state ∂L/∂h_t, (n, channels)
         A_blk = np.zeros((n, BLOCK), dtype=u.dtype)
+        A2_blk = np.zeros((n, BLOCK), dtype=u.dtype)
         gA = np.zeros((n, BLOCK), dtype=u.dtype)
         hs = np.zeros((chunk + 1, n, BLOCK), dtype=u.dtype)  # hs[k] = state before step t0 + k
         dts = np.zeros((chunk, BLOCK), dtype=u.dtype)  # Δ of the chunk's steps
@@ -150,6 +165,7 @@ def _scan_bwd_kernel(
             for j in range(w):
                 g[s, j] = dhT[bi, s, d0 + j]
                 A_blk[s, j] = At[s, d0 + j]
+                A2_blk[s, j] = At2[s, d0 + j]
         for c in range(nch - 1, -1, -1):
             t0 = c * chunk
             t1 = min(l, t0 + chunk)
@@ -175,7 +191,7 @@ def _scan_bwd_kernel(
                 for s in range(n):
                     bs = B[bi, t, s]
                     for j in range(BLOCK):
-                        hs[k + 1, s, j] = fexp(dts[k, j] * A_blk[s, j]) * hs[k, s, j] + du_blk[j] * bs
+                        hs[k + 1, s, j] = fexp2(dts[k, j] * A2_blk[s, j]) * hs[k, s, j] + du_blk[j] * bs
             # the adjoint recurrence, last step first
             for t in range(t1 - 1, t0 - 1, -1):
                 k = t - t0
@@ -208,7 +224,7 @@ def _scan_bwd_kernel(
                     for j in range(BLOCK):
                         dtv = dts[k, j]
                         uj = us[k, j]
-                        a = fexp(dtv * A_blk[s, j])
+                        a = fexp2(dtv * A2_blk[s, j])  # Ā = exp(ΔA)
                         hp = hs[k, s, j]
                         gv = g[s, j] + cs * dyv[j]  # ∂L/∂h_t, with y_t's own contribution
                         dcs += dyv[j] * hs[k + 1, s, j]
@@ -257,6 +273,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
         u_, delta_, B_, C_ = prep(u), prep(delta), prep(B), prep(C)
         At = prep(A).t().contiguous()  # (n, d): rows of A over contiguous channels
+        At2 = At * LOG2E  # exp(Δ·A) = 2^(Δ·A·log2 e)
         D_ = prep(D) if D is not None else u_.new_zeros(d)
         bias_ = prep(delta_bias) if delta_bias is not None else u_.new_zeros(d)
         z_ = prep(z) if z is not None else u_.new_empty(1, 1, 1)
@@ -272,18 +289,18 @@ class _SelectiveScanCPU(torch.autograd.Function):
         hT = u_.new_empty(b, n, d)
         set_threads()
         _scan_fwd_kernel(
-            _np(u_), _np(delta_), _np(At), _np(B_), _np(C_), _np(D_), _np(z_), _np(bias_), _np(h0),
+            _np(u_), _np(delta_), _np(At2), _np(B_), _np(C_), _np(D_), _np(z_), _np(bias_), _np(h0),
             z is not None, bool(delta_softplus), chunk, _np(ckpt), _np(y), _np(hT),
         )  # fmt: skip
         if need_grad:
-            ctx.save_for_backward(u_, delta_, At, B_, C_, D_, z_, bias_, ckpt)
+            ctx.save_for_backward(u_, delta_, At, At2, B_, C_, D_, z_, bias_, ckpt)
             ctx.meta = (chunk, z is not None, bool(delta_softplus), D is not None, delta_bias is not None)
             ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
         return y.to(u.dtype), hT.transpose(1, 2)  # final state (b, d, n)
 
     @staticmethod
     def backward(ctx, dy, dhT):
-        u_, delta_, At, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
+        u_, delta_, At, At2, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
         chunk, has_z, use_softplus, has_D, has_bias = ctx.meta
         kd = u_.dtype
         b, l, d = u_.shape
@@ -302,7 +319,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dh0 = u_.new_empty(b, n, d)
         set_threads()
         _scan_bwd_kernel(
-            _np(u_), _np(delta_), _np(At), _np(B_), _np(C_), _np(D_), _np(z_), _np(bias_), has_z, use_softplus,
+            _np(u_), _np(delta_), _np(At), _np(At2), _np(B_), _np(C_), _np(D_), _np(z_), _np(bias_), has_z, use_softplus,
             chunk, _np(ckpt), _np(dy_), _np(dhT_), _np(du), _np(ddelta), _np(dz), _np(dB_part), _np(dC_part),
             _np(dA_part), _np(dD_part), _np(dbias_part), _np(dh0),
         )  # fmt: skip
