@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .config import MambaConfig
 from .model import MambaLM
+from .tokenizer import find_tokenizer
 
 LAYOUTS = ("hf", "official")
 CONFIG_NAME = "config.json"
@@ -290,6 +291,7 @@ def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device=None
     for m in model.modules():
         if hasattr(m, "mark_parameters"):
             m.mark_parameters()  # assign=True made new Parameter objects: restore their flags
+    model.tokenizer = find_tokenizer(directory)  # a tokenizer.json (or mambakit's byte tokenizer) saved alongside
     return model.to(device=device or "cpu", dtype=dtype or model.backbone.embedding.weight.dtype)
 
 
@@ -337,6 +339,8 @@ def save_pretrained(model: MambaLM, path, layout: str = "hf") -> None:
             sd["lm_head.weight"] = sd[OFFICIAL_EMBEDDING]  # the official file stores the tied head too (shared)
         weights_name, config = PICKLE_NAME, config_to_official(c)
         _atomic_write(directory / weights_name, lambda tmp: torch.save(sd, tmp))
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save(directory)  # from_pretrained picks it up again
     text = json.dumps(config, indent=2) + "\n"
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     for stale in WEIGHT_FILES:

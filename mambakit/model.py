@@ -153,21 +153,21 @@ class Mamba(nn.Module):
         with return_state, returns (out, new_conv_state, new_ssm_state)."""
         c = self.config
         l = u.shape[1]
+        if l == 1 and conv_state is not None and ssm_state is not None and not torch.is_grad_enabled():
+            # decoding one token: the single-step ops, on copies (this call leaves the given state as is)
+            conv_state, ssm_state = conv_state.clone(), ssm_state.clone()
+            out = self.step(u[:, 0], conv_state, ssm_state)[:, None]
+            return (out, conv_state, ssm_state) if return_state else out
         # 1. input projection, split into the SSM branch x and the gate z
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, l, E·D) each
         weight = self.conv1d.weight.squeeze(1)  # (E·D, W)
         A = -torch.exp(self.A_log.float())  # (E·D, N)
-        step = l == 1 and conv_state is not None and ssm_state is not None and not torch.is_grad_enabled()
         # The ops accumulate in float32 themselves; autocast must not push their internals to bf16.
         with torch.autocast(u.device.type, enabled=False):
             # 2. causal depthwise conv + SiLU (the "Conv" and "σ" of Figure 3)
-            if step:
-                conv_state = conv_state.clone()
-                x = ops.causal_conv1d_update(conv_state, x[:, 0], weight, self.conv1d.bias, "silu")[:, None]
-            else:
-                x, conv_state = ops.causal_conv1d(
-                    x, weight, self.conv1d.bias, conv_state, return_final_state=True, activation="silu"
-                )
+            x, conv_state = ops.causal_conv1d(
+                x, weight, self.conv1d.bias, conv_state, return_final_state=True, activation="silu"
+            )
         # 3. the selection mechanism (Section 3.2, Algorithm 2): Δ, B, C are functions of the input
         dbc = self.x_proj(x)  # (b, l, R + 2N)
         dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)
@@ -175,18 +175,29 @@ class Mamba(nn.Module):
         with torch.autocast(u.device.type, enabled=False):
             # 4. selective scan with D skip and the SiLU(z) gate, fused in the op
             scan_args = dict(D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-            if step:
-                ssm_state = ssm_state.clone()
-                y = ops.selective_state_update(
-                    ssm_state, x[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], z=z[:, 0], **scan_args
-                )[:, None]
-            else:
-                y, ssm_state = ops.selective_scan(
-                    x, delta, A, B, C, z=z, initial_state=ssm_state, return_final_state=True, **scan_args
-                )  # y: (b, l, E·D); ssm_state: (b, E·D, N) float32
+            y, ssm_state = ops.selective_scan(
+                x, delta, A, B, C, z=z, initial_state=ssm_state, return_final_state=True, **scan_args
+            )  # y: (b, l, E·D); ssm_state: (b, E·D, N) float32
         # 5. output projection
         out = self.out_proj(y)
         return (out, conv_state, ssm_state) if return_state else out
+
+    @torch.no_grad()
+    def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
+        """One decoding step (the recurrent mode of Section 3.3): u (b, D) → (b, D).
+
+        conv_state (b, E·D, W−1) and ssm_state (b, E·D, N) are updated IN PLACE, so a decoder allocates its
+        state once; the stages are those of forward, with the single-step ops."""
+        c = self.config
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, E·D) each
+        # the ops run in float32 internally and turn autocast off themselves
+        x = ops.causal_conv1d_update(conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
+        dt, B, C = torch.split(self.x_proj(x), [c.dt_rank, c.d_state, c.d_state], dim=-1)  # (b, R), (b, N), (b, N)
+        delta = F.linear(dt, self.dt_proj.weight)  # (b, E·D)
+        A = -torch.exp(self.A_log.float())  # (E·D, N)
+        y = ops.selective_state_update(ssm_state, x, delta, A, B, C, D=self.D.float(), z=z,
+                                       delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, E·D)
+        return self.out_proj(y)
 
 
 # ---------------------------------------------------------------------------------------- residual block
@@ -236,6 +247,7 @@ class MambaLM(nn.Module):
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.tokenizer = None  # set by from_pretrained when the checkpoint has one; used by generate
         self.tie_weights()
         self.reset_parameters()
 
@@ -298,6 +310,22 @@ class MambaLM(nn.Module):
             new_state = MambaState(torch.stack(conv_states), torch.stack(ssm_states))
         return MambaOutput(logits=logits, loss=loss, state=new_state)
 
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, state: MambaState) -> Tensor:
+        """One decoding step for a batch: input_ids (b,) → logits (b, V), float in the model's dtype.
+
+        `state` (from `allocate_state` or a `forward(..., return_state=True)`) is updated IN PLACE: nothing
+        of size proportional to the sequence is kept, and no state is re-allocated per step. The ids are
+        not range-checked here (a decoder produces them; `generate` checks the prompts)."""
+        if input_ids.dim() != 1 or input_ids.shape[0] != state.ssm.shape[1]:
+            raise ValueError(f"step takes input_ids of shape (batch,) = ({state.ssm.shape[1]},) matching the "
+                             f"state, got {tuple(input_ids.shape)}")
+        h = self.backbone.embedding(input_ids)  # (b, D)
+        residual = h.float() if self.config.residual_in_fp32 else h
+        for layer, conv_state, ssm_state in zip(self.backbone.layers, state.conv, state.ssm):
+            residual = residual + layer.mixer.step(layer.norm(residual), conv_state, ssm_state)
+        return self.lm_head(self.backbone.norm_f(residual))  # (b, V)
+
     def allocate_state(self, batch_size: int) -> MambaState:
         """A zero state (the state before any token) on the model's device, conv state in its dtype."""
         w = self.backbone.layers[0].mixer.conv1d.weight
@@ -348,14 +376,15 @@ class MambaLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device=None) -> "MambaLM":
         """Loads a checkpoint directory in the official (state-spaces/mamba) or transformers layout;
-        the layout is detected from config.json. See mambakit/checkpoint.py."""
+        the layout is detected from config.json. A tokenizer saved alongside (tokenizer.json, or
+        mambakit's byte tokenizer) becomes `model.tokenizer`. See mambakit/checkpoint.py."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(self, path, layout: str = "hf") -> None:
         """Writes config.json + weights atomically: layout "hf" (model.safetensors, transformers'
-        MambaForCausalLM) or "official" (pytorch_model.bin, state-spaces/mamba)."""
+        MambaForCausalLM) or "official" (pytorch_model.bin, state-spaces/mamba); plus `self.tokenizer`, if set."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, layout=layout)

@@ -1,0 +1,499 @@
+"""Text generation with a fixed-size state (paper Section 3.3: the recurrent mode).
+
+    prefill (parallel scan over each prompt) → decode_step (single-step ops, state updated in place) → sample
+
+A Mamba carries, per sequence, a conv state (E·D, W−1) and an SSM state (E·D, N) per layer, whatever the
+length: nothing grows with the generated tokens (no KV cache), and rows of a batch never interact. So
+prompts of different lengths batch without attention masks: each distinct length is prefilled on its own
+(rows of equal length together), the per-row states are stacked into one batch state, and then all rows
+decode together. A row that has finished keeps being fed a pad token; its outputs are ignored.
+
+Sampling is per row as well: row i draws from its own `torch.Generator` seeded with `seed + i`, so a
+batch gives, row for row, what `generate([prompt_i], seed=seed + i)` gives alone.
+
+Logit processing, in this order (that of transformers): repetition penalty → (greedy if temperature == 0)
+→ temperature → top-k → top-p → min-p → sample.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import MambaLM, MambaState
+from .tokenizer import DecodeStream
+
+Prompt = "str | Sequence[int]"
+
+
+# --------------------------------------------------------------------------------------------- outputs
+@dataclass
+class GenerationOutput:
+    """tokens (b, T) int64: the new tokens of every row, padded with pad_token_id after the row ended
+    (T = the longest row). sequences: the same, unpadded. texts: decoded (when there is a tokenizer), cut
+    before a stop string. finish_reasons: "eos", "stop" or "length". state: the final decode state."""
+
+    tokens: Tensor
+    sequences: list[list[int]]
+    finish_reasons: list[str]
+    texts: list[str] | None
+    prompt_lengths: list[int]
+    state: MambaState
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+
+
+@dataclass
+class GenerationStep:
+    """What one decode step produced, per row: the new token (None if the row had already ended), the new
+    text (with a tokenizer; text that could still turn into a stop string is held back), and whether the
+    row is now finished."""
+
+    token_ids: list[int | None]
+    texts: list[str] | None
+    finished: list[bool]
+
+
+class GenerationStream:
+    """The iterator `generate(..., stream=True)` returns: yields a GenerationStep per step; once it is
+    exhausted, `.output` holds the GenerationOutput."""
+
+    def __init__(self, steps: Iterator[GenerationStep], decoder: "_Decoder"):
+        self._steps, self._decoder = steps, decoder
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> GenerationStep:
+        return next(self._steps)
+
+    @property
+    def output(self) -> GenerationOutput:
+        if not self._decoder.done:
+            raise RuntimeError("the stream is not exhausted yet: iterate over it first")
+        return self._decoder.output()
+
+
+# ----------------------------------------------------------------------------------- logit processing
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty (Keskar et al. 2019), as transformers: a token already in the row (prompt or output)
+    has its logit divided by `penalty` if positive, multiplied if negative. logits (b, V); seen (b, V) bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(
+    logits: Tensor, top_k: int | None = None, top_p: float | None = None, min_p: float | None = None
+) -> Tensor:
+    """Sets the logits of the tokens each filter removes to −inf, row by row. logits (b, V) float.
+
+    top_k: keep the k largest (ties with the k-th are kept). top_p (nucleus, Holtzman et al. 2019): keep
+    the smallest set of most likely tokens whose probability reaches p. min_p: keep tokens whose probability
+    is at least min_p × that of the row's most likely token (the threshold is per row)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the more likely tokens
+        drop_sorted = mass_before >= top_p  # never drops the first: mass_before = 0 < top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    if min_p is not None and min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        threshold = min_p * probs.max(dim=-1, keepdim=True).values  # (b, 1): one threshold per row
+        logits = logits.masked_fill(probs < threshold, -math.inf)
+    return logits
+
+
+def sample(logits: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """One token per row from softmax(logits) (b, V), row i drawing one uniform from generators[i]
+    (inverse-CDF sampling): a row's draw never depends on the other rows. Returns (b,) int64."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    cdf = probs.double().cumsum(-1)  # (b, V); float64 so that the tail's tiny probabilities still count
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])  # (b,)
+    # the first index whose cdf exceeds u·total; a zero-probability token never gets picked
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[-1] - 1)
+
+
+def next_tokens(logits: Tensor, seen: Tensor, params: "_Params", generators) -> Tensor:
+    """The whole logit-processing chain for one step: logits (b, V) → token ids (b,)."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    return sample(logits, generators)
+
+
+# --------------------------------------------------------------------------------------------- prefill
+@torch.inference_mode()
+def prefill(model: MambaLM, prompts: list[list[int]], max_tokens_per_call: int = 16384) -> tuple[MambaState, Tensor]:
+    """Runs every prompt through the parallel forward and returns (state, last_logits): the batch state
+    (n_layer, b, …) after each prompt, and the logits (b, V) at each prompt's last token.
+
+    Rows of equal length go through one call (up to max_tokens_per_call tokens), so no padding or mask is
+    ever needed; their states are written into rows of one preallocated batch state."""
+    b = len(prompts)
+    state = model.allocate_state(b)
+    last_logits = None
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    device = state.ssm.device
+    for length, rows in by_length.items():
+        per_call = max(1, max_tokens_per_call // length)
+        for k in range(0, len(rows), per_call):
+            chunk = rows[k:k + per_call]
+            ids = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)  # (g, length)
+            out = model(ids, return_state=True, num_last_tokens=1)
+            if last_logits is None:
+                last_logits = out.logits.new_empty(b, out.logits.shape[-1])
+            index = torch.tensor(chunk, device=device)
+            last_logits[index] = out.logits[:, -1]
+            state.conv[:, index] = out.state.conv.to(state.conv.dtype)
+            state.ssm[:, index] = out.state.ssm
+    return state, last_logits
+
+
+# ------------------------------------------------------------------------------------------ validation
+@dataclass
+class _Params:
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    min_p: float | None
+    repetition_penalty: float
+
+
+def _check_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> _Params:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if min_p is not None and not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be None or in [0, 1], got {min_p!r}")
+    if not isinstance(repetition_penalty, (int, float)) or not (0 < repetition_penalty < math.inf):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+    return _Params(float(temperature), top_k, None if top_p is None else float(top_p),
+                   None if min_p is None else float(min_p), float(repetition_penalty))
+
+
+def _encode_prompts(prompts, tokenizer, vocab_size: int) -> list[list[int]]:
+    """prompts (a batch of strings or id lists, or a single one) → lists of ids, all checked."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
+                                    isinstance(prompts[0], int) and not isinstance(prompts[0], bool)):
+        prompts = [prompts]  # one prompt
+    if isinstance(prompts, Tensor):
+        prompts = [prompts] if prompts.dim() == 1 else list(prompts)
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError(f"prompt {i} is a string: pass tokenizer= (or give token ids)")
+            ids = tokenizer.encode(p)
+        else:
+            ids = p.tolist() if isinstance(p, Tensor) else list(p)
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise TypeError(f"prompt {i} must be a string or a list of int token ids")
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty: a Mamba needs at least one token to condition on "
+                             "(e.g. the tokenizer's eos/bos token)")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
+        out.append(ids)
+    return out
+
+
+def _eos_ids(eos_token_id, tokenizer) -> set[int]:
+    if eos_token_id is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        return set() if eos is None else {eos}
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints >= 0, got {eos_token_id!r}")
+    return set(ids)
+
+
+def _generators(seed, b: int) -> list[torch.Generator]:
+    """One generator per row: seed + i (or seed[i] for a list); seed None draws the base seed from torch's
+    global generator, so torch.manual_seed makes the call reproducible."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != b or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seed must be an int or a list of {b} ints (one per prompt), got {seed!r}")
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+# ------------------------------------------------------------------------------------------- per row
+class _Row:
+    """One row's output: its tokens, and with a tokenizer its text, stop-string check and streamed part."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.stream = DecodeStream(tokenizer) if tokenizer is not None else None
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
+        self.text = ""
+        self.end: int | None = None  # where the text is cut (before a stop string)
+        self.emitted = 0
+
+    def add(self, token: int, is_eos: bool) -> str:
+        """Appends a token; returns the text that is now safe to show."""
+        self.ids.append(token)
+        if is_eos:
+            self.finish_reason = "eos"
+        if self.stream is not None and not is_eos:
+            piece = self.stream.push(token)
+            if piece and self.stop:
+                start = max(0, len(self.text) - self.hold)  # a stop string may straddle the last piece
+                self.text += piece
+                hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+                if hits:
+                    self.end, self.finish_reason = min(hits), "stop"
+            else:
+                self.text += piece
+        return self.flush_text(final=self.finish_reason is not None)
+
+    def flush_text(self, final: bool) -> str:
+        if self.stream is None:
+            return ""
+        if final and self.end is None:
+            self.text += self.stream.flush()
+        upto = self.end if self.end is not None else len(self.text) - (0 if final else self.hold)
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
+
+    def final_text(self) -> str:
+        return self.text[: self.end] if self.end is not None else self.text
+
+
+# --------------------------------------------------------------------------------------------- decoder
+class _Decoder:
+    """Holds one generation's state: prefill in __init__, then `steps()` decodes until every row ends."""
+
+    def __init__(self, model, prompts, max_new_tokens, params, eos, stop, generators, tokenizer, pad_id, step_fn):
+        self.model, self.params, self.eos, self.pad_id = model, params, eos, pad_id
+        self.max_new_tokens, self.generators, self.tokenizer = max_new_tokens, generators, tokenizer
+        self.step_fn = step_fn
+        self.prompt_lengths = [len(p) for p in prompts]
+        self.rows = [_Row(tokenizer, stop) for _ in prompts]
+        self.vocab = model.config.vocab_size if tokenizer is None else min(model.config.vocab_size,
+                                                                            tokenizer.vocab_size)
+        t0 = time.perf_counter()
+        self.state, self.logits = prefill(model, prompts)
+        self.prefill_seconds = time.perf_counter() - t0
+        self.decode_seconds, self.steps_done, self.done = 0.0, 0, False
+        b = len(prompts)
+        self.seen = None
+        if params.repetition_penalty != 1.0:  # which tokens each row has seen: (b, V) bool
+            self.seen = torch.zeros(b, self.vocab, dtype=torch.bool, device=self.logits.device)
+            for i, p in enumerate(prompts):
+                self.seen[i, p] = True
+
+    @torch.inference_mode()
+    def steps(self) -> Iterator[GenerationStep]:
+        rows, b = self.rows, len(self.rows)
+        arange = torch.arange(b)
+        logits = self.logits[:, : self.vocab]  # (b, V) without the padded ids
+        tokens = torch.empty(b, dtype=torch.long, device=logits.device)
+        t0 = time.perf_counter()
+        for step in range(self.max_new_tokens):
+            tokens.copy_(next_tokens(logits, self.seen, self.params, self.generators))
+            new = tokens.tolist()
+            token_ids, texts = [], []
+            for i, (row, tok) in enumerate(zip(rows, new)):
+                if row.finish_reason is not None:
+                    token_ids.append(None)
+                    texts.append("")
+                    new[i] = self.pad_id  # finished rows are fed a pad token; their outputs are ignored
+                    continue
+                token_ids.append(tok)
+                texts.append(row.add(tok, tok in self.eos))
+                if row.finish_reason is None and step == self.max_new_tokens - 1:
+                    row.finish_reason = "length"
+                    texts[-1] += row.flush_text(final=True)
+            finished = [r.finish_reason is not None for r in rows]
+            last = all(finished) or step == self.max_new_tokens - 1
+            if not last:
+                tokens.copy_(torch.tensor(new))
+                if self.seen is not None:
+                    self.seen[arange, tokens] = True
+                logits = self.step_fn(tokens, self.state)[:, : self.vocab]  # (b, V); state updated in place
+                self.steps_done += 1
+            if last:
+                self.decode_seconds = time.perf_counter() - t0
+                self.done = True
+            yield GenerationStep(token_ids, texts if self.tokenizer is not None else None, finished)
+            if last:
+                return
+
+    def output(self) -> GenerationOutput:
+        seqs = [r.ids for r in self.rows]
+        width = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        texts = [r.final_text() for r in self.rows] if self.tokenizer is not None else None
+        return GenerationOutput(tokens, seqs, [r.finish_reason for r in self.rows], texts, self.prompt_lengths,
+                                self.state, self.prefill_seconds, self.decode_seconds, self.steps_done)
+
+
+# -------------------------------------------------------------------------------------------- generate
+def generate(
+    model: MambaLM,
+    prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int | Sequence[int] | None = None,
+    stream: bool = False,
+    tokenizer=None,
+    pad_token_id: int | None = None,
+    compile: bool = False,
+) -> GenerationOutput | GenerationStream:
+    """Generates up to max_new_tokens tokens after each prompt.
+
+    prompts: token-id lists, or strings (with a tokenizer), of any lengths, in one batch (a single prompt
+    is a batch of one). temperature 0 is greedy. Each row stops on its own at an eos token (eos_token_id,
+    default: the tokenizer's) or a stop string (needs a tokenizer; the text is cut before it), and is
+    padded with pad_token_id (default: the tokenizer's pad, else its eos, else 0) in `tokens`. seed: row i
+    samples with a generator seeded by seed + i (or seed[i]). stream=True returns a GenerationStream,
+    which yields a GenerationStep per decode step. tokenizer defaults to `model.tokenizer` (set by
+    from_pretrained). compile=True runs the decode step through torch.compile (worth it for long runs).
+    """
+    if not isinstance(model, MambaLM):
+        raise TypeError(f"generate needs a MambaLM, got {type(model).__name__}")
+    params = _check_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    ids = _encode_prompts(prompts, tokenizer, model.config.vocab_size)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer (pass tokenizer=, or use eos_token_id for token ids)")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    eos = _eos_ids(eos_token_id, tokenizer)
+    if pad_token_id is None:  # the tokenizer's pad, else the eos, else 0: the first the model can take
+        options = [getattr(tokenizer, "pad_token_id", None), min(eos) if eos else None, 0]
+        pad_token_id = next(t for t in options if t is not None and t < model.config.vocab_size)
+    if not 0 <= pad_token_id < model.config.vocab_size:
+        raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {model.config.vocab_size})")
+    step_fn = compiled_step(model) if compile else model.step
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = _Decoder(model, ids, max_new_tokens, params, eos, stop, _generators(seed, len(ids)), tokenizer,
+                           pad_token_id, step_fn)
+    finally:
+        model.train(was_training)
+    if stream:
+        return GenerationStream(decoder.steps(), decoder)
+    for _ in decoder.steps():
+        pass
+    return decoder.output()
+
+
+_COMPILED: dict[int, object] = {}
+
+
+def compiled_step(model: MambaLM):
+    """model.step through torch.compile (compiled once per model; dynamic batch size)."""
+    key = id(model)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(model.step, dynamic=True)
+    return _COMPILED[key]
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a checkpoint (streams to the terminal)")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + weights [+ tokenizer.json])")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="a file with one prompt per line (generated as one batch)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or directory (default: the checkpoint's; 'byte' for the byte tokenizer)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from .tokenizer import ByteTokenizer, load_tokenizer
+
+    model = MambaLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    if args.tokenizer == "byte":
+        model.tokenizer = ByteTokenizer()
+    elif args.tokenizer is not None:
+        model.tokenizer = load_tokenizer(args.tokenizer)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json: pass --tokenizer PATH (or --tokenizer byte)")
+    if args.prompt is not None:
+        prompts = [args.prompt.replace("\\n", "\n")]
+    else:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompt_file} has no prompts (one per line)")
+    gen = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                   seed=args.seed, stream=True, compile=args.compile)
+    out = sys.stdout
+    single = len(prompts) == 1
+    if single:
+        out.write(prompts[0])
+        out.flush()
+    texts = [""] * len(prompts)
+    for step in gen:
+        for i, piece in enumerate(step.texts):
+            if single:  # stream the text as it comes
+                out.write(piece)
+                out.flush()
+                continue
+            texts[i] += piece  # a batch: print each row whole when it ends
+            if step.finished[i] and step.token_ids[i] is not None:
+                out.write(f"--- [{i}]\n{prompts[i]}{texts[i]}\n")
+                out.flush()
+    result = gen.output
+    out.write("\n" if single else "")
+    n = sum(len(s) for s in result.sequences)
+    rate = result.decode_steps * len(prompts) / result.decode_seconds if result.decode_seconds > 0 else float("nan")
+    print(f"[{n} tokens; prefill {result.prefill_seconds:.2f} s; decode {result.decode_steps} steps in "
+          f"{result.decode_seconds:.2f} s ({rate:.1f} tok/s); finish: {', '.join(result.finish_reasons)}]",
+          file=sys.stderr)
+    return 0
