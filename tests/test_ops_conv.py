@@ -118,3 +118,15 @@ def test_bad_input(change, match):
     inputs.update(change)
     with pytest.raises(ValueError, match=match):
         ops.causal_conv1d(**inputs)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_fused_update_matches_reference(activation):
+    from mambakit.ops.conv import causal_conv1d_update_cpu, causal_conv1d_update_ref
+
+    inputs = make(3, 1, 11, 4)
+    s1, s2 = inputs["initial_state"].clone(), inputs["initial_state"].clone()
+    y1 = causal_conv1d_update_cpu(s1, inputs["x"][:, 0], inputs["weight"], inputs["bias"], activation)
+    y2 = causal_conv1d_update_ref(s2, inputs["x"][:, 0], inputs["weight"], inputs["bias"], activation)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(s1, s2)

@@ -22,6 +22,7 @@ from torch import Tensor
 from .conv import (
     causal_conv1d_cpu,
     causal_conv1d_ref,
+    causal_conv1d_update_cpu,
     causal_conv1d_update_ref,
 )
 from .scan_ref import selective_scan_ref, selective_state_update_ref
@@ -184,6 +185,7 @@ def selective_state_update(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    backend: str | None = None,
 ) -> Tensor:
     """One decoding step of the selective scan: updates `state` (b, d, n) in place and returns y (b, d).
 
@@ -193,8 +195,13 @@ def selective_state_update(
     """
     b, _, d, n = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, None, step=True)
     _check_tensor("state", state, (b, d, n), "(b, d, n)", u.device)
+    args = (state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     with _no_autocast(u):
-        return selective_state_update_ref(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+        if _resolve_backend("selective_state_update", backend, u) == "cpu":
+            from .scan_cpu import selective_state_update_cpu
+
+            return selective_state_update_cpu(*args)
+        return selective_state_update_ref(*args)
 
 
 def causal_conv1d(
@@ -227,6 +234,7 @@ def causal_conv1d_update(
     weight: Tensor,
     bias: Tensor | None = None,
     activation: str | None = None,
+    backend: str | None = None,
 ) -> Tensor:
     """One decoding step of the causal conv: x (b, d) is the new input, conv_state (b, d, w − 1) holds the
     previous w − 1 inputs and is shifted in place (not differentiable, like selective_state_update).
@@ -234,4 +242,6 @@ def causal_conv1d_update(
     _check_conv_args(x, weight, bias, conv_state, step=True)
     _check_activation(activation)
     with _no_autocast(x):
+        if _resolve_backend("causal_conv1d_update", backend, x) == "cpu":
+            return causal_conv1d_update_cpu(conv_state, x, weight, bias, activation)
         return causal_conv1d_update_ref(conv_state, x, weight, bias, activation)

@@ -170,12 +170,12 @@ def set_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def kernel_options() -> dict:
+def kernel_options(parallel: bool = True) -> dict:
     """Options for every fused kernel: parallel; fast-math (reassociation lets LLVM vectorise reductions);
     numpy's error model (IEEE division: Python's raises ZeroDivisionError, and that branch blocks
     vectorisation); cached on disk (MAMBAKIT_NO_CACHE=1 turns the cache off)."""
     return dict(
-        parallel=True,
+        parallel=parallel,
         fastmath=True,
         error_model="numpy",
         cache=os.environ.get("MAMBAKIT_NO_CACHE", "0") != "1",

@@ -205,3 +205,47 @@ def causal_conv1d_cpu(
     if not return_final_state:
         return y
     return y, xp[:, l:, :].transpose(1, 2)  # (b, d, w − 1): the last w − 1 inputs
+
+
+# ---------------------------------------------------------------------------------------- the decoding step
+@njit(**kernel_options(parallel=False))
+def _conv_update_kernel(conv_state, x, weight, bias, silu, y):
+    """One step, in place. conv_state: (b, d, w − 1); x, y: (b, d); weight: (d, w); bias: (d,).
+    Serial: b·d·w multiply-adds cost less than waking a thread pool."""
+    b, d, wm1 = conv_state.shape
+    for bi in range(b):
+        for j in range(d):
+            acc = bias[j] + weight[j, wm1] * x[bi, j]
+            for k in range(wm1):
+                acc += weight[j, k] * conv_state[bi, j, k]
+            for k in range(wm1 - 1):  # shift the window left; the new input enters last
+                conv_state[bi, j, k] = conv_state[bi, j, k + 1]
+            if wm1 > 0:
+                conv_state[bi, j, wm1 - 1] = x[bi, j]
+            y[bi, j] = acc
+        if silu:
+            for j in range(d):
+                y[bi, j] = y[bi, j] * sigmoid(y[bi, j])
+
+
+def causal_conv1d_update_cpu(
+    conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
+) -> Tensor:
+    """The fused decoding step; same signature and results as `causal_conv1d_update_ref`."""
+    kd = _kernel_dtype(x)
+    b, d = x.shape
+
+    def prep(t):
+        t = t.detach()
+        return t if t.dtype == kd and t.is_contiguous() else t.to(kd).contiguous()
+
+    cs = prep(conv_state)  # updated in place when already float32 (float64) and contiguous, else via a copy
+    x_ = prep(x)
+    y = torch.empty_like(x_)
+    _conv_update_kernel(
+        cs.numpy(), x_.numpy(), prep(weight).numpy(), (prep(bias) if bias is not None else x_.new_zeros(d)).numpy(),
+        activation in ("silu", "swish"), y.numpy(),
+    )  # fmt: skip
+    if cs.data_ptr() != conv_state.data_ptr():
+        conv_state.copy_(cs)
+    return y.to(x.dtype)

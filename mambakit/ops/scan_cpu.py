@@ -29,11 +29,12 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import fexp2, kernel_options, set_threads, sigmoid, softplus
+from ._numba import fexp, fexp2, kernel_options, set_threads, sigmoid, softplus
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
 LOG2E = 1.4426950408889634
 TILE = 16  # the forward gathers inputs TILE steps at a time
+PARALLEL_STEP_UPDATES = 1 << 17  # a decoding step this large (b·d·n) is worth waking the thread pool for
 CHUNK_BYTES = 1 << 18  # the backward's per-task state buffer (CHUNK + 1, n, BLOCK) is about this size
 
 
@@ -359,3 +360,81 @@ def selective_scan_cpu(
     """The fused CPU selective scan; same signature and results as `selective_scan_ref`."""
     y, h = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     return (y, h) if return_final_state else y
+
+
+# ---------------------------------------------------------------------------------------- the decoding step
+@njit(inline="always", fastmath=True, error_model="numpy")
+def _state_update_row(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus, y, bi):
+    """One step of sequence bi, in place: Δ and the gate vectorised over channels, the update over states."""
+    d, n = A.shape
+    dt = np.empty(d, dtype=state.dtype)
+    for j in range(d):
+        dt[j] = delta[bi, j] + bias[j]
+    if use_softplus:
+        for j in range(d):
+            dt[j] = softplus(dt[j])
+    for j in range(d):
+        dtj = dt[j]
+        du = dtj * u[bi, j]
+        acc = D[j] * u[bi, j]
+        for s in range(n):
+            hv = fexp(dtj * A[j, s]) * state[bi, j, s] + du * B[bi, s]
+            state[bi, j, s] = hv
+            acc += hv * C[bi, s]
+        y[bi, j] = acc
+    if has_z:
+        for j in range(d):
+            y[bi, j] = y[bi, j] * z[bi, j] * sigmoid(z[bi, j])
+
+
+@njit(**kernel_options())
+def _state_update_kernel(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus, y):
+    """One step, in place, sequences in parallel. state: (b, d, n); u, delta, z, y: (b, d); A: (d, n);
+    B, C: (b, n); D, bias: (d,)."""
+    for bi in prange(state.shape[0]):
+        _state_update_row(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus, y, bi)
+
+
+@njit(**kernel_options(parallel=False))
+def _state_update_kernel_serial(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus, y):
+    """_state_update_kernel in the calling thread, for small steps: waking a thread pool would cost more."""
+    for bi in range(state.shape[0]):
+        _state_update_row(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus, y, bi)
+
+
+def selective_state_update_cpu(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """The fused decoding step; same signature and results as `selective_state_update_ref`. Called once per
+    layer and token: tensors already in the kernel's dtype and layout are passed without a copy."""
+    kd = _kernel_dtype(state)
+    b, d, n = state.shape
+
+    def prep(x):
+        x = x.detach()
+        return x if x.dtype == kd and x.is_contiguous() else x.to(kd).contiguous()
+
+    # the kernel updates a float32 (float64) contiguous state in place; any other state goes through a copy
+    st = prep(state)
+    u_ = prep(u)
+    zeros = u_.new_zeros(d) if D is None or delta_bias is None else None
+    y = torch.empty_like(u_)
+    kernel = _state_update_kernel if b * d * n >= PARALLEL_STEP_UPDATES else _state_update_kernel_serial
+    set_threads()
+    kernel(
+        _np(st), _np(u_), _np(prep(delta)), _np(prep(A)), _np(prep(B)), _np(prep(C)),
+        _np(prep(D) if D is not None else zeros), _np(prep(z) if z is not None else u_),
+        _np(prep(delta_bias) if delta_bias is not None else zeros), z is not None, bool(delta_softplus), _np(y),
+    )  # fmt: skip
+    if st.data_ptr() != state.data_ptr():
+        state.copy_(st)
+    return y.to(u.dtype)
