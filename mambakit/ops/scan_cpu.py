@@ -35,7 +35,7 @@ BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block 
 LOG2E = 1.4426950408889634
 TILE = 16  # the forward gathers inputs TILE steps at a time
 PARALLEL_STEP_UPDATES = 1 << 17  # a decoding step this large (b·d·n) is worth waking the thread pool for
-CHUNK_BYTES = 1 << 18  # the backward's per-task state buffer (CHUNK + 1, n, BLOCK) is about this size
+CHUNK_BYTES = 1 << 18  # the backward's per-task buffers of states and Ā, (CHUNK, n, BLOCK) each, about this size
 
 
 def chunk_len(n: int, itemsize: int) -> int:
@@ -145,6 +145,7 @@ def _scan_bwd_kernel(
         A2_blk = np.zeros((n, BLOCK), dtype=u.dtype)
         gA = np.zeros((n, BLOCK), dtype=u.dtype)
         hs = np.zeros((chunk + 1, n, BLOCK), dtype=u.dtype)  # hs[k] = state before step t0 + k
+        As = np.zeros((chunk, n, BLOCK), dtype=u.dtype)  # As[k] = Ā of step t0 + k, kept from the recompute
         dts = np.zeros((chunk, BLOCK), dtype=u.dtype)  # Δ of the chunk's steps
         xs = np.zeros((chunk, BLOCK), dtype=u.dtype)  # delta + bias of the chunk's steps
         us = np.zeros((chunk, BLOCK), dtype=u.dtype)  # u of the chunk's steps
@@ -192,7 +193,9 @@ def _scan_bwd_kernel(
                 for s in range(n):
                     bs = B[bi, t, s]
                     for j in range(BLOCK):
-                        hs[k + 1, s, j] = fexp2(dts[k, j] * A2_blk[s, j]) * hs[k, s, j] + du_blk[j] * bs
+                        a = fexp2(dts[k, j] * A2_blk[s, j])
+                        As[k, s, j] = a
+                        hs[k + 1, s, j] = a * hs[k, s, j] + du_blk[j] * bs
             # the adjoint recurrence, last step first
             for t in range(t1 - 1, t0 - 1, -1):
                 k = t - t0
@@ -225,7 +228,7 @@ def _scan_bwd_kernel(
                     for j in range(BLOCK):
                         dtv = dts[k, j]
                         uj = us[k, j]
-                        a = fexp2(dtv * A2_blk[s, j])  # Ā = exp(ΔA)
+                        a = As[k, s, j]
                         hp = hs[k, s, j]
                         gv = g[s, j] + cs * dyv[j]  # ∂L/∂h_t, with y_t's own contribution
                         dcs += dyv[j] * hs[k + 1, s, j]
