@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import ops
 from .config import MambaConfig
+from .decode_linear import linear
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -189,15 +190,26 @@ class Mamba(nn.Module):
         conv_state (b, E·D, W−1) and ssm_state (b, E·D, N) are updated IN PLACE, so a decoder allocates its
         state once; the stages are those of forward, with the single-step ops."""
         c = self.config
-        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, E·D) each
+        # decode_linear.linear is F.linear with a weight-streaming kernel for a few rows (see its docstring)
+        x, z = linear(u, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, E·D) each
         # the ops run in float32 internally and turn autocast off themselves
         x = ops.causal_conv1d_update(conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
-        dt, B, C = torch.split(self.x_proj(x), [c.dt_rank, c.d_state, c.d_state], dim=-1)  # (b, R), (b, N), (b, N)
-        delta = F.linear(dt, self.dt_proj.weight)  # (b, E·D)
-        A = -torch.exp(self.A_log.float())  # (E·D, N)
-        y = ops.selective_state_update(ssm_state, x, delta, A, B, C, D=self.D.float(), z=z,
+        dbc = linear(x, self.x_proj.weight)
+        dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)  # (b, R), (b, N), (b, N)
+        delta = linear(dt, self.dt_proj.weight)  # (b, E·D)
+        y = ops.selective_state_update(ssm_state, x, delta, self._decode_A(), B, C, D=self.D.float(), z=z,
                                        delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, E·D)
-        return self.out_proj(y)
+        return linear(y, self.out_proj.weight, self.out_proj.bias)
+
+    def _decode_A(self) -> Tensor:
+        """A = −exp(A_log) (E·D, N), computed once and reused across decode steps until A_log changes (its
+        in-place version counter or its storage)."""
+        key = (self.A_log.data_ptr(), self.A_log._version)
+        cached = self.__dict__.get("_A_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_A_cache"] = (key, -torch.exp(self.A_log.detach().float()))
+        return cached[1]
 
 
 # ---------------------------------------------------------------------------------------- residual block
@@ -324,7 +336,7 @@ class MambaLM(nn.Module):
         residual = h.float() if self.config.residual_in_fp32 else h
         for layer, conv_state, ssm_state in zip(self.backbone.layers, state.conv, state.ssm):
             residual = residual + layer.mixer.step(layer.norm(residual), conv_state, ssm_state)
-        return self.lm_head(self.backbone.norm_f(residual))  # (b, V)
+        return linear(self.backbone.norm_f(residual), self.lm_head.weight)  # (b, V)
 
     def allocate_state(self, batch_size: int) -> MambaState:
         """A zero state (the state before any token) on the model's device, conv state in its dtype."""
