@@ -1,0 +1,558 @@
+"""The trainer: data → optimizer steps → evaluation → checkpoints, on one process or many (torchrun).
+
+    mambakit train [--config=FILE.toml] [--key=value ...]          # one process
+    torchrun --nproc_per_node=N -m mambakit train [...]            # DDP (gloo on CPU, nccl on GPU)
+
+One optimizer step consumes `batch_size` windows of seq_len + 1 tokens, drawn from (seed, step) alone and
+split as (accumulation step, rank, micro-batch): N ranks with the same batch_size see the same global batch
+as one process, and a resumed run draws exactly the batches the uninterrupted one would have. Parallelism
+(DDP, or FSDP's fully_shard) is applied to the model from outside; the model code stays single-device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import PRESETS, MambaConfig
+from .data.text import (SHAKESPEARE_VAL_PLAYS, TokenArray, TokenWindows, read_corpus, shakespeare_plays,
+                        split_documents, tokenize_cached)
+from .model import MambaLM
+from .train_checkpoint import TRAINER_STATE, latest_checkpoint, save_checkpoint, verify_checkpoint
+from .train_config import TrainConfig, read_config_file
+
+LN2 = math.log(2)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is left as it was."""
+
+
+# ------------------------------------------------------------------------------------------ processes
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+            x /= self.world
+        return x
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+
+def setup_processes(cfg: TrainConfig) -> Dist:
+    """Joins the torchrun process group when launched by torchrun (WORLD_SIZE > 1); sets the thread count."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world == 1:
+        return Dist()
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    tokenizer: object
+    train: TokenArray
+    val: TokenArray
+
+
+def load_tokenizer_for(cfg: TrainConfig, train_docs: dict[str, str], out_dir: Path, resume_dir: Path | None):
+    from .tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+
+    if resume_dir is not None and cfg.tokenizer == "bpe":
+        return load_tokenizer(resume_dir)  # the BPE the run was trained with, not a retrained one
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer == "bpe":
+        return train_bpe(list(train_docs.values()), cfg.bpe_vocab_size)
+    return load_tokenizer(cfg.tokenizer)
+
+
+def prepare_data(cfg: TrainConfig, d: Dist, out_dir: Path, resume_dir: Path | None) -> Data:
+    """Corpus → train/val split by document → tokenizer → cached token arrays. Rank 0 goes first (it trains
+    a BPE and fills the cache); the other ranks then read its tokenizer and the cache."""
+    if cfg.data == "shakespeare":
+        docs, val_names = shakespeare_plays(), cfg.val_docs or list(SHAKESPEARE_VAL_PLAYS)
+    else:
+        docs, val_names = read_corpus([p for p in cfg.data.split(",") if p]), cfg.val_docs
+    train_docs, val_docs = split_documents(docs, val_names, cfg.val_fraction)
+    data = None
+    for turn in ("main", "others"):
+        if (turn == "main") == d.main:
+            if turn == "others" and cfg.tokenizer == "bpe" and resume_dir is None:
+                from .tokenizer import load_tokenizer
+                tok = load_tokenizer(out_dir / "tokenizer")
+            else:
+                tok = load_tokenizer_for(cfg, train_docs, out_dir, resume_dir)
+                if d.main and cfg.tokenizer == "bpe":
+                    tok.save(out_dir / "tokenizer")
+            data = Data(tok, tokenize_cached(train_docs, tok, cfg.cache_dir), tokenize_cached(val_docs, tok, cfg.cache_dir))
+        d.barrier()
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(cfg: TrainConfig, vocab_size: int) -> MambaLM:
+    overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "d_state") if getattr(cfg, k)}
+    return MambaLM(MambaConfig.from_preset(cfg.model, vocab_size=vocab_size, **overrides))
+
+
+def parallelize(model: MambaLM, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
+    """The model as the training step calls it: itself, DDP-wrapped, or sharded with fully_shard."""
+    model.to(d.device)
+    if d.world == 1:
+        return model
+    if cfg.distributed == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if d.device.type == "cpu" and cfg.precision != "bf16":
+            # The numba kernels read small parameters (conv bias, D, Δ bias) through tensor.numpy(), which
+            # pins their storage; fully_shard frees gathered parameters by resizing storage to 0. With bf16
+            # compute the kernels see cast copies instead.
+            raise ValueError("distributed=fsdp on CPU needs precision=bf16 (the CPU kernels pin fp32 parameter "
+                             "storage that fully_shard must free); use distributed=ddp for fp32")
+        # bf16: FSDP gathers bf16 copies of the float32 shards and reduces gradients in float32.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)
+        for layer in model.backbone.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def param_groups(model: MambaLM, weight_decay: float) -> list[dict]:
+    """AdamW groups with the official no-weight-decay set: parameters flagged `_no_weight_decay` (A_log, D)
+    and every 1-D parameter (norm weights, biases) get no decay; matrices (and the embedding) do."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if getattr(p, "_no_weight_decay", False) or p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr · min_lr_ratio at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """batch (b, l + 1): the model reads batch[:, :-1] and predicts batch[:, 1:] (l targets per row)."""
+    logits = model(batch[:, :-1]).logits  # (b, l, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction=reduction)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model, windows: TokenWindows, val: TokenArray, cfg: TrainConfig, d: Dist, max_windows: int) -> dict:
+    """Validation loss over fixed non-overlapping windows (the same ones at every evaluation), in nats per
+    token, per character and per byte, plus bits per character / byte. Ranks split the windows."""
+    model.eval()
+    starts = windows.eval_starts(max_windows)
+    per_rank = -(-len(starts) // d.world)
+    padded = np.resize(starts, per_rank * d.world)  # every rank runs as many forwards (FSDP needs it)
+    weight = (np.arange(len(padded)) < len(starts)).astype(np.float64)
+    mine, w_mine = padded[d.rank::d.world], weight[d.rank::d.world]
+    bs = cfg.micro_batch_size or max(1, cfg.batch_size // d.world)
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (nats, tokens)
+    for i in range(0, len(mine), bs):
+        batch = windows.batch(mine[i:i + bs]).to(d.device)
+        with _autocast(cfg, d.device):
+            nll = next_token_loss(model, batch, reduction="none").view(batch.shape[0], -1).sum(1).double()
+        w = torch.as_tensor(w_mine[i:i + bs], device=d.device)
+        total += torch.stack([(nll * w).sum(), (w * windows.seq_len).sum()])
+    nats, tokens = d.sum(total).tolist()
+    model.train()
+    loss = nats / tokens
+    chars_per_token, bytes_per_token = val.n_chars / len(val), val.n_bytes / len(val)
+    return {"val_loss": loss, "val_nats_per_char": loss / chars_per_token, "val_bpc": loss / chars_per_token / LN2,
+            "val_bpb": loss / bytes_per_token / LN2, "val_tokens": int(tokens)}
+
+
+def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperature: float = 0.8) -> str:
+    """A short continuation of `prompt` (mambakit.generate with its own seeded generator, so the training
+    RNG stream is untouched)."""
+    from .generate import generate
+
+    out = generate(model, [prompt or tokenizer.decode([tokenizer.eos_token_id or 0], skip_special_tokens=False)],
+                   n, temperature=temperature, seed=seed, tokenizer=tokenizer)
+    model.train()
+    return prompt + out.texts[0]
+
+
+# ----------------------------------------------------------------------------------------- progress
+class Progress:
+    """One status line on stderr: step, loss, tokens/s, elapsed and ETA (a full line per log when stderr
+    is not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float, tok_s: float, elapsed: float, eta: float) -> None:
+        if not self.enabled:
+            return
+        frac = step / max(1, self.total)
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        line = (f"step {step}/{self.total} [{bar}] loss {loss:.4f} | {tok_s:,.0f} tok/s | "
+                f"{_hms(elapsed)} elapsed, ETA {_hms(eta)}")
+        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def newline(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def _full_model_state(model: torch.nn.Module, raw: MambaLM, optimizer, cfg: TrainConfig, d: Dist):
+    """(model state dict, optimizer state dict), full and on CPU (collective under FSDP)."""
+    if d.world > 1 and cfg.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in raw.state_dict().items()}, optimizer.state_dict()
+
+
+def _load_full_state(raw: MambaLM, optimizer, model_sd, optim_sd, cfg: TrainConfig, d: Dist) -> None:
+    if d.world > 1 and cfg.distributed == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(raw, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    raw.load_state_dict(model_sd)
+    optimizer.load_state_dict(optim_sd)
+
+
+def _cpu_copy(config: MambaConfig, model_sd: dict) -> MambaLM:
+    """A plain CPU MambaLM holding model_sd (what save_pretrained writes)."""
+    with torch.device("meta"):
+        m = MambaLM(config)
+    m.load_state_dict(model_sd, assign=True)
+    m.tie_weights()
+    for mod in m.modules():
+        if hasattr(mod, "mark_parameters"):
+            mod.mark_parameters()
+    return m
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = None) -> dict:
+    """Runs (or resumes) a training run; returns the final metrics. on_step(step, model) is called after
+    every optimizer step (and after that step's checkpoint, if any): a hook for tests and experiments."""
+    d = setup_processes(cfg)
+    out_dir = Path(cfg.out_dir).expanduser()
+    ckpt_root = out_dir / "checkpoints"
+    resume_dir = None
+    if cfg.resume:
+        resume_dir = latest_checkpoint(ckpt_root)
+        if resume_dir is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root} to resume from")
+        verify_checkpoint(resume_dir)
+    elif d.main and latest_checkpoint(ckpt_root) is not None:
+        raise ValueError(f"{out_dir} already holds checkpoints of a run: pass --resume to continue it, or choose "
+                         f"another --out_dir (or delete {ckpt_root})")
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    data = prepare_data(cfg, d, out_dir, resume_dir)
+    tok = data.tokenizer
+    train_w, val_w = TokenWindows(data.train.tokens, cfg.seq_len), TokenWindows(data.val.tokens, cfg.seq_len)
+
+    torch.manual_seed(cfg.seed)
+    raw = build_model(cfg, tok.vocab_size)
+    model = parallelize(raw, cfg, d)
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  foreach=d.world == 1 or cfg.distributed != "fsdp" or None)
+    micro = cfg.micro_batch_size or cfg.batch_size // d.world
+    if cfg.batch_size % (micro * d.world):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size × ranks "
+                         f"({micro} × {d.world})")
+    accum = cfg.batch_size // (micro * d.world)
+
+    step, elapsed, total_steps = 0, 0.0, cfg.max_steps
+    if resume_dir is not None:
+        from .checkpoint import load_pretrained
+
+        state = torch.load(resume_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+        model_sd = load_pretrained(resume_dir).state_dict()
+        _load_full_state(raw, optimizer, model_sd, state["optimizer"], cfg, d)
+        step, elapsed = state["step"], state["elapsed_s"]
+        if cfg.time_budget_min:  # the schedule was fitted to the budget: keep it (a larger max_steps extends)
+            total_steps = state["schedule"]["total_steps"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if d.main:
+            print(f"resumed from {resume_dir} at step {step}", flush=True)
+    if d.main:
+        print(f"model: {raw.config.d_model}×{raw.config.n_layer} ({cfg.model} preset), {raw.num_parameters():,} "
+              f"parameters | data: {len(data.train):,} train / {len(data.val):,} val tokens ({tok!r}) | "
+              f"{d.world} process(es), {torch.get_num_threads()} threads each, {cfg.precision}", flush=True)
+        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+    metrics_path = out_dir / "metrics.jsonl"
+
+    def log(record: dict) -> None:
+        if d.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(at_step: int) -> None:
+        model_sd, optim_sd = _full_model_state(model, raw, optimizer, cfg, d)
+        if not d.main:
+            d.barrier()
+            return
+        copy = raw if (d.world == 1 or cfg.distributed != "fsdp") else _cpu_copy(raw.config, model_sd)
+        state = {"step": at_step, "elapsed_s": elapsed, "optimizer": optim_sd,
+                 "schedule": {"total_steps": total_steps, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr},
+                 "rng": {"torch": torch.get_rng_state()}, "data": {"seed": cfg.seed, "next_step": at_step}}
+
+        def write(tmp: Path) -> None:
+            copy.save_pretrained(tmp)
+            tok.save(tmp)
+            torch.save(state, tmp / TRAINER_STATE)
+            (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+        save_checkpoint(ckpt_root, at_step, write, cfg.keep_checkpoints)
+        copy.save_pretrained(out_dir)  # the run directory itself loads: `mambakit generate --model <out_dir>`
+        tok.save(out_dir)
+        d.barrier()
+
+    progress = Progress(total_steps, cfg.progress and d.main)
+    # Samples come from rank 0's copy; a sharded (FSDP) model has no whole copy to decode with.
+    can_sample = cfg.sample_tokens > 0 and d.main and (d.world == 1 or cfg.distributed != "fsdp")
+    budget_s = cfg.time_budget_min * 60
+    calibrate_at = (step + 3, step + 13) if budget_s and resume_dir is None else None
+    t_calibrate = None
+    window_loss, window_tokens, window_t0, window_steps = 0.0, 0, time.perf_counter(), 0
+    last_saved = step if resume_dir is not None else -1
+    model.train()
+    train_s = 0.0  # time spent in training steps only (for tokens/s)
+    first_step = step
+    elapsed0, t_run0 = elapsed, time.perf_counter()  # elapsed: wall time of the run, over all resumptions
+    while step < total_steps and not (budget_s and elapsed >= budget_s):
+        t_step0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, total_steps)
+        starts = train_w.random_starts(cfg.seed, step, cfg.batch_size).reshape(accum, d.world, micro)
+        loss_sum = torch.zeros((), device=d.device)
+        for k in range(accum):
+            batch = train_w.batch(starts[k, d.rank]).to(d.device)
+            sync = k == accum - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(cfg, d.device):
+                loss = next_token_loss(model, batch)
+            (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        loss_val = float(d.mean(loss_sum))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf")))
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            good = latest_checkpoint(ckpt_root)
+            what = f"loss {loss_val}" if not math.isfinite(loss_val) else f"gradient norm {grad_norm}"
+            progress.newline()
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step + 1}: training stopped. Nothing was saved after the bad step; the "
+                f"last good checkpoint is {good or '(none yet)'}. Try a lower --lr, --precision=fp32 or a "
+                f"smaller --grad_clip, and resume or restart from there")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter()
+        if step > first_step + 1:  # the first step of a process compiles kernels: not a rate
+            train_s += now - t_step0
+        elapsed = elapsed0 + now - t_run0
+        window_loss += loss_val
+        window_steps += 1
+        window_tokens += cfg.batch_size * cfg.seq_len
+
+        if calibrate_at and step == calibrate_at[0]:
+            t_calibrate = now
+        if calibrate_at and step == calibrate_at[1]:
+            # Fit the schedule into the time budget: measured seconds per step, plus the periodic evaluations
+            # (forward only, about a third of a training step per token).
+            per_step = (now - t_calibrate) / (calibrate_at[1] - calibrate_at[0])
+            eval_share = cfg.eval_windows / cfg.batch_size / 3 / cfg.eval_every
+            fit = step + int((budget_s - elapsed) / (per_step * (1 + eval_share)))
+            total_steps = int(d.mean(torch.tensor(float(min(cfg.max_steps, max(fit, step + 1))))))
+            progress.total = total_steps
+            if d.main:
+                progress.newline()
+                print(f"time budget {cfg.time_budget_min:g} min: {per_step * 1000:.0f} ms/step -> "
+                      f"{total_steps} steps", flush=True)
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            dt = now - window_t0
+            tok_s = window_tokens / dt
+            rate = dt / window_steps
+            log({"step": step, "loss": window_loss / window_steps, "lr": optimizer.param_groups[0]["lr"],
+                 "grad_norm": grad_norm, "tokens_per_s": tok_s, "elapsed_s": elapsed})
+            eta = (total_steps - step) * rate
+            if budget_s:
+                eta = min(eta, budget_s - elapsed)
+            progress.update(step, window_loss / window_steps, tok_s, elapsed, eta)
+            window_loss, window_tokens, window_t0, window_steps = 0.0, 0, now, 0
+
+        if step % cfg.eval_every == 0 and step < total_steps:
+            t0 = time.perf_counter()
+            ev = evaluate(model, val_w, data.val, cfg, d, cfg.eval_windows)
+            text = sample(raw, tok, cfg.sample_prompt, cfg.sample_tokens, cfg.seed) if can_sample else ""
+            log({"step": step, **ev, "sample": text})
+            if d.main:
+                progress.newline()
+                print(f"step {step}: val loss {ev['val_loss']:.4f} nats/token, {ev['val_bpc']:.3f} bits/char"
+                      + (f"\n--- sample ---\n{text}\n--------------" if text else ""), flush=True)
+            window_t0 += time.perf_counter() - t0  # tokens/s counts training steps only
+        if step % cfg.ckpt_every == 0:
+            t0 = time.perf_counter()
+            checkpoint(step)
+            last_saved = step
+            window_t0 += time.perf_counter() - t0
+        if on_step is not None:
+            on_step(step, raw)
+
+    progress.newline()
+    if last_saved != step:
+        checkpoint(step)
+    ev = evaluate(model, val_w, data.val, cfg, d, 0)  # the whole held-out set
+    text = sample(raw, tok, cfg.sample_prompt, cfg.sample_tokens, cfg.seed) if can_sample else ""
+    tok_s = cfg.batch_size * cfg.seq_len * max(0, step - first_step - 1) / max(train_s, 1e-9)
+    final = {"step": step, **ev, "final": True, "elapsed_s": elapsed, "tokens_per_s_mean": tok_s}
+    log({**final, "sample": text})
+    if d.main:
+        print(f"done: {step} steps in {_hms(elapsed)} ({tok_s:,.0f} tokens/s)\n"
+              f"validation ({ev['val_tokens']:,} held-out tokens): loss {ev['val_loss']:.4f} nats/token, "
+              f"{ev['val_nats_per_char']:.4f} nats/char, {ev['val_bpc']:.4f} bits/char, {ev['val_bpb']:.4f} bits/byte"
+              + (f"\n--- sample ---\n{text}\n--------------" if text else "")
+              + f"\ncheckpoint: {out_dir} (mambakit generate --model {out_dir})", flush=True)
+        if cfg.plot:
+            plot_losses(metrics_path, out_dir / "loss.png")
+    d.barrier()  # no rank leaves (and tears down the process group) while another still works
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def plot_losses(metrics_path: Path, png: Path) -> Path | None:
+    """Training and validation loss against step, from metrics.jsonl (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("loss curve skipped: matplotlib is not installed (pip install 'mambakit[train]')", flush=True)
+        return None
+    train_pts, val_pts = {}, {}
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            train_pts[r["step"]] = r["loss"]  # a resumed run's records replace the killed run's
+        if "val_loss" in r:
+            val_pts[r["step"]] = r["val_loss"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sorted(train_pts), [train_pts[s] for s in sorted(train_pts)], label="train")
+    ax.plot(sorted(val_pts), [val_pts[s] for s in sorted(val_pts)], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def config_from_args(config_file: str | None, overrides: dict) -> TrainConfig:
+    values = read_config_file(config_file) if config_file else {}
+    base = TrainConfig.from_dict(values, source=config_file or "config")
+    return TrainConfig.from_dict({**base.to_dict(), **overrides}, source="command line")
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    try:
+        cfg = config_from_args(args.config, overrides)
+        train(cfg)
+    except (TypeError, NonFiniteLossError) as e:
+        print(f"mambakit train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a Mamba language model (torchrun --nproc_per_node=N for several processes)",
+        description="Train a Mamba LM. Every TrainConfig field is an option --key=value; a TOML/JSON file "
+                    "(--config) sets many at once; the command line wins.", allow_abbrev=False)
+    p.add_argument("--config", help="a .toml or .json file of TrainConfig fields")
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        bool_field = f.type in (bool, "bool")
+        p.add_argument(f"--{name}", default=None, nargs="?" if bool_field else None,
+                       const="true" if bool_field else None, metavar="VALUE", help=f"(default: {default!r})")
+    p.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mambakit.train --key=value …` (same as `mambakit train`)."""
+    parser = argparse.ArgumentParser(prog="mambakit")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

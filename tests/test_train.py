@@ -1,0 +1,282 @@
+"""The trainer: config validation, optimizer groups, schedule, learning, exact resume after SIGKILL, refusal
+of damaged checkpoints, non-finite losses, and 2-process DDP = 1 process."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambakit import cli
+from mambakit.train import NonFiniteLossError, build_model, lr_at, param_groups, train
+from mambakit.train_checkpoint import CheckpointCorruptError, latest_checkpoint, verify_checkpoint
+from mambakit.train_config import TrainConfig, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three small documents of simple, learnable text (one is held out)."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while the cat sat on the mat".split()
+    for i in range(3):
+        lines = (" ".join(rng.choice(words) for _ in range(8)) for _ in range(300))
+        (d / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def tiny(corpus, out_dir, **kw) -> TrainConfig:
+    values = dict(data=str(corpus), model="tiny", d_model=32, seq_len=32, batch_size=4, max_steps=12,
+                  warmup_steps=2, lr=5e-3, eval_every=1000, eval_windows=4, sample_tokens=0, log_every=1,
+                  ckpt_every=1000, progress=False, plot=False, out_dir=str(out_dir),
+                  cache_dir=str(Path(out_dir).parent / "token-cache"), threads=1)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step → training loss; a resumed run's records replace those the killed run wrote after its checkpoint."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key 'lrr' \(did you mean 'lr'\?\)"):
+        TrainConfig.from_dict({"lrr": 1e-3})
+    with pytest.raises(TypeError, match="TrainConfig.lr must be a number, got 'fast'"):
+        TrainConfig(lr="fast")
+    with pytest.raises(TypeError, match="TrainConfig.max_steps must be an int"):
+        TrainConfig(max_steps=1.5)
+    with pytest.raises(TypeError, match="TrainConfig.resume must be true or false"):
+        TrainConfig(resume="maybe")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        TrainConfig(model="huge")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="must be a multiple of micro_batch_size"):
+        TrainConfig(batch_size=6, micro_batch_size=4)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('lr = 1e-3\nbatchsize = 8\n')
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key 'batchsize' \(did you mean 'batch_size'\?\)"):
+        TrainConfig.from_file(bad)
+    bad.write_text('seq_len = "long"\n')
+    with pytest.raises(TypeError, match="TrainConfig.seq_len must be an int, got 'long'"):
+        TrainConfig.from_file(bad)
+
+
+def test_config_file_then_command_line(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('model = "tiny"\nlr = 1e-3\nval_docs = ["a", "b"]\nprecision = "bf16"\n')
+    base = TrainConfig.from_file(f)
+    assert (base.model, base.lr, base.val_docs, base.precision) == ("tiny", 1e-3, ["a", "b"], "bf16")
+    over = parse_overrides(["--lr=2e-3", "--resume", "--val_docs=x,y", "--max-steps=7"])
+    cfg = TrainConfig.from_dict({**base.to_dict(), **over})
+    assert (cfg.lr, cfg.resume, cfg.val_docs, cfg.max_steps, cfg.model) == (2e-3, True, ["x", "y"], 7, "tiny")
+    j = tmp_path / "run.json"
+    j.write_text(json.dumps(cfg.to_dict()))
+    assert TrainConfig.from_file(j) == cfg
+
+
+def test_cli_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--lrr=1"])
+    assert "unrecognized arguments: --lrr=1" in capsys.readouterr().err
+    assert cli.main(["train", "--lr=fast"]) == 1
+    assert "TrainConfig.lr must be a number, got 'fast'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+def test_no_weight_decay_set_is_the_official_one():
+    model = build_model(TrainConfig(model="tiny"), vocab_size=258)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)].split(".")[-1] if "layers" in names[id(p)] else names[id(p)]
+                      for p in no_decay["params"]}
+    assert no_decay_names == {"A_log", "D", "bias", "weight", "backbone.norm_f.weight"}  # weight = norm weight
+    assert all(p.dim() >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert "backbone.layers.0.mixer.in_proj.weight" in decay_names
+    assert not any("A_log" in n or n.endswith(".D") or "norm" in n for n in decay_names)
+
+
+def test_warmup_then_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1) and lr_at(500, cfg, 110) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------------------- training
+def test_loss_goes_down_within_seconds(corpus, tmp_path, capsys):
+    final = train(tiny(corpus, tmp_path / "run", max_steps=60, eval_every=30, sample_tokens=20,
+                       sample_prompt="the "))
+    out = capsys.readouterr().out
+    assert final["val_loss"] < 2.0, final  # from ln(258) = 5.55 at init
+    curve = losses(tmp_path / "run")
+    assert sum(list(curve.values())[-5:]) / 5 < curve[1] - 2.5
+    assert "bits/char" in out and "--- sample ---\nthe " in out
+    # the run directory is a loadable checkpoint, tokenizer included
+    from mambakit import MambaLM
+
+    model = MambaLM.from_pretrained(tmp_path / "run")
+    assert model.tokenizer is not None and model.config.padded_vocab_size == 264  # 258 padded (hf layout)
+
+
+def test_bpe_and_bf16(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "bpe", tokenizer="bpe", bpe_vocab_size=320, precision="bf16", max_steps=4)
+    final = train(cfg)
+    assert final["val_bpc"] < final["val_loss"] / 0.693  # more than one char per token
+    from mambakit.tokenizer import load_tokenizer
+
+    assert 258 < load_tokenizer(tmp_path / "bpe").vocab_size <= 320  # small corpus: fewer merges qualify
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from mambakit.train import train
+    from mambakit.train_config import TrainConfig
+
+    def die(step, model):
+        if step == 7:  # between checkpoints (every 3 steps): step 7 is lost and redone on resume
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(TrainConfig.from_file(sys.argv[1]), on_step=die)
+""")
+
+
+def test_sigkill_then_resume_gives_the_same_losses(corpus, tmp_path):
+    kw = dict(max_steps=12, ckpt_every=3, keep_checkpoints=2)
+    reference = train(tiny(corpus, tmp_path / "ref", **kw))
+
+    cfg = tiny(corpus, tmp_path / "killed", **kw)
+    (tmp_path / "killed.json").write_text(json.dumps(cfg.to_dict()))
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "killed.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr  # SIGKILL
+    assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_0000006"
+    resumed = train(cfg.replace(resume=True))
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # exactly, step for step
+    assert resumed["val_loss"] == reference["val_loss"]
+    kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert kept == ["step_0000009", "step_0000012"]  # keep_checkpoints=2
+
+
+def test_existing_run_is_not_overwritten_without_resume(corpus, tmp_path):
+    train(tiny(corpus, tmp_path / "run", max_steps=2))
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+        train(tiny(corpus, tmp_path / "run", max_steps=2))
+
+
+def test_corrupt_or_partial_checkpoints_are_refused(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_steps=4, ckpt_every=2)
+    train(cfg)
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    weights = ckpt / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # a torn write
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors has .* bytes, the manifest says"):
+        train(cfg.replace(resume=True, max_steps=6))
+    weights.write_bytes(good[:-4] + b"\0\0\0\0")  # same size, different bytes
+    with pytest.raises(CheckpointCorruptError, match="does not match its sha256"):
+        train(cfg.replace(resume=True, max_steps=6))
+    weights.write_bytes(good)
+    (ckpt / "manifest.json").unlink()  # the save never finished
+    with pytest.raises(CheckpointCorruptError, match="incomplete .*interrupted"):
+        train(cfg.replace(resume=True, max_steps=6))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny(corpus, tmp_path / "empty", resume=True))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", max_steps=10, ckpt_every=2)
+
+    def poison(step, model):
+        if step == 3:  # after step 3 (checkpoint at 2): step 4 computes a NaN loss
+            with torch.no_grad():
+                model.backbone.layers[0].mixer.in_proj.weight[0, 0] = float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 4.*last good checkpoint is \S*step_0000002"):
+        train(cfg, on_step=poison)
+    good = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert good.name == "step_0000002"
+    verify_checkpoint(good)
+    resumed = train(cfg.replace(resume=True))  # and the run continues from it
+    assert resumed["step"] == 10
+
+
+# --------------------------------------------------------------------------------------- parallelism
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(run_dir) / "model.safetensors")
+
+
+def _assert_close_weights(a, b, atol=2e-5):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
+    kw = dict(batch_size=8, max_steps=6, eval_windows=2)
+    train(tiny(corpus, tmp_path / "big", **kw))
+    train(tiny(corpus, tmp_path / "accum", micro_batch_size=2, **kw))  # 4 micro-batches per step
+    _assert_close_weights(tmp_path / "big", tmp_path / "accum")
+
+
+def test_two_ddp_processes_match_one(corpus, tmp_path):
+    kw = dict(batch_size=8, max_steps=6, eval_windows=2)
+    single = train(tiny(corpus, tmp_path / "one", **kw))
+    cfg = tiny(corpus, tmp_path / "two", **kw)
+    (tmp_path / "two.json").write_text(json.dumps(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "mambakit", "train", f"--config={tmp_path / 'two.json'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    _assert_close_weights(tmp_path / "one", tmp_path / "two")
+    ddp_losses, single_losses = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert ddp_losses.keys() == single_losses.keys()
+    for step in ddp_losses:
+        assert ddp_losses[step] == pytest.approx(single_losses[step], abs=1e-5)
+    final = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)  # ranks split the eval windows
+
+
+def test_fsdp_two_processes_train_and_resume(corpus, tmp_path):
+    kw = dict(batch_size=8, max_steps=4, ckpt_every=2, eval_windows=2, precision="bf16")
+    train(tiny(corpus, tmp_path / "one", **kw))
+    train(tiny(corpus, tmp_path / "one", **kw).replace(resume=True, max_steps=6))  # the same two-part schedule
+    cfg = tiny(corpus, tmp_path / "fsdp", distributed="fsdp", **kw)
+    (tmp_path / "fsdp.json").write_text(json.dumps(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mambakit",
+           "train", f"--config={tmp_path / 'fsdp.json'}"]
+    for extra in ([], ["--resume", "--max_steps=6"]):  # 4 steps, then resume (gathered checkpoint) to 6
+        proc = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    fsdp_losses, single_losses = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    assert fsdp_losses.keys() == single_losses.keys()
+    for step in fsdp_losses:  # bf16 parameters (FSDP) vs bf16 autocast (one process): close, not equal
+        assert fsdp_losses[step] == pytest.approx(single_losses[step], abs=2e-2)
+    from mambakit import MambaLM
+
+    MambaLM.from_pretrained(tmp_path / "fsdp")  # the gathered checkpoint is a whole model
