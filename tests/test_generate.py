@@ -151,11 +151,23 @@ def test_top_k_top_p_min_p_on_hand_made_logits():
     logits = probs.log()
     kept = lambda x: torch.isfinite(x).tolist()  # noqa: E731
     assert kept(filter_logits(logits, top_k=2)) == [[True, True, False, False], [False, False, True, True]]
-    # top-p: the smallest set reaching p (0.5 + 0.3 = 0.8 ≥ 0.75; 0.5 alone ≥ 0.5)
+    # top-p: the smallest set reaching p (0.5 + 0.3 = 0.8 ≥ 0.75; 0.5 alone ≥ 0.45; 0.5 + 0.3 + 0.15 ≥ 0.9)
     assert kept(filter_logits(logits, top_p=0.75)) == [[True, True, False, False], [False, False, True, True]]
-    assert kept(filter_logits(logits, top_p=0.5)) == [[True, False, False, False], [False, False, False, True]]
+    assert kept(filter_logits(logits, top_p=0.45)) == [[True, False, False, False], [False, False, False, True]]
+    assert kept(filter_logits(logits, top_p=0.9)) == [[True, True, True, False], [False, True, True, True]]
     assert kept(filter_logits(logits, top_p=1.0)) == [[True] * 4] * 2
     assert kept(filter_logits(logits, top_p=1e-9)) == [[True, False, False, False], [False, False, False, True]]
+
+
+def test_top_p_beyond_the_topk_candidates_matches_a_full_sort():
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(1, 3000) * 0.1, torch.randn(1, 3000) * 8])  # flat row, peaked row
+    for p in (0.3, 0.9, 0.999):
+        got = torch.isfinite(filter_logits(logits, top_p=p))
+        probs, order = torch.softmax(logits.double(), -1).sort(-1, descending=True)
+        n_keep = ((probs.cumsum(-1) - probs) < p).sum(-1)
+        for r in range(2):
+            assert got[r].sum() == n_keep[r] and got[r, order[r, : n_keep[r]]].all()
 
 
 def test_min_p_threshold_is_per_row():
