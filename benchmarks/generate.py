@@ -195,6 +195,8 @@ def run_cell(args, impl, dtype, batch) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TRANSFORMERS_VERBOSITY": "error"}
     if args.threads:
         env["GEN_THREADS"] = str(args.threads)
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -218,6 +220,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up on a cell after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
+                   help="OMP_WAIT_POLICY for every cell (passive: torch's OpenMP threads sleep between parallel "
+                        "regions instead of spinning, so numba's kernel threads get the cores; see the README)")
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -239,7 +244,8 @@ def main(argv=None) -> None:
     bw = copy_bandwidth()
     print(f"# generation, shape {args.shape} {SHAPES[args.shape]} (d_model, n_layer, vocab), prompt {args.prompt} + "
           f"{args.new} greedy new tokens, torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print(f"# memory copy bandwidth (read + write): {bw / 1e9:.1f} GB/s")
+    print(f"# memory copy bandwidth (read + write): {bw / 1e9:.1f} GB/s; OMP_WAIT_POLICY for all cells: "
+          f"{args.omp_wait_policy}")
     print("| dtype | batch | implementation | tok/s | decode tok/s | ms/step | prefill s | peak MB | vs transformers |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     results = {}

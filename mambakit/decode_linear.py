@@ -23,9 +23,13 @@ from torch import Tensor
 
 from .ops._numba import _i32_bits_to_f32, kernel_options, set_threads
 
-# Above these batch sizes torch's blocked GEMM is as fast or faster: the kernel becomes compute-bound.
+# Up to these batch sizes the one-row kernel (a dot product per output) is used: it is bound by reading
+# the weights. Above, float32 takes the 4×4-blocked kernel (up to MAX_BLOCKED_BATCH: measured faster than
+# MKL up to 32 rows, single-threaded: 15 vs 25 ms for the 130m head at b = 8); bfloat16 takes torch's
+# oneDNN GEMM (AVX512-BF16 dot products), which is faster there.
 MAX_BATCH = {torch.float32: 4, torch.bfloat16: 2}
-ROWS_PER_TASK = 64
+MAX_BLOCKED_BATCH = {torch.float32: 32}
+ROWS_PER_TASK = 64  # a multiple of 4
 
 
 def _linear_f32(x, W, y):
@@ -37,6 +41,45 @@ def _linear_f32(x, W, y):
             for bb in range(b):
                 acc = np.float32(0.0)
                 for j in range(i):  # vectorised by LLVM (fast-math reassociates the sum)
+                    acc += W[r, j] * x[bb, j]
+                y[bb, r] = acc
+
+
+def _linear_f32_blocked(x, W, y):
+    """x (b, i), W (o, i), y (b, o), float32: blocks of 4 weight rows × 4 input rows, 16 dot products
+    sharing each load (4 W + 4 x loads per 16 multiply-adds), for batches where the one-row kernel
+    becomes compute-bound. Rows and inputs left over (o or b not a multiple of 4) get one dot product each."""
+    b, i = x.shape
+    o = W.shape[0]
+    b4 = b - b % 4
+    for task in prange((o + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        r_end = min(o, (task + 1) * ROWS_PER_TASK)
+        r4_end = r_end - (r_end - task * ROWS_PER_TASK) % 4
+        for r in range(task * ROWS_PER_TASK, r4_end, 4):
+            for bb in range(0, b4, 4):
+                a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.float32(0.0)
+                d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = np.float32(0.0)
+                for j in range(i):
+                    w0, w1, w2, w3 = W[r, j], W[r + 1, j], W[r + 2, j], W[r + 3, j]
+                    x0, x1, x2, x3 = x[bb, j], x[bb + 1, j], x[bb + 2, j], x[bb + 3, j]
+                    a0 += w0 * x0; a1 += w0 * x1; a2 += w0 * x2; a3 += w0 * x3  # noqa: E702
+                    c0 += w1 * x0; c1 += w1 * x1; c2 += w1 * x2; c3 += w1 * x3  # noqa: E702
+                    d0 += w2 * x0; d1 += w2 * x1; d2 += w2 * x2; d3 += w2 * x3  # noqa: E702
+                    e0 += w3 * x0; e1 += w3 * x1; e2 += w3 * x2; e3 += w3 * x3  # noqa: E702
+                y[bb, r], y[bb + 1, r], y[bb + 2, r], y[bb + 3, r] = a0, a1, a2, a3
+                y[bb, r + 1], y[bb + 1, r + 1], y[bb + 2, r + 1], y[bb + 3, r + 1] = c0, c1, c2, c3
+                y[bb, r + 2], y[bb + 1, r + 2], y[bb + 2, r + 2], y[bb + 3, r + 2] = d0, d1, d2, d3
+                y[bb, r + 3], y[bb + 1, r + 3], y[bb + 2, r + 3], y[bb + 3, r + 3] = e0, e1, e2, e3
+            for bb in range(b4, b):  # inputs left over
+                for rr in range(r, r + 4):
+                    acc = np.float32(0.0)
+                    for j in range(i):
+                        acc += W[rr, j] * x[bb, j]
+                    y[bb, rr] = acc
+        for r in range(r4_end, r_end):  # weight rows left over
+            for bb in range(b):
+                acc = np.float32(0.0)
+                for j in range(i):
                     acc += W[r, j] * x[bb, j]
                 y[bb, r] = acc
 
@@ -62,15 +105,19 @@ def _linear_bf16(x, W, y):
 # that hands work to a pool thread costs a scheduler wake-up, which a single thread need not pay).
 _KERNELS = {
     (dtype, parallel): njit(**kernel_options(parallel=parallel))(fn)
-    for dtype, fn in ((torch.float32, _linear_f32), (torch.bfloat16, _linear_bf16))
+    for dtype, fn in ((torch.float32, _linear_f32), (torch.bfloat16, _linear_bf16), ("blocked", _linear_f32_blocked))
     for parallel in (True, False)
 }
+
+
+def _max_batch(dtype) -> int:
+    return max(MAX_BATCH.get(dtype, 0), MAX_BLOCKED_BATCH.get(dtype, 0))
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether `linear` uses the kernel for these arguments (else it is F.linear)."""
     return (
-        x.dim() == 2 and weight.dtype in MAX_BATCH and x.shape[0] <= MAX_BATCH[weight.dtype]
+        x.dim() == 2 and x.shape[0] <= _max_batch(weight.dtype)
         and x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous()
         and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] == weight.shape[1]
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -89,7 +136,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     y = torch.empty(b, o, dtype=torch.float32)
     w = weight.detach()
     w = w.numpy() if w.dtype == torch.float32 else w.view(torch.int16).numpy()
-    _KERNELS[(weight.dtype, parallel)](x32.numpy(), w, y.numpy())
+    kind = weight.dtype if b <= MAX_BATCH[weight.dtype] else "blocked"
+    _KERNELS[(kind, parallel)](x32.numpy(), w, y.numpy())
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)

@@ -8,7 +8,8 @@ from mambakit import decode_linear
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("b, o, i", [(1, 3072, 768), (2, 80, 1536), (4, 130, 33), (1, 1, 1)])
+@pytest.mark.parametrize("b, o, i", [(1, 3072, 768), (2, 80, 1536), (4, 130, 33), (1, 1, 1), (8, 200, 96),
+                                     (7, 131, 50), (32, 66, 17)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matches_f_linear(dtype, atol, b, o, i, threads):
     torch.manual_seed(0)
@@ -16,7 +17,7 @@ def test_matches_f_linear(dtype, atol, b, o, i, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert decode_linear.applies(x, w) == (b <= decode_linear.MAX_BATCH[dtype])
+        assert decode_linear.applies(x, w) == (b <= decode_linear._max_batch(dtype))
         for bb in (None, bias):
             got, want = decode_linear.linear(x, w, bb), F.linear(x, w, bb)
             assert got.dtype == want.dtype and got.shape == want.shape
@@ -34,8 +35,9 @@ def test_rows_do_not_depend_on_the_batch():
 
 
 def test_falls_back_to_f_linear():
-    x, w = torch.randn(16, 8), torch.randn(5, 8)
+    x, w = torch.randn(64, 8), torch.randn(5, 8)
     assert not decode_linear.applies(x, w)  # a large batch
+    assert not decode_linear.applies(torch.randn(8, 8, dtype=torch.bfloat16), w.bfloat16())
     assert not decode_linear.applies(torch.randn(1, 8, dtype=torch.float64), w.double())
     xg = torch.randn(1, 8, requires_grad=True)
     assert not decode_linear.applies(xg, w)  # autograd goes through F.linear
