@@ -328,3 +328,17 @@ def test_fused_state_update_non_contiguous_state_is_updated_in_place():
     y = ops.selective_state_update(state, **step, A=inputs["A"], backend="cpu")
     assert_close(y, y_ref, 1e-5, "y")
     assert_close(base.transpose(1, 2), want, 1e-5, "state seen through the caller's storage")
+
+
+def test_kernels_leave_torch_thread_count_alone():
+    """numba and torch share one OpenMP runtime; a kernel launch must not change torch's thread count."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        inputs = make_inputs(2, 8, 8, 4)
+        ops.selective_scan(**inputs, backend="cpu")
+        ops.selective_state_update(inputs["initial_state"].clone(), inputs["u"][:, 0], inputs["delta"][:, 0],
+                                   inputs["A"], inputs["B"][:, 0], inputs["C"][:, 0], backend="cpu")  # fmt: skip
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -164,10 +164,17 @@ def _softplus_overload(x):
 
 
 def set_threads() -> None:
-    """Use as many kernel threads as torch does (torch.set_num_threads is the one knob users turn)."""
+    """Use as many kernel threads as torch does (torch.set_num_threads is the one knob users turn).
+
+    torch's wheel ships the same OpenMP runtime (libgomp.so.1) that numba's threading layer loads, so the two
+    share one runtime: numba starting its pool resets the runtime's thread count, which torch then reports.
+    torch's own setting is put back."""
     import torch
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def kernel_options(parallel: bool = True) -> dict:
