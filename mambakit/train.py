@@ -373,8 +373,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
     # Samples come from rank 0's copy; a sharded (FSDP) model has no whole copy to decode with.
     can_sample = cfg.sample_tokens > 0 and d.main and (d.world == 1 or cfg.distributed != "fsdp")
     budget_s = cfg.time_budget_min * 60
-    calibrate_at = (step + 3, step + 13) if budget_s and resume_dir is None else None
-    t_calibrate = None
+    # With a time budget the cosine schedule is fitted to the time left: first from 10 steps of this process,
+    # then again at every log from the mean rate since (evaluations and checkpoints included), so a run on a
+    # machine that slows down or speeds up still reaches the end of its schedule on time.
+    fit_from, t_fit0, fitted = (step + 3 if budget_s else None), None, False
     window_loss, window_tokens, window_t0, window_steps = 0.0, 0, time.perf_counter(), 0
     last_saved = step if resume_dir is not None else -1
     model.train()
@@ -415,20 +417,18 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
         window_steps += 1
         window_tokens += cfg.batch_size * cfg.seq_len
 
-        if calibrate_at and step == calibrate_at[0]:
-            t_calibrate = now
-        if calibrate_at and step == calibrate_at[1]:
-            # Fit the schedule into the time budget: measured seconds per step, plus the periodic evaluations
-            # (forward only, about a third of a training step per token).
-            per_step = (now - t_calibrate) / (calibrate_at[1] - calibrate_at[0])
-            eval_share = cfg.eval_windows / cfg.batch_size / 3 / cfg.eval_every
-            fit = step + int((budget_s - elapsed) / (per_step * (1 + eval_share)))
-            total_steps = int(d.mean(torch.tensor(float(min(cfg.max_steps, max(fit, step + 1))))))
+        if step == fit_from:
+            t_fit0 = now
+        if t_fit0 is not None and (step == fit_from + 10 or (fitted and step % cfg.log_every == 0)):
+            per_step = (now - t_fit0) / (step - fit_from)
+            fit = min(cfg.max_steps, max(step + 1, step + int((budget_s - elapsed) / per_step)))
+            total_steps = int(d.mean(torch.tensor(float(fit))))  # every rank takes the same schedule
             progress.total = total_steps
-            if d.main:
+            if d.main and not fitted:
                 progress.newline()
-                print(f"time budget {cfg.time_budget_min:g} min: {per_step * 1000:.0f} ms/step -> "
-                      f"{total_steps} steps", flush=True)
+                print(f"time budget {cfg.time_budget_min:g} min: {per_step * 1000:.0f} ms/step -> about "
+                      f"{total_steps} steps (re-fitted as the run goes)", flush=True)
+            fitted = True
 
         if step % cfg.log_every == 0 or step == total_steps:
             dt = now - window_t0
@@ -436,9 +436,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
             rate = dt / window_steps
             log({"step": step, "loss": window_loss / window_steps, "lr": optimizer.param_groups[0]["lr"],
                  "grad_norm": grad_norm, "tokens_per_s": tok_s, "elapsed_s": elapsed})
-            eta = (total_steps - step) * rate
-            if budget_s:
-                eta = min(eta, budget_s - elapsed)
+            # with a budget the schedule is fitted to end when the budget does
+            eta = max(0.0, budget_s - elapsed) if budget_s else (total_steps - step) * rate
             progress.update(step, window_loss / window_steps, tok_s, elapsed, eta)
             window_loss, window_tokens, window_t0, window_steps = 0.0, 0, now, 0
 

@@ -280,3 +280,9 @@ def test_fsdp_two_processes_train_and_resume(corpus, tmp_path):
     from mambakit import MambaLM
 
     MambaLM.from_pretrained(tmp_path / "fsdp")  # the gathered checkpoint is a whole model
+
+
+def test_shipped_configs_parse():
+    for f in sorted((ROOT / "configs").glob("*.toml")):
+        cfg = TrainConfig.from_file(f)
+        assert cfg.model in ("tiny", "mini", "small") and cfg.time_budget_min > 0
