@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import PRESETS, MambaConfig
+from .config import MambaConfig
 from .data.text import (SHAKESPEARE_VAL_PLAYS, TokenArray, TokenWindows, read_corpus, shakespeare_plays,
                         split_documents, tokenize_cached)
 from .model import MambaLM
 from .train_checkpoint import TRAINER_STATE, latest_checkpoint, save_checkpoint, verify_checkpoint
 from .train_config import TrainConfig, read_config_file
+from .train_report import Progress, hms, plot_losses
 
 LN2 = math.log(2)
 
@@ -95,37 +96,41 @@ class Data:
     val: TokenArray
 
 
-def load_tokenizer_for(cfg: TrainConfig, train_docs: dict[str, str], out_dir: Path, resume_dir: Path | None):
+def make_tokenizer(cfg: TrainConfig, train_docs: dict[str, str], resume_dir: Path | None):
+    """The run's tokenizer: bytes, a BPE trained on the training split (or, when resuming, the BPE the run
+    was trained with), or a tokenizer.json."""
     from .tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
-    if resume_dir is not None and cfg.tokenizer == "bpe":
-        return load_tokenizer(resume_dir)  # the BPE the run was trained with, not a retrained one
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "bpe":
-        return train_bpe(list(train_docs.values()), cfg.bpe_vocab_size)
+        return load_tokenizer(resume_dir) if resume_dir is not None else train_bpe(list(train_docs.values()),
+                                                                                  cfg.bpe_vocab_size)
     return load_tokenizer(cfg.tokenizer)
 
 
 def prepare_data(cfg: TrainConfig, d: Dist, out_dir: Path, resume_dir: Path | None) -> Data:
     """Corpus → train/val split by document → tokenizer → cached token arrays. Rank 0 goes first (it trains
-    a BPE and fills the cache); the other ranks then read its tokenizer and the cache."""
+    a BPE and fills the token cache); the other ranks then load its tokenizer and read the cache."""
+    from .tokenizer import load_tokenizer
+
     if cfg.data == "shakespeare":
         docs, val_names = shakespeare_plays(), cfg.val_docs or list(SHAKESPEARE_VAL_PLAYS)
     else:
         docs, val_names = read_corpus([p for p in cfg.data.split(",") if p]), cfg.val_docs
     train_docs, val_docs = split_documents(docs, val_names, cfg.val_fraction)
-    data = None
-    for turn in ("main", "others"):
-        if (turn == "main") == d.main:
-            if turn == "others" and cfg.tokenizer == "bpe" and resume_dir is None:
-                from .tokenizer import load_tokenizer
-                tok = load_tokenizer(out_dir / "tokenizer")
-            else:
-                tok = load_tokenizer_for(cfg, train_docs, out_dir, resume_dir)
-                if d.main and cfg.tokenizer == "bpe":
-                    tok.save(out_dir / "tokenizer")
-            data = Data(tok, tokenize_cached(train_docs, tok, cfg.cache_dir), tokenize_cached(val_docs, tok, cfg.cache_dir))
+    bpe_dir = out_dir / "tokenizer"
+    if d.main:
+        tok = make_tokenizer(cfg, train_docs, resume_dir)
+        if cfg.tokenizer == "bpe":
+            tok.save(bpe_dir)
+    d.barrier()
+    if not d.main:
+        tok = load_tokenizer(bpe_dir) if cfg.tokenizer == "bpe" else make_tokenizer(cfg, train_docs, resume_dir)
+    for turn in (True, False):  # rank 0 tokenizes (or reads the cache) first, then the others read the cache
+        if turn == d.main:
+            data = Data(tok, tokenize_cached(train_docs, tok, cfg.cache_dir),
+                        tokenize_cached(val_docs, tok, cfg.cache_dir))
         d.barrier()
     return data
 
@@ -225,35 +230,6 @@ def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperatur
                    n, temperature=temperature, seed=seed, tokenizer=tokenizer)
     model.train()
     return prompt + out.texts[0]
-
-
-# ----------------------------------------------------------------------------------------- progress
-class Progress:
-    """One status line on stderr: step, loss, tokens/s, elapsed and ETA (a full line per log when stderr
-    is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, tok_s: float, elapsed: float, eta: float) -> None:
-        if not self.enabled:
-            return
-        frac = step / max(1, self.total)
-        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        line = (f"step {step}/{self.total} [{bar}] loss {loss:.4f} | {tok_s:,.0f} tok/s | "
-                f"{_hms(elapsed)} elapsed, ETA {_hms(eta)}")
-        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def newline(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-
-
-def _hms(seconds: float) -> str:
-    s = int(max(0, seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -468,7 +444,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
     final = {"step": step, **ev, "final": True, "elapsed_s": elapsed, "tokens_per_s_mean": tok_s}
     log({**final, "sample": text})
     if d.main:
-        print(f"done: {step} steps in {_hms(elapsed)} ({tok_s:,.0f} tokens/s)\n"
+        print(f"done: {step} steps in {hms(elapsed)} ({tok_s:,.0f} tokens/s)\n"
               f"validation ({ev['val_tokens']:,} held-out tokens): loss {ev['val_loss']:.4f} nats/token, "
               f"{ev['val_nats_per_char']:.4f} nats/char, {ev['val_bpc']:.4f} bits/char, {ev['val_bpb']:.4f} bits/byte"
               + (f"\n--- sample ---\n{text}\n--------------" if text else "")
@@ -477,37 +453,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
             plot_losses(metrics_path, out_dir / "loss.png")
     d.barrier()  # no rank leaves (and tears down the process group) while another still works
     return final
-
-
-# ----------------------------------------------------------------------------------------------- plots
-def plot_losses(metrics_path: Path, png: Path) -> Path | None:
-    """Training and validation loss against step, from metrics.jsonl (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("loss curve skipped: matplotlib is not installed (pip install 'mambakit[train]')", flush=True)
-        return None
-    train_pts, val_pts = {}, {}
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            train_pts[r["step"]] = r["loss"]  # a resumed run's records replace the killed run's
-        if "val_loss" in r:
-            val_pts[r["step"]] = r["val_loss"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(sorted(train_pts), [train_pts[s] for s in sorted(train_pts)], label="train")
-    ax.plot(sorted(val_pts), [val_pts[s] for s in sorted(val_pts)], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
 
 
 # ------------------------------------------------------------------------------------------------- CLI

