@@ -342,3 +342,15 @@ def test_kernels_leave_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_parameters_stay_resizable():
+    """FSDP frees gathered parameters by resizing their storage to 0: kernels must not pin it."""
+    inputs = make_inputs(1, 8, 8, 4)
+    params = {k: torch.nn.Parameter(inputs[k].clone()) for k in ("A", "D", "delta_bias")}
+    conv_w, conv_b = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(8))
+    y = ops.selective_scan(**{**inputs, **params}, delta_softplus=True, backend="cpu")
+    y = ops.causal_conv1d(y, conv_w, conv_b, activation="silu", backend="cpu")
+    y.sum().backward()
+    for p in [*params.values(), conv_w, conv_b]:
+        p.untyped_storage().resize_(0)  # raises "not resizable" if a numpy view pinned it

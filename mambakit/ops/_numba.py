@@ -163,6 +163,14 @@ def _softplus_overload(x):
     return impl
 
 
+def owned(x, dtype):
+    """x (detached) in `dtype`, contiguous, in memory of its own. For parameters handed to kernels: a numpy
+    view pins a tensor's storage (makes it non-resizable), and FSDP frees gathered parameters by resizing
+    their storage to 0. Parameters are small next to activations, so the copy costs nothing measurable."""
+    y = x.detach().to(dtype).contiguous()
+    return y.clone() if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else y
+
+
 def set_threads() -> None:
     """Use as many kernel threads as torch does (torch.set_num_threads is the one knob users turn).
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import kernel_options, set_threads, sigmoid
+from ._numba import kernel_options, owned, set_threads, sigmoid
 
 TIME_CHUNK = 64  # time steps per task
 
@@ -151,8 +151,8 @@ class _CausalConv1dCPU(torch.autograd.Function):
         b, lp, d = xp.shape
         w = weight.shape[1]
         xp_ = xp.detach().to(kd).contiguous()
-        Wt = weight.detach().to(kd).t().contiguous()  # (w, d)
-        bias_ = bias.detach().to(kd).contiguous() if bias is not None else xp_.new_zeros(d)
+        Wt = owned(weight, kd).t().contiguous()  # (w, d)
+        bias_ = owned(bias, kd) if bias is not None else xp_.new_zeros(d)
         y = xp_.new_empty(b, lp - (w - 1), d)
         set_threads()
         _conv_fwd_kernel(xp_.numpy(), Wt.numpy(), bias_.numpy(), silu, y.numpy())

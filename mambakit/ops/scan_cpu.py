@@ -29,7 +29,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import fexp, fexp2, kernel_options, set_threads, sigmoid, softplus
+from ._numba import fexp, fexp2, kernel_options, owned, set_threads, sigmoid, softplus
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
 LOG2E = 1.4426950408889634
@@ -276,10 +276,10 @@ class _SelectiveScanCPU(torch.autograd.Function):
             return x.detach().to(kd).contiguous()
 
         u_, delta_, B_, C_ = prep(u), prep(delta), prep(B), prep(C)
-        At = prep(A).t().contiguous()  # (n, d): rows of A over contiguous channels
+        At = owned(A, kd).t().contiguous()  # (n, d): rows of A over contiguous channels
         At2 = At * LOG2E  # exp(Δ·A) = 2^(Δ·A·log2 e)
-        D_ = prep(D) if D is not None else u_.new_zeros(d)
-        bias_ = prep(delta_bias) if delta_bias is not None else u_.new_zeros(d)
+        D_ = owned(D, kd) if D is not None else u_.new_zeros(d)
+        bias_ = owned(delta_bias, kd) if delta_bias is not None else u_.new_zeros(d)
         z_ = prep(z) if z is not None else u_.new_empty(1, 1, 1)
         h0 = (
             initial_state.detach().to(kd).transpose(1, 2).contiguous()  # (b, n, d)
