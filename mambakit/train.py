@@ -149,12 +149,6 @@ def parallelize(model: MambaLM, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
     if cfg.distributed == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        if d.device.type == "cpu" and cfg.precision != "bf16":
-            # The numba kernels read small parameters (conv bias, D, Δ bias) through tensor.numpy(), which
-            # pins their storage; fully_shard frees gathered parameters by resizing storage to 0. With bf16
-            # compute the kernels see cast copies instead.
-            raise ValueError("distributed=fsdp on CPU needs precision=bf16 (the CPU kernels pin fp32 parameter "
-                             "storage that fully_shard must free); use distributed=ddp for fp32")
         # bf16: FSDP gathers bf16 copies of the float32 shards and reduces gradients in float32.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
                                   reduce_dtype=torch.float32)
