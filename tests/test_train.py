@@ -169,8 +169,18 @@ def test_sigkill_then_resume_gives_the_same_losses(corpus, tmp_path):
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_0000006"
     resumed = train(cfg.replace(resume=True))
 
-    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # exactly, step for step
-    assert resumed["val_loss"] == reference["val_loss"]
+    # The parameters are bit-identical: the resumed run is the uninterrupted one.
+    from safetensors.torch import load_file
+
+    got, want = load_file(tmp_path / "killed" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # Logged losses agree step for step; a loss computed in another process may differ in its last bit
+    # (torch's vectorised mean splits the sum by the logits' memory alignment), so 1 ulp is allowed.
+    got_losses, want_losses = losses(tmp_path / "killed"), losses(tmp_path / "ref")
+    assert got_losses.keys() == want_losses.keys()
+    for step in want_losses:
+        assert got_losses[step] == pytest.approx(want_losses[step], rel=3e-7, abs=0), step
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=3e-7, abs=0)
     kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert kept == ["step_0000009", "step_0000012"]  # keep_checkpoints=2
 
