@@ -6,20 +6,22 @@ pass. On a CPU "fast memory" is registers and L1/L2, and the same plan reads:
 
 - Work is split into tasks of (one sequence) × (a block of BLOCK contiguous channels); tasks are independent
   (the recurrence is diagonal in d), so they run in parallel threads with no synchronisation.
-- A task keeps its state block h (n, BLOCK) in L1 and walks the sequence once. For each step it loads
-  delta/u/z for its channels (contiguous in the time-major layout) and B_t, C_t, and every inner loop runs
-  over contiguous channels, which LLVM vectorises (16 float32 lanes with AVX-512). exp is a polynomial
-  (see _numba.py) so that it vectorises too. softplus, the D skip and the SiLU(z) gate are fused into the
-  same pass: the only tensors written are y (b, l, d) and the final state.
+- A task keeps its state block h (n, BLOCK) in L1 and walks the sequence once. It gathers delta/u/z for its
+  channels (contiguous in the time-major layout) TILE steps at a time, so the strided rows' cache misses
+  overlap, and every inner loop runs over contiguous channels, which LLVM vectorises (16 float32 lanes with
+  AVX-512). Ā = exp(ΔA) is 2^(Δ·A·log2 e) by a polynomial (see _numba.py), so it vectorises too. softplus,
+  the D skip and the SiLU(z) gate are fused into the same pass: the only tensors written are y (b, l, d) and
+  the final state.
 - For the backward, the forward also writes the state at every CHUNK-th step (b, l/CHUNK, n, d): 1/CHUNK of
-  the (b, l, d, n) tensor. The backward walks chunks from last to first, recomputes the chunk's states from
-  its checkpoint into a per-task buffer (CHUNK + 1, n, BLOCK) that stays in L2, then runs the adjoint
-  recurrence g_{t−1} = Ā_t ⊙ (g_t + C_t dy_t) backwards through it.
+  the (b, l, d, n) tensor. The backward walks chunks from last to first, recomputes the chunk's states (and
+  keeps their Ā) from its checkpoint into per-task buffers (CHUNK + 1, n, BLOCK) that stay in L2, then runs
+  the adjoint recurrence g_{t−1} = Ā_t ⊙ (g_t + C_t dy_t) backwards through them.
 - dB and dC sum over channels, i.e. across tasks: each task writes its own partial (b, tasks, l, n) and torch
   sums them. dA, dD, d(delta_bias) sum over time within a task and over sequences in torch.
 
 Kernels compute in float32 (float64 when given float64, for gradcheck); bfloat16/float16 inputs are
 converted on the way in and gradients converted back, as the official kernels accumulate in float32.
+The decoding step (selective_state_update_cpu) is at the end of the file.
 """
 
 from __future__ import annotations
