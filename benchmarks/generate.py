@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a script here runs
 
 IMPLS = ("mambakit", "mambakit-compile", "transformers", "mambapy")
 SHAPES = {  # name → (d_model, n_layer, vocab); 130m is state-spaces/mamba-130m
@@ -133,24 +133,6 @@ RUNNERS = {"mambakit": run_mambakit, "transformers": run_transformers, "mambapy"
 
 
 # ----------------------------------------------------------------------------------------------- worker
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a 256 MB tensor copy (best of 10)."""
     import torch
@@ -177,10 +159,10 @@ def worker(impl: str, shape: str, dtype_name: str, batch: int, prompt: int, new:
     model, run = RUNNERS[impl](shape, dtype, prompts, new)
     with torch.inference_mode():
         run(prompts, 4)  # warm-up at the timed batch: kernel compilation, oneDNN primitives, allocator
-        exact_peak = _reset_peak_rss()
-        rss0 = _rss_kib("VmRSS")
+        exact_peak = reset_peak_rss()
+        rss0 = rss_kib("VmRSS")
         prefill_s, steps = run(prompts, new)
-        hwm = _rss_kib("VmHWM")
+        hwm = rss_kib("VmHWM")
     step_s = statistics.median(steps)
     total = prefill_s + sum(steps)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a script here runs
 
 IMPLS = ("mambakit", "mambakit-noscan", "hf-slow", "hf-mambapy", "mambapy")
 SHAPES = {  # name → (d_model, n_layer, vocab); 130m is state-spaces/mamba-130m
@@ -89,24 +89,6 @@ def _replace_scan_by_identity() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- worker
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def worker(impl: str, shape: str, dtype_name: str, batch: int, length: int, repeats: int, budget: float) -> dict:
     import torch
 
@@ -123,8 +105,8 @@ def worker(impl: str, shape: str, dtype_name: str, batch: int, length: int, repe
         forward(ids)  # warm-up at the timed shape: kernel compilation, oneDNN primitives, allocator
         if time.perf_counter() - t > budget:
             repeats = 1
-        exact_peak = _reset_peak_rss()
-        rss0 = _rss_kib("VmRSS")
+        exact_peak = reset_peak_rss()
+        rss0 = rss_kib("VmRSS")
         times = []
         while len(times) < repeats:
             t = time.perf_counter()
@@ -132,7 +114,7 @@ def worker(impl: str, shape: str, dtype_name: str, batch: int, length: int, repe
             times.append(time.perf_counter() - t)
             if sum(times) > budget:  # slow peers at long lengths: fewer repeats rather than hours
                 break
-        hwm = _rss_kib("VmHWM")
+        hwm = rss_kib("VmHWM")
     med = statistics.median(times)
     peak = (hwm - rss0) / 1024 if exact_peak and hwm and rss0 else float("nan")
     return dict(tokens_per_s=batch * length / med, ms=med * 1e3, runs=len(times), peak_mb=peak)

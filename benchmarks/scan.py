@@ -33,15 +33,13 @@ import sys
 import tempfile
 import time
 
+from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a script here runs
+
 IMPLS = ("fused", "reference", "hf", "mambapy")
 
 
 # ------------------------------------------------------------------------------ one measurement (subprocess)
 def _child(spec: dict) -> dict:
-    import resource
-
-    import torch
-
     b, l, d, n, impl, mode = (spec[k] for k in ("b", "l", "d", "n", "impl", "mode"))
     grad = mode == "fwd+bwd"
     # one small call first loads the implementation's libraries (numba's cache, transformers…), so that the
@@ -51,13 +49,10 @@ def _child(spec: dict) -> dict:
     del run, inputs
     run, inputs = _make(impl, b, l, d, n, grad)
 
-    def rss_mb():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    base = rss_mb()
+    base = rss_kib("VmRSS")
+    reset_peak_rss()  # the peak below is this call's, not the warm-up's or the imports'
     first = _once(run, inputs, grad)  # the peak-memory run; for the fused kernel also a warm-up (first touch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB → MB
+    extra_mb = max(0.0, (rss_kib("VmHWM") - base) / 1024)
     # plain-PyTorch paths have nothing to warm up, and their first run may take minutes: it counts
     timed = [] if impl == "fused" else [first]
     t_end = time.perf_counter() + spec["budget"]
@@ -66,7 +61,7 @@ def _child(spec: dict) -> dict:
         last = _once(run, inputs, grad)
         timed.append(last)
     timed = timed or [first]
-    return {"time": statistics.median(timed), "runs": len(timed), "extra_mb": max(0.0, peak - base)}
+    return {"time": statistics.median(timed), "runs": len(timed), "extra_mb": extra_mb}
 
 
 def _make(impl: str, b: int, l: int, d: int, n: int, grad: bool):

@@ -20,7 +20,7 @@ import os
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic, overload
 
 _F32 = np.float32
@@ -161,6 +161,14 @@ def _softplus_overload(x):
         return max(x, zero) + s * p
 
     return impl
+
+
+def compute_dtype(x):
+    """The dtype the ops compute in: float64 for float64 inputs, float32 otherwise (bf16/fp16 accumulate in
+    float32, as the official kernels do)."""
+    import torch
+
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def owned(x, dtype):

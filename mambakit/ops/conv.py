@@ -15,13 +15,9 @@ import torch.nn.functional as F
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import kernel_options, owned, set_threads, sigmoid
+from ._numba import compute_dtype, kernel_options, owned, set_threads, sigmoid
 
 TIME_CHUNK = 64  # time steps per task
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def causal_conv1d_ref(
@@ -36,7 +32,7 @@ def causal_conv1d_ref(
     final_state (b, d, w−1) in x's dtype: the last w−1 inputs of [initial_state, x]."""
     b, l, d = x.shape
     w = weight.shape[1]
-    acc = _acc_dtype(x)
+    acc = compute_dtype(x)
     init = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
     xp = torch.cat([init.to(acc), x.to(acc).transpose(1, 2)], dim=-1)  # (b, d, w−1+l)
     y = F.conv1d(xp, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=d)  # (b, d, l)
@@ -53,7 +49,7 @@ def causal_conv1d_update_ref(
     conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
 ) -> Tensor:
     """One step: conv_state (b, d, w−1) holds the previous inputs and is shifted in place; x, y: (b, d)."""
-    acc = _acc_dtype(x)
+    acc = compute_dtype(x)
     window = torch.cat([conv_state.to(acc), x.to(acc).unsqueeze(-1)], dim=-1)  # (b, d, w)
     y = (window * weight.to(acc)).sum(-1)
     if bias is not None:
@@ -140,14 +136,10 @@ def _conv_bwd_kernel(xp, Wt, bias, silu, dy, dpre, dxp, dW_part, dbias_part):
                 dxp[bi, s, j] = acc[j]
 
 
-def _kernel_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 class _CausalConv1dCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, weight, bias, silu):
-        kd = _kernel_dtype(xp)
+        kd = compute_dtype(xp)
         b, lp, d = xp.shape
         w = weight.shape[1]
         xp_ = xp.detach().to(kd).contiguous()
@@ -232,7 +224,7 @@ def causal_conv1d_update_cpu(
     conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
 ) -> Tensor:
     """The fused decoding step; same signature and results as `causal_conv1d_update_ref`."""
-    kd = _kernel_dtype(x)
+    kd = compute_dtype(x)
     b, d = x.shape
 
     def prep(t):

@@ -31,7 +31,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import fexp, fexp2, kernel_options, owned, set_threads, sigmoid, softplus
+from ._numba import compute_dtype, fexp, fexp2, kernel_options, owned, set_threads, sigmoid, softplus
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
 LOG2E = 1.4426950408889634
@@ -263,14 +263,10 @@ def _np(x: Tensor) -> np.ndarray:
     return x.detach().numpy()
 
 
-def _kernel_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-        kd = _kernel_dtype(u)
+        kd = compute_dtype(u)
         b, l, d = u.shape
         n = A.shape[1]
 
@@ -421,7 +417,7 @@ def selective_state_update_cpu(
 ) -> Tensor:
     """The fused decoding step; same signature and results as `selective_state_update_ref`. Called once per
     layer and token: tensors already in the kernel's dtype and layout are passed without a copy."""
-    kd = _kernel_dtype(state)
+    kd = compute_dtype(state)
     b, d, n = state.shape
 
     def prep(x):
