@@ -152,7 +152,6 @@ class Mamba(nn.Module):
     ):
         """u: (b, l, D) → (b, l, D). conv_state (b, E·D, W−1) and ssm_state (b, E·D, N) continue a prefix;
         with return_state, returns (out, new_conv_state, new_ssm_state)."""
-        c = self.config
         l = u.shape[1]
         if l == 1 and conv_state is not None and ssm_state is not None and not torch.is_grad_enabled():
             # decoding one token: the single-step ops, on copies (this call leaves the given state as is)
@@ -162,26 +161,34 @@ class Mamba(nn.Module):
         # 1. input projection, split into the SSM branch x and the gate z
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, l, E·D) each
         weight = self.conv1d.weight.squeeze(1)  # (E·D, W)
-        A = -torch.exp(self.A_log.float())  # (E·D, N)
         # The ops accumulate in float32 themselves; autocast must not push their internals to bf16.
         with torch.autocast(u.device.type, enabled=False):
             # 2. causal depthwise conv + SiLU (the "Conv" and "σ" of Figure 3)
             x, conv_state = ops.causal_conv1d(
                 x, weight, self.conv1d.bias, conv_state, return_final_state=True, activation="silu"
             )
+        # 3.–4. the SSM with D skip and SiLU(z) gate
+        y, ssm_state = self.ssm(x, z, ssm_state)  # y: (b, l, E·D); ssm_state: (b, E·D, N) float32
+        # 5. output projection
+        out = self.out_proj(y)
+        return (out, conv_state, ssm_state) if return_state else out
+
+    def ssm(self, x: Tensor, z: Tensor, ssm_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The SSM of the block: x, z (b, l, E·D) → y = (SSM(x) + D·x)·SiLU(z) (b, l, E·D) and the final
+        state (b, E·D, N) float32. A subclass replaces this (and `ssm_step`) to put another SSM in the same
+        block, e.g. the LTI S4D of the paper's Table 1 ("Mamba block with S4")."""
+        c = self.config
         # 3. the selection mechanism (Section 3.2, Algorithm 2): Δ, B, C are functions of the input
         dbc = self.x_proj(x)  # (b, l, R + 2N)
         dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)  # (b, l, E·D); the bias goes to the scan as delta_bias
-        with torch.autocast(u.device.type, enabled=False):
+        A = -torch.exp(self.A_log.float())  # (E·D, N)
+        with torch.autocast(x.device.type, enabled=False):
             # 4. selective scan with D skip and the SiLU(z) gate, fused in the op
             scan_args = dict(D=self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-            y, ssm_state = ops.selective_scan(
+            return ops.selective_scan(
                 x, delta, A, B, C, z=z, initial_state=ssm_state, return_final_state=True, **scan_args
-            )  # y: (b, l, E·D); ssm_state: (b, E·D, N) float32
-        # 5. output projection
-        out = self.out_proj(y)
-        return (out, conv_state, ssm_state) if return_state else out
+            )
 
     @torch.no_grad()
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
@@ -189,17 +196,21 @@ class Mamba(nn.Module):
 
         conv_state (b, E·D, W−1) and ssm_state (b, E·D, N) are updated IN PLACE, so a decoder allocates its
         state once; the stages are those of forward, with the single-step ops."""
-        c = self.config
         # decode_linear.linear is F.linear with a weight-streaming kernel for a few rows (see its docstring)
         x, z = linear(u, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, E·D) each
         # the ops run in float32 internally and turn autocast off themselves
         x = ops.causal_conv1d_update(conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
+        y = self.ssm_step(x, z, ssm_state)  # (b, E·D)
+        return linear(y, self.out_proj.weight, self.out_proj.bias)
+
+    def ssm_step(self, x: Tensor, z: Tensor, ssm_state: Tensor) -> Tensor:
+        """`ssm` for one token: x, z (b, E·D) → y (b, E·D); ssm_state (b, E·D, N) updated in place."""
+        c = self.config
         dbc = linear(x, self.x_proj.weight)
         dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)  # (b, R), (b, N), (b, N)
         delta = linear(dt, self.dt_proj.weight)  # (b, E·D)
-        y = ops.selective_state_update(ssm_state, x, delta, self._decode_A(), B, C, D=self.D.float(), z=z,
-                                       delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (b, E·D)
-        return linear(y, self.out_proj.weight, self.out_proj.bias)
+        return ops.selective_state_update(ssm_state, x, delta, self._decode_A(), B, C, D=self.D.float(), z=z,
+                                          delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
 
     def _decode_A(self) -> Tensor:
         """A = −exp(A_log) (E·D, N), computed once and reused across decode steps until A_log changes (its
@@ -220,12 +231,12 @@ class ResidualBlock(nn.Module):
     same computation. With residual_in_fp32 the residual stream r stays float32 in a bf16 model.
     """
 
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
         super().__init__()
         self.norm = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
             config.d_model, eps=config.norm_eps
         )
-        self.mixer = Mamba(config)
+        self.mixer = mixer_cls(config)
 
     def forward(self, residual: Tensor, conv_state=None, ssm_state=None):
         out, conv_state, ssm_state = self.mixer(self.norm(residual), conv_state, ssm_state, return_state=True)
@@ -235,13 +246,36 @@ class ResidualBlock(nn.Module):
 class Backbone(nn.Module):
     """Embedding → n_layer residual blocks → final norm (the official `MixerModel`)."""
 
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
         super().__init__()
+        self.config = config
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.layers = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(ResidualBlock(config, mixer_cls) for _ in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
             config.d_model, eps=config.norm_eps
         )
+
+    def forward(
+        self, input_ids: Tensor | None = None, state: MambaState | None = None, return_state: bool = False,
+        inputs_embeds: Tensor | None = None,
+    ) -> tuple[Tensor, MambaState | None]:
+        """Token ids (b, l), or inputs_embeds (b, l, D) in place of the embedding → the final-normed hidden
+        states (b, l, D) in the model's dtype, and the per-layer state when return_state. Heads other than
+        the LM head (classification, regression) read these. Ids are not range-checked here; MambaLM's
+        forward checks them."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Backbone.forward takes exactly one of input_ids and inputs_embeds")
+        h = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (b, l, D)
+        residual = h.float() if self.config.residual_in_fp32 else h
+        conv_states, ssm_states = [], []
+        for i, layer in enumerate(self.layers):
+            cs, ss = (state.conv[i], state.ssm[i]) if state is not None else (None, None)
+            residual, cs, ss = layer(residual, cs, ss)
+            conv_states.append(cs)
+            ssm_states.append(ss)
+        h = self.norm_f(residual)  # (b, l, D), in the model's dtype
+        new_state = MambaState(torch.stack(conv_states), torch.stack(ssm_states)) if return_state else None
+        return h, new_state
 
 
 # ----------------------------------------------------------------------------------------------- the LM
@@ -252,12 +286,13 @@ class MambaLM(nn.Module):
     pad_vocab_size_multiple, as in the official `MambaLMHeadModel`; logits cover the padded vocabulary.
     """
 
-    def __init__(self, config: MambaConfig):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
         super().__init__()
         if not isinstance(config, MambaConfig):
             raise TypeError(f"MambaLM needs a MambaConfig, got {type(config).__name__}")
         self.config = config
-        self.backbone = Backbone(config)
+        # mixer_cls: Mamba, or a subclass with another SSM in the same block (see Mamba.ssm)
+        self.backbone = Backbone(config, mixer_cls)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.tokenizer = None  # set by from_pretrained when the checkpoint has one; used by generate
         self.tie_weights()
@@ -298,16 +333,7 @@ class MambaLM(nn.Module):
         and autograd off (decoding) takes the single-step ops and leaves the given state untouched.
         num_last_tokens > 0 keeps only the last positions' logits (for generation)."""
         self._check_inputs(input_ids, labels, state, num_last_tokens)
-        b, l = input_ids.shape
-        conv_states, ssm_states = [], []
-        h = self.backbone.embedding(input_ids)  # (b, l, D)
-        residual = h.float() if self.config.residual_in_fp32 else h
-        for i, layer in enumerate(self.backbone.layers):
-            cs, ss = (state.conv[i], state.ssm[i]) if state is not None else (None, None)
-            residual, cs, ss = layer(residual, cs, ss)
-            conv_states.append(cs)
-            ssm_states.append(ss)
-        h = self.backbone.norm_f(residual)  # (b, l, D), in the model's dtype
+        h, new_state = self.backbone(input_ids, state, return_state)  # (b, l, D)
         if num_last_tokens > 0:
             h = h[:, -num_last_tokens:]
         logits = self.lm_head(h)  # (b, l, V)
@@ -317,9 +343,6 @@ class MambaLM(nn.Module):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        new_state = None
-        if return_state:
-            new_state = MambaState(torch.stack(conv_states), torch.stack(ssm_states))
         return MambaOutput(logits=logits, loss=loss, state=new_state)
 
     @torch.no_grad()
