@@ -113,14 +113,14 @@ def _check_float(cfg: MambaConfig, name: str, positive: bool) -> None:
 
 
 # The released checkpoints (state-spaces/mamba-*, GPT-NeoX tokenizer of 50277 tokens, padded to 50280) and
-# small byte-level sizes for experiments and tests.
+# small byte-level sizes for experiments and tests (vocab 258: mambakit.tokenizer.ByteTokenizer's 256 bytes + eos + pad).
 PRESETS: dict[str, dict[str, Any]] = {
     "130m": dict(d_model=768, n_layer=24, vocab_size=50277),
     "370m": dict(d_model=1024, n_layer=48, vocab_size=50277),
     "790m": dict(d_model=1536, n_layer=48, vocab_size=50277),
     "1.4b": dict(d_model=2048, n_layer=48, vocab_size=50277),
     "2.8b": dict(d_model=2560, n_layer=64, vocab_size=50277),
-    "tiny": dict(d_model=64, n_layer=2, vocab_size=256),
-    "mini": dict(d_model=128, n_layer=4, vocab_size=256),
-    "small": dict(d_model=256, n_layer=8, vocab_size=256),
+    "tiny": dict(d_model=64, n_layer=2, vocab_size=258),
+    "mini": dict(d_model=128, n_layer=4, vocab_size=258),
+    "small": dict(d_model=256, n_layer=8, vocab_size=258),
 }
