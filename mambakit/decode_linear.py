@@ -16,6 +16,8 @@ Weights are float32, or bfloat16 read as their 16 bits and widened exactly (accu
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,10 +102,18 @@ def _linear_bf16(x, W, y):
                 y[bb, r] = acc
 
 
+def _renamed(fn, suffix: str):
+    """fn under another name. numba's disk cache files a compiled function under its name and bytecode, not
+    its options: a serial and a parallel build of one function would load each other's cached code."""
+    g = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    g.__qualname__ = fn.__qualname__ + suffix
+    return g
+
+
 # Each kernel twice: parallel over 64-row tasks, and serial for torch.set_num_threads(1) (a parallel launch
 # that hands work to a pool thread costs a scheduler wake-up, which a single thread need not pay).
 _KERNELS = {
-    (dtype, parallel): njit(**kernel_options(parallel=parallel))(fn)
+    (dtype, parallel): njit(**kernel_options(parallel=parallel))(fn if parallel else _renamed(fn, "_serial"))
     for dtype, fn in ((torch.float32, _linear_f32), (torch.bfloat16, _linear_bf16), ("blocked", _linear_f32_blocked))
     for parallel in (True, False)
 }
