@@ -140,7 +140,7 @@ def sample(logits: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     return idx.clamp_(max=logits.shape[-1] - 1)
 
 
-def next_tokens(logits: Tensor, seen: Tensor, params: "_Params", generators) -> Tensor:
+def next_tokens(logits: Tensor, seen: Tensor | None, params: "SamplingParams", generators) -> Tensor:
     """The whole logit-processing chain for one step: logits (b, V) → token ids (b,)."""
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.temperature == 0:
@@ -180,8 +180,11 @@ def prefill(model: MambaLM, prompts: list[list[int]], max_tokens_per_call: int =
 
 
 # ------------------------------------------------------------------------------------------ validation
-@dataclass
-class _Params:
+# (also used by the server, mambakit.serve, which validates each request with the same rules)
+@dataclass(frozen=True)
+class SamplingParams:
+    """The logit-processing settings of one generation (checked by `check_sampling`)."""
+
     temperature: float
     top_k: int | None
     top_p: float | None
@@ -189,7 +192,7 @@ class _Params:
     repetition_penalty: float
 
 
-def _check_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> _Params:
+def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -202,11 +205,11 @@ def _check_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_p
         raise ValueError(f"min_p must be None or in [0, 1], got {min_p!r}")
     if not isinstance(repetition_penalty, (int, float)) or not (0 < repetition_penalty < math.inf):
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
-    return _Params(float(temperature), top_k, None if top_p is None else float(top_p),
-                   None if min_p is None else float(min_p), float(repetition_penalty))
+    return SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p),
+                          None if min_p is None else float(min_p), float(repetition_penalty))
 
 
-def _encode_prompts(prompts, tokenizer, vocab_size: int) -> list[list[int]]:
+def encode_prompts(prompts, tokenizer, vocab_size: int) -> list[list[int]]:
     """prompts (a batch of strings or id lists, or a single one) → lists of ids, all checked."""
     if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
                                     isinstance(prompts[0], int) and not isinstance(prompts[0], bool)):
@@ -235,7 +238,17 @@ def _encode_prompts(prompts, tokenizer, vocab_size: int) -> list[list[int]]:
     return out
 
 
-def _eos_ids(eos_token_id, tokenizer) -> set[int]:
+def check_stop(stop, tokenizer) -> list[str]:
+    """stop (None, a string or a list of them) → a list of non-empty strings; they need a tokenizer."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer (pass tokenizer=, or use eos_token_id for token ids)")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stop
+
+
+def eos_ids(eos_token_id, tokenizer) -> set[int]:
     if eos_token_id is None:
         eos = getattr(tokenizer, "eos_token_id", None)
         return set() if eos is None else {eos}
@@ -245,7 +258,25 @@ def _eos_ids(eos_token_id, tokenizer) -> set[int]:
     return set(ids)
 
 
-def _generators(seed, b: int) -> list[torch.Generator]:
+def pad_id(pad_token_id, tokenizer, eos: set[int], vocab_size: int) -> int:
+    """The id fed to rows that have ended: pad_token_id, else the tokenizer's pad, else the eos, else 0
+    (the first the model can take)."""
+    if pad_token_id is None:
+        options = [getattr(tokenizer, "pad_token_id", None), min(eos) if eos else None, 0]
+        pad_token_id = next(t for t in options if t is not None and t < vocab_size)
+    if not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {vocab_size})")
+    return pad_token_id
+
+
+def sampling_vocab(model: MambaLM, tokenizer) -> int:
+    """How many ids can be sampled: the model's vocabulary without its padding, and no more ids than the
+    tokenizer has (logits beyond are cut off before sampling)."""
+    v = model.config.vocab_size
+    return v if tokenizer is None else min(v, tokenizer.vocab_size)
+
+
+def row_generators(seed, b: int) -> list[torch.Generator]:
     """One generator per row: seed + i (or seed[i] for a list); seed None draws the base seed from torch's
     global generator, so torch.manual_seed makes the call reproducible."""
     if seed is None:
@@ -257,8 +288,9 @@ def _generators(seed, b: int) -> list[torch.Generator]:
 
 
 # ------------------------------------------------------------------------------------------- per row
-class _Row:
-    """One row's output: its tokens, and with a tokenizer its text, stop-string check and streamed part."""
+class RowOutput:
+    """One row's output: its tokens, and with a tokenizer its text, stop-string check and streamed part.
+    `push` takes each sampled token; `finish_reason` is set once the row has ended."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.ids: list[int] = []
@@ -269,6 +301,15 @@ class _Row:
         self.text = ""
         self.end: int | None = None  # where the text is cut (before a stop string)
         self.emitted = 0
+
+    def push(self, token: int, is_eos: bool, last_step: bool) -> str:
+        """Appends the row's token of a decode step (last_step: the max_new_tokens-th); returns the text
+        that is now safe to show (all of the rest, once the row has ended)."""
+        text = self.add(token, is_eos)
+        if self.finish_reason is None and last_step:
+            self.finish_reason = "length"
+            text += self.flush_text(final=True)
+        return text
 
     def add(self, token: int, is_eos: bool) -> str:
         """Appends a token; returns the text that is now safe to show."""
@@ -311,9 +352,8 @@ class _Decoder:
         self.max_new_tokens, self.generators, self.tokenizer = max_new_tokens, generators, tokenizer
         self.step_fn = step_fn
         self.prompt_lengths = [len(p) for p in prompts]
-        self.rows = [_Row(tokenizer, stop) for _ in prompts]
-        self.vocab = model.config.vocab_size if tokenizer is None else min(model.config.vocab_size,
-                                                                            tokenizer.vocab_size)
+        self.rows = [RowOutput(tokenizer, stop) for _ in prompts]
+        self.vocab = sampling_vocab(model, tokenizer)
         t0 = time.perf_counter()
         self.state, self.logits = prefill(model, prompts)
         self.prefill_seconds = time.perf_counter() - t0
@@ -343,10 +383,7 @@ class _Decoder:
                     new[i] = self.pad_id  # finished rows are fed a pad token; their outputs are ignored
                     continue
                 token_ids.append(tok)
-                texts.append(row.add(tok, tok in self.eos))
-                if row.finish_reason is None and step == self.max_new_tokens - 1:
-                    row.finish_reason = "length"
-                    texts[-1] += row.flush_text(final=True)
+                texts.append(row.push(tok, tok in self.eos, last_step=step == self.max_new_tokens - 1))
             finished = [r.finish_reason is not None for r in rows]
             last = all(finished) or step == self.max_new_tokens - 1
             if not last:
@@ -406,23 +443,15 @@ def generate(
     """
     if not isinstance(model, MambaLM):
         raise TypeError(f"generate needs a MambaLM, got {type(model).__name__}")
-    params = _check_params(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    params = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    ids = _encode_prompts(prompts, tokenizer, model.config.vocab_size)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer (pass tokenizer=, or use eos_token_id for token ids)")
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    eos = _eos_ids(eos_token_id, tokenizer)
-    if pad_token_id is None:  # the tokenizer's pad, else the eos, else 0: the first the model can take
-        options = [getattr(tokenizer, "pad_token_id", None), min(eos) if eos else None, 0]
-        pad_token_id = next(t for t in options if t is not None and t < model.config.vocab_size)
-    if not 0 <= pad_token_id < model.config.vocab_size:
-        raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {model.config.vocab_size})")
+    ids = encode_prompts(prompts, tokenizer, model.config.vocab_size)
+    stop = check_stop(stop, tokenizer)
+    eos = eos_ids(eos_token_id, tokenizer)
+    pad_token_id = pad_id(pad_token_id, tokenizer, eos, model.config.vocab_size)
     step_fn = compiled_step(model) if compile else model.step
     # (a Mamba has no dropout or batch norm: train and eval modes compute the same, nothing to switch)
-    decoder = _Decoder(model, ids, max_new_tokens, params, eos, stop, _generators(seed, len(ids)), tokenizer,
+    decoder = _Decoder(model, ids, max_new_tokens, params, eos, stop, row_generators(seed, len(ids)), tokenizer,
                        pad_token_id, step_fn)
     if stream:
         return GenerationStream(decoder.steps(), decoder)
