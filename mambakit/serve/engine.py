@@ -1,0 +1,354 @@
+"""Continuous batching for a Mamba: a fixed pool of state slots, one decode loop, requests joining and
+leaving at step boundaries.
+
+A Mamba's state per sequence has a fixed size (per layer: conv (E·D, W−1) + SSM (E·D, N); paper §3.3),
+so serving many sequences needs no paged KV cache: the engine allocates one batch state of `max_batch`
+rows once (the pool) and gives each running sequence a row (a slot).
+
+    request arrives → waits in a bounded queue → prefilled ALONE with the parallel scan (generate.prefill)
+    → its state copied into a free slot (n slots for n choices: one prefill) → first token sampled
+    → every step: the active slots decode together (MambaLM.step, state updated in place) → sample
+    → a sequence that ends (eos, stop string, max_tokens) or is cancelled frees its slot at once
+
+The active slots are kept in the pool's first k rows: a freed slot is filled by moving the last active
+row into it (two row copies per layer), so each step runs `MambaLM.step` on a view of the first k rows
+and costs what a batch of k costs, not a batch of max_batch (measured on the 130m shape, one thread:
+see benchmarks/serve_load.py --step-cost).
+
+Sampling is generate's own (`next_tokens`, per-row generators seeded seed + i, `RowOutput` for eos /
+stop strings / streamed text), so a sequence gives what `generate([prompt], seed=seed + i)` gives alone
+(up to the rounding of a batched matmul, which can in principle flip a near-tie; tests check equality).
+
+Threading: all torch work runs in the engine's one thread. Callers `submit` a Job from any thread and
+receive its events through the job's `emit` callback (called from the engine thread, one call per step
+with that job's events); `Job.cancel()` may be called from any thread and frees the job's slots at the
+next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..generate import RowOutput, SamplingParams, next_tokens, prefill, row_generators, sampling_vocab
+from ..model import MambaLM, MambaState
+
+log = logging.getLogger("mambakit.serve")
+
+
+# --------------------------------------------------------------------------------------------- events
+@dataclass
+class Event:
+    """What one sequence of a job produced in one step. index: the sequence (prompt i, choice j →
+    i·n + j). text: the new text safe to show. finish_reason: None while running, else "eos", "stop",
+    "length", "cancelled" or "error" (then `error` says why)."""
+
+    index: int
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class EngineBusy(RuntimeError):
+    """The queue of waiting jobs is full (answer 429 and let the client retry)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shut down (or its thread died): answer 503."""
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+@dataclass(eq=False)
+class Job:
+    """One client request: every prompt × n sequences, with the same settings.
+
+    prompts: token-id lists (already checked against the vocabulary). seed: sequence k samples with a
+    generator seeded seed + k (k = prompt index · n + choice), as `generate(prompts repeated n times,
+    seed=seed)` does. emit(events) is called from the engine thread with a list of Events."""
+
+    prompts: list[list[int]]
+    n: int
+    max_new_tokens: int
+    params: SamplingParams
+    stop: list[str]
+    seed: int
+    emit: Callable[[list[Event]], None]
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Frees the job's slots at the next step boundary (idempotent; safe from any thread)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.prompts) * self.n
+
+
+class _Sequence:
+    """A running sequence: its job, output (RowOutput), generator, repetition mask, and the next token."""
+
+    __slots__ = ("job", "index", "row", "generator", "seen", "next_token")
+
+    def __init__(self, job: Job, index: int, row: RowOutput, generator: torch.Generator, seen):
+        self.job, self.index, self.row, self.generator, self.seen = job, index, row, generator, seen
+        self.next_token = -1
+
+
+# --------------------------------------------------------------------------------------------- engine
+class Engine:
+    """The decode loop over a pool of `max_batch` state slots (see the module docstring).
+
+    model: a MambaLM (its weights are only read). tokenizer: for text and stop strings (None: tokens
+    only). eos: ids that end a sequence. max_queue: jobs that may wait for slots; `submit` raises
+    EngineBusy beyond. Start with `start()` (or use as a context manager); `close()` stops the thread."""
+
+    def __init__(self, model: MambaLM, tokenizer=None, eos: set[int] | None = None, pad_token_id: int = 0,
+                 max_batch: int = 32, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.eos = set(eos or ())
+        self.pad_token_id = pad_token_id
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.vocab = sampling_vocab(model, tokenizer)
+        self._pool: MambaState = model.allocate_state(max_batch)  # (n_layer, max_batch, …)
+        self._active: list[_Sequence] = []  # slot i ↔ pool row i, for i < len(_active)
+        self._inbox: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._head: deque[tuple[Job, int]] = deque()  # the job being admitted, prompt by prompt
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards the counters read by stats()
+        self.counters = dict(jobs=0, sequences=0, tokens=0, steps=0, cancelled=0, errors=0, rejected=0)
+        self.last_error: str | None = None
+
+    # ----------------------------------------------------------------------------------- lifecycle
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mambakit-decode", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for job in self._drain_waiting():  # nobody will run them now
+            job.emit([Event(k, "", None, "error", "the server is shutting down") for k in range(job.num_sequences)])
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    # -------------------------------------------------------------------------------------- submit
+    def submit(self, job: Job) -> Job:
+        """Queues a job (thread-safe). Raises EngineBusy when max_queue jobs already wait, EngineClosed
+        when the engine is not running, ValueError when the job needs more slots than the pool has."""
+        if not self.running:
+            raise EngineClosed("the decode loop is not running" + (f": {self.last_error}" if self.last_error else ""))
+        if job.n > self.max_batch:
+            raise ValueError(f"n = {job.n} sequences per prompt exceed the server's {self.max_batch} slots")
+        try:
+            self._inbox.put_nowait(job)
+        except queue.Full:
+            with self._lock:
+                self.counters["rejected"] += 1
+            raise EngineBusy(f"{self.max_queue} requests are already waiting; retry later") from None
+        return job
+
+    def stats(self) -> dict:
+        with self._lock:
+            counters = dict(self.counters)
+        return dict(slots=self.max_batch, active=len(self._active), queued=self._inbox.qsize() + len(self._head),
+                    max_queue=self.max_queue, running=self.running, **counters)
+
+    # ---------------------------------------------------------------------------------------- loop
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                self._drop_cancelled()
+                if not self._active:
+                    if not self._head:
+                        try:  # idle: sleep until a job arrives
+                            self._head.extend(self._split(self._inbox.get(timeout=0.05)))
+                        except queue.Empty:
+                            pass
+                    continue
+                self._step()
+            except Exception as e:  # a bug or an out-of-memory: fail the running sequences, keep serving
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.error("decode step failed; failing %d sequences\n%s", len(self._active), traceback.format_exc())
+                self._fail_active(self.last_error)
+
+    @staticmethod
+    def _split(job: Job) -> list[tuple[Job, int]]:
+        return [(job, i) for i in range(len(job.prompts))]
+
+    def _admit(self) -> None:
+        """Prefills waiting prompts, in arrival order, while their n sequences fit in the free slots."""
+        while True:
+            if not self._head:
+                try:
+                    self._head.extend(self._split(self._inbox.get_nowait()))
+                except queue.Empty:
+                    return
+            job, p = self._head[0]
+            if job.cancelled:
+                self._head.popleft()
+                continue
+            if len(self._active) + job.n > self.max_batch:
+                return  # wait for slots (first come, first served: later jobs wait too)
+            self._head.popleft()
+            try:
+                self._prefill(job, p)
+            except Exception as e:
+                log.error("prefill failed\n%s", traceback.format_exc())
+                self._fail_job(job, f"{type(e).__name__}: {e}")
+
+    @torch.inference_mode()
+    def _prefill(self, job: Job, p: int) -> None:
+        prompt = job.prompts[p]
+        state, logits = prefill(self.model, [prompt])  # the prompt alone: exactly what generate does
+        logits = logits[:, : self.vocab]  # (1, V)
+        first = p * job.n
+        generators = row_generators(job.seed + first, job.n)
+        if p == 0:
+            with self._lock:
+                self.counters["jobs"] += 1
+        seqs = []
+        for j in range(job.n):
+            seen = None
+            if job.params.repetition_penalty != 1.0:
+                seen = torch.zeros(1, self.vocab, dtype=torch.bool, device=logits.device)  # (1, V)
+                seen[0, prompt] = True
+            seq = _Sequence(job, first + j, RowOutput(self.tokenizer, job.stop), generators[j], seen)
+            slot = len(self._active)
+            self._pool.conv[:, slot] = state.conv[:, 0]  # (n_layer, E·D, W−1): the slot's old content is gone
+            self._pool.ssm[:, slot] = state.ssm[:, 0]
+            self._active.append(seq)
+            seqs.append(seq)
+        with self._lock:
+            self.counters["sequences"] += job.n
+        # the first token of each choice, from the prompt's last logits (as generate's first step)
+        self._sample_and_emit(seqs, logits.expand(job.n, -1))
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        k = len(self._active)
+        tokens = torch.tensor([s.next_token for s in self._active], dtype=torch.long)  # (k,)
+        for s, t in zip(self._active, tokens.tolist()):
+            if s.seen is not None:
+                s.seen[0, t] = True
+        view = MambaState(self._pool.conv[:, :k], self._pool.ssm[:, :k])  # the first k rows, updated in place
+        logits = self.model.step(tokens.to(self._pool.ssm.device), view)[:, : self.vocab]  # (k, V)
+        with self._lock:
+            self.counters["steps"] += 1
+        self._sample_and_emit(list(self._active), logits)
+
+    def _sample_and_emit(self, seqs: list[_Sequence], logits) -> None:
+        """Samples one token for each sequence (rows of logits in the order of seqs), records it, emits
+        the events job by job, and frees the slots of the sequences that ended."""
+        tokens = [0] * len(seqs)
+        groups: dict[SamplingParams, list[int]] = {}  # rows that share settings sample in one call
+        for i, s in enumerate(seqs):
+            groups.setdefault(s.job.params, []).append(i)
+        for params, rows in groups.items():
+            sub = logits if len(rows) == len(seqs) else logits[torch.tensor(rows)]
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seqs[i].seen for i in rows])  # (g, V)
+            new = next_tokens(sub, seen, params, [seqs[i].generator for i in rows]).tolist()
+            for i, t in zip(rows, new):
+                tokens[i] = t
+        by_job: dict[Job, list[Event]] = {}
+        ended = []
+        for s, t in zip(seqs, tokens):
+            row = s.row
+            text = row.push(t, t in self.eos, last_step=len(row.ids) + 1 >= s.job.max_new_tokens)
+            s.next_token = t
+            by_job.setdefault(s.job, []).append(Event(s.index, text, t, row.finish_reason))
+            if row.finish_reason is not None:
+                ended.append(s)
+        with self._lock:
+            self.counters["tokens"] += len(seqs)
+        for job, events in by_job.items():
+            self._emit(job, events)
+        if ended:
+            self._free(set(map(id, ended)))
+
+    def _drop_cancelled(self) -> None:
+        gone = [s for s in self._active if s.job.cancelled]
+        if gone:
+            with self._lock:
+                self.counters["cancelled"] += len({id(s.job) for s in gone})
+            self._free({id(s) for s in gone})
+
+    def _free(self, ids: set[int]) -> None:
+        """Removes the given sequences; the last active rows move into the freed slots (pool stays packed)."""
+        i = 0
+        while i < len(self._active):
+            if id(self._active[i]) in ids:
+                last = len(self._active) - 1
+                if i != last:
+                    self._pool.conv[:, i] = self._pool.conv[:, last]
+                    self._pool.ssm[:, i] = self._pool.ssm[:, last]
+                    self._active[i] = self._active[last]
+                self._active.pop()
+            else:
+                i += 1
+
+    # -------------------------------------------------------------------------------------- errors
+    def _emit(self, job: Job, events: list[Event]) -> None:
+        try:
+            job.emit(events)
+        except Exception:  # a broken consumer must not stop the loop: drop its job
+            log.warning("emit failed; cancelling the job\n%s", traceback.format_exc())
+            job.cancel()
+
+    def _fail_job(self, job: Job, message: str) -> None:
+        job.cancel()
+        with self._lock:
+            self.counters["errors"] += 1
+        self._emit(job, [Event(k, "", None, "error", message) for k in range(job.num_sequences)])
+
+    def _fail_active(self, message: str) -> None:
+        jobs = {id(s.job): s.job for s in self._active}
+        self._active.clear()
+        for job in jobs.values():
+            self._fail_job(job, message)
+
+    def _drain_waiting(self) -> list[Job]:
+        jobs = [job for job, _ in self._head]
+        self._head.clear()
+        while True:
+            try:
+                jobs.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        seen, out = set(), []
+        for j in jobs:
+            if id(j) not in seen and not j.cancelled:
+                seen.add(id(j))
+                out.append(j)
+        return out

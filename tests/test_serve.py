@@ -1,0 +1,273 @@
+"""The HTTP server (mambakit.serve): a real uvicorn server on a loopback port with a tiny random model,
+spoken to over HTTP with httpx. Completions and streams equal sequential `generate` with the same seed,
+also when many requests share the decode batch; disconnects free slots; bad requests get clear 4xx
+answers; a full queue answers 429; a failing step fails its requests, not the server; the CLI starts."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from mambakit import ByteTokenizer, MambaConfig, MambaLM, generate  # noqa: E402
+from mambakit.serve import Limits, add_cli, start_server  # noqa: E402
+
+
+def random_model(seed=0) -> MambaLM:
+    """Byte-level vocabulary; every parameter perturbed so that sampled text varies."""
+    torch.manual_seed(seed)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=258, d_state=8)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.5 if "embedding" in name else 0.1))
+    model.tokenizer = ByteTokenizer()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with start_server(model, max_batch=8, max_queue=64, model_name="tiny",
+                      limits=Limits(max_tokens=4096, max_prompt_tokens=64, max_n=4, max_body_bytes=4096)) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def reference(model, prompt, max_tokens, seed, **kw):
+    """What generate gives for this prompt alone (text, finish reason in OpenAI's words)."""
+    out = generate(model, [prompt], max_tokens, seed=seed, **kw)
+    return out.texts[0], {"eos": "stop", "stop": "stop", "length": "length"}[out.finish_reasons[0]]
+
+
+def sse_events(text: str) -> list:
+    assert text.endswith("data: [DONE]\n\n")
+    lines = [ln for ln in text.split("\n\n") if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def wait_idle(client, timeout=10.0) -> dict:
+    t0 = time.monotonic()
+    while True:
+        h = client.get("/health").json()
+        if h["active"] == 0 and h["queued"] == 0 or time.monotonic() - t0 > timeout:
+            return h
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------ completions
+def test_completion_equals_generate_with_the_same_seed(model, client):
+    kw = dict(temperature=0.9, top_p=0.95, top_k=40)
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["Hello", "The cat"], "n": 2,
+                                             "max_tokens": 12, "seed": 42, **kw})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for k, c in enumerate(choices):  # choice k = prompt k // n, seed 42 + k
+        text, reason = reference(model, ["Hello", "The cat"][k // 2], 12, 42 + k, **kw)
+        assert (c["text"], c["finish_reason"]) == (text, reason)
+    assert choices[0]["text"] != choices[1]["text"]  # the two choices of a prompt sample differently
+    # usage: each prompt counted once, every generated token counted
+    gen = [len(generate(model, ["Hello", "The cat"][k // 2], 12, seed=42 + k, **kw).sequences[0]) for k in range(4)]
+    assert body["usage"] == {"prompt_tokens": 5 + 7, "completion_tokens": sum(gen), "total_tokens": 12 + sum(gen)}
+
+
+def test_greedy_stop_strings_echo_and_token_prompts(model, client):
+    free, _ = reference(model, "Once", 20, 0, temperature=0)
+    stop = free[5:7]
+    r = client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 20, "temperature": 0,
+                                             "stop": [stop, "\x00zz"], "echo": True}).json()
+    assert r["choices"][0]["text"] == "Once" + free[: free.index(stop)]
+    assert r["choices"][0]["finish_reason"] == "stop"
+    by_ids = client.post("/v1/completions", json={"prompt": list(b"Once"), "max_tokens": 20,
+                                                  "temperature": 0}).json()
+    assert by_ids["choices"][0]["text"] == free
+
+
+def test_streaming_sends_the_same_text_then_done(model, client):
+    req = {"prompt": ["Stream me", "x"], "n": 2, "max_tokens": 15, "seed": 7, "temperature": 1.0}
+    whole = client.post("/v1/completions", json=req).json()
+    r = client.post("/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    texts, reasons = [""] * 4, [None] * 4
+    for ev in events[:-1]:
+        (c,) = ev["choices"]
+        assert reasons[c["index"]] is None  # nothing after a choice's final chunk
+        texts[c["index"]] += c["text"]
+        reasons[c["index"]] = c["finish_reason"]
+    assert texts == [c["text"] for c in whole["choices"]]
+    assert reasons == [c["finish_reason"] for c in whole["choices"]]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert len(events) > 8  # streamed piece by piece, not in one chunk
+
+
+def test_concurrent_requests_share_the_batch_and_equal_sequential_generation(model, server, client):
+    prompts = [f"req {i}: " + "ab" * (i % 5) for i in range(14)]  # more requests than the 8 slots
+    kws = [dict(temperature=0.8 + 0.05 * (i % 3), top_p=0.9 if i % 2 else 1.0,
+                repetition_penalty=1.3 if i % 4 == 0 else 1.0) for i in range(14)]
+    steps_before = client.get("/health").json()["steps"]
+
+    def one(i):
+        req = {"prompt": prompts[i], "max_tokens": 10 + 3 * i, "seed": 1000 + i, "stream": i % 3 == 0, **kws[i]}
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            r = c.post("/v1/completions", json=req)
+        assert r.status_code == 200, r.text
+        if req["stream"]:
+            return "".join(ev["choices"][0]["text"] for ev in sse_events(r.text))
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(14) as pool:
+        got = list(pool.map(one, range(14)))
+    for i in range(14):
+        assert got[i] == reference(model, prompts[i], 10 + 3 * i, 1000 + i, **kws[i])[0], i
+    h = wait_idle(client)
+    tokens = sum(10 + 3 * i for i in range(14))
+    assert h["steps"] - steps_before < tokens / 2  # decoded together: far fewer steps than tokens
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server, client):
+    before = client.get("/health").json()
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "go on", "max_tokens": 4000, "stream": True}) as r:
+            it = r.iter_lines()
+            got = [next(it) for _ in range(6)]
+            assert got[0].startswith("data: ")
+            assert client.get("/health").json()["active"] == 1
+    h = wait_idle(client)
+    assert h["active"] == 0 and h["cancelled"] == before["cancelled"] + 1
+    assert h["tokens"] - before["tokens"] < 4000  # stopped early
+    assert client.post("/v1/completions", json={"prompt": "still up", "max_tokens": 3}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"prompt": 5}', 400, "prompt: must be a string"),
+    (b'{"max_tokens": 3}', 400, "prompt: Field required"),
+    (b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": 5000}', 400, "limit of 4096"),
+    (b'{"prompt": "x", "n": 5}', 400, "n: 5 exceeds"),
+    (b'{"prompt": ["a","b","c"], "n": 4}', 400, "12 sequences exceed"),
+    (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
+    (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+    (b'{"prompt": "x", "stop": [""]}', 400, "stop"),
+    (b'{"prompt": ""}', 400, "empty"),
+    (b'{"prompt": [1, 2, 999]}', 400, "token id 999 is outside"),
+    (b'{"prompt": "' + b"y" * 100 + b'"}', 400, "exceed the limit of 64"),
+    (b'{"prompt": "x", "logprobs": 2}', 400, "logprobs: not supported"),
+    (b'{"prompt": "x", "bogus": 1}', 400, "bogus: Extra inputs"),
+    (b'{"prompt": "x", "model": "gpt-9"}', 404, "not found"),
+    (b'{"prompt": "' + b"z" * 5000 + b'"}', 413, "exceeds the server's limit of 4096 bytes"),
+])
+def test_malformed_requests_get_clear_4xx(client, body, status, words):
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_models_health_and_openapi(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert client.get("/v1/models/tiny").status_code == 200 and client.get("/v1/models/x").status_code == 404
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["slots"] == 8
+    schema = client.get("/openapi.json").json()
+    assert "/v1/completions" in schema["paths"] and "CompletionRequest" in json.dumps(schema)
+
+
+# ---------------------------------------------------------------------------------- overload, failures
+def test_full_queue_answers_429_and_cancelled_waiters_leave(model):
+    with start_server(model, max_batch=1, max_queue=1, limits=Limits(max_tokens=100_000)) as h, \
+            httpx.Client(base_url=h.url, timeout=30) as c:
+        long = {"prompt": "busy", "max_tokens": 100_000, "stream": True}
+        streams, statuses = [], []
+        try:
+            for _ in range(4):  # 1 decoding + 1 taken for admission + 1 in the queue, then no room
+                s = c.stream("POST", "/v1/completions", json=long)
+                r = s.__enter__()
+                streams.append(s)
+                statuses.append(r.status_code)
+                if r.status_code == 429:
+                    assert r.headers["retry-after"] == "1"
+                    r.read()
+                    assert "retry later" in r.json()["error"]["message"]
+                    break
+                time.sleep(0.2)
+            assert statuses[-1] == 429 and all(s == 200 for s in statuses[:-1])
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+        health = wait_idle(c)
+        assert health["active"] == 0 and health["rejected"] == 1
+        assert c.post("/v1/completions", json={"prompt": "free again", "max_tokens": 2}).status_code == 200
+
+
+def test_a_failing_step_fails_its_requests_not_the_server(model):
+    fresh = random_model()
+    with start_server(fresh, max_batch=4) as h, httpx.Client(base_url=h.url, timeout=30) as c:
+        real_step, calls = fresh.step, []
+
+        def broken(*a, **kw):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real_step(*a, **kw)
+
+        fresh.step = broken
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5})
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5, "seed": 3})
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == reference(model, "a", 5, 3)[0]
+        assert c.get("/health").json()["errors"] == 1
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_serves_a_checkpoint(tmp_path, model):
+    model.save_pretrained(tmp_path / "tiny-ckpt")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(tmp_path), "--port", "0"])
+    assert args.max_batch == 32 and args.host == "127.0.0.1"
+    code = ("import argparse,sys; from mambakit.serve import add_cli; p=argparse.ArgumentParser(); "
+            "add_cli(p.add_subparsers()); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(tmp_path / "tiny-ckpt"), "--port",
+                             "0", "--max-batch", "4", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        timer = threading.Timer(90, proc.kill)
+        timer.start()
+        for line in proc.stdout:
+            if "http://" in line:
+                break
+        timer.cancel()
+        url = line.split("on ")[1].split()[0]
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/v1/models").json()["data"][0]["id"] == "tiny-ckpt"
+            r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 6, "seed": 5}).json()
+        assert r["choices"][0]["text"] == reference(model, "Hi", 6, 5)[0]
+    finally:
+        proc.terminate()
+        proc.wait(20)
