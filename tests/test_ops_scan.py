@@ -101,6 +101,46 @@ def test_half_inputs_against_float32_reference(dtype):
         assert_close(g1[k].float(), g2[k], 2e-2, f"grad {k}")
 
 
+@pytest.mark.parametrize("with_z", [True, False])
+def test_bfloat16_inputs_read_as_bits_equal_float32_rounded(with_z):
+    """All-bf16 inputs go to the kernel as their 16 bits and y comes back rounded in the kernel: this must be
+    bit for bit the float32 kernel on the same (exactly widened) values, rounded by torch."""
+    inputs = make_inputs(2, 37, 150, 8, torch.bfloat16)  # d = 150: one full channel block and a partial one
+    if not with_z:
+        inputs["z"] = None
+    as32 = {k: None if v is None else v.float() for k, v in inputs.items()}
+    with torch.no_grad():
+        y16, h16 = selective_scan_cpu(**inputs, delta_softplus=True, return_final_state=True)
+        y32, h32 = selective_scan_cpu(**as32, delta_softplus=True, return_final_state=True)
+    assert y16.dtype == torch.bfloat16 and h16.dtype == torch.float32
+    assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(h16, h32)
+
+
+def test_bfloat16_rounding_in_kernel_matches_torch():
+    """The kernel's float32 → bf16 rounding (round to nearest even) against torch's, on ties, carries into the
+    exponent, the largest finite values, subnormals, overflow to inf and NaN."""
+    specials = torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 1.0 + 2**-8 + 2**-9, 3.3895e38, -3.39e38,
+                             1e-40, -1e-45, 3e38, float("inf")])
+    u = torch.cat([specials, torch.randn(116) * 10.0 ** torch.randint(-30, 30, (116,)).float()])  # d = 128
+    d = u.numel()
+    D = torch.ones(d)
+    D[10] = 2.0  # y = 6e38: overflows to inf in float32
+    # Δ = 0 makes y = D·u (with u = inf, Δ·u = NaN: y is NaN), so the kernel's output is its rounding of D·u.
+    args = dict(delta=torch.zeros(1, 1, d), B=torch.zeros(1, 1, 1), C=torch.zeros(1, 1, 1))
+    y32 = selective_scan_cpu(u=u.view(1, 1, d), A=-torch.ones(d, 1), D=D, **args).view(-1)
+    assert torch.isinf(y32[10]) and torch.isnan(y32[11])
+    as16 = {k: v.to(torch.bfloat16) for k, v in args.items()}
+    y16 = selective_scan_cpu(u=u.view(1, 1, d).to(torch.bfloat16), A=-torch.ones(d, 1), D=D, **as16).view(-1)
+    # what the float32 kernel computes on the same (widened) values, rounded by torch
+    want = selective_scan_cpu(u=u.view(1, 1, d).to(torch.bfloat16).float(), A=-torch.ones(d, 1), D=D, **args)
+    want = want.view(-1).to(torch.bfloat16)
+    finite = ~torch.isnan(want)
+    assert torch.isinf(want[10]) and not finite[11]
+    assert torch.equal(y16.view(torch.int16)[finite], want.view(torch.int16)[finite])
+    assert torch.equal(torch.isnan(y16), ~finite)
+
+
 def test_reference_equals_closed_form_lti():
     """With Δ, B, C constant in time the scan is the convolution y_t = Σ_k C Ā^k B̄ u_{t−k} + D u_t (S4's
     kernel view, paper §2): an independent check of the specification."""

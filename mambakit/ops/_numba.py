@@ -55,6 +55,51 @@ def _i32_bits_to_f32(typingctx, x):
     return types.float32(x), codegen
 
 
+@intrinsic
+def _f32_to_i32_bits(typingctx, x):
+    """The 32 bits of a float32 as an int32 (an LLVM bitcast, which vectorises)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(x), codegen
+
+
+def widen(x):
+    """An element of a kernel input as a float: bfloat16, passed to kernels as its 16 bits (an int16 view),
+    widened exactly to float32; float32/float64 unchanged. Kernels that read bf16 this way skip a float32 copy
+    of their inputs (a bf16 → f32 conversion pass over memory)."""
+    return x
+
+
+@overload(widen, inline="always")
+def _widen_overload(x):
+    if isinstance(x, types.Integer):  # bfloat16 bits: the high half of a float32
+        return lambda x: _i32_bits_to_f32((np.int32(x) & np.int32(0xFFFF)) << np.int32(16))
+    return lambda x: x
+
+
+def narrow(x, out):
+    """A float32 result in the element type of the output array `out`: bfloat16 bits (int16) rounded to
+    nearest even as torch rounds (NaN stays NaN), or the float itself."""
+    return x
+
+
+@overload(narrow, inline="always")
+def _narrow_overload(x, out):
+    if isinstance(out.dtype, types.Integer):
+
+        def impl(x, out):
+            bits = np.int64(_f32_to_i32_bits(np.float32(x))) & np.int64(0xFFFFFFFF)
+            rounded = (bits + np.int64(0x7FFF) + ((bits >> np.int64(16)) & np.int64(1))) >> np.int64(16)
+            return np.int16(np.int64(0x7FC0) if x != x else rounded)
+
+        return impl
+    return lambda x, out: x
+
+
 def fexp(x):
     """exp(x): vectorisable in float32 kernels (see the module docstring), libm in float64."""
     return math.exp(x)

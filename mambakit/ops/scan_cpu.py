@@ -31,7 +31,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import compute_dtype, fexp, fexp2, kernel_options, owned, set_threads, sigmoid, softplus
+from ._numba import compute_dtype, fexp, fexp2, kernel_options, narrow, owned, set_threads, sigmoid, softplus, widen
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
 LOG2E = 1.4426950408889634
@@ -50,9 +50,12 @@ def chunk_len(n: int, itemsize: int) -> int:
 def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, chunk, ckpt, y, hT):
     """u, delta, z, y: (b, l, d); At2: (n, d), A transposed and scaled by log2(e) (exp(ΔA) = 2^(Δ·At2));
     B, C: (b, l, n); D, bias: (d,);
-    h0, hT: (b, n, d); ckpt: (b, ceil(l/chunk), n, d) or empty (then no checkpoints are written)."""
+    h0, hT: (b, n, d); ckpt: (b, ceil(l/chunk), n, d) or empty (then no checkpoints are written).
+    At2, D, bias, h0, hT, ckpt are in the compute dtype (float32/64); u, delta, B, C, z, y either in it too or
+    all bfloat16 bits (int16), widened on load and rounded on store (see _numba.widen/narrow)."""
     b, l, d = u.shape
     n = At2.shape[0]
+    kd = At2.dtype
     nblk = (d + BLOCK - 1) // BLOCK
     save = ckpt.shape[0] > 0
     for task in prange(b * nblk):
@@ -61,16 +64,16 @@ def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, c
         w = min(BLOCK, d - d0)
         # Local buffers are BLOCK wide whatever w is (lanes past w stay 0): the hot loops then have a
         # constant trip count, which LLVM unrolls into whole vectors with no remainder loop.
-        h = np.zeros((n, BLOCK), dtype=u.dtype)  # the state block, (n, channels)
-        A2_blk = np.zeros((n, BLOCK), dtype=u.dtype)
-        du = np.zeros(BLOCK, dtype=u.dtype)
-        acc = np.zeros(BLOCK, dtype=u.dtype)  # y for this step
-        bias_blk = np.zeros(BLOCK, dtype=u.dtype)
-        D_blk = np.zeros(BLOCK, dtype=u.dtype)
-        dts = np.zeros((TILE, BLOCK), dtype=u.dtype)  # a tile of Δ, u, z, y rows
-        us = np.zeros((TILE, BLOCK), dtype=u.dtype)
-        zs = np.zeros((TILE, BLOCK), dtype=u.dtype)
-        ys = np.zeros((TILE, BLOCK), dtype=u.dtype)
+        h = np.zeros((n, BLOCK), dtype=kd)  # the state block, (n, channels)
+        A2_blk = np.zeros((n, BLOCK), dtype=kd)
+        du = np.zeros(BLOCK, dtype=kd)
+        acc = np.zeros(BLOCK, dtype=kd)  # y for this step
+        bias_blk = np.zeros(BLOCK, dtype=kd)
+        D_blk = np.zeros(BLOCK, dtype=kd)
+        dts = np.zeros((TILE, BLOCK), dtype=kd)  # a tile of Δ, u, z, y rows
+        us = np.zeros((TILE, BLOCK), dtype=kd)
+        zs = np.zeros((TILE, BLOCK), dtype=kd)
+        ys = np.zeros((TILE, BLOCK), dtype=kd)
         for j in range(w):
             bias_blk[j] = bias[d0 + j]
             D_blk[j] = D[d0 + j]
@@ -84,11 +87,11 @@ def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, c
             # misses overlap instead of stalling each step (rows are d apart: one page per row at large d).
             for k in range(nt):
                 for j in range(w):
-                    dts[k, j] = delta[bi, t0 + k, d0 + j]
-                    us[k, j] = u[bi, t0 + k, d0 + j]
+                    dts[k, j] = widen(delta[bi, t0 + k, d0 + j])
+                    us[k, j] = widen(u[bi, t0 + k, d0 + j])
                 if has_z:
                     for j in range(w):
-                        zs[k, j] = z[bi, t0 + k, d0 + j]
+                        zs[k, j] = widen(z[bi, t0 + k, d0 + j])
             for k in range(nt):  # discretise the whole tile, BLOCK wide: branch-free, whole vectors
                 if use_softplus:
                     for j in range(BLOCK):
@@ -106,8 +109,8 @@ def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, c
                     du[j] = dts[k, j] * us[k, j]
                     acc[j] = D_blk[j] * us[k, j]  # the D skip
                 for s in range(n):
-                    bs = B[bi, t, s]
-                    cs = C[bi, t, s]
+                    bs = widen(B[bi, t, s])
+                    cs = widen(C[bi, t, s])
                     for j in range(BLOCK):
                         hv = fexp2(dts[k, j] * A2_blk[s, j]) * h[s, j] + du[j] * bs  # Ā h + B̄ u
                         h[s, j] = hv
@@ -119,7 +122,7 @@ def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, c
                     ys[k, j] = acc[j]
             for k in range(nt):
                 for j in range(w):
-                    y[bi, t0 + k, d0 + j] = ys[k, j]
+                    y[bi, t0 + k, d0 + j] = narrow(ys[k, j], y)
         for s in range(n):
             for j in range(w):
                 hT[bi, s, d0 + j] = h[s, j]
@@ -273,28 +276,46 @@ class _SelectiveScanCPU(torch.autograd.Function):
         def prep(x):  # the kernel's dtype, contiguous
             return x.detach().to(kd).contiguous()
 
-        u_, delta_, B_, C_ = prep(u), prep(delta), prep(B), prep(C)
+        # All-bfloat16 inputs (a bf16 model) go to the kernel as their bits, read and written in place of a
+        # float32 copy of u, Δ, z, B, C and of y (one pass over memory each way fewer); anything else is
+        # converted to the compute dtype first.
+        streams = (u, delta, B, C) + ((z,) if z is not None else ())
+        bits = all(x.dtype == torch.bfloat16 for x in streams)
+        if bits:
+            def kernel_in(x):
+                return x.detach().contiguous().view(torch.int16)
+
+            y = torch.empty(b, l, d, dtype=torch.bfloat16)
+            y_out = y.view(torch.int16)
+        else:
+            kernel_in = prep
+            y = y_out = torch.empty(b, l, d, dtype=kd)
+        zeros = torch.zeros(d, dtype=kd)
         At = owned(A, kd).t().contiguous()  # (n, d): rows of A over contiguous channels
         At2 = At * LOG2E  # exp(Δ·A) = 2^(Δ·A·log2 e)
-        D_ = owned(D, kd) if D is not None else u_.new_zeros(d)
-        bias_ = owned(delta_bias, kd) if delta_bias is not None else u_.new_zeros(d)
-        z_ = prep(z) if z is not None else u_.new_empty(1, 1, 1)
+        D_ = owned(D, kd) if D is not None else zeros
+        bias_ = owned(delta_bias, kd) if delta_bias is not None else zeros
+        u_k, delta_k, B_k, C_k = kernel_in(u), kernel_in(delta), kernel_in(B), kernel_in(C)
+        z_k = kernel_in(z) if z is not None else u_k[:1, :1, :1]  # not read when there is no z
         h0 = (
             initial_state.detach().to(kd).transpose(1, 2).contiguous()  # (b, n, d)
             if initial_state is not None
-            else u_.new_zeros(b, n, d)
+            else torch.zeros(b, n, d, dtype=kd)
         )
-        chunk = chunk_len(n, u_.element_size())
+        chunk = chunk_len(n, zeros.element_size())
         need_grad = any(ctx.needs_input_grad)
-        ckpt = u_.new_empty((b, -(-l // chunk), n, d) if need_grad else (0, 0, 0, 0))
-        y = torch.empty_like(u_)
-        hT = u_.new_empty(b, n, d)
+        ckpt = torch.empty((b, -(-l // chunk), n, d) if need_grad else (0, 0, 0, 0), dtype=kd)
+        hT = torch.empty(b, n, d, dtype=kd)
         set_threads()
         _scan_fwd_kernel(
-            _np(u_), _np(delta_), _np(At2), _np(B_), _np(C_), _np(D_), _np(z_), _np(bias_), _np(h0),
-            z is not None, bool(delta_softplus), chunk, _np(ckpt), _np(y), _np(hT),
+            _np(u_k), _np(delta_k), _np(At2), _np(B_k), _np(C_k), _np(D_), _np(z_k),
+            _np(bias_), _np(h0), z is not None, bool(delta_softplus), chunk, _np(ckpt), _np(y_out), _np(hT),
         )  # fmt: skip
         if need_grad:
+            # the backward kernel reads the compute dtype
+            saved = (u_k, delta_k, B_k, C_k, z_k) if not bits else tuple(map(prep, (u, delta, B, C))) + (
+                prep(z) if z is not None else torch.empty(1, 1, 1, dtype=kd),)
+            u_, delta_, B_, C_, z_ = saved
             ctx.save_for_backward(u_, delta_, At, At2, B_, C_, D_, z_, bias_, ckpt)
             ctx.meta = (chunk, z is not None, bool(delta_softplus), D is not None, delta_bias is not None)
             ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, initial_state))
