@@ -103,6 +103,19 @@ def test_bfloat16_inputs():
     torch.testing.assert_close(y1.float(), y2, rtol=2e-2, atol=2e-2)
 
 
+def test_bfloat16_read_as_bits_equals_float32_rounded():
+    """bf16 inputs go to the kernel as their bits and y comes back rounded in the kernel: bit for bit the
+    float32 kernel on the same (exactly widened) values, rounded by torch; the final state is the input's."""
+    inputs = make(2, 70, 40, 4, torch.bfloat16)
+    as32 = {k: v.float() for k, v in inputs.items()}
+    with torch.no_grad():
+        y16, s16 = causal_conv1d_cpu(**inputs, activation="silu", return_final_state=True)
+        y32, s32 = causal_conv1d_cpu(**as32, activation="silu", return_final_state=True)
+    assert y16.dtype == torch.bfloat16 and s16.dtype == torch.bfloat16
+    assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(s16.float(), s32)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [

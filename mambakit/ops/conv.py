@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import compute_dtype, kernel_options, owned, set_threads, sigmoid
+from ._numba import compute_dtype, kernel_options, narrow, owned, set_threads, sigmoid, widen
 
 TIME_CHUNK = 64  # time steps per task
 
@@ -63,25 +63,26 @@ def causal_conv1d_update_ref(
 # ------------------------------------------------------------------------------------------ fused kernels
 @njit(**kernel_options())
 def _conv_fwd_kernel(xp, Wt, bias, silu, y):
-    """xp: (b, l + w − 1, d) the padded input; Wt: (w, d); bias: (d,); y: (b, l, d)."""
+    """xp: (b, l + w − 1, d) the padded input; Wt: (w, d); bias: (d,); y: (b, l, d). Wt and bias in the
+    compute dtype; xp and y in it too, or both bfloat16 bits (int16; see _numba.widen/narrow)."""
     b, l, d = y.shape
     w = Wt.shape[0]
     nt = (l + TIME_CHUNK - 1) // TIME_CHUNK
     for task in prange(b * nt):
         bi = task // nt
         t0 = (task % nt) * TIME_CHUNK
-        acc = np.empty(d, dtype=y.dtype)
+        acc = np.empty(d, dtype=Wt.dtype)
         for t in range(t0, min(l, t0 + TIME_CHUNK)):
             for j in range(d):
                 acc[j] = bias[j]
             for k in range(w):  # y_t = bias + Σ_k W[k]·x_{t−w+1+k}; row t + k of xp is input t − w + 1 + k
                 for j in range(d):
-                    acc[j] += Wt[k, j] * xp[bi, t + k, j]
+                    acc[j] += Wt[k, j] * widen(xp[bi, t + k, j])
             if silu:
                 for j in range(d):
                     acc[j] = acc[j] * sigmoid(acc[j])
             for j in range(d):
-                y[bi, t, j] = acc[j]
+                y[bi, t, j] = narrow(acc[j], y)
 
 
 @njit(**kernel_options())
@@ -142,13 +143,20 @@ class _CausalConv1dCPU(torch.autograd.Function):
         kd = compute_dtype(xp)
         b, lp, d = xp.shape
         w = weight.shape[1]
-        xp_ = xp.detach().to(kd).contiguous()
         Wt = owned(weight, kd).t().contiguous()  # (w, d)
-        bias_ = owned(bias, kd) if bias is not None else xp_.new_zeros(d)
-        y = xp_.new_empty(b, lp - (w - 1), d)
+        bias_ = owned(bias, kd) if bias is not None else torch.zeros(d, dtype=kd)
+        if xp.dtype == torch.bfloat16:  # read and written as bits by the kernel: no float32 copies
+            xp_k = xp.detach().contiguous()
+            y = torch.empty(b, lp - (w - 1), d, dtype=torch.bfloat16)
+            xp_np, y_np = xp_k.view(torch.int16).numpy(), y.view(torch.int16).numpy()
+        else:
+            xp_k = xp.detach().to(kd).contiguous()
+            y = torch.empty(b, lp - (w - 1), d, dtype=kd)
+            xp_np, y_np = xp_k.numpy(), y.numpy()
         set_threads()
-        _conv_fwd_kernel(xp_.numpy(), Wt.numpy(), bias_.numpy(), silu, y.numpy())
-        ctx.save_for_backward(xp_, Wt, bias_)
+        _conv_fwd_kernel(xp_np, Wt.numpy(), bias_.numpy(), silu, y_np)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(xp_k.to(kd), Wt, bias_)  # the backward kernel reads the compute dtype
         ctx.silu = silu
         ctx.dtypes = (xp.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y.to(xp.dtype)
