@@ -5,7 +5,11 @@ argument and the expected shape, then dispatches to a backend:
 
 - "reference": the specification in plain PyTorch (scan_ref.py, conv.py); any device, any float dtype.
 - "cpu": fused numba kernels (scan_cpu.py, conv.py) for CPU tensors in float16 / bfloat16 / float32 / float64.
-- None: "cpu" for CPU tensors, "reference" otherwise. The choice is logged once per op at debug level.
+- "triton": Triton kernels (scan_triton.py, conv_triton.py, step_triton.py) for CUDA tensors in float16 /
+  bfloat16 / float32 (CPU tensors too under Triton's interpreter, TRITON_INTERPRET=1: how the tests run them).
+- None: "cpu" for CPU tensors; for CUDA tensors "triton" when Triton is installed (float64 goes to
+  "reference", which computes in float64), else "reference" with a one-time warning. The choice is logged
+  once per op at debug level.
 
 Layouts are time-major (shared/design.md): activations (b, l, d), B and C (b, l, n), states (b, d, n),
 conv states (b, d, w − 1).
@@ -14,7 +18,9 @@ conv states (b, d, w − 1).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
 
 import torch
 from torch import Tensor
@@ -37,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _logged: set[tuple[str, str]] = set()
 
@@ -115,16 +121,47 @@ def _check_activation(activation) -> None:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
 
 
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check_triton(x: Tensor) -> None:
+    """backend='triton' can run on x: Triton installed, CUDA tensors (or the interpreter), no float64."""
+    if not _triton_available():
+        raise ImportError("backend='triton' needs Triton: pip install mambakit[triton]")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got tensors on {x.device} "
+            "(CPU tensors run only under Triton's interpreter, TRITON_INTERPRET=1)"
+        )
+    if x.dtype == torch.float64:
+        raise ValueError("backend='triton' computes in float32: use float16, bfloat16 or float32 inputs "
+                         "(backend='reference' computes float64 in float64)")
+
+
 def _resolve_backend(op: str, backend: str | None, x: Tensor) -> str:
     """The backend for this call: the explicit one (checked it can run) or the default for x's device."""
     if backend is None:
-        chosen = "cpu" if x.device.type == "cpu" else "reference"
+        if x.device.type == "cpu":
+            chosen = "cpu"
+        elif x.device.type == "cuda" and x.dtype != torch.float64 and _triton_available():
+            chosen = "triton"
+        else:
+            chosen = "reference"
+            if x.device.type == "cuda" and x.dtype != torch.float64 and ("no-triton", "") not in _logged:
+                _logged.add(("no-triton", ""))
+                logger.warning(
+                    "mambakit.ops: Triton is not installed, so CUDA tensors use the slow reference ops "
+                    "(sequential over time); pip install mambakit[triton] for the fused GPU kernels"
+                )
     elif backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     else:
         chosen = backend
         if chosen == "cpu" and x.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {x.device}")
+        if chosen == "triton":
+            _check_triton(x)
     if (op, chosen) not in _logged:
         _logged.add((op, chosen))
         logger.debug("mambakit.ops.%s: using the %r backend (for %s tensors)", op, chosen, x.device.type)
@@ -167,10 +204,15 @@ def selective_scan(
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, step=False)
     args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, bool(return_final_state))
     with _no_autocast(u):
-        if _resolve_backend("selective_scan", backend, u) == "cpu":
+        chosen = _resolve_backend("selective_scan", backend, u)
+        if chosen == "cpu":
             from .scan_cpu import selective_scan_cpu  # numba loads its kernels lazily: import when used
 
             return selective_scan_cpu(*args)
+        if chosen == "triton":
+            from .scan_triton import selective_scan_triton  # Triton is optional: import when used
+
+            return selective_scan_triton(*args)
         return selective_scan_ref(*args)
 
 
@@ -197,10 +239,15 @@ def selective_state_update(
     _check_tensor("state", state, (b, d, n), "(b, d, n)", u.device)
     args = (state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     with _no_autocast(u):
-        if _resolve_backend("selective_state_update", backend, u) == "cpu":
+        chosen = _resolve_backend("selective_state_update", backend, u)
+        if chosen == "cpu":
             from .scan_cpu import selective_state_update_cpu
 
             return selective_state_update_cpu(*args)
+        if chosen == "triton":
+            from .step_triton import selective_state_update_triton
+
+            return selective_state_update_triton(*args)
         return selective_state_update_ref(*args)
 
 
@@ -223,8 +270,13 @@ def causal_conv1d(
     _check_activation(activation)
     args = (x, weight, bias, initial_state, bool(return_final_state), activation)
     with _no_autocast(x):
-        if _resolve_backend("causal_conv1d", backend, x) == "cpu":
+        chosen = _resolve_backend("causal_conv1d", backend, x)
+        if chosen == "cpu":
             return causal_conv1d_cpu(*args)
+        if chosen == "triton":
+            from .conv_triton import causal_conv1d_triton
+
+            return causal_conv1d_triton(*args)
         return causal_conv1d_ref(*args)
 
 
@@ -242,6 +294,11 @@ def causal_conv1d_update(
     _check_conv_args(x, weight, bias, conv_state, step=True)
     _check_activation(activation)
     with _no_autocast(x):
-        if _resolve_backend("causal_conv1d_update", backend, x) == "cpu":
+        chosen = _resolve_backend("causal_conv1d_update", backend, x)
+        if chosen == "cpu":
             return causal_conv1d_update_cpu(conv_state, x, weight, bias, activation)
+        if chosen == "triton":
+            from .step_triton import causal_conv1d_update_triton
+
+            return causal_conv1d_update_triton(conv_state, x, weight, bias, activation)
         return causal_conv1d_update_ref(conv_state, x, weight, bias, activation)
