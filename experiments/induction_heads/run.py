@@ -1,0 +1,327 @@
+"""Experiment 2 — Induction Heads (Mamba paper §4.1.2, Table 2 / v1 Table 11): train at length 256, test at
+2^6 … 2^20. Mamba extrapolates; attention collapses beyond its training length.
+
+    python -m experiments.induction_heads                          # default: ~25 min on 1 core
+    python -m experiments.induction_heads --models mamba --max-log-len 16
+    python -m experiments.induction_heads --mamba-steps 4000 --attn-steps 4000
+
+Models (2 layers each, paper §4.1.2):
+    mamba     Mamba, D = 64 (lr 1e-3, the paper's better rate for Mamba)
+    mha_abs   Transformer, D = 128, 8 heads, learned absolute positions (lr 2e-4 in the paper)
+    mha_rope  Transformer, D = 128, 8 heads, rotary positions
+Each is trained on the same batches (length 256, fresh data every step; loss on the final, scored token only),
+then scored on fixed test sets, one per length. Mamba's long sequences run through the fused CPU kernels in
+chunks of --chunk tokens with the recurrent state carried across (MambaLM.forward(state=..., return_state=True)),
+so memory stays bounded at 2^20. Learned absolute positions stop at the training length (reported "no pos."),
+and attention is evaluated up to --attn-max-log-len (2^14 in the paper, where its memory ran out).
+Writes results.json, accuracy.png and README.md into --out (default: this folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mambakit import MambaConfig, MambaLM
+from mambakit.baselines.transformer import TransformerConfig, TransformerLM
+from mambakit.data.synthetic import induction_heads, scored_accuracy
+
+from ..selective_copying.train import train
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 16
+TRAIN_LEN = 256
+
+MODELS = {  # name → label
+    "mamba": "Mamba",
+    "mha_abs": "MHA-Abs",
+    "mha_rope": "MHA-RoPE",
+}
+# The paper's Table 11 (v1): accuracy % at 2^6 … 2^20; None = out of memory (✗); 100.0 for ✓.
+PAPER_TABLE = {
+    "MHA-Abs": ("137K", [100.0, 99.6, 100.0, 58.6, 26.6, 18.8, 9.8, 10.9, 7.8] + [None] * 6),
+    "MHA-RoPE": ("137K", [100.0, 100.0, 100.0, 83.6, 31.3, 18.4, 8.6, 9.0, 5.5] + [None] * 6),
+    "MHA-xPos": ("137K", [100.0, 100.0, 100.0, 99.6, 67.6, 25.4, 7.0, 9.0, 7.8] + [None] * 6),
+    "H3": ("153K", [100.0, 100.0, 100.0, 80.9, 39.5, 23.8, 14.8, 8.2, 5.9, 6.6, 8.2, 4.7, 8.2, 6.3, 7.4]),
+    "Hyena": ("69M", [97.7, 100.0, 100.0, 100.0, 44.1, 12.5, 6.6, 5.1, 7.0, 5.9, 6.6, 6.6, 5.9, 6.3, 9.8]),
+    "Mamba": ("74K", [100.0] * 15),
+}
+PAPER_LOG_LENS = list(range(6, 21))
+
+
+def build_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
+    if name == "mamba":
+        return MambaLM(MambaConfig(d_model=args.mamba_d_model, n_layer=2, vocab_size=VOCAB))
+    positions = {"mha_abs": "absolute", "mha_rope": "rotary"}[name]
+    cfg = TransformerConfig(d_model=args.attn_d_model, n_layer=2, n_head=8, vocab_size=VOCAB, max_seq_len=TRAIN_LEN,
+                            positions=positions, mlp="gelu", norm="layernorm", bias=True)
+    return TransformerLM(cfg)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.induction_heads", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--train-len", type=int, default=TRAIN_LEN)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--mamba-steps", type=int, default=2000)
+    p.add_argument("--attn-steps", type=int, default=2000)
+    p.add_argument("--mamba-lr", type=float, default=1e-3, help="paper: 1e-3 for Mamba")
+    p.add_argument("--attn-lr", type=float, default=1e-3, help="paper: 2e-4 (over 200K+ steps)")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--mamba-d-model", type=int, default=64)
+    p.add_argument("--attn-d-model", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--val-size", type=int, default=256, help="validation sequences at the training length")
+    p.add_argument("--min-log-len", type=int, default=6)
+    p.add_argument("--max-log-len", type=int, default=20)
+    p.add_argument("--attn-max-log-len", type=int, default=14, help="attention is evaluated up to 2^this")
+    p.add_argument("--eval-tokens", type=int, default=2**20,
+                   help="tokens per test length for Mamba (samples = this / length, within the bounds below)")
+    p.add_argument("--attn-eval-tokens", type=int, default=2**17, help="tokens per test length for attention")
+    p.add_argument("--min-samples", type=int, default=8)
+    p.add_argument("--max-samples", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=2**16, help="Mamba evaluates long sequences in chunks of this")
+    p.add_argument("--time-budget-min", type=float, default=0.0, help="per-model training limit (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--no-readme", action="store_true")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in args.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; models: {', '.join(MODELS)}")
+    if not 3 <= args.min_log_len <= args.max_log_len <= 24:
+        p.error("need 3 <= --min-log-len <= --max-log-len <= 24")
+    for name in ("batch_size", "mamba_steps", "attn_steps", "eval_every", "val_size", "eval_tokens",
+                 "attn_eval_tokens", "min_samples", "max_samples", "chunk", "train_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def n_samples(length: int, tokens: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, tokens // length))
+
+
+@torch.no_grad()
+def final_logits(model, inputs: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits (b, V) at the last position. A Mamba reads a long sequence in chunks, carrying its state."""
+    if not isinstance(model, MambaLM) or inputs.shape[1] <= chunk:
+        return model(inputs, num_last_tokens=1).logits[:, -1]
+    state = None
+    for start in range(0, inputs.shape[1], chunk):
+        out = model(inputs[:, start:start + chunk], state=state, return_state=True, num_last_tokens=1)
+        state = out.state
+    return out.logits[:, -1]
+
+
+@torch.no_grad()
+def accuracy_at(model, length: int, samples: int, seed: int, chunk: int, log=print) -> float:
+    """Accuracy on a fixed test set of `samples` sequences of `length` (seeded by length)."""
+    g = torch.Generator().manual_seed(seed * 7919 + length)
+    per_call = max(1, min(samples, chunk // length))
+    correct = done = 0
+    t0 = time.perf_counter()
+    while done < samples:
+        b = min(per_call, samples - done)
+        inputs, targets = induction_heads(b, length, VOCAB, generator=g)
+        c, n = scored_accuracy(final_logits(model, inputs, chunk)[:, None], targets[:, -1:], VOCAB)
+        correct, done = correct + c, done + n
+        if length >= 2**18:
+            rate = done * length / (time.perf_counter() - t0)
+            log(f"      2^{int(math.log2(length))}: {done}/{samples} sequences, {correct} correct, "
+                f"{rate / 1e3:.0f}K tokens/s")
+    return correct / samples
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(10_000 + args.seed)
+    val = [induction_heads(64, args.train_len, VOCAB, generator=g) for _ in range(max(1, args.val_size // 64))]
+
+    def batch_fn(step: int):
+        return induction_heads(args.batch_size, args.train_len, VOCAB,
+                               generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+
+    lengths = [2**k for k in range(args.min_log_len, args.max_log_len + 1)]
+    log(f"Induction Heads: vocab {VOCAB}, train length {args.train_len}, batch {args.batch_size}, "
+        f"test lengths 2^{args.min_log_len}..2^{args.max_log_len}, threads {args.threads}")
+    results = {"task": "induction_heads",
+               "command": "python -m experiments.induction_heads " + " ".join(sys.argv[1:]),
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "models": {}}
+    budget = args.time_budget_min * 60 if args.time_budget_min > 0 else float("inf")
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        model = build_model(name, args)
+        n_params = sum(p.numel() for p in model.parameters())
+        is_mamba = name == "mamba"
+        steps, lr = (args.mamba_steps, args.mamba_lr) if is_mamba else (args.attn_steps, args.attn_lr)
+        log(f"{MODELS[name]} ({name}): {n_params:,} parameters; {steps} steps at lr {lr}")
+        res = train(model, batch_fn, val, VOCAB, steps=steps, lr=lr, warmup=args.warmup, eval_every=args.eval_every,
+                    time_budget_s=budget, name=name, log=log)
+        model.eval()
+        acc: dict[str, float | None] = {}
+        notes: dict[str, str] = {}
+        t_eval = time.perf_counter()
+        for length in lengths:
+            key = str(length)
+            if name == "mha_abs" and length > args.train_len:
+                acc[key], notes[key] = None, "no position embedding beyond the training length"
+                continue
+            if not is_mamba and length > 2**args.attn_max_log_len:
+                acc[key], notes[key] = None, f"not run (attention evaluated up to 2^{args.attn_max_log_len})"
+                continue
+            tokens = args.eval_tokens if is_mamba else args.attn_eval_tokens
+            n = n_samples(length, tokens, args.min_samples, args.max_samples)
+            t0 = time.perf_counter()
+            acc[key] = accuracy_at(model, length, n, args.seed, args.chunk, log)
+            log(f"    {name} 2^{int(math.log2(length)):2d} = {length:8d}: {100 * acc[key]:5.1f}% "
+                f"({n} sequences, {time.perf_counter() - t0:.1f}s)")
+        results["models"][name] = {"label": MODELS[name], "params": n_params, "lr": lr, "steps": res.steps,
+                                   "train_seconds": round(res.seconds, 1), "stopped": res.stopped,
+                                   "eval_seconds": round(time.perf_counter() - t_eval, 1),
+                                   "accuracy": acc, "notes": notes,
+                                   "samples": {str(L): n_samples(L, args.eval_tokens if is_mamba else
+                                                                 args.attn_eval_tokens, args.min_samples,
+                                                                 args.max_samples) for L in lengths},
+                                   "curve": res.curve}
+        _write_json(args.out / "results.json", results)  # after each model, so a long run shows progress
+    print_table(results, log)
+    plot(results, args.out / "accuracy.png")
+    if not args.no_readme:
+        write_readme(results, args.out / "README.md")
+    return results
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _cell(v) -> str:
+    return "✗" if v is None else f"{100 * v:.1f}"
+
+
+def table_rows(results: dict) -> list[str]:
+    lengths = sorted({int(L) for r in results["models"].values() for L in r["accuracy"]})
+    head = "| model | params | " + " | ".join(f"2^{int(math.log2(L))}" for L in lengths) + " |"
+    rows = [head, "|---|---|" + "---|" * len(lengths)]
+    for r in results["models"].values():
+        cells = [_cell(r["accuracy"].get(str(L))) for L in lengths]
+        rows.append(f"| {r['label']} (ours) | {r['params'] / 1e3:.0f}K | " + " | ".join(cells) + " |")
+    return rows
+
+
+def paper_rows() -> list[str]:
+    rows = ["| model | params | " + " | ".join(f"2^{k}" for k in PAPER_LOG_LENS) + " |",
+            "|---|---|" + "---|" * len(PAPER_LOG_LENS)]
+    for label, (params, accs) in PAPER_TABLE.items():
+        rows.append(f"| {label} | {params} | " + " | ".join("✗" if a is None else f"{a:.1f}" for a in accs) + " |")
+    return rows
+
+
+def print_table(results: dict, log=print) -> None:
+    log("")
+    log("test accuracy (%) by test length (✗: not evaluated, see notes in results.json)")
+    for row in table_rows(results):
+        log(row)
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the accuracy plot needs matplotlib: pip install mambakit[plot]") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for r in results["models"].values():
+        pts = sorted((int(L), a) for L, a in r["accuracy"].items() if a is not None)
+        ax.plot([L for L, _ in pts], [100 * a for _, a in pts], marker="o", label=f"{r['label']} (ours)")
+    for label in ("MHA-Abs", "MHA-RoPE", "Mamba"):
+        accs = PAPER_TABLE[label][1]
+        pts = [(2**k, a) for k, a in zip(PAPER_LOG_LENS, accs) if a is not None]
+        ax.plot([L for L, _ in pts], [a for _, a in pts], ls="--", lw=0.9, alpha=0.6, label=f"{label} (paper)")
+    train_len = results["settings"]["train_len"]
+    ax.axvline(train_len, color="grey", lw=0.8, ls=":")
+    ax.text(train_len * 1.1, 50, "train length", color="grey", fontsize=8)
+    ax.axhline(100 / 15, color="grey", lw=0.6, ls="-.", alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="test sequence length", ylabel="accuracy (%)", ylim=(0, 102), title="Induction Heads")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_readme(results: dict, path: Path) -> None:
+    s = results["settings"]
+    lines = []
+    for name, r in results["models"].items():
+        lines.append(f"- {r['label']}: {r['params']:,} parameters, {r['steps']} steps × batch {s['batch_size']} at lr "
+                     f"{r['lr']} ({r['train_seconds'] / 60:.1f} min), evaluation {r['eval_seconds'] / 60:.1f} min; "
+                     f"test sequences per length: " + ", ".join(
+                         f"2^{int(math.log2(int(L)))}: {n}" for L, n in r["samples"].items()
+                         if r["accuracy"].get(L) is not None) + ".")
+    text = f"""# Induction Heads (paper §4.1.2, Table 2 / v1 Table 11)
+
+A sequence of random tokens holds a special token followed by an answer token; the sequence ends with the
+special token again, and the model must output the answer (associative recall). Models are trained at length
+{s['train_len']} and tested at 2^{s['min_log_len']} … 2^{s['max_log_len']}. Generator:
+`mambakit.data.synthetic.induction_heads` (vocab 16: ordinary tokens 0–14, special 15; only the last token
+is scored, in training and in testing).
+
+    {results['command']}
+
+Setting: 2 layers; Mamba D = {s['mamba_d_model']}, attention D = {s['attn_d_model']} with 8 heads (GELU MLP,
+LayerNorm); Adam without weight decay, constant lr after {s['warmup']} warmup steps; every model sees the same
+batches of {s['batch_size']} fresh sequences per step (the paper: batch 8, 200K–400K steps). Mamba's long test
+sequences run through the fused CPU kernels, {s['chunk']} tokens per call with the recurrent state carried
+across calls. {s['threads']} thread(s).
+
+{chr(10).join(lines)}
+
+## Results (ours): test accuracy (%) by test length
+
+{chr(10).join(table_rows(results))}
+
+✗ = not evaluated: MHA-Abs has learned position embeddings only up to the training length (it cannot read
+longer inputs at all); attention is run up to 2^{s['attn_max_log_len']} (the paper stopped at 2^14, out of
+memory). Random guessing is 1/15 ≈ 6.7%.
+
+![accuracy vs test length](accuracy.png)
+
+## The paper's Table 11 (v1; Table 2 is its plot): accuracy (%), ✓ written as 100.0, ✗ = out of memory
+
+{chr(10).join(paper_rows())}
+
+Raw numbers, training curves and sample counts: `results.json`.
+"""
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

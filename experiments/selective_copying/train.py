@@ -1,0 +1,97 @@
+"""The training loop shared by the synthetic-task experiments (Selective Copying, Induction Heads).
+
+Any causal model whose forward(input_ids) returns an object with `.logits` (b, l, V) trains here: MambaLM
+(with any mixer), S4DLM, the Transformer baseline. The loss is the cross-entropy at the scored positions only
+(targets != −100, see mambakit/data/synthetic.py), the optimiser Adam without weight decay at a constant
+learning rate after a short linear warmup (paper App. E.1: "Adam, no weight decay, constant LR"). Each step
+draws a fresh batch from (seed, step), so a run is reproducible and every model of an experiment sees the
+same data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.data.synthetic import IGNORE_INDEX, scored_accuracy
+
+BatchFn = Callable[[int], tuple[Tensor, Tensor]]  # step → (inputs, targets)
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    seconds: float = 0.0
+    stopped: str = "steps"  # "steps", "time" (time budget hit) or "solved" (eval accuracy reached the target)
+    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "loss", "accuracy"} per evaluation
+
+
+def scored_loss(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """Mean cross-entropy over the scored positions; logits of padded vocabulary entries are dropped."""
+    logits = logits[..., :vocab_size].float()
+    return F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[tuple[Tensor, Tensor]], vocab_size: int) -> float:
+    """Accuracy (fraction) over the scored positions of fixed batches."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for inputs, targets in batches:
+        c, n = scored_accuracy(model(inputs).logits, targets, vocab_size)
+        correct, total = correct + c, total + n
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vocab_size: int, *, steps: int,
+          lr: float, warmup: int = 100, eval_every: int = 100, time_budget_s: float = math.inf,
+          stop_at: float | None = None, grad_clip: float = 1.0, name: str = "model", log=print) -> TrainResult:
+    """Trains `model` for `steps` steps (or until time_budget_s, or until validation accuracy >= stop_at);
+    evaluates every eval_every steps and at the end. Prints one progress line per evaluation."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
+    res = TrainResult()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    model.train()
+    for step in range(1, steps + 1):
+        inputs, targets = batch_fn(step)
+        loss = scored_loss(model(inputs).logits, targets, vocab_size)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name}: non-finite loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        elapsed = time.perf_counter() - t0
+        out_of_time = elapsed >= time_budget_s
+        if step % eval_every == 0 or step == steps or out_of_time:
+            acc = evaluate(model, val_batches, vocab_size)
+            mean_loss = sum(losses) / len(losses)
+            losses.clear()
+            elapsed = time.perf_counter() - t0
+            res.curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(mean_loss, 4),
+                              "accuracy": round(acc, 4)})
+            rate = step / elapsed
+            eta = (steps - step) / rate if rate > 0 else float("nan")
+            log(f"  {name:>12s} step {step:6d}/{steps}  loss {mean_loss:.4f}  val acc {100 * acc:5.1f}%  "
+                f"{rate:.1f} steps/s  elapsed {elapsed:5.0f}s  ETA {min(eta, time_budget_s - elapsed):5.0f}s")
+            res.steps, res.seconds = step, elapsed
+            if stop_at is not None and acc >= stop_at:
+                res.stopped = "solved"
+                break
+            if out_of_time:
+                res.stopped = "time"
+                break
+    return res

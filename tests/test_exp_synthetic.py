@@ -1,0 +1,74 @@
+"""Tiny versions of the synthetic-task experiments (experiments/selective_copying, experiments/induction_heads):
+the whole pipeline (train → test → JSON, PNG, README) in seconds, plus the chunked long-sequence evaluation."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from experiments.induction_heads import run as ih  # noqa: E402
+from experiments.selective_copying import run as sc  # noqa: E402
+from experiments.selective_copying.train import scored_loss, train  # noqa: E402
+from mambakit import MambaConfig, MambaLM  # noqa: E402
+from mambakit.data.synthetic import induction_heads  # noqa: E402
+
+
+def test_selective_copying_tiny(tmp_path):
+    args = sc.parse_args(["--seq-len", "48", "--steps", "3", "--batch-size", "4", "--eval-every", "2",
+                          "--val-size", "8", "--test-size", "8", "--d-model", "16", "--out", str(tmp_path)])
+    results = sc.run(args, log=lambda *a: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["models"]) == {"mamba", "mamba_s4d", "s4d"}
+    for r in saved["models"].values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 3
+        assert [c["step"] for c in r["curve"]] == [2, 3]
+    assert results["models"]["mamba"]["params"] != results["models"]["s4d"]["params"]
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    readme = (tmp_path / "README.md").read_text()
+    assert "99.8" in readme and "| Mamba (S6) |" in readme
+
+
+def test_selective_copying_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--seq-len", "20"])
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--models", "mamba,lstm"])
+
+
+def test_induction_heads_tiny(tmp_path):
+    args = ih.parse_args(["--train-len", "64", "--batch-size", "4", "--mamba-steps", "2", "--attn-steps", "2",
+                          "--eval-every", "2", "--val-size", "64", "--min-log-len", "5", "--max-log-len", "8",
+                          "--attn-max-log-len", "7", "--eval-tokens", "512", "--attn-eval-tokens", "256",
+                          "--min-samples", "2", "--chunk", "64", "--mamba-d-model", "16", "--attn-d-model", "32",
+                          "--out", str(tmp_path)])
+    ih.run(args, log=lambda *a: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    acc = {name: r["accuracy"] for name, r in saved["models"].items()}
+    assert all(acc["mamba"][str(L)] is not None for L in (32, 64, 128, 256))  # 128, 256: chunked with state
+    assert acc["mha_abs"]["128"] is None and acc["mha_abs"]["64"] is not None  # no positions past 64
+    assert acc["mha_rope"]["128"] is not None and acc["mha_rope"]["256"] is None  # --attn-max-log-len 7
+    assert saved["models"]["mamba"]["samples"]["256"] == 2
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert "Induction Heads" in (tmp_path / "README.md").read_text()
+
+
+def test_chunked_evaluation_equals_one_call():
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=16)).eval()
+    inputs, _ = induction_heads(3, 200, generator=torch.Generator().manual_seed(1))
+    whole = ih.final_logits(model, inputs, chunk=1000)
+    chunked = ih.final_logits(model, inputs, chunk=64)  # 64 + 64 + 64 + 8 tokens
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+
+
+def test_training_lowers_the_scored_loss():
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=16))
+    data = induction_heads(16, 32, generator=torch.Generator().manual_seed(0))
+    before = scored_loss(model(data[0]).logits, data[1], 16).item()
+    res = train(model, lambda step: data, [data], 16, steps=30, lr=1e-2, warmup=1, eval_every=30,
+                log=lambda *a: None)
+    after = scored_loss(model(data[0]).logits, data[1], 16).item()
+    assert after < before - 0.5 and res.steps == 30 and res.curve[-1]["step"] == 30
