@@ -1,0 +1,169 @@
+"""`mambakit forecast`: CSV in (a timestamp column + value columns), forecasts CSV out (+ plot, + backtest).
+
+    mambakit forecast data.csv --horizon 12 --out forecast.csv --plot forecast.png
+    mambakit forecast data.csv --time-col date --columns sales,visits --horizon 24 --quantiles 0.1,0.5,0.9
+    mambakit forecast data.csv --horizon 12 --backtest 4 --classical    # score against naive/ETS/ARIMA first
+    mambakit forecast data.csv --horizon 12 --set d_model=64 --set max_steps=2000 --save model_dir
+
+Data handling (gaps, irregular timestamps) is mambakit.data.timeseries'; every other ForecastConfig field is
+set with --set key=value (validated by ForecastConfig).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from ..data.timeseries import TimeSeries, read_csv
+from .config import ForecastConfig
+
+
+def default_context(n: int, horizon: int, season: int, val_fraction: float = 0.2) -> int:
+    """Three seasons (or four horizons without a season), at least two horizons, shortened so that a series of
+    n steps still leaves training and validation windows."""
+    want = max(2 * horizon, 3 * season if season > 1 else 4 * horizon)
+    room = int(n * (1 - val_fraction)) - 2 * horizon  # leave ≥ H training windows before the validation part
+    return max(2, min(want, room))
+
+
+def _parse_sets(items: list[str]) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(ForecastConfig)}
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in fields or key in ("horizon", "context", "quantiles"):
+            known = sorted(set(fields) - {"horizon", "context", "quantiles"})
+            raise ValueError(f"--set: unknown ForecastConfig field {key!r} (horizon, context and quantiles have "
+                             f"their own options); fields: {known}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = type(default)(value)
+        except ValueError:
+            raise ValueError(f"--set {key}: {value!r} is not a {type(default).__name__}") from None
+    return out
+
+
+def _fmt_time(t) -> str:
+    if isinstance(t, (int, np.integer)):
+        return str(int(t))
+    t = np.datetime64(t, "s")
+    return str(t.astype("datetime64[D]")) if t == t.astype("datetime64[D]") else str(t).replace("T", " ")
+
+
+def write_forecast_csv(path: str | os.PathLike, forecast) -> None:
+    """timestamp, then per series: <name> (point), <name>_q<level> for each quantile. Written atomically."""
+    path = os.fspath(path)
+    header = ["timestamp"]
+    for name in forecast.names:
+        header.append(name)
+        header += [f"{name}_q{lv:g}" for lv in forecast.levels]
+    rows = []
+    for i, t in enumerate(forecast.timestamps):
+        row = [_fmt_time(t)]
+        for j in range(len(forecast.names)):
+            row.append(f"{forecast.point[i, j]:.6g}")
+            if forecast.quantiles is not None:
+                row += [f"{q:.6g}" for q in forecast.quantiles[i, j]]
+        rows.append(row)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".forecast.", suffix=".csv")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("forecast", help="forecast the next steps of time series in a CSV with a Mamba model",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("csv", help="CSV with a header: a timestamp column and numeric value columns")
+    p.add_argument("--horizon", type=int, required=True, help="steps to forecast (H)")
+    p.add_argument("--time-col", default=None, help="timestamp column (default: the first column)")
+    p.add_argument("--columns", default=None, help="comma-separated value columns (default: all others)")
+    p.add_argument("--context", type=int, default=None,
+                   help="past steps the model reads (default: 3 seasons or 4 horizons, fitted to the length)")
+    p.add_argument("--quantiles", default=None, help="comma-separated levels, must include 0.5 (e.g. 0.1,0.5,0.9)")
+    p.add_argument("--max-gap", type=int, default=5, help="interpolate interior gaps up to this many steps (5)")
+    p.add_argument("--resample", action="store_true",
+                   help="average irregular timestamps onto a regular grid (else they are an error)")
+    p.add_argument("--out", default=None, help="forecasts CSV (default: <csv>.forecast.csv)")
+    p.add_argument("--plot", default=None, help="also write a PNG of history and forecast")
+    p.add_argument("--save", default=None, help="also save the fitted model to this directory")
+    p.add_argument("--backtest", type=int, default=0, metavar="N",
+                   help="first score the model on N rolling-origin windows at the end of the series")
+    p.add_argument("--classical", action="store_true", help="with --backtest: add ETS and ARIMA (statsmodels)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ForecastConfig field, e.g. --set d_model=64 --set max_steps=2000")
+    p.add_argument("--verbose", action="store_true", help="print training progress")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    import torch
+
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    series = read_csv(args.csv, time_col=args.time_col, value_cols=columns, max_gap=args.max_gap,
+                      resample=args.resample)
+    gaps = {k: v for k, v in series.meta.get("gaps", {}).items()}
+    print(f"{args.csv}: {len(series)} steps ({series.freq.name}), series {series.names}"
+          + (f"; interpolated {gaps}" if gaps else ""), file=sys.stderr)
+    quantiles = tuple(float(q) for q in args.quantiles.split(",")) if args.quantiles else ()
+    sets = _parse_sets(args.set)
+    context = args.context or default_context(len(series), args.horizon, series.season,
+                                              sets.get("val_fraction", 0.2))
+    config = ForecastConfig(horizon=args.horizon, context=context, quantiles=quantiles, **sets)
+    if args.backtest:
+        _backtest(series, config, args)
+    from .forecaster import Forecaster
+
+    torch.manual_seed(config.seed)
+    forecaster = Forecaster(config).fit(series, verbose=args.verbose)
+    h = forecaster.history
+    print(f"trained {h['steps']} steps in {h['seconds']:.1f} s (best validation loss {h['best_val_loss']:.4f} at "
+          f"step {h['best_step']}; {h['train_windows']} training / {h['val_windows']} validation windows)",
+          file=sys.stderr)
+    fc = forecaster.predict(series)
+    out = args.out or os.path.splitext(args.csv)[0] + ".forecast.csv"
+    write_forecast_csv(out, fc)
+    print(f"wrote {out}", file=sys.stderr)
+    if args.plot:
+        from .plot import plot_forecast
+
+        plot_forecast(series, fc, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.save:
+        forecaster.save(args.save)
+        print(f"saved the model to {args.save}", file=sys.stderr)
+    return 0
+
+
+def _backtest(series: TimeSeries, config: ForecastConfig, args) -> None:
+    from .backtest import METRICS, MambaMethod, backtest
+    from .baselines import ARIMA, ETS, Naive, SeasonalNaive
+
+    m = series.season
+    methods = {"naive": Naive(), "seasonal naive": SeasonalNaive(m)}
+    if args.classical:
+        methods.update({"ETS": ETS(m, config.horizon, config.val_fraction),
+                        "ARIMA": ARIMA(m, config.horizon, config.val_fraction)})
+    methods["Mamba"] = MambaMethod(config, verbose=args.verbose)
+    r = backtest(series, methods, config.horizon, args.backtest, verbose=args.verbose)
+    print(f"backtest: {args.backtest} windows of {config.horizon} steps, origins {r.origins.tolist()}, MASE lag {m}")
+    print(f"{'method':16s}" + "".join(f"{k:>10s}" for k in METRICS))
+    for name, met in r.metrics.items():
+        print(f"{name:16s}" + "".join(f"{met[k]:10.4g}" for k in METRICS))

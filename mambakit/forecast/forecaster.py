@@ -1,0 +1,235 @@
+"""Forecaster: fit a MambaForecastNet on one series' windows, with early stopping, then predict after any history.
+
+    f = Forecaster(ForecastConfig(horizon=12, context=48)).fit(series)      # series: TimeSeries or (T, C) array
+    fc = f.predict(series)        # Forecast: the H steps after series' last timestamp (point + quantiles)
+
+Training windows (Section "fit" below): every window whose H target steps lie in the first (1 − val_fraction)
+of the series trains; every window whose targets lie in the last val_fraction validates (its context may reach
+back into the training part: those values are in the past of its targets). The network with the lowest
+validation loss is kept. Nothing after the end of the series given to `fit` is ever read, so fitting on a prefix
+and predicting after a longer history is a leak-free rolling-origin backtest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.timeseries import TimeSeries, calendar_features
+from .config import ForecastConfig
+from .metrics import pinball_loss
+from .model import MambaForecastNet
+
+
+@dataclass
+class Forecast:
+    """The H steps after a history: timestamps (H,), point (H, C) (the median when quantiles are predicted),
+    quantiles (H, C, Q) or None, at levels `levels`."""
+
+    timestamps: np.ndarray
+    point: np.ndarray
+    names: list[str]
+    quantiles: np.ndarray | None = None
+    levels: tuple[float, ...] = ()
+
+
+def _as_series(data) -> TimeSeries:
+    if isinstance(data, TimeSeries):
+        series = data
+    else:
+        series = TimeSeries.from_array(np.asarray(data, dtype=np.float64))
+    if not np.isfinite(series.values).all():
+        raise ValueError("the series has missing or non-finite values: fill them first (see "
+                         "mambakit.data.timeseries.fill_gaps, or read_csv's max_gap)")
+    return series
+
+
+class Forecaster:
+    def __init__(self, config: ForecastConfig):
+        if not isinstance(config, ForecastConfig):
+            raise TypeError(f"Forecaster needs a ForecastConfig, got {type(config).__name__}")
+        self.config = config
+        self.net: MambaForecastNet | None = None
+        self.names: list[str] = []
+        self.history: dict = {}  # training record: steps, best step, losses, time
+
+    # ------------------------------------------------------------------------------------------- inputs
+    def _covariates(self, series: TimeSeries) -> np.ndarray:
+        if not self.config.calendar:
+            return np.zeros((len(series), 0), np.float32)
+        return calendar_features(series.timestamps, series.freq)
+
+    @staticmethod
+    def _gather(values: torch.Tensor, origins: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """values (T, K), origins (b,) → (b, stop − start, K): rows origin+start .. origin+stop−1."""
+        idx = origins[:, None] + torch.arange(start, stop)[None]  # (b, stop − start)
+        return values[idx]
+
+    def _split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training and validation origins (index of the first target step) for a series of length n."""
+        c = self.config
+        n_val = max(c.horizon, int(round(c.val_fraction * n)))
+        val_start = n - n_val
+        train = np.arange(c.context, val_start - c.horizon + 1)
+        val = np.arange(max(val_start, c.context), n - c.horizon + 1)
+        if len(train) < 1 or len(val) < 1:
+            need = c.context + 2 * c.horizon
+            need = max(need, int(math.ceil((c.context + c.horizon) / (1 - c.val_fraction))) + 1)
+            raise ValueError(f"a series of {n} steps is too short for context={c.context}, horizon={c.horizon} and "
+                             f"val_fraction={c.val_fraction}: it gives {len(train)} training and {len(val)} "
+                             f"validation windows (need about {need} steps; shorten the context)")
+        return train, val
+
+    # ---------------------------------------------------------------------------------------------- fit
+    def fit(self, data, verbose: bool = False) -> "Forecaster":
+        c = self.config
+        series = _as_series(data)
+        self.names, self.freq = list(series.names), series.freq
+        threads = torch.get_num_threads()
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        try:
+            self._fit(series, verbose)
+        finally:
+            torch.set_num_threads(threads)
+        return self
+
+    def _fit(self, series: TimeSeries, verbose: bool) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        rng = np.random.default_rng(c.seed)
+        values = torch.tensor(series.values, dtype=torch.float32)  # (T, C)
+        cov = torch.tensor(self._covariates(series))  # (T, F)
+        train, val = self._split(len(series))
+        net = MambaForecastNet(c, series.n_channels, cov.shape[1])
+        levels = torch.tensor(c.quantiles or (0.5,))
+
+        def loss_on(origins: np.ndarray) -> torch.Tensor:
+            o = torch.as_tensor(origins)
+            x = self._gather(values, o, -c.context, 0)  # (b, L, C)
+            y = self._gather(values, o, 0, c.horizon)  # (b, H, C)
+            out, loc, scale = net(x, self._gather(cov, o, -c.context, 0))
+            target = (y - loc) / scale  # the loss lives in each window's normalised units
+            if c.quantiles:
+                return pinball_loss(out, target, levels)
+            return (out[..., 0] - target).abs().mean()  # = 2 × pinball at q = 0.5 (the median)
+
+        def evaluate() -> float:
+            net.eval()
+            with torch.no_grad():
+                chunks = np.array_split(val, max(1, len(val) // 512))
+                total = sum(loss_on(ch).item() * len(ch) for ch in chunks)
+            net.train()
+            return total / len(val)
+
+        def run(origins: np.ndarray, steps: int, validate: bool):
+            opt = torch.optim.AdamW(net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            best, best_step, best_state, bad, record = math.inf, 0, None, 0, []
+            t0 = time.perf_counter()
+            for step in range(1, steps + 1):
+                batch = rng.choice(origins, size=min(c.batch_size, len(origins)), replace=len(origins) < c.batch_size)
+                loss = loss_on(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                out_of_time = c.time_budget_s and time.perf_counter() - t0 > c.time_budget_s
+                if validate and (step % c.eval_every == 0 or step == steps or out_of_time):
+                    v = evaluate()
+                    record.append((step, float(loss.item()), v))
+                    if v < best - 1e-6:
+                        best, best_step, best_state, bad = v, step, copy.deepcopy(net.state_dict()), 0
+                    else:
+                        bad += 1
+                    if verbose:
+                        el = time.perf_counter() - t0
+                        print(f"  step {step:5d}  train {loss.item():.4f}  val {v:.4f}  best {best:.4f}@{best_step}"
+                              f"  {step / el:.1f} steps/s  {el:.0f}s", file=sys.stderr, flush=True)
+                    if bad >= c.patience:
+                        break
+                if out_of_time:
+                    break
+            return best, best_step, best_state, record, time.perf_counter() - t0
+
+        best, best_step, best_state, record, seconds = run(train, c.max_steps, validate=True)
+        net.load_state_dict(best_state)
+        self.history = {"best_val_loss": best, "best_step": best_step, "steps": record[-1][0] if record else 0,
+                        "train_windows": int(len(train)), "val_windows": int(len(val)), "seconds": seconds,
+                        "record": record}
+        if c.refit:
+            # retrain from scratch on every window (validation included) for the number of steps that was best
+            torch.manual_seed(c.seed)
+            net = MambaForecastNet(c, series.n_channels, cov.shape[1])
+            _, _, _, _, s2 = run(np.concatenate([train, val]), best_step, validate=False)
+            self.history["refit_seconds"] = s2
+        self.net = net.eval()
+
+    # ------------------------------------------------------------------------------------------ predict
+    @torch.no_grad()
+    def predict(self, history) -> Forecast:
+        """The H steps after `history` (a TimeSeries with the columns fitted, or a (T, C) array), from its last
+        `context` values."""
+        if self.net is None:
+            raise RuntimeError("Forecaster.predict before fit (or load)")
+        c = self.config
+        series = _as_series(history)
+        if series.n_channels != self.net.n_channels:
+            raise ValueError(f"history has {series.n_channels} columns, the forecaster was fitted on "
+                             f"{self.net.n_channels} ({self.names})")
+        if len(series) < c.context:
+            raise ValueError(f"history of {len(series)} steps is shorter than the context ({c.context})")
+        threads = torch.get_num_threads()
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        try:
+            x = torch.tensor(series.values[-c.context:], dtype=torch.float32)[None]  # (1, L, C)
+            cov = torch.tensor(self._covariates(series)[-c.context:])[None]  # (1, L, F)
+            out, loc, scale = self.net(x, cov)
+            y = MambaForecastNet.denormalise(out, loc, scale)[0].double().numpy()  # (H, C, Q)
+        finally:
+            torch.set_num_threads(threads)
+        if c.quantiles:
+            point = y[..., c.quantiles.index(0.5)]
+            return Forecast(series.future_timestamps(c.horizon), point, list(series.names), y, c.quantiles)
+        return Forecast(series.future_timestamps(c.horizon), y[..., 0], list(series.names))
+
+    # ------------------------------------------------------------------------------------- save / load
+    def save(self, directory: str | os.PathLike) -> None:
+        """forecast_config.json (config, column names, sizes) + forecast_model.pt (state dict), written atomically."""
+        if self.net is None:
+            raise RuntimeError("Forecaster.save before fit")
+        os.makedirs(directory, exist_ok=True)
+        meta = {"config": self.config.to_dict(), "names": self.names, "n_channels": self.net.n_channels,
+                "n_covariates": self.net.n_covariates, "history": {k: v for k, v in self.history.items()
+                                                                    if k != "record"}}
+        for name, write in (("forecast_config.json", lambda f: f.write(json.dumps(meta, indent=2).encode())),
+                            ("forecast_model.pt", lambda f: torch.save(self.net.state_dict(), f))):
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, os.path.join(directory, name))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Forecaster":
+        path = os.path.join(directory, "forecast_config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} has no forecast_config.json (not a saved Forecaster)")
+        with open(path) as f:
+            meta = json.load(f)
+        self = cls(ForecastConfig.from_dict(meta["config"]))
+        self.names = meta["names"]
+        self.net = MambaForecastNet(self.config, meta["n_channels"], meta["n_covariates"])
+        state = torch.load(os.path.join(directory, "forecast_model.pt"), weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.eval()
+        self.history = meta.get("history", {})
+        return self
