@@ -1,0 +1,348 @@
+"""DNA experiment (paper §4.3): next-nucleotide pretraining at growing context on real bacterial genomes,
+then species / replication-strand classification of windows, pretrained vs from scratch.
+
+    bash experiments/dna/setup.sh            # once: apt-installs ragout-examples (16 genomes, 4 species)
+    python -m experiments.dna                # ≈ 20 min on an idle core; writes results.json, *.png, results.md
+
+Data: ragout-examples' complete reference genomes, `<root>/<Species>/references/<strain>.fasta.gz`. Whole
+strains are held out (default DH1, SJM180, USA300_FPR3757, O395: one per species): the validation perplexity
+and the classification accuracy are measured only on genomes never trained on.
+
+1. Pretraining (Figure 5 right, pattern): one Mamba per context length L ∈ {2^10, 2^12, 2^14, 2^16}, the same
+   wall-clock budget and the same tokens per step (2^14; batch = 2^14 / L, at least 1), reverse-complement
+   augmentation. Perplexity on held-out strains, each model at its own context, over the same 2^16-long
+   segments (cut into L-long windows).
+2. Classification (Table 13, pattern), for windows L ∈ {2^10, 2^12, 2^14}:
+   - species: 4 classes (E. coli, H. pylori, S. aureus, V. cholerae), held-out strains;
+   - replication strand (the harder task): is the window, read as given, on the leading strand (between the
+     origin and the terminus of replication, clockwise) or the lagging one? ori / ter are the minimum /
+     maximum of the cumulative GC skew Σ(G − C) of each chromosome (the standard way to place them in
+     bacteria). Only the window is shown, so the model must pick up the weak strand asymmetries (GC skew,
+     gene orientation) from L bases. Reverse-complementing a window flips its label.
+   Each task and length: from the pretrained model of the same context (or the nearest shorter) and from
+   scratch, same budget; the head reads the last hidden state (the paper's choice for causal models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mambakit.config import MambaConfig
+from mambakit.data.dna import Genome, GenomeWindows, NucleotideTokenizer, load_genome
+from mambakit.heads import SequenceClassifier
+from mambakit.model import MambaLM
+
+from .loop import eval_lm, lm_loss, run_budgeted
+
+HERE = Path(__file__).resolve().parent
+RAGOUT = Path("/usr/share/doc/ragout/examples")
+VAL_STRAINS = ("DH1", "SJM180", "USA300_FPR3757", "O395")
+
+# Paper numbers next to ours. Figure 5 (right) is plot-only: HG38, 6×128 Mamba (≈1.4M params), 2^10 → 2^20,
+# perplexity falls steadily with context (from ≈3.0 towards ≈2.9 read off the plot, unconfirmed).
+PAPER_TABLE13 = {  # Great Apes species classification accuracy (%), 5 classes, random = 20%
+    "HyenaDNA 1.4M": {10: 28.04, 12: 28.43, 14: 41.17, 16: 42.22, 18: 31.10, 20: 54.87},
+    "Mamba 1.4M": {10: 31.47, 12: 27.50, 14: 27.66, 16: 40.72, 18: 42.41, 20: 71.67},
+    "Mamba 7M": {10: 30.00, 12: 29.01, 14: 31.48, 16: 43.73, 18: 56.60, 20: 81.31},
+}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_genomes(root: Path, val_strains: tuple[str, ...], min_record: int) -> tuple[list[Genome], list[Genome], list[str]]:
+    """(train genomes, held-out genomes, species names) from <root>/<Species>/references/*.fa[sta][.gz]."""
+    files = sorted(p for p in root.glob("*/references/*") if ".fa" in p.name)
+    if not files:
+        raise FileNotFoundError(f"no genomes under {root}/<Species>/references/ (run experiments/dna/setup.sh)")
+    species = sorted({p.parent.parent.name for p in files})
+    train, val = [], []
+    for p in files:
+        strain = p.name.split(".fa")[0]
+        g = load_genome(p, p.parent.parent.name, strain, min_record_length=min_record)
+        (val if strain in val_strains else train).append(g)
+    for s in species:
+        if not any(g.species == s for g in val) or not any(g.species == s for g in train):
+            raise ValueError(f"species {s}: need at least one training and one held-out strain "
+                             f"(held out: {val_strains})")
+    return train, val, species
+
+
+def strand_labeller(genomes: list[Genome]):
+    """label_fn for GenomeWindows: 1 if the window's centre lies on the leading strand of the + strand
+    (clockwise from ori to ter), else 0; flipped for a reverse-complemented window."""
+    arcs = []
+    for gen in genomes:
+        per = []
+        for rec in gen.records:
+            skew = np.cumsum((rec == 2).astype(np.int32) - (rec == 1).astype(np.int32))  # Σ(G − C)
+            per.append((int(skew.argmin()), int(skew.argmax()), len(rec)))
+        arcs.append(per)
+
+    def label(g: int, r: int, start: int, length: int, rc: bool) -> int:
+        ori, ter, n = arcs[g][r]
+        c = start + length // 2
+        leading = (c - ori) % n < (ter - ori) % n
+        return int(leading != rc)
+
+    return label
+
+
+def eval_segments(genomes: list[Genome], seg_len: int, per_genome: int) -> list[np.ndarray]:
+    """Fixed held-out segments (the same for every context length): per_genome evenly spaced per genome."""
+    segs = []
+    for gen in genomes:
+        rec = max(gen.records, key=len)
+        starts = np.linspace(0, len(rec) - seg_len, per_genome).astype(int)
+        segs += [rec[s:s + seg_len].astype(np.int64) for s in starts]
+    return segs
+
+
+# ------------------------------------------------------------------------------------------ experiments
+def model_config(args) -> MambaConfig:
+    return MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=NucleotideTokenizer().vocab_size)
+
+
+def pretrain(args, train_g, val_g) -> tuple[dict, dict]:
+    """One LM per context; returns ({L: results}, {L: model})."""
+    results, models = {}, {}
+    segs = eval_segments(val_g, max(args.contexts) + 1, args.eval_segments)  # + 1: the last target
+    for L in args.contexts:
+        torch.manual_seed(args.seed)
+        model = MambaLM(model_config(args))
+        batch = max(1, args.tokens_per_step // L)
+        windows = GenomeWindows(train_g, L + 1, rc_prob=0.5)
+        rng = np.random.default_rng(args.seed)
+
+        def loss_fn(step):
+            ids, _ = windows.sample(batch, rng)
+            return lm_loss(model, ids), batch * L
+
+        print(f"[pretrain] context 2^{int(math.log2(L))} = {L}: batch {batch}, budget {args.pretrain_s:g} s",
+              file=sys.stderr, flush=True)
+        run = run_budgeted(model, loss_fn, args.pretrain_s, args.lr, max_steps=args.max_steps, label=f"L={L}")
+        # held-out strains: every segment cut into L-long windows (+1 for the target), each scored once
+        wins = torch.from_numpy(np.concatenate([
+            np.stack([s[i:i + L + 1] for i in range(0, len(s) - L, L)]) for s in segs]))
+        nll = eval_lm(model, wins, max(1, args.eval_tokens // L))
+        results[L] = {"context": L, "batch": batch, "val_nats": nll, "val_ppl": math.exp(nll),
+                      "val_bits_per_base": nll / math.log(2), "val_tokens": int(wins[:, 1:].numel()),
+                      **{k: v for k, v in run.items() if k != "loss_curve"}, "loss_curve": run["loss_curve"]}
+        print(f"[pretrain] L={L}: {run['steps']} steps, {run['tokens']:,} tokens, held-out perplexity "
+              f"{math.exp(nll):.4f} ({nll / math.log(2):.4f} bits/base)", file=sys.stderr, flush=True)
+        models[L] = model
+    return results, models
+
+
+@torch.no_grad()
+def eval_classifier(clf, windows: GenomeWindows, n_windows: int, batch: int) -> dict:
+    """Accuracy on deterministic held-out windows (evenly spread over every held-out genome)."""
+    per_genome = max(1, n_windows // len(windows.genomes))
+    tiles = list(windows.tiles(per_genome))
+    correct, n = 0, 0
+    for i in range(0, len(tiles), batch):
+        chunk = tiles[i:i + batch]
+        ids = torch.from_numpy(np.stack([windows.window(g, r, s) for g, r, s in chunk]))
+        y = torch.tensor([windows.label_fn(g, r, s, windows.length, False) if windows.label_fn
+                          else windows.labels[g] for g, r, s in chunk])
+        correct += int((clf(ids).logits.argmax(-1) == y).sum())
+        n += len(chunk)
+    return {"accuracy": correct / n, "n_eval": n}
+
+
+def classify(args, train_g, val_g, species, models) -> dict:
+    out = {}
+    tasks = {
+        "species": dict(classes=len(species), labels=lambda gs: [species.index(g.species) for g in gs],
+                        label_fn=lambda gs: None),
+        "strand": dict(classes=2, labels=lambda gs: None, label_fn=strand_labeller),
+    }
+    for task in args.tasks:
+        t = tasks[task]
+        for L in args.windows:
+            src = max((c for c in models if c <= L), default=None)
+            for init in ("pretrained", "scratch"):
+                if init == "pretrained" and src is None:
+                    continue
+                torch.manual_seed(args.seed + 1)
+                if init == "pretrained":
+                    clf = SequenceClassifier.from_lm(models[src], t["classes"], pooling="last")
+                else:
+                    clf = SequenceClassifier(model_config(args), t["classes"], pooling="last")
+                tr = GenomeWindows(train_g, L, labels=t["labels"](train_g), rc_prob=0.5, label_fn=t["label_fn"](train_g))
+                va = GenomeWindows(val_g, L, labels=t["labels"](val_g), label_fn=t["label_fn"](val_g))
+                batch = max(args.min_cls_batch, args.cls_tokens_per_step // L)
+                rng = np.random.default_rng(args.seed + 2)
+
+                def loss_fn(step):
+                    ids, y = tr.sample(batch, rng)
+                    return clf(ids, labels=y).loss, batch * L
+
+                print(f"[{task}] window {L}, {init}" + (f" (from the L={src} LM)" if init == "pretrained" else "")
+                      + f": batch {batch}", file=sys.stderr, flush=True)
+                run = run_budgeted(clf, loss_fn, args.finetune_s, args.cls_lr, weight_decay=0.1,
+                                   max_steps=args.max_steps, label=f"{task} L={L} {init}", log_every=5)
+                n_eval = max(args.min_eval_windows, min(args.max_eval_windows, args.eval_tokens // L))
+                ev = eval_classifier(clf, va, n_eval, max(1, args.eval_tokens // (4 * L)))
+                key = f"{task}/{L}/{init}"
+                out[key] = {"task": task, "window": L, "init": init, "pretrained_context": src if init == "pretrained" else None,
+                            "classes": t["classes"], "chance": 1 / t["classes"], **ev,
+                            **{k: v for k, v in run.items() if k != "loss_curve"}}
+                print(f"[{task}] window {L} {init}: held-out accuracy {ev['accuracy']:.3f} on {ev['n_eval']} windows "
+                      f"({run['steps']} steps)", file=sys.stderr, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+def plots(res: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    pre = res["pretrain"]
+    if pre:
+        Ls = sorted(int(k) for k in pre)
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.plot(Ls, [pre[str(L)]["val_ppl"] for L in Ls], "o-", label=f"Mamba {res['params']['lm'] / 1e3:.0f}K")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (bases)")
+        ax.set_ylabel("perplexity (held-out strains)")
+        ax.set_title("Next-base pretraining vs context (cf. paper Fig. 5 right)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "ppl_vs_context.png", dpi=120)
+        plt.close(fig)
+        made.append("ppl_vs_context.png")
+    cls = res["classify"]
+    if cls:
+        tasks = sorted({v["task"] for v in cls.values()})
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for init, style in (("pretrained", "o-"), ("scratch", "s--")):
+                pts = sorted((v["window"], v["accuracy"]) for v in cls.values() if v["task"] == task and v["init"] == init)
+                if pts:
+                    ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=init)
+            chance = next(v["chance"] for v in cls.values() if v["task"] == task)
+            ax.axhline(100 * chance, color="gray", lw=0.8, ls=":", label="chance")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("window length (bases)")
+            ax.set_ylabel("accuracy on held-out strains (%)")
+            ax.set_title(f"{task} classification")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_window.png", dpi=120)
+        plt.close(fig)
+        made.append("accuracy_vs_window.png")
+    return made
+
+
+def table(res: dict) -> str:
+    lines = ["### Pretraining: held-out perplexity vs context", "",
+             "| context | batch | steps | tokens | train loss (nats) | held-out perplexity | bits/base |",
+             "|---|---|---|---|---|---|---|"]
+    for k in sorted(res["pretrain"], key=int):
+        r = res["pretrain"][k]
+        lines.append(f"| 2^{int(math.log2(r['context']))} | {r['batch']} | {r['steps']} | {r['tokens']:,} | "
+                     f"{r['train_loss']:.4f} | {r['val_ppl']:.4f} | {r['val_bits_per_base']:.4f} |")
+    cls = res["classify"]
+    for task in sorted({v["task"] for v in cls.values()}):
+        Ls = sorted({v["window"] for v in cls.values() if v["task"] == task})
+        lines += ["", f"### {task} classification: accuracy (%) on held-out strains", "",
+                  "| init | " + " | ".join(f"2^{int(math.log2(L))}" for L in Ls) + " |",
+                  "|---|" + "---|" * len(Ls)]
+        for init in ("pretrained", "scratch"):
+            cells = []
+            for L in Ls:
+                v = cls.get(f"{task}/{L}/{init}")
+                cells.append(f"{100 * v['accuracy']:.1f} ({v['n_eval']})" if v else "–")
+            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        chance = next(v["chance"] for v in cls.values() if v["task"] == task)
+        lines.append(f"| chance | " + " | ".join(f"{100 * chance:.1f}" for _ in Ls) + " |")
+    lines += ["", "Paper Table 13 (Great Apes, 5 classes, HG38-pretrained, accuracy %):", "",
+              "| model | 2^10 | 2^12 | 2^14 | 2^16 | 2^18 | 2^20 |", "|---|---|---|---|---|---|---|"]
+    for name, row in PAPER_TABLE13.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[e]:.2f}" for e in (10, 12, 14, 16, 18, 20)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.dna", description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, default=RAGOUT, help="<root>/<Species>/references/<strain>.fasta.gz")
+    p.add_argument("--val_strains", default=",".join(VAL_STRAINS), help="held-out strains (comma-separated)")
+    p.add_argument("--out", type=Path, default=HERE, help="where results.json, results.md and the PNGs go")
+    p.add_argument("--contexts", default="1024,4096,16384,65536", help="pretraining context lengths")
+    p.add_argument("--windows", default="1024,4096,16384", help="classification window lengths")
+    p.add_argument("--tasks", default="species,strand")
+    p.add_argument("--d_model", type=int, default=64)
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--tokens_per_step", type=int, default=2**14)
+    p.add_argument("--pretrain_s", type=float, default=150.0, help="seconds of training per context")
+    p.add_argument("--finetune_s", type=float, default=45.0, help="seconds of training per classifier")
+    p.add_argument("--max_steps", type=int, default=None, help="cap on steps per run (CI)")
+    p.add_argument("--lr", type=float, default=8e-3, help="pretraining peak LR (paper: 8e-3 for Mamba)")
+    p.add_argument("--cls_lr", type=float, default=2e-3)
+    p.add_argument("--cls_tokens_per_step", type=int, default=2**15)
+    p.add_argument("--min_cls_batch", type=int, default=4)
+    p.add_argument("--eval_segments", type=int, default=4, help="held-out segments per held-out genome")
+    p.add_argument("--eval_tokens", type=int, default=2**18, help="tokens per evaluation batch / classification eval size")
+    p.add_argument("--min_eval_windows", type=int, default=64)
+    p.add_argument("--max_eval_windows", type=int, default=512)
+    p.add_argument("--min_record", type=int, default=100_000, help="skip records (plasmids) shorter than this")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    a.contexts = [int(x) for x in a.contexts.split(",") if x]
+    a.windows = [int(x) for x in a.windows.split(",") if x]
+    a.tasks = [t for t in a.tasks.split(",") if t]
+    a.val_strains = tuple(s for s in a.val_strains.split(",") if s)
+    for t in a.tasks:
+        if t not in ("species", "strand"):
+            p.error(f"unknown task {t!r} (species, strand)")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    train_g, val_g, species = load_genomes(args.root, args.val_strains, args.min_record)
+    print(f"genomes: {len(train_g)} train ({sum(g.n_bases for g in train_g):,} bp), {len(val_g)} held out "
+          f"({', '.join(g.strain for g in val_g)}); species {species}", file=sys.stderr, flush=True)
+    pre, models = pretrain(args, train_g, val_g)
+    cls = classify(args, train_g, val_g, species, models)
+    lm_params = MambaLM(model_config(args)).num_parameters()
+    res = {
+        "command": "python -m experiments.dna " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "params": {"lm": lm_params, "d_model": args.d_model, "n_layer": args.n_layer},
+        "data": {"train": [f"{g.species}/{g.strain}" for g in train_g], "held_out": [f"{g.species}/{g.strain}" for g in val_g],
+                 "gc": {f"{g.species}/{g.strain}": round(g.gc_content(), 4) for g in train_g + val_g}},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "pretrain": {str(k): v for k, v in pre.items()}, "classify": cls,
+        "seconds": time.time() - t0, "threads": args.threads,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "results.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    os.replace(tmp, args.out / "results.json")
+    md = table(res)
+    (args.out / "results.md").write_text(md)
+    res["plots"] = plots(res, args.out)
+    print(md)
+    print(f"total {time.time() - t0:.0f} s; wrote {args.out}/results.json, results.md, {', '.join(res['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

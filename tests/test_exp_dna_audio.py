@@ -1,0 +1,129 @@
+"""Tiny CI versions of experiments/dna and experiments/audio: the whole pipeline (data → training → evaluation
+→ results.json / results.md / PNGs) in seconds on synthetic FASTA and WAV files written to tmp_path; no Debian
+data packages needed. The digit part needs flite + espeak-ng: its pieces are tested on synthetic clips, and the
+whole part runs only where the synthesisers are installed."""
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mambakit.data.audio import write_wav
+
+
+def write_genomes(root, rng):
+    """Two 'species' (GC 35% / 60%), two strains each, one 6 kb record per strain."""
+    for sp, gc in (("A.one", 0.35), ("B.two", 0.60)):
+        for strain in ("s1", "s2"):
+            d = root / sp / "references"
+            d.mkdir(parents=True, exist_ok=True)
+            p = [(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2]
+            seq = "".join(rng.choice(list("ACGT"), 6000, p=p))
+            lines = "\n".join(seq[i:i + 70] for i in range(0, len(seq), 70))
+            (d / f"{strain}.fasta.gz").write_bytes(gzip.compress(f">{strain} chromosome\n{lines}\n".encode()))
+
+
+def test_dna_experiment_tiny(tmp_path):
+    from experiments.dna.run import main, strand_labeller
+    from mambakit.data.dna import Genome
+
+    write_genomes(tmp_path / "g", np.random.default_rng(0))
+    out = tmp_path / "out"
+    rc = main(["--root", str(tmp_path / "g"), "--val_strains", "s2", "--out", str(out), "--contexts", "64,128",
+               "--windows", "64,128", "--d_model", "16", "--n_layer", "1", "--tokens_per_step", "256",
+               "--max_steps", "2", "--pretrain_s", "0", "--finetune_s", "0", "--eval_segments", "1",
+               "--eval_tokens", "1024", "--min_eval_windows", "8", "--max_eval_windows", "8", "--min_record", "1000",
+               "--cls_tokens_per_step", "256"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["pretrain"]) == {"64", "128"}
+    for r in res["pretrain"].values():
+        assert r["steps"] == 2 and 1.0 < r["val_ppl"] < 8.0  # at most the vocabulary size
+    assert len(res["classify"]) == 8  # 2 tasks × 2 windows × (pretrained, scratch)
+    assert all(0.0 <= v["accuracy"] <= 1.0 for v in res["classify"].values())
+    assert (out / "ppl_vs_context.png").stat().st_size > 0 and (out / "accuracy_vs_window.png").stat().st_size > 0
+    assert "held-out perplexity" in (out / "results.md").read_text()
+    # the strand label: ori at the minimum of Σ(G − C), ter at its maximum; RC flips it
+    rec = np.array([1] * 100 + [2] * 100, dtype=np.uint8)  # Σ(G−C) falls to −100 (ori at 99), then rises (ter 199)
+    lab = strand_labeller([Genome("x", "y", [rec], ["r"])])
+    assert lab(0, 0, 120, 20, False) == 1 and lab(0, 0, 120, 20, True) == 0
+    assert lab(0, 0, 20, 20, False) == 0
+
+
+def test_audio_waveform_tiny(tmp_path):
+    from experiments.audio.run import main
+
+    rng = np.random.default_rng(0)
+    t = np.arange(8000 * 2) / 8000
+    for i in range(3):
+        write_wav(tmp_path / "moh" / f"t{i}.wav", 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t)
+                  + 0.02 * rng.standard_normal(len(t)), 8000)
+    out = tmp_path / "out"
+    assert main(["--parts", "waveform", "--out", str(out), "--moh_dir", str(tmp_path / "moh"), "--held_out", "t2",
+                 "--contexts", "64,128", "--d_model", "16", "--n_layer", "1", "--tokens_per_step", "256",
+                 "--max_steps", "2", "--waveform_s", "0", "--eval_segments", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())["waveform"]
+    assert {v["model"] for v in res["results"].values()} == {"mamba", "s4d"}
+    p = {v["model"]: v["params"] for v in res["results"].values()}
+    assert abs(p["s4d"] - p["mamba"]) / p["mamba"] < 0.1  # equal size, within 10%
+    assert all(0 < v["val_bits_per_sample"] < 9 for v in res["results"].values())
+    assert (out / "bits_vs_context.png").stat().st_size > 0
+
+
+def test_digit_scores_and_pieces():
+    from experiments.audio import digits
+
+    # IS / AM on known probabilities: one-hot and balanced → IS = classes, AM = 0; uniform → IS = 1
+    eye = np.eye(10)
+    s = digits.scores(eye, np.arange(10))
+    assert s["IS"] == pytest.approx(10.0, rel=1e-6) and s["AM"] == pytest.approx(0.0, abs=1e-6)
+    assert s["accuracy"] == 1.0
+    u = digits.scores(np.full((5, 10), 0.1))
+    assert u["IS"] == pytest.approx(1.0) and u["AM"] == pytest.approx(np.log(10), rel=1e-6)
+    # fit_clip places the trimmed, normalised word 50 ms into a 1 s clip
+    x = np.concatenate([np.zeros(300), 0.5 * np.sin(np.arange(1000) / 3.0), np.zeros(300)])
+    c = digits.fit_clip(x)
+    assert c.shape == (8000,) and np.all(c[:digits.LEAD] == 0) and abs(np.abs(c).max() - 0.9) < 1e-3
+    with pytest.raises(ValueError, match="silent"):
+        digits.fit_clip(np.zeros(100))
+
+
+def test_digit_classifier_and_generator_on_tones(tmp_path):
+    """The classifier learns 'digits' that are tones of 10 pitches; the generator samples 1-second clips."""
+    from argparse import Namespace
+
+    from experiments.audio import digits
+
+    rng = np.random.default_rng(0)
+    t = np.arange(digits.CLIP) / digits.RATE
+    clips = np.stack([0.5 * np.sin(2 * np.pi * (300 + 250 * d) * t + rng.uniform(0, 6)) for d in range(10)
+                      for _ in range(3)]).astype(np.float32)
+    labels = np.repeat(np.arange(10), 3)
+    args = Namespace(seed=0, cls_d_model=16, cls_n_layer=1, cls_batch=30, cls_s=0, cls_lr=1e-2, max_steps=40,
+                     gen_d_model=16, gen_n_layer=1, gen_batch=1, gen_s=0, gen_lr=1e-3)
+    feats = digits.features(clips)
+    assert feats.shape == (30, 98, 40)
+    clf = digits.train_classifier(args, feats, labels)
+    assert digits.scores(digits.probs(clf, feats), labels)["accuracy"] >= 0.9
+    args.max_steps = 1
+    gen = digits.train_generator(args, clips[:2])
+    out = digits.sample_clips(gen, [[gen.start_code] + [128] * 9] * 2, 40, seed=0)
+    assert out.shape == (2, 40) and out.dtype == np.float32 and np.abs(out).max() <= 1.0
+
+
+@pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+                    reason="needs flite and espeak-ng (experiments/audio/setup.sh)")
+@pytest.mark.slow
+def test_audio_digits_tiny(tmp_path):
+    from experiments.audio.run import main
+
+    out = tmp_path / "out"
+    assert main(["--parts", "digits", "--out", str(out), "--max_voices", "1", "--cls_d_model", "16",
+                 "--cls_n_layer", "1", "--gen_d_model", "16", "--gen_n_layer", "1", "--max_steps", "2",
+                 "--cls_s", "0", "--gen_s", "0", "--n_samples", "2", "--cls_batch", "8", "--gen_batch", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())["digits"]
+    assert res["real_train"]["n"] == 10 and res["generated_unconditional"]["n"] == 2
+    assert (out / "spectrograms.png").stat().st_size > 0 and len(list((out / "samples").glob("*.wav"))) == 10
