@@ -11,7 +11,7 @@ import sys
 
 # Library modules that add their own subcommand: each defines `add_cli(subparsers)`, which registers its
 # parser with `set_defaults(func=handler)`; the handler takes the parsed args and returns an exit code.
-_COMMAND_MODULES: tuple[str, ...] = ("generate", "train")
+_COMMAND_MODULES: tuple[str, ...] = ("generate", "train", "eval", "serve", "forecast")
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
