@@ -102,8 +102,8 @@ def test_digit_classifier_and_generator_on_tones(tmp_path):
     clips = np.stack([0.5 * np.sin(2 * np.pi * (300 + 250 * d) * t + rng.uniform(0, 6)) for d in range(10)
                       for _ in range(3)]).astype(np.float32)
     labels = np.repeat(np.arange(10), 3)
-    args = Namespace(seed=0, cls_d_model=16, cls_n_layer=1, cls_batch=30, cls_s=0, cls_lr=1e-2, max_steps=40,
-                     gen_d_model=16, gen_n_layer=1, gen_batch=1, gen_s=0, gen_lr=1e-3)
+    args = Namespace(seed=0, cls_d_model=16, cls_n_layer=1, cls_batch=30, cls_s=0, cls_tokens=0, cls_lr=1e-2, max_steps=40,
+                     gen_d_model=16, gen_n_layer=1, gen_batch=1, gen_s=0, gen_tokens=0, gen_lr=1e-3)
     feats = digits.features(clips)
     assert feats.shape == (30, 98, 40)
     clf = digits.train_classifier(args, feats, labels)

@@ -132,7 +132,7 @@ def train_classifier(args, feats: np.ndarray, labels: np.ndarray) -> DigitClassi
         return model(x, labels=Y[idx]).loss, x.shape[0] * x.shape[1]
 
     run_budgeted(model, loss_fn, args.cls_s, args.cls_lr, max_steps=args.max_steps, label="digit classifier",
-                 log_every=20)
+                 log_every=20, budget_tokens=args.cls_tokens)
     return model
 
 
@@ -175,7 +175,7 @@ def train_generator(args, clips: np.ndarray) -> MambaLM:
     print(f"[digits] generator: {model.num_parameters():,} params, batch {args.gen_batch} clips",
           file=sys.stderr, flush=True)
     model.gen_run = run_budgeted(model, loss_fn, args.gen_s, args.gen_lr, max_steps=args.max_steps,
-                                 label="generator", log_every=10)
+                                 label="generator", log_every=10, budget_tokens=args.gen_tokens)
     model.start_code = start
     return model
 

@@ -80,7 +80,7 @@ def run(args) -> dict:
             print(f"[waveform] {kind} (d_model {widths[kind]}, {model.num_parameters():,} params), context {L}, "
                   f"batch {batch}", file=sys.stderr, flush=True)
             r = run_budgeted(model, loss_fn, args.waveform_s, args.lr, max_steps=args.max_steps,
-                             label=f"{kind} L={L}")
+                             label=f"{kind} L={L}", budget_tokens=args.waveform_tokens)
             wins = torch.from_numpy(np.concatenate([np.stack([s[i:i + L + 1] for i in range(0, len(s) - L, L)])
                                                     for s in segs]))
             nll = eval_lm(model, wins, max(1, args.eval_batch_tokens // L))

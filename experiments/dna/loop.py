@@ -6,9 +6,9 @@ augmentation, μ-law audio windows) and classification losses. The hook that wou
 `batch_fn(step) -> (b, l + 1) ids` (or a pre-tokenized array data source with a vocab size) and a `loss_fn`
 accepted by `mambakit.train.train`.
 
-Both loops fit their learning-rate schedule to a wall-clock budget (linear warmup over the first 10% of the
-budget, then cosine to lr · min_ratio at the end), so each run in a sweep gets the same compute time, as the
-paper gives each context length the same number of tokens (App E.3.3).
+The loop fits its learning-rate schedule to its budget (tokens, seconds or steps: linear warmup over the first
+10%, then cosine to lr · min_ratio at the end). The experiments' defaults are token budgets, so each run in a
+sweep sees the same number of tokens, as the paper gives each context length (App E.3.3).
 """
 
 from __future__ import annotations
@@ -39,21 +39,25 @@ def _hms(s: float) -> str:
 
 def run_budgeted(model: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Tensor, int]], budget_s: float,
                  lr: float, weight_decay: float = 0.1, grad_clip: float = 1.0, max_steps: int | None = None,
-                 label: str = "", log_every: int = 10, min_steps: int = 1) -> dict:
-    """Runs AdamW steps until `budget_s` seconds (or `max_steps`) have passed. loss_fn(step) returns
-    (loss, tokens in the step's batch). Returns steps, tokens, seconds and the last logged losses."""
+                 label: str = "", log_every: int = 10, min_steps: int = 1, budget_tokens: int = 0) -> dict:
+    """Runs AdamW steps until the first budget is spent: `budget_tokens` tokens, `budget_s` seconds or
+    `max_steps` steps (a budget <= 0 / None is not used; at least one must be). loss_fn(step) returns (loss,
+    tokens in the step's batch). Returns steps, tokens, seconds and the last logged losses.
+
+    A token budget gives every run of a sweep the same data, as the paper does; a time budget gives the same
+    compute only on a machine whose load does not change during the sweep."""
+    if budget_s <= 0 and budget_tokens <= 0 and not max_steps:
+        raise ValueError("run_budgeted needs budget_s > 0, budget_tokens > 0 or max_steps")
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     model.train()
     t0 = time.perf_counter()
     step, tokens, window, losses = 0, 0, [], []
     while True:
         elapsed = time.perf_counter() - t0
-        progress = elapsed / budget_s if budget_s > 0 else 0.0  # budget_s <= 0: steps only (max_steps)
-        if max_steps is not None:
-            progress = max(progress, step / max_steps)
-        elif budget_s <= 0:
-            raise ValueError("run_budgeted needs budget_s > 0 or max_steps")
-        if step >= min_steps and (progress >= 1.0 or (max_steps is not None and step >= max_steps)):
+        progress = max(elapsed / budget_s if budget_s > 0 else 0.0,
+                       tokens / budget_tokens if budget_tokens > 0 else 0.0,
+                       step / max_steps if max_steps else 0.0)
+        if step >= min_steps and progress >= 1.0:
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(min(progress, 1.0), lr)
@@ -70,7 +74,7 @@ def run_budgeted(model: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Te
         if step % log_every == 0:
             el = time.perf_counter() - t0
             losses.append((step, sum(window) / len(window)))
-            eta = max(0.0, budget_s - el) if max_steps is None else el / step * (max_steps - step)
+            eta = el / max(progress, 1e-9) - el  # progress = the largest spent fraction of a budget
             print(f"  {label} step {step} loss {losses[-1][1]:.4f} | {tokens / el:,.0f} tok/s | "
                   f"{_hms(el)} elapsed, ETA {_hms(eta)}", file=sys.stderr, flush=True)
             window = []

@@ -9,7 +9,7 @@ strains are held out (default DH1, SJM180, USA300_FPR3757, O395: one per species
 and the classification accuracy are measured only on genomes never trained on.
 
 1. Pretraining (Figure 5 right, pattern): one Mamba per context length L ∈ {2^10, 2^12, 2^14, 2^16}, the same
-   wall-clock budget and the same tokens per step (2^14; batch = 2^14 / L, at least 1), reverse-complement
+   number of training tokens (4M) and of tokens per step (2^14; batch = 2^14 / L, at least 1), reverse-complement
    augmentation. Perplexity on held-out strains, each model at its own context, over the same 2^16-long
    segments (cut into L-long windows).
 2. Classification (Table 13, pattern), for windows L ∈ {2^10, 2^12, 2^14}:
@@ -20,7 +20,7 @@ and the classification accuracy are measured only on genomes never trained on.
      bacteria). Only the window is shown, so the model must pick up the weak strand asymmetries (GC skew,
      gene orientation) from L bases. Reverse-complementing a window flips its label.
    Each task and length: from the pretrained model of the same context (or the nearest shorter) and from
-   scratch, same budget; the head reads the last hidden state (the paper's choice for causal models).
+   scratch, same token budget (1M); the head reads the last hidden state (the paper's choice for causal models).
 """
 
 from __future__ import annotations
@@ -126,9 +126,10 @@ def pretrain(args, train_g, val_g) -> tuple[dict, dict]:
             ids, _ = windows.sample(batch, rng)
             return lm_loss(model, ids), batch * L
 
-        print(f"[pretrain] context 2^{int(math.log2(L))} = {L}: batch {batch}, budget {args.pretrain_s:g} s",
+        print(f"[pretrain] context 2^{int(math.log2(L))} = {L}: batch {batch}, budget {args.pretrain_tokens:,} tokens",
               file=sys.stderr, flush=True)
-        run = run_budgeted(model, loss_fn, args.pretrain_s, args.lr, max_steps=args.max_steps, label=f"L={L}")
+        run = run_budgeted(model, loss_fn, args.pretrain_s, args.lr, max_steps=args.max_steps, label=f"L={L}",
+                           budget_tokens=args.pretrain_tokens)
         # held-out strains: every segment cut into L-long windows (+1 for the target), each scored once
         wins = torch.from_numpy(np.concatenate([
             np.stack([s[i:i + L + 1] for i in range(0, len(s) - L, L)]) for s in segs]))
@@ -188,8 +189,8 @@ def classify(args, train_g, val_g, species, models) -> dict:
 
                 print(f"[{task}] window {L}, {init}" + (f" (from the L={src} LM)" if init == "pretrained" else "")
                       + f": batch {batch}", file=sys.stderr, flush=True)
-                run = run_budgeted(clf, loss_fn, args.finetune_s, args.cls_lr, weight_decay=0.1,
-                                   max_steps=args.max_steps, label=f"{task} L={L} {init}", log_every=5)
+                run = run_budgeted(clf, loss_fn, args.finetune_s, args.cls_lr, weight_decay=0.1, max_steps=args.max_steps,
+                                   label=f"{task} L={L} {init}", log_every=5, budget_tokens=args.finetune_tokens)
                 n_eval = max(args.min_eval_windows, min(args.max_eval_windows, args.eval_tokens // L))
                 ev = eval_classifier(clf, va, n_eval, max(1, args.eval_tokens // (4 * L)))
                 key = f"{task}/{L}/{init}"
@@ -288,8 +289,10 @@ def parse_args(argv=None):
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--tokens_per_step", type=int, default=2**14)
-    p.add_argument("--pretrain_s", type=float, default=150.0, help="seconds of training per context")
-    p.add_argument("--finetune_s", type=float, default=45.0, help="seconds of training per classifier")
+    p.add_argument("--pretrain_tokens", type=int, default=4_000_000, help="training tokens per context")
+    p.add_argument("--finetune_tokens", type=int, default=1_000_000, help="training tokens per classifier")
+    p.add_argument("--pretrain_s", type=float, default=0, help="optional cap in seconds per context (0: none)")
+    p.add_argument("--finetune_s", type=float, default=0, help="optional cap in seconds per classifier (0: none)")
     p.add_argument("--max_steps", type=int, default=None, help="cap on steps per run (CI)")
     p.add_argument("--lr", type=float, default=8e-3, help="pretraining peak LR (paper: 8e-3 for Mamba)")
     p.add_argument("--cls_lr", type=float, default=2e-3)
