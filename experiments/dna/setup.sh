@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the real genomes used by experiments/dna (Debian bookworm packages; nothing is committed to the repo).
 #   ragout-examples   16 complete bacterial genomes, 4 species (E. coli, H. pylori, S. aureus, V. cholerae)
-#   sibelia-examples  more S. aureus / H. pylori genomes (optional extra)
+# (sibelia-examples, the other package /work/shared/data.md lists, repeats strains of two of these species in
+# one multi-genome file; the experiment does not use it.)
 # Idempotent: does nothing when the files are already there. Needs root (or run the dpkg-deb route in
 # /work/shared/data.md by hand).
 set -euo pipefail
-want=(ragout-examples sibelia-examples)
+want=(ragout-examples)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
