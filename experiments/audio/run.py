@@ -112,7 +112,7 @@ def parse_args(argv=None):
     g.add_argument("--gen_s", type=float, default=0, help="optional cap in seconds (0: none)")
     g.add_argument("--gen_lr", type=float, default=4e-3)
     g.add_argument("--n_samples", type=int, default=16, help="unconditional samples to score")
-    g.add_argument("--prompt_s", type=float, default=0.25, help="seconds of speech in a continuation prompt")
+    g.add_argument("--prompt_s", type=float, default=0.1, help="seconds of speech in a continuation prompt")
     a = p.parse_args(argv)
     a.parts = [x for x in a.parts.split(",") if x]
     a.models = [x for x in a.models.split(",") if x]
