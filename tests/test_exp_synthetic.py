@@ -28,6 +28,10 @@ def test_selective_copying_tiny(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     readme = (tmp_path / "README.md").read_text()
     assert "99.8" in readme and "| Mamba (S6) |" in readme
+    # --report-only rebuilds the README and plot from results.json, without training
+    (tmp_path / "README.md").unlink()
+    sc.main(["--report-only", "--out", str(tmp_path)])
+    assert (tmp_path / "README.md").read_text() == readme
 
 
 def test_selective_copying_rejects_bad_arguments():

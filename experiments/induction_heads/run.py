@@ -12,7 +12,7 @@ Models (2 layers each, paper §4.1.2):
 Each is trained on the same batches (length 256, fresh data every step; loss on the final, scored token only),
 then scored on fixed test sets, one per length. Mamba's long sequences run through the fused CPU kernels in
 chunks of --chunk tokens with the recurrent state carried across (MambaLM.forward(state=..., return_state=True)),
-so memory stays bounded at 2^20. Learned absolute positions stop at the training length (reported "no pos."),
+so memory stays bounded at 2^20. Learned absolute positions stop at the training length (reported ✗),
 and attention is evaluated up to --attn-max-log-len (2^14 in the paper, where its memory ran out).
 Writes results.json, accuracy.png and README.md into --out (default: this folder).
 """
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn-lr", type=float, default=1e-3, help="paper: 2e-4 (over 200K+ steps)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--mamba-d-model", type=int, default=64)
-    p.add_argument("--attn-d-model", type=int, default=128)
+    p.add_argument("--attn-d-model", type=int, default=64, help="paper: 128 (we match Mamba's width, for CPU time)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-size", type=int, default=256, help="validation sequences at the training length")
     p.add_argument("--min-log-len", type=int, default=6)
@@ -93,8 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild the table, accuracy.png and README.md from --out/results.json")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args(argv)
+    args.command = " ".join(["python -m experiments.induction_heads", *(sys.argv[1:] if argv is None else argv)])
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in args.models:
         if m not in MODELS:
@@ -157,8 +160,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(f"Induction Heads: vocab {VOCAB}, train length {args.train_len}, batch {args.batch_size}, "
         f"test lengths 2^{args.min_log_len}..2^{args.max_log_len}, threads {args.threads}")
     results = {"task": "induction_heads",
-               "command": "python -m experiments.induction_heads " + " ".join(sys.argv[1:]),
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "command": args.command,
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
                "models": {}}
     budget = args.time_budget_min * 60 if args.time_budget_min > 0 else float("inf")
     for name in args.models:
@@ -318,8 +321,22 @@ Raw numbers, training curves and sample counts: `results.json`.
     os.replace(tmp, path)
 
 
+def report(args: argparse.Namespace, log=print) -> dict:
+    """The table, plot and README of a finished run, from its results.json."""
+    path = args.out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: no results.json in {args.out}")
+    results = json.loads(path.read_text())
+    print_table(results, log)
+    plot(results, args.out / "accuracy.png")
+    if not args.no_readme:
+        write_readme(results, args.out / "README.md")
+    return results
+
+
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    report(args) if args.report_only else run(args)
     return 0
 
 

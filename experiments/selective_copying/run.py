@@ -60,10 +60,11 @@ def build_model(name: str, d_model: int, n_layer: int, d_state: int) -> torch.nn
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.selective_copying", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-len", type=int, default=256, help="whole input length, markers included (default 256)")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="whole input length, markers included (default 128; the paper: 4096)")
     p.add_argument("--full", action="store_true", help=f"the paper's setting: seq_len {SELECTIVE_COPYING_FULL_LEN}")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    p.add_argument("--steps", type=int, default=1500, help="training steps per model (the same for every model)")
+    p.add_argument("--steps", type=int, default=4000, help="training steps per model (the same for every model)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -73,13 +74,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-size", type=int, default=128, help="validation sequences (the curve)")
     p.add_argument("--test-size", type=int, default=1024, help="test sequences (the table)")
+    p.add_argument("--stop-at", type=float, default=0.99,
+                   help="stop a model's training once its validation accuracy reaches this (it has solved the task)")
     p.add_argument("--time-budget-min", type=float, default=0.0,
                    help="stop a model's training after this many minutes (0 = no limit); recorded in the JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--out", type=Path, default=HERE, help="output folder (results.json, accuracy.png, README.md)")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild the table, accuracy.png and README.md from --out/results.json")
     p.add_argument("--no-readme", action="store_true", help="do not write README.md")
     args = p.parse_args(argv)
+    args.command = " ".join(["python -m experiments.selective_copying", *(sys.argv[1:] if argv is None else argv)])
     if args.full:
         args.seq_len = SELECTIVE_COPYING_FULL_LEN
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -113,9 +119,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     log(f"Selective Copying: seq_len {args.seq_len}, vocab {VOCAB}, {N_MEMORIZE} tokens to copy; "
         f"{args.steps} steps × batch {args.batch_size}, lr {args.lr}, threads {args.threads}")
-    results = {"task": "selective_copying", "command": "python -m experiments.selective_copying " +
-               " ".join(sys.argv[1:]) if sys.argv[0].endswith(("run.py", "__main__.py")) else None,
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    results = {"task": "selective_copying", "command": args.command,
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
                "models": {}}
     budget = args.time_budget_min * 60 if args.time_budget_min > 0 else float("inf")
     for name in args.models:
@@ -124,7 +129,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"{MODELS[name][0]} ({name}): {n_params:,} parameters")
         res = train(model, batch_fn, val, VOCAB, steps=args.steps, lr=args.lr, warmup=args.warmup,
-                    eval_every=args.eval_every, time_budget_s=budget, name=name, log=log)
+                    eval_every=args.eval_every, time_budget_s=budget, stop_at=args.stop_at, name=name, log=log)
         t0 = time.perf_counter()
         acc = evaluate(model, test, VOCAB)
         log(f"  {name}: test accuracy {100 * acc:.1f}% ({args.test_size} sequences, "
@@ -201,12 +206,13 @@ is random, a time-invariant (LTI) model cannot know where to look; the selection
 functions of the input) lets the model keep the data tokens and skip the noise. Generator:
 `mambakit.data.synthetic.selective_copying` (vocab 16: noise 0, data 1–14, marker 15).
 
-    {results.get("command") or "python -m experiments.selective_copying"}
+    {results['command']}
 
 Setting: sequence length **{s['seq_len']}** (the paper: 4096; `--full` runs it), 2 layers, D = {s['d_model']},
 N = {s['d_state']}, batch {s['batch_size']}, Adam (no weight decay), lr {s['lr']} constant after {s['warmup']}
-warmup steps, **{s['steps']} steps for every model on the same batches** (the paper: 400K steps, lr 1e-4,
-batch 64), {s['threads']} thread(s). Accuracy is over the 16 copied tokens of {s['test_size']} fixed test
+warmup steps, **at most {s['steps']} steps for every model, on the same batches** (the paper: 400K steps, lr
+1e-4, batch 64); a model stops early once its validation accuracy (128 sequences) reaches {s.get('stop_at')}:
+it has solved the task. {s['threads']} thread(s). Accuracy is over the 16 copied tokens of {s['test_size']} fixed test
 sequences.
 
 ## Results (ours)
@@ -231,8 +237,22 @@ repository's variable-spacing copying generator. Raw numbers and curves: `result
     os.replace(tmp, path)
 
 
+def report(args: argparse.Namespace, log=print) -> dict:
+    """The table, plot and README of a finished run, from its results.json."""
+    path = args.out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: no results.json in {args.out}")
+    results = json.loads(path.read_text())
+    print_table(results, log)
+    plot(results, args.out / "accuracy.png")
+    if not args.no_readme:
+        write_readme(results, args.out / "README.md")
+    return results
+
+
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    report(args) if args.report_only else run(args)
     return 0
 
 
