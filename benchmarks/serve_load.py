@@ -170,7 +170,8 @@ def main() -> None:
             print(f"server {url} ({args.preset}, random weights, {args.max_batch} slots); prompt "
                   f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
             asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "seconds": 3, "max_requests": 2}), vocab))
-            print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
+            print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} "
+                  f"{'errors':>6}")
             for c in args.clients:
                 r = asyncio.run(level(url, c, args, vocab))
                 results["levels"].append(r)

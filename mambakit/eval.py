@@ -362,7 +362,8 @@ def add_cli(subparsers) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ppl", metavar="FILE", help="a UTF-8 text file: perplexity, nats/token, bits/byte")
     what.add_argument("--tasks", help="lm-eval task names, comma-separated (needs the eval extra)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory, or 'byte' (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or directory, or 'byte' (default: the checkpoint's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--window", type=int, default=None, help="--ppl: sliding windows of W tokens (default: stateful)")
     p.add_argument("--stride", type=int, default=None, help="--ppl: tokens between windows (default W // 2)")

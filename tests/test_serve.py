@@ -159,6 +159,15 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, client):
     assert client.post("/v1/completions", json={"prompt": "still up", "max_tokens": 3}).status_code == 200
 
 
+def test_client_disconnect_while_waiting_for_a_whole_completion_frees_the_slot(server, client):
+    before = client.get("/health").json()
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/completions", json={"prompt": "long", "max_tokens": 4000}, timeout=0.3)
+    h = wait_idle(client)
+    assert h["active"] == 0 and h["cancelled"] == before["cancelled"] + 1
+    assert h["tokens"] - before["tokens"] < 4000
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("body, status, words", [
     (b"{not json", 400, "not valid JSON"),
@@ -271,3 +280,38 @@ def test_cli_serves_a_checkpoint(tmp_path, model):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+def test_engine_batched_prefill_and_decode_equal_generate_alone(model):
+    """Jobs queued before the loop starts are admitted together: equal-length prompts share one prefill
+    call, and up to 8 sequences decode in one step; each still equals generate on its prompt alone."""
+    from mambakit.generate import check_sampling
+    from mambakit.serve import Engine, Job
+
+    engine = Engine(model, model.tokenizer, {256}, 0, max_batch=8)
+    prompts = [[(7 * i + j) % 256 for j in range(6)] for i in range(5)] + [[1, 2, 3], [9] * 11]
+    params = check_sampling(9, 1.1, 50, 0.9, None, 1.0)
+    out: dict = {}
+
+    def collector(key):
+        def emit(events):
+            for e in events:
+                out.setdefault((key, e.index), []).append(e.token_id)
+        return emit
+
+    jobs = [Job([p], 1, 9, params, [], 100 + i, collector(i)) for i, p in enumerate(prompts[:-1])]
+    jobs.append(Job([prompts[-1]], 2, 9, params, [], 500, collector("n2")))
+    for j in jobs:
+        engine.submit(j)
+    with engine:
+        t0 = time.monotonic()
+        while engine.stats()["tokens"] < 9 * 8 and time.monotonic() - t0 < 30:
+            time.sleep(0.01)
+    assert engine.stats()["steps"] == 8  # all 8 sequences admitted at once, then 8 steps together
+    for i, p in enumerate(prompts[:-1]):
+        assert out[i, 0] == generate(model, [p], 9, seed=100 + i, temperature=1.1, top_k=50, top_p=0.9,
+                                  eos_token_id=256).sequences[0]
+    for c in range(2):  # n = 2 choices of one prompt: seeds 500, 501
+        assert out["n2", c] == generate(model, [prompts[-1]], 9, seed=500 + c, temperature=1.1, top_k=50, top_p=0.9,
+                                       eos_token_id=256).sequences[0]

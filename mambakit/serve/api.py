@@ -278,36 +278,49 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         prompt_tokens = sum(len(t) for t in ids)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            gen = _stream(job, events, request, base, texts if body.echo else None, prompt_tokens, include_usage)
+            gen = _stream(job, _Events(events, request, job), base, texts if body.echo else None, prompt_tokens,
+                          include_usage)
             return StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(job, events, request, base, texts if body.echo else None, prompt_tokens)
+        return await _collect(job, _Events(events, request, job), base, texts if body.echo else None,
+                              prompt_tokens)
 
     return app
 
 
 # ------------------------------------------------------------------------------------- event handling
-async def _next(events: asyncio.Queue, request, job: Job):
-    """The next batch of events; None if the client went away (then the job is cancelled)."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                return None
+class _Events:
+    """The events of one request's job, with a check every `every` seconds (also while events keep
+    coming) that the client is still connected; if it is not, the job is cancelled (its slots freed)."""
+
+    def __init__(self, queue: asyncio.Queue, request, job: Job, every: float = 0.5):
+        self.queue, self.request, self.job, self.every = queue, request, job, every
+        self.checked = time.monotonic()
+
+    async def next(self) -> list[Event] | None:
+        """The next batch of events, or None once the client has gone."""
+        while True:
+            if time.monotonic() - self.checked >= self.every:
+                self.checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.job.cancel()
+                    return None
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=self.every)
+            except asyncio.TimeoutError:
+                pass
 
 
 def _finish(reason: str | None) -> str | None:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
 
 
-async def _collect(job: Job, events, request, base: dict, echo: list[str] | None, prompt_tokens: int):
+async def _collect(job: Job, events: _Events, base: dict, echo: list[str] | None, prompt_tokens: int):
     k = job.num_sequences
     texts, reasons, counts = [""] * k, [None] * k, [0] * k
     try:
         while any(r is None for r in reasons):
-            batch = await _next(events, request, job)
+            batch = await events.next()
             if batch is None:
                 return _error(499, "client disconnected")
             for ev in batch:
@@ -326,7 +339,7 @@ async def _collect(job: Job, events, request, base: dict, echo: list[str] | None
     return {**base, "choices": choices, "usage": usage}
 
 
-async def _stream(job: Job, events, request, base: dict, echo: list[str] | None, prompt_tokens: int,
+async def _stream(job: Job, events: _Events, base: dict, echo: list[str] | None, prompt_tokens: int,
                   include_usage: bool):
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -342,7 +355,7 @@ async def _stream(job: Job, events, request, base: dict, echo: list[str] | None,
             for i in range(k):
                 yield chunk(i, echo[i // job.n], None)
         while open_:
-            batch = await _next(events, request, job)
+            batch = await events.next()
             if batch is None:
                 return
             for ev in batch:

@@ -5,8 +5,9 @@ A Mamba's state per sequence has a fixed size (per layer: conv (E·D, W−1) + S
 so serving many sequences needs no paged KV cache: the engine allocates one batch state of `max_batch`
 rows once (the pool) and gives each running sequence a row (a slot).
 
-    request arrives → waits in a bounded queue → prefilled ALONE with the parallel scan (generate.prefill)
-    → its state copied into a free slot (n slots for n choices: one prefill) → first token sampled
+    request arrives → waits in a bounded queue → prefilled with the parallel scan (generate.prefill; the
+    prompts admitted at one step boundary share the call, equal lengths batched) → its state copied into a
+    free slot (n slots for n choices: one prefill) → first token sampled
     → every step: the active slots decode together (MambaLM.step, state updated in place) → sample
     → a sequence that ends (eos, stop string, max_tokens) or is cancelled frees its slot at once
 
@@ -161,9 +162,10 @@ class Engine:
 
     # -------------------------------------------------------------------------------------- submit
     def submit(self, job: Job) -> Job:
-        """Queues a job (thread-safe). Raises EngineBusy when max_queue jobs already wait, EngineClosed
-        when the engine is not running, ValueError when the job needs more slots than the pool has."""
-        if not self.running:
+        """Queues a job (thread-safe; before `start` too). Raises EngineBusy when max_queue jobs already
+        wait, EngineClosed when the engine is closed (or its thread died), ValueError when the job needs
+        more slots than the pool has."""
+        if self._stop.is_set() or (self._thread is not None and not self._thread.is_alive()):
             raise EngineClosed("the decode loop is not running" + (f": {self.last_error}" if self.last_error else ""))
         if job.n > self.max_batch:
             raise ValueError(f"n = {job.n} sequences per prompt exceed the server's {self.max_batch} slots")
@@ -206,52 +208,63 @@ class Engine:
         return [(job, i) for i in range(len(job.prompts))]
 
     def _admit(self) -> None:
-        """Prefills waiting prompts, in arrival order, while their n sequences fit in the free slots."""
+        """Prefills waiting prompts, in arrival order, while their n sequences fit in the free slots. The
+        prompts admitted together go through one `prefill` call, which runs rows of equal length as one
+        batch (each row's state and logits are its own: rows never interact)."""
+        batch: list[tuple[Job, int]] = []
+        free = self.max_batch - len(self._active)
         while True:
             if not self._head:
                 try:
                     self._head.extend(self._split(self._inbox.get_nowait()))
                 except queue.Empty:
-                    return
+                    break
             job, p = self._head[0]
             if job.cancelled:
                 self._head.popleft()
                 continue
-            if len(self._active) + job.n > self.max_batch:
-                return  # wait for slots (first come, first served: later jobs wait too)
-            self._head.popleft()
-            try:
-                self._prefill(job, p)
-            except Exception as e:
-                log.error("prefill failed\n%s", traceback.format_exc())
+            if job.n > free:
+                break  # wait for slots (first come, first served: later jobs wait too)
+            batch.append(self._head.popleft())
+            free -= job.n
+        if not batch:
+            return
+        try:
+            self._prefill(batch)
+        except Exception as e:
+            log.error("prefill failed\n%s", traceback.format_exc())
+            for job in {id(j): j for j, _ in batch}.values():
+                self._free({id(s) for s in self._active if s.job is job})
                 self._fail_job(job, f"{type(e).__name__}: {e}")
 
     @torch.inference_mode()
-    def _prefill(self, job: Job, p: int) -> None:
-        prompt = job.prompts[p]
-        state, logits = prefill(self.model, [prompt])  # the prompt alone: exactly what generate does
-        logits = logits[:, : self.vocab]  # (1, V)
-        first = p * job.n
-        generators = row_generators(job.seed + first, job.n)
-        if p == 0:
+    def _prefill(self, batch: list[tuple[Job, int]]) -> None:
+        """Prefills prompt p of each (job, p), gives each of its n sequences a slot, samples their first
+        tokens (from the prompt's last logits, as generate's first step) and emits them."""
+        state, logits = prefill(self.model, [job.prompts[p] for job, p in batch])  # (n_layer, g, …), (g, V)
+        logits = logits[:, : self.vocab]
+        seqs, rows = [], []
+        for r, (job, p) in enumerate(batch):
+            first = p * job.n  # sequence index of the prompt's first choice
+            generators = row_generators(job.seed + first, job.n)
+            if p == 0:
+                with self._lock:
+                    self.counters["jobs"] += 1
+            for j in range(job.n):
+                seen = None
+                if job.params.repetition_penalty != 1.0:
+                    seen = torch.zeros(1, self.vocab, dtype=torch.bool, device=logits.device)  # (1, V)
+                    seen[0, job.prompts[p]] = True
+                slot = len(self._active)
+                self._pool.conv[:, slot] = state.conv[:, r]  # (n_layer, E·D, W−1): the slot's old content is gone
+                self._pool.ssm[:, slot] = state.ssm[:, r]
+                seq = _Sequence(job, first + j, RowOutput(self.tokenizer, job.stop), generators[j], seen)
+                self._active.append(seq)
+                seqs.append(seq)
+                rows.append(r)
             with self._lock:
-                self.counters["jobs"] += 1
-        seqs = []
-        for j in range(job.n):
-            seen = None
-            if job.params.repetition_penalty != 1.0:
-                seen = torch.zeros(1, self.vocab, dtype=torch.bool, device=logits.device)  # (1, V)
-                seen[0, prompt] = True
-            seq = _Sequence(job, first + j, RowOutput(self.tokenizer, job.stop), generators[j], seen)
-            slot = len(self._active)
-            self._pool.conv[:, slot] = state.conv[:, 0]  # (n_layer, E·D, W−1): the slot's old content is gone
-            self._pool.ssm[:, slot] = state.ssm[:, 0]
-            self._active.append(seq)
-            seqs.append(seq)
-        with self._lock:
-            self.counters["sequences"] += job.n
-        # the first token of each choice, from the prompt's last logits (as generate's first step)
-        self._sample_and_emit(seqs, logits.expand(job.n, -1))
+                self.counters["sequences"] += job.n
+        self._sample_and_emit(seqs, logits[torch.tensor(rows)])
 
     @torch.inference_mode()
     def _step(self) -> None:
