@@ -178,6 +178,9 @@ def test_client_disconnect_while_waiting_for_a_whole_completion_frees_the_slot(s
     (b'{"prompt": "x", "n": 5}', 400, "n: 5 exceeds"),
     (b'{"prompt": ["a","b","c"], "n": 4}', 400, "12 sequences exceed"),
     (b'{"prompt": "x", "temperature": -1}', 400, "temperature"),
+    (b'{"prompt": "x", "max_tokens": "5"}', 400, "max_tokens: Input should be a valid integer"),
+    (b'{"prompt": "x", "stream": 1}', 400, "stream: Input should be a valid boolean"),
+    (b'[1, 2]', 400, "Input should be a valid dictionary"),
     (b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
     (b'{"prompt": "x", "stop": [""]}', 400, "stop"),
     (b'{"prompt": ""}', 400, "empty"),
@@ -315,3 +318,22 @@ def test_engine_batched_prefill_and_decode_equal_generate_alone(model):
     for c in range(2):  # n = 2 choices of one prompt: seeds 500, 501
         assert out["n2", c] == generate(model, [prompts[-1]], 9, seed=500 + c, temperature=1.1, top_k=50, top_p=0.9,
                                        eos_token_id=256).sequences[0]
+
+
+def test_engine_close_tells_running_and_waiting_jobs(model):
+    from mambakit.generate import check_sampling
+    from mambakit.serve import Engine, Job
+
+    engine = Engine(model, model.tokenizer, {256}, 0, max_batch=1).start()
+    ends = {}
+    params = check_sampling(10**6, 1.0, None, None, None, 1.0)
+    jobs = [Job([[1, 2]], 1, 10**6, params, [], i, lambda evs, i=i: ends.update(
+        {i: e.error for e in evs if e.finish_reason})) for i in range(2)]
+    for j in jobs:
+        engine.submit(j)
+    while engine.stats()["tokens"] < 5:
+        time.sleep(0.01)
+    engine.close()
+    assert ends == {0: "the server is shutting down", 1: "the server is shutting down"}
+    with pytest.raises(Exception, match="not running"):
+        engine.submit(jobs[0])

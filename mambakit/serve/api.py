@@ -42,30 +42,31 @@ def _import_fastapi():
 
 def _request_model():
     """The request schema (built lazily: pydantic is an optional dependency)."""
-    from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
     class StreamOptions(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        include_usage: bool = False
+        include_usage: StrictBool = False
 
     class CompletionRequest(BaseModel):
-        """POST /v1/completions (OpenAI's fields; top_k, min_p and repetition_penalty are extensions)."""
+        """POST /v1/completions (OpenAI's fields; top_k, min_p and repetition_penalty are extensions).
+        Types are strict: "5" is not a number and true is not 1."""
 
         model_config = ConfigDict(extra="forbid")
-        model: str | None = None
+        model: StrictStr | None = None
         prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
-        max_tokens: int = Field(16, ge=1)
-        temperature: float = Field(1.0, ge=0.0, le=2.0)
-        top_p: float = Field(1.0, gt=0.0, le=1.0)
-        top_k: int | None = Field(None, ge=1)
-        min_p: float | None = Field(None, ge=0.0, le=1.0)
-        repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+        max_tokens: StrictInt = Field(16, ge=1)
+        temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
+        top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
+        top_k: StrictInt | None = Field(None, ge=1)
+        min_p: StrictFloat | None = Field(None, ge=0.0, le=1.0)
+        repetition_penalty: StrictFloat = Field(1.0, gt=0.0, le=10.0)
         stop: Union[StrictStr, list[StrictStr], None] = None
-        n: int = Field(1, ge=1)
-        seed: int | None = Field(None, ge=0, le=2**62)
-        stream: bool = False
+        n: StrictInt = Field(1, ge=1)
+        seed: StrictInt | None = Field(None, ge=0, le=2**62)
+        stream: StrictBool = False
         stream_options: StreamOptions | None = None
-        echo: bool = False
+        echo: StrictBool = False
         # OpenAI fields this server does not implement: accepted only at their "off" value
         logprobs: int | None = Field(None, description="not supported (must be null)")
         best_of: int | None = Field(None, description="not supported (must be null or 1)")

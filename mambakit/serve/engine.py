@@ -180,7 +180,7 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             counters = dict(self.counters)
-        return dict(slots=self.max_batch, active=len(self._active), queued=self._inbox.qsize() + len(self._head),
+        return dict(slots=self.max_batch, active=len(self._active), queued=self._inbox.qsize() + bool(self._head),
                     max_queue=self.max_queue, running=self.running, **counters)
 
     # ---------------------------------------------------------------------------------------- loop
@@ -202,6 +202,8 @@ class Engine:
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.error("decode step failed; failing %d sequences\n%s", len(self._active), traceback.format_exc())
                 self._fail_active(self.last_error)
+        if self._active:  # closed while sequences were running: tell their clients
+            self._fail_active("the server is shutting down")
 
     @staticmethod
     def _split(job: Job) -> list[tuple[Job, int]]:
