@@ -34,6 +34,18 @@ def test_selective_copying_tiny(tmp_path):
     assert (tmp_path / "README.md").read_text() == readme
 
 
+def test_separate_runs_merge_into_one_results_file(tmp_path):
+    common = ["--seq-len", "40", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--val-size", "4",
+              "--test-size", "4", "--d-model", "8", "--out", str(tmp_path), "--no-readme"]
+    sc.main(common + ["--models", "s4d"])
+    sc.main(common + ["--models", "mamba"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["models"]) == ["mamba", "s4d"]  # merged, in the table's order
+    assert saved["models"]["s4d"]["command"].endswith("--models s4d")
+    sc.main(common[:-1] + ["--models", "mamba", "--steps", "3"])  # other settings: replaced, not merged
+    assert list(json.loads((tmp_path / "results.json").read_text())["models"]) == ["mamba"]
+
+
 def test_selective_copying_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         sc.parse_args(["--seq-len", "20"])

@@ -33,7 +33,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.data.synthetic import induction_heads, scored_accuracy
 
-from ..selective_copying.train import train
+from ..selective_copying.train import save_results, train
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -61,7 +61,7 @@ def build_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
         return MambaLM(MambaConfig(d_model=args.mamba_d_model, n_layer=2, vocab_size=VOCAB))
     positions = {"mha_abs": "absolute", "mha_rope": "rotary"}[name]
     cfg = TransformerConfig(d_model=args.attn_d_model, n_layer=2, n_head=8, vocab_size=VOCAB, max_seq_len=TRAIN_LEN,
-                            positions=positions, mlp="gelu", norm="layernorm", bias=True)
+                            positions=positions, mlp="gelu", d_ff=args.attn_d_ff, norm="layernorm", bias=True)
     return TransformerLM(cfg)
 
 
@@ -70,23 +70,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument("--train-len", type=int, default=TRAIN_LEN)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--mamba-steps", type=int, default=2000)
-    p.add_argument("--attn-steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mamba-steps", type=int, default=4000)
+    p.add_argument("--attn-steps", type=int, default=4000)
+    p.add_argument("--stop-at", type=float, default=1.0,
+                   help="stop training once validation accuracy (at the training length) reaches this ...")
+    p.add_argument("--stop-patience", type=int, default=3, help="... at this many evaluations in a row")
     p.add_argument("--mamba-lr", type=float, default=1e-3, help="paper: 1e-3 for Mamba")
     p.add_argument("--attn-lr", type=float, default=1e-3, help="paper: 2e-4 (over 200K+ steps)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--mamba-d-model", type=int, default=64)
     p.add_argument("--attn-d-model", type=int, default=64, help="paper: 128 (we match Mamba's width, for CPU time)")
+    p.add_argument("--attn-d-ff", type=int, default=64,
+                   help="MLP width of the attention models (the paper's 137K-parameter MHA leaves no room for 4·D)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-size", type=int, default=256, help="validation sequences at the training length")
     p.add_argument("--min-log-len", type=int, default=6)
     p.add_argument("--max-log-len", type=int, default=20)
     p.add_argument("--attn-max-log-len", type=int, default=14, help="attention is evaluated up to 2^this")
-    p.add_argument("--eval-tokens", type=int, default=2**20,
+    p.add_argument("--eval-tokens", type=int, default=2**19,
                    help="tokens per test length for Mamba (samples = this / length, within the bounds below)")
     p.add_argument("--attn-eval-tokens", type=int, default=2**17, help="tokens per test length for attention")
-    p.add_argument("--min-samples", type=int, default=8)
+    p.add_argument("--min-samples", type=int, default=4)
     p.add_argument("--max-samples", type=int, default=512)
     p.add_argument("--chunk", type=int, default=2**16, help="Mamba evaluates long sequences in chunks of this")
     p.add_argument("--time-budget-min", type=float, default=0.0, help="per-model training limit (0 = none)")
@@ -104,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown model {m!r}; models: {', '.join(MODELS)}")
     if not 3 <= args.min_log_len <= args.max_log_len <= 24:
         p.error("need 3 <= --min-log-len <= --max-log-len <= 24")
-    for name in ("batch_size", "mamba_steps", "attn_steps", "eval_every", "val_size", "eval_tokens",
+    for name in ("batch_size", "mamba_steps", "attn_steps", "eval_every", "val_size", "eval_tokens", "stop_patience",
                  "attn_eval_tokens", "min_samples", "max_samples", "chunk", "train_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         steps, lr = (args.mamba_steps, args.mamba_lr) if is_mamba else (args.attn_steps, args.attn_lr)
         log(f"{MODELS[name]} ({name}): {n_params:,} parameters; {steps} steps at lr {lr}")
         res = train(model, batch_fn, val, VOCAB, steps=steps, lr=lr, warmup=args.warmup, eval_every=args.eval_every,
-                    time_budget_s=budget, name=name, log=log)
+                    time_budget_s=budget, stop_at=args.stop_at, stop_patience=args.stop_patience, name=name, log=log)
         model.eval()
         acc: dict[str, float | None] = {}
         notes: dict[str, str] = {}
@@ -199,18 +204,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                                                  args.attn_eval_tokens, args.min_samples,
                                                                  args.max_samples) for L in lengths},
                                    "curve": res.curve}
-        _write_json(args.out / "results.json", results)  # after each model, so a long run shows progress
+        # after each model, so a long run shows progress; merged with other processes' models
+        merged = save_results(args.out / "results.json", results, list(MODELS), log)
+    results = merged
     print_table(results, log)
     plot(results, args.out / "accuracy.png")
     if not args.no_readme:
         write_readme(results, args.out / "README.md")
     return results
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _cell(v) -> str:
@@ -290,7 +291,8 @@ special token again, and the model must output the answer (associative recall). 
 `mambakit.data.synthetic.induction_heads` (vocab 16: ordinary tokens 0–14, special 15; only the last token
 is scored, in training and in testing).
 
-    {results['command']}
+    {chr(10).join("    " + c for c in dict.fromkeys(r.get("command", results["command"])
+                                                    for r in results["models"].values())).strip()}
 
 Setting: 2 layers; Mamba D = {s['mamba_d_model']}, attention D = {s['attn_d_model']} with 8 heads (GELU MLP,
 LayerNorm); Adam without weight decay, constant lr after {s['warmup']} warmup steps; every model sees the same

@@ -27,7 +27,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
-from .train import evaluate, train
+from .train import evaluate, save_results, train
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -139,18 +139,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                    "test_accuracy": round(acc, 4), "paper_accuracy": paper / 100,
                                    "steps": res.steps, "train_seconds": round(res.seconds, 1),
                                    "stopped": res.stopped, "curve": res.curve}
-    _write_json(args.out / "results.json", results)
+    results = save_results(args.out / "results.json", results, list(MODELS), log)
     print_table(results, log)
     plot(results, args.out / "accuracy.png")
     if not args.no_readme:
         write_readme(results, args.out / "README.md")
     return results
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def table_rows(results: dict) -> list[str]:
@@ -194,6 +188,12 @@ def plot(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _commands(results: dict) -> str:
+    """The command(s) that produced the models of results.json (one per process when run separately)."""
+    cmds = list(dict.fromkeys(r.get("command", results["command"]) for r in results["models"].values()))
+    return "\n    ".join(cmds)
+
+
 def write_readme(results: dict, path: Path) -> None:
     s = results["settings"]
     paper = ["| model | architecture | layer | accuracy |", "|---|---|---|---|"]
@@ -206,7 +206,7 @@ is random, a time-invariant (LTI) model cannot know where to look; the selection
 functions of the input) lets the model keep the data tokens and skip the noise. Generator:
 `mambakit.data.synthetic.selective_copying` (vocab 16: noise 0, data 1–14, marker 15).
 
-    {results['command']}
+    {_commands(results)}
 
 Setting: sequence length **{s['seq_len']}** (the paper: 4096; `--full` runs it), 2 layers, D = {s['d_model']},
 N = {s['d_state']}, batch {s['batch_size']}, Adam (no weight decay), lr {s['lr']} constant after {s['warmup']}

@@ -53,14 +53,17 @@ def evaluate(model, batches: list[tuple[Tensor, Tensor]], vocab_size: int) -> fl
 
 def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vocab_size: int, *, steps: int,
           lr: float, warmup: int = 100, eval_every: int = 100, time_budget_s: float = math.inf,
-          stop_at: float | None = None, grad_clip: float = 1.0, name: str = "model", log=print) -> TrainResult:
-    """Trains `model` for `steps` steps (or until time_budget_s, or until validation accuracy >= stop_at);
-    evaluates every eval_every steps and at the end. Prints one progress line per evaluation."""
+          stop_at: float | None = None, stop_patience: int = 1, grad_clip: float = 1.0, name: str = "model",
+          log=print) -> TrainResult:
+    """Trains `model` for `steps` steps (or until time_budget_s, or until validation accuracy >= stop_at at
+    stop_patience evaluations in a row: solved); evaluates every eval_every steps and at the end. Prints one
+    progress line per evaluation."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
     res = TrainResult()
     t0 = time.perf_counter()
     losses: list[float] = []
+    solved_evals = 0
     model.train()
     for step in range(1, steps + 1):
         inputs, targets = batch_fn(step)
@@ -88,10 +91,48 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
             log(f"  {name:>12s} step {step:6d}/{steps}  loss {mean_loss:.4f}  val acc {100 * acc:5.1f}%  "
                 f"{rate:.1f} steps/s  elapsed {elapsed:5.0f}s  ETA {min(eta, time_budget_s - elapsed):5.0f}s")
             res.steps, res.seconds = step, elapsed
-            if stop_at is not None and acc >= stop_at:
+            solved_evals = solved_evals + 1 if stop_at is not None and acc >= stop_at else 0
+            if stop_at is not None and solved_evals >= stop_patience:
                 res.stopped = "solved"
                 break
             if out_of_time:
                 res.stopped = "time"
                 break
     return res
+
+
+# settings that do not change a model's results: runs that differ only in these can share one results.json
+_RUN_ONLY_SETTINGS = {"models", "out", "no_readme", "report_only", "threads"}
+
+
+def save_results(path, results: dict, order: list[str], log=print) -> dict:
+    """Writes results.json atomically, merging in the models of an earlier or concurrent run with the same
+    settings (so the models of one experiment can be trained by separate processes: `--models mamba` and
+    `--models s4d` side by side). Returns the merged results. A lock file serialises concurrent writers."""
+    import fcntl
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = dict(results)
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except ValueError:
+                old = None
+            same = old is not None and old.get("task") == results["task"] and all(
+                old["settings"].get(k) == v for k, v in results["settings"].items() if k not in _RUN_ONLY_SETTINGS)
+            if same:
+                models = {**old["models"], **results["models"]}
+                merged["models"] = {k: models[k] for k in order if k in models}
+            elif old is not None:
+                log(f"note: {path} holds a run with other settings; it is replaced")
+        for name, r in results["models"].items():
+            r.setdefault("command", results["command"])
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(merged, indent=1) + "\n")
+        os.replace(tmp, path)
+    return merged
