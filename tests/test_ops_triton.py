@@ -295,6 +295,7 @@ CONV_CASES = [  # (b, l, d, w, bias, init, silu)
     (1, 2, 5, 4, False, True, False),  # l < w − 1: the final state mixes initial state and input
     (2, 9, 3, 3, True, False, True),
     (1, 6, 4, 1, True, False, False),  # w = 1: no state
+    (2, 7, 6, 4, True, "float32", True),  # a float32 state with other inputs (as a bf16 model passes it)
 ]
 
 
@@ -309,7 +310,7 @@ def test_conv_matches_reference(case, dtype, small_tiles):
 
     inputs = dict(
         x=r(b, l, d), weight=r(d, w, dt=torch.float32), bias=r(d, dt=torch.float32) if bias else None,
-        initial_state=r(b, d, w - 1) if init else None,
+        initial_state=r(b, d, w - 1, dt=torch.float32 if init == "float32" else dtype) if init else None,
     )  # fmt: skip
     act = "silu" if silu else None
     results = []
@@ -416,3 +417,40 @@ def test_dispatch_default_for_cuda_tensors(monkeypatch):
     assert ops._resolve_backend("selective_scan", None, FakeCuda()) == "reference"
     with pytest.raises(ImportError, match=r"mambakit\[triton\]"):
         ops._resolve_backend("selective_scan", "triton", FakeCuda())
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def test_model_on_triton_kernels(monkeypatch):
+    """A small bf16 MambaLM with every op on the Triton kernels (as on a GPU) against the reference ops:
+    logits, loss gradients, the state after a prefix, and decoding steps from it. Large tiles (few programs):
+    the interpreter's cost is per program and op."""
+    from mambakit import MambaConfig, MambaLM
+
+    dtype = torch.bfloat16
+    monkeypatch.setattr(scan_triton, "TILES", dict(BLOCK_T=16, FWD_D=64, BWD_D=64))
+    monkeypatch.setattr(conv_triton, "BLOCK_T", 16)
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=50)).to(DEVICE, dtype)
+    ids = torch.randint(0, 50, (2, 9), device=DEVICE)
+
+    def run(backend):
+        monkeypatch.setattr(ops, "_resolve_backend", lambda op, b, x: backend)
+        model.zero_grad()
+        out = model(ids, labels=ids, return_state=True)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        state = out.state
+        with torch.no_grad():
+            steps = [model.step(ids[:, t], state) for t in range(2)]
+        return out.logits.detach(), grads, state, torch.stack(steps)
+
+    logits1, grads1, state1, steps1 = run("triton")
+    logits2, grads2, state2, steps2 = run("reference")
+    tol = TOL[dtype] * 4  # a few layers of bf16 rounding
+    assert_close(logits1, logits2, tol, "logits")
+    for i, (g1, g2) in enumerate(zip(grads1, grads2)):
+        assert_close(g1, g2, tol * 5, f"gradient {i}")
+    assert_close(state1.ssm, state2.ssm, tol, "ssm state")
+    assert_close(state1.conv, state2.conv, tol, "conv state")
+    assert_close(steps1, steps2, tol, "decoding steps")

@@ -58,11 +58,13 @@ def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, y_ptr, l, d,
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < d
-    acc = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)
+    acc = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d,
+                    W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)  # fmt: skip
     if SILU:
         acc = acc * _sigmoid(acc)
     m = (t < l)[:, None] & mask_d[None, :]
-    tl.store(y_ptr + (pid_b.to(tl.int64) * l + t)[:, None] * d + offs_d[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
+    rows = (pid_b.to(tl.int64) * l + t)[:, None] * d + offs_d[None, :]
+    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -78,7 +80,8 @@ def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_
     rows = (pid_b.to(tl.int64) * l + t)[:, None] * d + offs_d[None, :]
     g = tl.load(dy_ptr + rows, mask=m, other=0.0).to(tl.float32)
     if SILU:  # silu'(a) = σ(a)(1 + a(1 − σ(a))), with a recomputed
-        pre = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)
+        pre = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d,
+                        W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)  # fmt: skip
         sg = _sigmoid(pre)
         g = g * sg * (1.0 + pre * (1.0 - sg))
     g = tl.where(m, g, 0.0)
@@ -98,7 +101,8 @@ def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_
 
 @triton.jit
 def _conv_bwd_x_kernel(dpre_ptr, w_ptr, dx_ptr, dinit_ptr, l, d,
-                       W: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                       W: tl.constexpr, HAS_INIT: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """dx (b, l, d) and dinit (b, d, W − 1): over padded positions p = s + W − 1 ∈ [0, l + W − 1),
     d(input s) = Σ_k W_k · dpre_{p−k}."""
     pid_b = tl.program_id(0)
@@ -110,10 +114,12 @@ def _conv_bwd_x_kernel(dpre_ptr, w_ptr, dx_ptr, dinit_ptr, l, d,
         t = p - k
         m = ((t >= 0) & (t < l))[:, None] & mask_d[None, :]
         wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
-        acc += wk[None, :] * tl.load(dpre_ptr + (pid_b.to(tl.int64) * l + t)[:, None] * d + offs_d[None, :], mask=m, other=0.0)
+        rows = (pid_b.to(tl.int64) * l + t)[:, None] * d + offs_d[None, :]
+        acc += wk[None, :] * tl.load(dpre_ptr + rows, mask=m, other=0.0)
     s = p - (W - 1)
     mx = ((s >= 0) & (s < l))[:, None] & mask_d[None, :]
-    tl.store(dx_ptr + (pid_b.to(tl.int64) * l + s)[:, None] * d + offs_d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mx)
+    rows = (pid_b.to(tl.int64) * l + s)[:, None] * d + offs_d[None, :]
+    tl.store(dx_ptr + rows, acc.to(dx_ptr.dtype.element_ty), mask=mx)
     if HAS_INIT:
         mi = (p < W - 1)[:, None] & mask_d[None, :]
         off = (pid_b.to(tl.int64) * d + offs_d)[None, :] * (W - 1) + p[:, None]

@@ -6,7 +6,8 @@ expanded state (b, l, d, n) never exists in HBM; the backward recomputes it.
 
 - One program per (sequence, block of BLOCK_D channels). The recurrence is diagonal in d, so programs are
   independent. A program walks its sequence in tiles of BLOCK_T steps, carrying the state block h
-  (BLOCK_D, n) in registers from tile to tile.
+  (BLOCK_D, n) in registers from tile to tile. Tile sizes: scan_config (untuned: no GPU was at hand when
+  they were chosen; benchmarks/gpu.py --sweep measures alternatives).
 - Inside a tile the recurrence h_t = Ā_t h_{t−1} + B̄_t u_t runs as a parallel associative scan over time
   (`tl.associative_scan`) on the pairs (Ā_t, B̄_t u_t), composed as affine maps x ↦ a·x + b. The paper's
   kernel uses the same parallel scan (Section 3.3.2, "work-efficient parallel scan algorithm"); it turns a
@@ -14,7 +15,7 @@ expanded state (b, l, d, n) never exists in HBM; the backward recomputes it.
   The tile's states are then C-contracted to y; the D skip and the SiLU(z) gate are fused. Ā = 2^(Δ·A·log2 e)
   (tl.exp2, one special-function instruction).
 - The forward writes the state at the start of every tile, (b, l/BLOCK_T, d, n) in float32: n/BLOCK_T of the
-  size of u in float32 (a quarter with n = 16, BLOCK_T = 64), never (b, l, d, n).
+  size of u in float32 (an eighth with n = 16, BLOCK_T = 128), never (b, l, d, n).
 - The backward walks tiles last to first. It recomputes the tile's states from the checkpoint with the same
   scan, then runs the adjoint recurrence backwards in time as a second scan, with `reverse=True`:
   p_t = Ā_t (C_t dy_t + p_{t+1}), where p_t = ∂L/∂h_{t−1} through h_t. The gradient of h_t itself,
@@ -48,16 +49,23 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # BLOCK_T (steps per tile, shared by forward and backward: the backward recomputes from the forward's
 # checkpoints), FWD_D / BWD_D (channels per program), FWD_WARPS / BWD_WARPS.
 TILES: dict[str, int] = {}
+PROGRAMS = 512  # enough programs for a few per SM on an H100/H200 (132 SMs)
 
 
-def scan_config(d: int, n: int) -> dict:
-    """Tile sizes for a scan with d channels and n states. BLOCK_N covers n (a power of two). A program holds
-    (BLOCK_T, BLOCK_D, BLOCK_N) tiles in registers: about 4096 elements (32 per thread with 4 warps) in the
-    forward, half as many channels in the backward, which keeps about twice as many such tiles alive.
-    BLOCK_D = 16 makes each row of u, Δ, z, y a 32-byte sector in bfloat16."""
+def scan_config(b: int, l: int, d: int, n: int) -> dict:
+    """Tile sizes for a scan of b sequences, d channels and n states. BLOCK_N covers n (a power of two).
+    BLOCK_D = 16 channels make each row of u, Δ, z, y a 32-byte sector in bfloat16; it is halved (down to 2)
+    while there would be fewer than PROGRAMS programs, so a single sequence still fills the GPU (the official
+    kernel runs one channel per thread block for the same reason). A program holds (BLOCK_T, BLOCK_D,
+    BLOCK_N) tiles in registers: BLOCK_T is chosen for about 4096 elements (32 per thread with 4 warps) in
+    the forward, and no longer than the sequence; the backward keeps about twice as many such tiles alive
+    and takes half the channels."""
     block_n = triton.next_power_of_2(n)
-    block_d = min(16, triton.next_power_of_2(d))
-    block_t = max(2, min(32, 4096 // (block_d * block_n)))
+    block_d = 16
+    while block_d > 2 and b * triton.cdiv(d, block_d) < PROGRAMS:
+        block_d //= 2
+    block_d = min(block_d, triton.next_power_of_2(d))
+    block_t = max(2, min(128, 4096 // (block_d * block_n), triton.next_power_of_2(max(l, 1))))
     return dict(
         BLOCK_T=TILES.get("BLOCK_T", block_t),
         BLOCK_N=block_n,
@@ -287,7 +295,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         bias_ = delta_bias.detach().to(f32).contiguous() if delta_bias is not None else dummy
         z_ = _contig(z) if z is not None else u_
         h0 = initial_state.detach().to(f32).contiguous() if initial_state is not None else dummy
-        cfg = scan_config(d, n)
+        cfg = scan_config(b, l, d, n)
         save = any(ctx.needs_input_grad)
         n_tiles = triton.cdiv(l, cfg["BLOCK_T"])
         ckpt = u_.new_empty((b, n_tiles, d, n) if save else (1,), dtype=f32)

@@ -126,7 +126,7 @@ def _conv_update_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, d,
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SILU:
         acc = acc * _sigmoid(acc)
-    # shift: new state[k] = old state[k + 1] (k < W − 2), new state[W − 2] = x, i.e. taps 1 … W − 1 of the window
+    # the shift: new state[k] = old state[k + 1] (k < W − 2), new state[W − 2] = x (taps 1 … W − 1)
     shifted = tl.load(sp + 1, mask=mask_d[:, None] & (offs_k < W - 2)[None, :], other=0.0)
     shifted = tl.where((offs_k == W - 2)[None, :], xv[:, None].to(shifted.dtype), shifted)
     tl.debug_barrier()  # every load of the old state precedes the first store

@@ -1,0 +1,413 @@
+"""GPU check and speed of the Triton kernels (backend="triton"), in one run on a CUDA machine.
+
+1. Correctness on large shapes: the Triton scan (forward, final state, every gradient), conv and decoding
+   steps against the reference ops on the same GPU.
+2. The selective scan at equal length l, in the paper's scan benchmark setting (§4.5, Figure 8 left: batch 1,
+   D = 1024, N = 16, bf16; the op as the Mamba block calls it: D skip, SiLU(z) gate, Δ bias and softplus):
+       triton fwd / fwd+bwd      backend="triton"
+       floor                     bytes the forward must move (u, Δ, z, B, C in; y out) / copy bandwidth,
+                                 the bandwidth measured here as bytes read + written per second by a copy
+       ratio                     triton fwd / floor (target: ≤ 2 at l ≥ 4096)
+       ref fwd / fwd+bwd         the reference scan in PyTorch (sequential over time), up to --ref-max-len
+       sdpa fwd / fwd+bwd        F.scaled_dot_product_attention, causal, bf16, D/64 heads of 64, same b and l
+       vs sdpa                   sdpa fwd / triton fwd (the paper: faster than FlashAttention-2 beyond 2K)
+3. The 130m model (random weights; the released shape): prefill tokens/s (triton and reference ops) and
+   generation tokens/s (greedy, MambaLM.step with in-place state).
+
+    python benchmarks/gpu.py                           # everything, about 2-4 minutes on an H100/H200
+    python benchmarks/gpu.py --lengths 1024,4096 --skip-model
+    python benchmarks/gpu.py --sweep                   # also times alternative tile sizes at one length
+    python benchmarks/gpu.py --json out.json           # results as JSON too
+    python benchmarks/gpu.py --dry-run                 # tiny shapes on CPU under Triton's interpreter:
+                                                       # checks this script runs (timings meaningless)
+
+On a machine without CUDA (and without --dry-run) it says so and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="sequence lengths for the scan table")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--d", type=int, default=1024, help="channels (the paper's D)")
+    p.add_argument("--n", type=int, default=16, help="state size N")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--ref-max-len", type=int, default=4096, help="time the reference scan up to this length")
+    p.add_argument("--check-shape", default="2,4096,1536,16", help="b,l,d,n of the correctness check")
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--model-batch", default="1,8", help="batch sizes for prefill and generation")
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--sweep", action="store_true", help="time alternative tile sizes (scan fwd and bwd)")
+    p.add_argument("--sweep-len", type=int, default=4096)
+    p.add_argument("--min-time", type=float, default=0.2, help="seconds of repeats per timing (after warmup)")
+    p.add_argument("--model-preset", default="130m")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU with TRITON_INTERPRET=1")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.lengths, args.d, args.n, args.ref_max_len, args.check_shape = "16,32", 16, 4, 32, "2,20,12,4"
+        args.model_batch, args.prefill_len, args.gen_tokens, args.model_preset = "1,2", 8, 3, "tiny"
+        args.sweep_len, args.min_time = 16, 0.01
+    return args
+
+
+DEVICE = "cuda"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def bench(fn, min_time: float, max_reps: int = 100) -> float:
+    """Median milliseconds of fn() over repeats filling about min_time seconds (one warmup call first)."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    once = time.perf_counter() - t0
+    reps = max(1, min(max_reps, int(min_time / max(once, 1e-6))))
+    times = []
+    for _ in range(reps):
+        if DEVICE != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(min_time: float) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(1 << (28 if DEVICE == "cuda" else 22), dtype=torch.float32, device=DEVICE).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), min_time)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+# ------------------------------------------------------------------------------------------- the inputs
+def scan_inputs(b, l, d, n, dtype, seed=0, requires_grad=False):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def r(*s, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*s, generator=g, device=DEVICE) * scale + shift).to(dt)
+
+    x = dict(
+        u=r(b, l, d), delta=r(b, l, d, scale=0.5, shift=-1.0), A=-torch.exp(r(d, n, scale=0.5, dt=torch.float32)),
+        B=r(b, l, n), C=r(b, l, n), D=r(d, dt=torch.float32), z=r(b, l, d),
+        delta_bias=r(d, scale=0.3, dt=torch.float32), initial_state=r(b, d, n, dt=torch.float32),
+    )  # fmt: skip
+    if requires_grad:
+        for v in x.values():
+            v.requires_grad_()
+    return x
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0)).item()
+
+
+# ------------------------------------------------------------------------------------------- 1. checks
+def check_correctness(shape, dtype_name) -> list[tuple[str, float, float]]:
+    """(what, relative error, tolerance) for the scan, conv and steps: triton vs reference."""
+    from mambakit import ops
+
+    b, l, d, n = shape
+    rows = []
+    dtypes = [(torch.float32, 1e-4, 1e-3)]  # (dtype, tolerance of y, of the gradients)
+    if dtype_name != "float32":
+        dtypes.append((getattr(torch, dtype_name), 2e-2, 5e-2))
+    for dtype, tol_y, tol_g in dtypes:
+        x = scan_inputs(b, l, d, n, dtype, requires_grad=True)
+        outs = {}
+        for backend in ("triton", "reference"):
+            y, h = ops.selective_scan(**x, delta_softplus=True, return_final_state=True, backend=backend)
+            g = torch.Generator(device=DEVICE).manual_seed(1)
+            gy = torch.randn(y.shape, generator=g, device=DEVICE)
+            gh = torch.randn(h.shape, generator=g, device=DEVICE)
+            loss = (y.float() * gy).sum() + (h * gh).sum()
+            grads = torch.autograd.grad(loss, list(x.values()))
+            outs[backend] = (y.detach(), h.detach(), dict(zip(x, grads)))
+            sync()
+        (y1, h1, g1), (y2, h2, g2) = outs["triton"], outs["reference"]
+        name = str(dtype).replace("torch.", "")
+        rows.append((f"scan {name} y", rel_err(y1, y2), tol_y))
+        rows.append((f"scan {name} final state", rel_err(h1, h2), 1e-4))
+        rows.append((f"scan {name} grads (worst of 9)", max(rel_err(g1[k], g2[k]) for k in g2), tol_g))
+        del outs, x
+    # conv, bf16 and float32
+    xc = torch.randn(b, l, d, device=DEVICE, requires_grad=True)
+    wc = torch.randn(d, 4, device=DEVICE, requires_grad=True)
+    bc = torch.randn(d, device=DEVICE, requires_grad=True)
+    ic = torch.randn(b, d, 3, device=DEVICE, requires_grad=True)
+    res = {}
+    for backend in ("triton", "reference"):
+        y, fin = ops.causal_conv1d(xc, wc, bc, ic, return_final_state=True, activation="silu", backend=backend)
+        gy = torch.randn(y.shape, generator=torch.Generator(device=DEVICE).manual_seed(2), device=DEVICE)
+        res[backend] = (y.detach(), torch.autograd.grad((y * gy).sum() + fin.sum(), [xc, wc, bc, ic]))
+    rows.append(("conv float32 y", rel_err(res["triton"][0], res["reference"][0]), 1e-5))
+    rows.append(("conv float32 grads", max(rel_err(a, b) for a, b in zip(res["triton"][1], res["reference"][1])), 1e-4))
+    # decoding steps
+    x = scan_inputs(b, 4, d, n, torch.float32)
+    s1, s2 = x["initial_state"].clone(), x["initial_state"].clone()
+    errs = []
+    for t in range(4):
+        step = {k: x[k][:, t] for k in ("u", "delta", "B", "C", "z")}
+        common = dict(A=x["A"], D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
+        y1 = ops.selective_state_update(s1, **step, **common, backend="triton")
+        y2 = ops.selective_state_update(s2, **step, **common, backend="reference")
+        errs += [rel_err(y1, y2), rel_err(s1, s2)]
+    rows.append(("state update y, state", max(errs), 1e-5))
+    cs1 = torch.randn(b, d, 3, device=DEVICE)
+    cs2 = cs1.clone()
+    xs = torch.randn(b, d, device=DEVICE)
+    y1 = ops.causal_conv1d_update(cs1, xs, wc.detach(), bc.detach(), "silu", backend="triton")
+    y2 = ops.causal_conv1d_update(cs2, xs, wc.detach(), bc.detach(), "silu", backend="reference")
+    rows.append(("conv update y, state", max(rel_err(y1, y2), rel_err(cs1, cs2)), 1e-5))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- 2. scan
+def scan_bytes(b, l, d, n, itemsize) -> int:
+    """Bytes the forward must move at least: u, Δ, z, B, C read; y written (A, D, bias, states: negligible)."""
+    return (4 * b * l * d + 2 * b * l * n) * itemsize
+
+
+def time_scan(b, l, d, n, dtype, backend, min_time, grad: bool) -> float:
+    from mambakit import ops
+
+    x = scan_inputs(b, l, d, n, dtype, requires_grad=grad)
+    kw = dict(delta_softplus=True, backend=backend)
+    if not grad:
+        def fwd():
+            with torch.no_grad():
+                ops.selective_scan(**x, **kw)
+
+        return bench(fwd, min_time)
+    dy = torch.randn(b, l, d, device=DEVICE, dtype=dtype)
+    leaves = list(x.values())
+
+    def fwd_bwd():
+        y = ops.selective_scan(**x, **kw)
+        torch.autograd.grad(y, leaves, dy)
+
+    return bench(fwd_bwd, min_time)
+
+
+def time_sdpa(b, l, d, dtype, min_time, grad: bool) -> float:
+    heads = max(1, d // 64)
+    q, k, v = (torch.randn(b, heads, l, 64, device=DEVICE, dtype=dtype, requires_grad=grad) for _ in range(3))
+    if not grad:
+        def fwd():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return bench(fwd, min_time)
+    do = torch.randn(b, heads, l, 64, device=DEVICE, dtype=dtype)
+
+    def fwd_bwd():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(o, (q, k, v), do)
+
+    return bench(fwd_bwd, min_time)
+
+
+def sweep(args, dtype):
+    """Forward and forward+backward times for alternative (BLOCK_T, FWD_D, BWD_D, warps)."""
+    from mambakit.ops import scan_triton
+
+    b, l, d, n = args.batch, args.sweep_len, args.d, args.n
+    base = scan_triton.scan_config(b, l, d, n)
+    print(f"\ntile sweep at b={b} l={l} d={d} n={n} {args.dtype}; default {base}")
+    print(f"{'BLOCK_T':>8} {'FWD_D':>6} {'BWD_D':>6} {'warps':>6} {'fwd ms':>9} {'fwd+bwd ms':>11}")
+    results = []
+    # around the default: (BLOCK_T, FWD_D, warps); BWD_D = FWD_D / 2. Each new tile compiles two kernels.
+    for bt, bd, warps in ((128, 2, 4), (64, 4, 4), (32, 8, 4), (16, 16, 4), (256, 2, 8), (128, 4, 8), (64, 8, 8),
+                          (32, 16, 8)):  # fmt: skip
+        scan_triton.TILES.clear()
+        scan_triton.TILES.update(BLOCK_T=bt, FWD_D=bd, BWD_D=max(1, bd // 2), FWD_WARPS=warps, BWD_WARPS=warps)
+        try:
+            f = time_scan(b, l, d, n, dtype, "triton", args.min_time / 2, grad=False)
+            fb = time_scan(b, l, d, n, dtype, "triton", args.min_time / 2, grad=True)
+        except Exception as e:  # a tile that does not compile (registers, shared memory): skip it
+            print(f"{bt:>8} {bd:>6} {max(1, bd // 2):>6} {warps:>6}  failed: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        results.append(dict(BLOCK_T=bt, FWD_D=bd, BWD_D=max(1, bd // 2), warps=warps, fwd_ms=f, fwd_bwd_ms=fb))
+        print(f"{bt:>8} {bd:>6} {max(1, bd // 2):>6} {warps:>6} {f:>9.3f} {fb:>11.3f}")
+        sys.stdout.flush()
+    scan_triton.TILES.clear()
+    if results:
+        best_f = min(results, key=lambda r: r["fwd_ms"])
+        best_fb = min(results, key=lambda r: r["fwd_bwd_ms"])
+        print(f"best forward: {best_f}\nbest forward+backward: {best_fb}")
+    return results
+
+
+# -------------------------------------------------------------------------------------------- 3. model
+def model_speed(args, dtype) -> list[dict]:
+    """130m (random weights): prefill tokens/s with the triton and reference ops, greedy generation tokens/s."""
+    import mambakit.ops as ops_mod
+    from mambakit import MambaConfig, MambaLM
+
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig.from_preset(args.model_preset)).to(DEVICE, dtype).eval()
+    vocab = model.config.vocab_size
+    rows = []
+    for b in (int(s) for s in args.model_batch.split(",")):
+        ids = torch.randint(0, vocab, (b, args.prefill_len), device=DEVICE)
+        row = dict(batch=b, prefill_len=args.prefill_len)
+        for name in ("triton", "reference"):
+            if name == "reference" and b * args.prefill_len > 4096:  # sequential over time: minutes per call
+                continue
+            saved = ops_mod._triton_available
+            if name == "reference":
+                ops_mod._triton_available = lambda: False
+            try:
+                with torch.no_grad():
+                    ms = bench(lambda: model(ids, num_last_tokens=1), args.min_time, max_reps=20)
+            finally:
+                ops_mod._triton_available = saved
+            row[f"prefill_tok_s_{name}"] = b * args.prefill_len / (ms / 1e3)
+        # generation: prefill a short prompt, then greedy steps with the in-place state
+        with torch.no_grad():
+            out = model(ids[:, :16], return_state=True, num_last_tokens=1)
+            state = out.state
+            tok = out.logits[:, -1].argmax(-1)
+            for _ in range(3):  # warmup (kernel compilation)
+                model.step(tok, state)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.gen_tokens):
+                tok = model.step(tok, state).argmax(-1)
+            sync()
+            sec = time.perf_counter() - t0
+        row["gen_tok_s"] = b * args.gen_tokens / sec
+        row["ms_per_step"] = 1e3 * sec / args.gen_tokens
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- the run
+def main(argv=None) -> int:
+    global DEVICE
+    args = parse_args(argv)
+    if args.dry_run:
+        DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are imported
+    elif not torch.cuda.is_available():
+        print("benchmarks/gpu.py: no CUDA device here; it checks and times the Triton kernels on a GPU. Nothing run.")
+        return 0
+    try:
+        import triton
+    except ImportError:
+        print("benchmarks/gpu.py: Triton is not installed (pip install mambakit[triton]).")
+        return 1
+    dtype = getattr(torch, args.dtype)
+    t_start = time.perf_counter()
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
+    else:
+        name = "CPU under Triton's interpreter (dry run: timings are meaningless)"
+    results = dict(gpu=name, torch=torch.__version__, triton=triton.__version__, args=vars(args))
+    print(f"{name}; torch {torch.__version__}, triton {triton.__version__}")
+    bw = copy_bandwidth(args.min_time)
+    results["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"copy bandwidth (read + write): {bw / 1e9:.0f} GB/s")
+
+    ok = True
+    if not args.skip_check:
+        t0 = time.perf_counter()
+        shape = tuple(int(s) for s in args.check_shape.split(","))
+        rows = check_correctness(shape, args.dtype)
+        print(f"\ncorrectness, triton vs reference at b,l,d,n = {shape} ({time.perf_counter() - t0:.0f} s)")
+        for what, err, tol in rows:
+            good = err <= tol and math.isfinite(err)
+            ok &= good
+            print(f"  {what:<36} rel err {err:.2e}  (tol {tol:.0e})  {'ok' if good else 'FAIL'}")
+        results["checks"] = [dict(what=w, rel_err=e, tol=t) for w, e, t in rows]
+
+    b, d, n = args.batch, args.d, args.n
+    lengths = [int(s) for s in args.lengths.split(",")]
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    table = []
+    print(f"\nselective scan, b={b} d={d} n={n} {args.dtype} (D, z gate, Δ bias + softplus), milliseconds")
+    head = (f"{'l':>6} {'triton fwd':>10} {'floor':>7} {'ratio':>6} {'triton f+b':>10} {'ref fwd':>9} "
+            f"{'ref f+b':>9} {'sdpa fwd':>9} {'sdpa f+b':>9} {'vs sdpa':>8}")  # fmt: skip
+    print(head)
+    for l in lengths:
+        r = dict(l=l)
+        r["triton_fwd"] = time_scan(b, l, d, n, dtype, "triton", args.min_time, grad=False)
+        r["floor"] = 1e3 * scan_bytes(b, l, d, n, itemsize) / bw
+        r["ratio"] = r["triton_fwd"] / r["floor"]
+        r["triton_fwd_bwd"] = time_scan(b, l, d, n, dtype, "triton", args.min_time, grad=True)
+        if l <= args.ref_max_len:
+            r["ref_fwd"] = time_scan(b, l, d, n, dtype, "reference", 0, grad=False)
+            r["ref_fwd_bwd"] = time_scan(b, l, d, n, dtype, "reference", 0, grad=True) if l <= 2048 else None
+        try:
+            r["sdpa_fwd"] = time_sdpa(b, l, d, dtype, args.min_time, grad=False)
+            r["sdpa_fwd_bwd"] = time_sdpa(b, l, d, dtype, args.min_time, grad=True)
+            r["vs_sdpa"] = r["sdpa_fwd"] / r["triton_fwd"]
+        except torch.OutOfMemoryError:
+            r["sdpa_fwd"] = r["sdpa_fwd_bwd"] = r["vs_sdpa"] = None
+
+        def f(key, width, fmt=".3f"):
+            v = r.get(key)
+            return f"{v:>{width}{fmt}}" if v is not None else f"{'-':>{width}}"
+
+        print(f"{l:>6} {f('triton_fwd', 10)} {f('floor', 7)} {f('ratio', 6, '.2f')} {f('triton_fwd_bwd', 10)} "
+              f"{f('ref_fwd', 9, '.1f')} {f('ref_fwd_bwd', 9, '.1f')} {f('sdpa_fwd', 9)} {f('sdpa_fwd_bwd', 9)} "
+              f"{f('vs_sdpa', 8, '.2f')}")  # fmt: skip
+        table.append(r)
+        sys.stdout.flush()
+    results["scan"] = table
+
+    if args.sweep:
+        results["sweep"] = sweep(args, dtype)
+
+    if not args.skip_model:
+        print(f"\n{args.model_preset} (random weights, {args.dtype}): prefill of {args.prefill_len} tokens; "
+              f"greedy generation of {args.gen_tokens} tokens after a 16-token prompt")  # fmt: skip
+        print(f"{'batch':>6} {'prefill tok/s triton':>21} {'prefill tok/s ref':>18} {'gen tok/s':>10} {'ms/step':>8}")
+        rows = model_speed(args, dtype)
+        for r in rows:
+            ref = r.get("prefill_tok_s_reference")
+            print(f"{r['batch']:>6} {r['prefill_tok_s_triton']:>21.0f} {(f'{ref:.0f}' if ref else '-'):>18} "
+                  f"{r['gen_tok_s']:>10.0f} {r['ms_per_step']:>8.2f}")  # fmt: skip
+        results["model"] = rows
+
+    results["seconds"] = time.perf_counter() - t_start
+    results["checks_passed"] = ok
+    print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'}; {results['seconds']:.0f} s in all")
+    if args.json:
+        with open(args.json + ".tmp", "w") as fh:
+            json.dump(results, fh, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
