@@ -80,7 +80,8 @@ def score(
     token to score a text from its beginning); continuations too.
 
     batch_size bounds the rows of a forward call; chunk_tokens the positions per row per call. Requests that
-    share a context reuse its state. progress(done, total) is called after each batch of continuations."""
+    share a context reuse its state. progress(done, total) is called as continuation tokens get scored
+    (after each chunk of each batch)."""
     if batch_size < 1 or chunk_tokens < 1:
         raise ValueError(f"batch_size and chunk_tokens must be >= 1, got {batch_size}, {chunk_tokens}")
     vocab = model.config.vocab_size
@@ -98,7 +99,7 @@ def score(
         users.setdefault(ctx, []).append(i)
     contexts = sorted(users, key=len, reverse=True)
     results: list[tuple[float, bool] | None] = [None] * len(items)
-    done = 0
+    done, total_tokens = 0, sum(len(cont) for _, cont in items)  # continuation tokens scored / to score
     for b0 in range(0, len(contexts), batch_size):
         block = contexts[b0: b0 + batch_size]
         # 1. prefill the block's contexts: rows of equal length together, exact (no padding)
@@ -147,13 +148,15 @@ def score(
                     rows = row_of[:, s: s + chunk_tokens][m]
                     lp_sum.index_add_(0, rows, lp.double())
                     misses.index_add_(0, rows, (~gr).long())
+                    if progress is not None:
+                        progress(done + len(group) + int(valid[:, : s + chunk_tokens].sum()), total_tokens)
                 total = [a + b for a, b in zip(total, lp_sum.tolist())]
                 greedy = [a and m == 0 for a, m in zip(greedy, misses.tolist())]
             for (_, i), t, g in zip(group, total, greedy):
                 results[i] = (float(t), bool(g))
-            done += len(group)
+            done += sum(len(c) for c in conts)
             if progress is not None:
-                progress(done, len(items))
+                progress(done, total_tokens)
     return results  # type: ignore[return-value]
 
 
@@ -207,15 +210,22 @@ def perplexity(
     return out
 
 
-def _progress_printer(label: str):
-    t0 = time.perf_counter()
+def _progress_printer(label: str, every: float = 1.0):
+    """A progress callback printing `label: done/total tokens (rate, ETA)` on stderr, at most every second."""
+    t0 = last = time.perf_counter()
+    finished = False
 
     def show(done: int, total: int) -> None:
-        el = time.perf_counter() - t0
+        nonlocal last, finished
+        now = time.perf_counter()
+        if finished or (now - last < every and done < total):
+            return
+        finished = done >= total
+        last, el = now, now - t0
         eta = el / done * (total - done) if done else float("nan")
-        print(f"\r{label}: {done}/{total} ({done / max(el, 1e-9):.1f}/s, ETA {eta:.0f} s)", end="",
+        print(f"\r{label}: {done}/{total} tokens ({done / max(el, 1e-9):.0f} tokens/s, ETA {eta:.0f} s)", end="",
               file=sys.stderr, flush=True)
-        if done == total:
+        if done >= total:
             print(file=sys.stderr)
 
     return show
@@ -408,7 +418,7 @@ def _cli(args) -> int:
         prefix = eos if eos is not None and eos < model.config.vocab_size else None
         result = perplexity(model, tok.encode(text), prefix_token_id=prefix, window=args.window, stride=args.stride,
                             chunk_tokens=args.chunk_tokens, batch_size=args.batch_size,
-                            num_bytes=len(text.encode("utf-8")), progress=_progress_printer("windows"))
+                            num_bytes=len(text.encode("utf-8")), progress=_progress_printer("perplexity"))
         result = {"file": str(path), **result}
         bpb = f", {result['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in result else ""
         print(f"{path}: {result['tokens']} tokens ({result['mode']}): perplexity {result['perplexity']:.4f}, "
