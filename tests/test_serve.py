@@ -288,11 +288,12 @@ def test_cli_serves_a_checkpoint(tmp_path, model):
 # ---------------------------------------------------------------------------------------------- engine
 def test_engine_batched_prefill_and_decode_equal_generate_alone(model):
     """Jobs queued before the loop starts are admitted together: equal-length prompts share one prefill
-    call, and up to 8 sequences decode in one step; each still equals generate on its prompt alone."""
+    call, a prompt longer than prefill_chunk is prefilled in chunks between decode steps, and up to 8
+    sequences decode in one step; each still equals generate on its prompt alone."""
     from mambakit.generate import check_sampling
     from mambakit.serve import Engine, Job
 
-    engine = Engine(model, model.tokenizer, {256}, 0, max_batch=8)
+    engine = Engine(model, model.tokenizer, {256}, 0, max_batch=8, prefill_chunk=8)
     prompts = [[(7 * i + j) % 256 for j in range(6)] for i in range(5)] + [[1, 2, 3], [9] * 11]
     params = check_sampling(9, 1.1, 50, 0.9, None, 1.0)
     out: dict = {}
@@ -311,7 +312,9 @@ def test_engine_batched_prefill_and_decode_equal_generate_alone(model):
         t0 = time.monotonic()
         while engine.stats()["tokens"] < 9 * 8 and time.monotonic() - t0 < 30:
             time.sleep(0.01)
-    assert engine.stats()["steps"] == 8  # all 8 sequences admitted at once, then 8 steps together
+    # 6 short sequences start at once; the 11-token prompt takes 2 chunks, so its 2 sequences join one
+    # step later (the others decode meanwhile): 9 steps in all for 8 × 9 tokens
+    assert engine.stats()["steps"] == 9
     for i, p in enumerate(prompts[:-1]):
         assert out[i, 0] == generate(model, [p], 9, seed=100 + i, temperature=1.1, top_k=50, top_p=0.9,
                                   eos_token_id=256).sequences[0]

@@ -38,13 +38,13 @@ def _import_uvicorn():
 
 
 def make_engine(model: MambaLM, tokenizer=None, max_batch: int = 32, max_queue: int = 64,
-                warmup: bool = True) -> Engine:
+                prefill_chunk: int = 512, warmup: bool = True) -> Engine:
     """An Engine for `model` (tokenizer: default model.tokenizer; eos from the tokenizer), started. warmup
     runs one prefill and one step first, so the first request does not pay for loading the kernels."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     eos = eos_ids(None, tokenizer)
     engine = Engine(model, tokenizer, eos, pad_id(None, tokenizer, eos, model.config.vocab_size),
-                    max_batch=max_batch, max_queue=max_queue)
+                    max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     if warmup:
         with torch.inference_mode():
             state = model(torch.zeros(1, 2, dtype=torch.long), return_state=True, num_last_tokens=1).state
@@ -79,11 +79,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def start_server(model: MambaLM, host: str = "127.0.0.1", port: int = 0, *, model_name: str = "mambakit",
-                 tokenizer=None, max_batch: int = 32, max_queue: int = 64, limits: Limits | None = None,
-                 log_level: str = "warning") -> ServerHandle:
+                 tokenizer=None, max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512,
+                 limits: Limits | None = None, log_level: str = "warning") -> ServerHandle:
     """Starts the server in a daemon thread and returns once it accepts connections."""
     uvicorn = _import_uvicorn()
-    engine = make_engine(model, tokenizer, max_batch, max_queue)
+    engine = make_engine(model, tokenizer, max_batch, max_queue, prefill_chunk)
     app = create_app(engine, model_name, limits)
     sock = _bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=2))
@@ -111,6 +111,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--max-batch", type=int, default=32, help="state slots: sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="longer prompts are prefilled in chunks of this many tokens between decode steps")
     p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
     p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="limit on a request's max_tokens")
     p.add_argument("--max-n", type=int, default=Limits.max_n, help="limit on a request's n")
@@ -126,7 +128,8 @@ def _cli(args) -> int:
     uvicorn = _import_uvicorn()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "max_n", "max_body_bytes"):
+    for name in ("max_batch", "max_queue", "prefill_chunk", "max_prompt_tokens", "max_tokens", "max_n",
+                 "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model = MambaLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
@@ -140,7 +143,7 @@ def _cli(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_n=args.max_n,
                     max_body_bytes=args.max_body_bytes)
-    engine = make_engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = make_engine(model, max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     name = args.name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, limits)
     sock = _bind(args.host, args.port)

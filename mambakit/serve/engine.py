@@ -11,6 +11,10 @@ rows once (the pool) and gives each running sequence a row (a slot).
     → every step: the active slots decode together (MambaLM.step, state updated in place) → sample
     → a sequence that ends (eos, stop string, max_tokens) or is cancelled frees its slot at once
 
+A prompt longer than `prefill_chunk` tokens would stall every running stream for its whole prefill;
+it is instead prefilled in chunks of `prefill_chunk` tokens, one chunk between two decode steps, with the
+state carried (its n slots reserved meanwhile). Shorter prompts, the usual case, take one call.
+
 The active slots are kept in the pool's first k rows: a freed slot is filled by moving the last active
 row into it (two row copies per layer), so each step runs `MambaLM.step` on a view of the first k rows
 and costs what a batch of k costs, not a batch of max_batch (measured on the 130m shape, one thread:
@@ -18,7 +22,8 @@ see benchmarks/serve_load.py --step-cost).
 
 Sampling is generate's own (`next_tokens`, per-row generators seeded seed + i, `RowOutput` for eos /
 stop strings / streamed text), so a sequence gives what `generate([prompt], seed=seed + i)` gives alone
-(up to the rounding of a batched matmul, which can in principle flip a near-tie; tests check equality).
+(up to the rounding of a batched matmul, which can in principle flip a near-tie; tests check equality;
+a chunked prompt's logits equal the one-call prefill's up to rounding as well).
 
 Threading: all torch work runs in the engine's one thread. Callers `submit` a Job from any thread and
 receive its events through the job's `emit` callback (called from the engine thread, one call per step
@@ -109,6 +114,15 @@ class _Sequence:
         self.next_token = -1
 
 
+class _Prefill:
+    """A long prompt being prefilled chunk by chunk: the state after its first `pos` tokens."""
+
+    __slots__ = ("job", "p", "pos", "state", "logits")
+
+    def __init__(self, job: Job, p: int):
+        self.job, self.p, self.pos, self.state, self.logits = job, p, 0, None, None
+
+
 # --------------------------------------------------------------------------------------------- engine
 class Engine:
     """The decode loop over a pool of `max_batch` state slots (see the module docstring).
@@ -118,9 +132,11 @@ class Engine:
     EngineBusy beyond. Start with `start()` (or use as a context manager); `close()` stops the thread."""
 
     def __init__(self, model: MambaLM, tokenizer=None, eos: set[int] | None = None, pad_token_id: int = 0,
-                 max_batch: int = 32, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+                 max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512):
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, {max_queue}, "
+                             f"{prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model, tokenizer
         self.eos = set(eos or ())
         self.pad_token_id = pad_token_id
@@ -130,6 +146,8 @@ class Engine:
         self._active: list[_Sequence] = []  # slot i ↔ pool row i, for i < len(_active)
         self._inbox: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._head: deque[tuple[Job, int]] = deque()  # the job being admitted, prompt by prompt
+        self._prefilling: deque[_Prefill] = deque()  # long prompts, prefilled a chunk per step
+        self._reserved = 0  # slots held for them
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards the counters read by stats()
@@ -181,7 +199,7 @@ class Engine:
         with self._lock:
             counters = dict(self.counters)
         return dict(slots=self.max_batch, active=len(self._active), queued=self._inbox.qsize() + bool(self._head),
-                    max_queue=self.max_queue, running=self.running, **counters)
+                    prefilling=len(self._prefilling), max_queue=self.max_queue, running=self.running, **counters)
 
     # ---------------------------------------------------------------------------------------- loop
     def _run(self) -> None:
@@ -190,8 +208,10 @@ class Engine:
             try:
                 self._admit()
                 self._drop_cancelled()
+                if self._prefilling:
+                    self._prefill_chunk()
                 if not self._active:
-                    if not self._head:
+                    if not self._head and not self._prefilling:
                         try:  # idle: sleep until a job arrives
                             self._head.extend(self._split(self._inbox.get(timeout=0.05)))
                         except queue.Empty:
@@ -214,7 +234,7 @@ class Engine:
         prompts admitted together go through one `prefill` call, which runs rows of equal length as one
         batch (each row's state and logits are its own: rows never interact)."""
         batch: list[tuple[Job, int]] = []
-        free = self.max_batch - len(self._active)
+        free = self.max_batch - len(self._active) - self._reserved
         while True:
             if not self._head:
                 try:
@@ -227,12 +247,18 @@ class Engine:
                 continue
             if job.n > free:
                 break  # wait for slots (first come, first served: later jobs wait too)
-            batch.append(self._head.popleft())
+            self._head.popleft()
             free -= job.n
+            if len(job.prompts[p]) > self.prefill_chunk:
+                self._prefilling.append(_Prefill(job, p))
+                self._reserved += job.n
+            else:
+                batch.append((job, p))
         if not batch:
             return
         try:
-            self._prefill(batch)
+            state, logits = prefill(self.model, [job.prompts[p] for job, p in batch])  # (n_layer, g, …), (g, V)
+            self._place(batch, state, logits)
         except Exception as e:
             log.error("prefill failed\n%s", traceback.format_exc())
             for job in {id(j): j for j, _ in batch}.values():
@@ -240,10 +266,31 @@ class Engine:
                 self._fail_job(job, f"{type(e).__name__}: {e}")
 
     @torch.inference_mode()
-    def _prefill(self, batch: list[tuple[Job, int]]) -> None:
-        """Prefills prompt p of each (job, p), gives each of its n sequences a slot, samples their first
-        tokens (from the prompt's last logits, as generate's first step) and emits them."""
-        state, logits = prefill(self.model, [job.prompts[p] for job, p in batch])  # (n_layer, g, …), (g, V)
+    def _prefill_chunk(self) -> None:
+        """Runs the next chunk of the first long prompt; once it is whole, its sequences take their slots."""
+        pf = self._prefilling[0]
+        prompt = pf.job.prompts[pf.p]
+        done = pf.job.cancelled
+        if not done:
+            try:
+                ids = torch.tensor([prompt[pf.pos: pf.pos + self.prefill_chunk]], device=self._pool.ssm.device)
+                out = self.model(ids, state=pf.state, return_state=True, num_last_tokens=1)  # ids (1, c)
+                pf.state, pf.logits, pf.pos = out.state, out.logits[:, -1], pf.pos + ids.shape[1]
+            except Exception as e:
+                log.error("prefill failed\n%s", traceback.format_exc())
+                self._fail_job(pf.job, f"{type(e).__name__}: {e}")
+                done = True
+        if done or pf.pos >= len(prompt):
+            self._prefilling.popleft()
+            self._reserved -= pf.job.n
+            if not done:
+                self._place([(pf.job, pf.p)], pf.state, pf.logits)
+
+    @torch.inference_mode()
+    def _place(self, batch: list[tuple[Job, int]], state: MambaState, logits) -> None:
+        """Gives the n sequences of prompt p of each (job, p) a slot, starting from row r of the prefilled
+        state (n_layer, g, …) and logits (g, V), samples their first tokens (from the prompt's last
+        logits, as generate's first step) and emits them."""
         logits = logits[:, : self.vocab]
         seqs, rows = [], []
         for r, (job, p) in enumerate(batch):
@@ -258,7 +305,7 @@ class Engine:
                     seen = torch.zeros(1, self.vocab, dtype=torch.bool, device=logits.device)  # (1, V)
                     seen[0, job.prompts[p]] = True
                 slot = len(self._active)
-                self._pool.conv[:, slot] = state.conv[:, r]  # (n_layer, E·D, W−1): the slot's old content is gone
+                self._pool.conv[:, slot] = state.conv[:, r].to(self._pool.conv.dtype)  # the old content is gone
                 self._pool.ssm[:, slot] = state.ssm[:, r]
                 seq = _Sequence(job, first + j, RowOutput(self.tokenizer, job.stop), generators[j], seen)
                 self._active.append(seq)
@@ -354,8 +401,10 @@ class Engine:
             self._fail_job(job, message)
 
     def _drain_waiting(self) -> list[Job]:
-        jobs = [job for job, _ in self._head]
+        jobs = [job for job, _ in self._head] + [pf.job for pf in self._prefilling]
         self._head.clear()
+        self._prefilling.clear()
+        self._reserved = 0
         while True:
             try:
                 jobs.append(self._inbox.get_nowait())
