@@ -293,7 +293,7 @@ def test_engine_batched_prefill_and_decode_equal_generate_alone(model):
     from mambakit.generate import check_sampling
     from mambakit.serve import Engine, Job
 
-    engine = Engine(model, model.tokenizer, {256}, 0, max_batch=8, prefill_chunk=8)
+    engine = Engine(model, model.tokenizer, {256}, max_batch=8, prefill_chunk=8)
     prompts = [[(7 * i + j) % 256 for j in range(6)] for i in range(5)] + [[1, 2, 3], [9] * 11]
     params = check_sampling(9, 1.1, 50, 0.9, None, 1.0)
     out: dict = {}
@@ -327,7 +327,7 @@ def test_engine_close_tells_running_and_waiting_jobs(model):
     from mambakit.generate import check_sampling
     from mambakit.serve import Engine, Job
 
-    engine = Engine(model, model.tokenizer, {256}, 0, max_batch=1).start()
+    engine = Engine(model, model.tokenizer, {256}, max_batch=1).start()
     ends = {}
     params = check_sampling(10**6, 1.0, None, None, None, 1.0)
     jobs = [Job([[1, 2]], 1, 10**6, params, [], i, lambda evs, i=i: ends.update(

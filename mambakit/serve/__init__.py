@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ..generate import eos_ids, pad_id
+from ..generate import eos_ids
 from ..model import MambaLM
 from .api import Limits, create_app
 from .engine import Engine, EngineBusy, EngineClosed, Event, Job
@@ -43,12 +43,13 @@ def make_engine(model: MambaLM, tokenizer=None, max_batch: int = 32, max_queue: 
     runs one prefill and one step first, so the first request does not pay for loading the kernels."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     eos = eos_ids(None, tokenizer)
-    engine = Engine(model, tokenizer, eos, pad_id(None, tokenizer, eos, model.config.vocab_size),
-                    max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
-    if warmup:
+    engine = Engine(model, tokenizer, eos, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    if warmup:  # loads every kernel a request will use (a step of 1 row and of a full pool differ)
+        device = model.lm_head.weight.device
         with torch.inference_mode():
-            state = model(torch.zeros(1, 2, dtype=torch.long), return_state=True, num_last_tokens=1).state
-            model.step(torch.zeros(1, dtype=torch.long), state)
+            model(torch.zeros(1, 2, dtype=torch.long, device=device), return_state=True, num_last_tokens=1)
+            for b in sorted({1, max_batch}):
+                model.step(torch.zeros(b, dtype=torch.long, device=device), model.allocate_state(b))
     return engine.start()
 
 

@@ -131,15 +131,13 @@ class Engine:
     only). eos: ids that end a sequence. max_queue: jobs that may wait for slots; `submit` raises
     EngineBusy beyond. Start with `start()` (or use as a context manager); `close()` stops the thread."""
 
-    def __init__(self, model: MambaLM, tokenizer=None, eos: set[int] | None = None, pad_token_id: int = 0,
-                 max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512):
+    def __init__(self, model: MambaLM, tokenizer=None, eos: set[int] | None = None, max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512):
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, {max_queue}, "
                              f"{prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model, tokenizer
         self.eos = set(eos or ())
-        self.pad_token_id = pad_token_id
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab = sampling_vocab(model, tokenizer)
         self._pool: MambaState = model.allocate_state(max_batch)  # (n_layer, max_batch, …)
