@@ -175,3 +175,55 @@ def test_bfloat16_cached_decoding_runs():
         last = torch.stack([model.step(ids[:, t], cache) for t in range(6, 10)], 1).float()
     assert cache.k.dtype == torch.bfloat16
     torch.testing.assert_close(last, full[:, 6:], atol=0.1, rtol=0.05)
+
+
+# ------------------------------------------------------------------ experiments 3 and 4, tiny versions
+def _bench(name):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_throughput_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    vs = _bench("vs_transformer")
+    assert vs.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    results = __import__("json").loads((tmp_path / "results.json").read_text())
+    cells = results["cells"]
+    assert [(c["model"], c["batch"]) for c in cells] == [("mamba", 1), ("transformer", 1), ("mamba", 2),
+                                                         ("transformer", 2)]
+    for c in cells:
+        assert c["tokens_per_s"] > 0 and c["decode_steps"] == 7 and c["peak_gib"] > 0
+    assert results["ratio_end_to_end"] > 0
+    assert (tmp_path / "throughput.png").stat().st_size > 10_000
+
+
+def test_throughput_memory_estimate_orders_the_models():
+    vs = _bench("vs_transformer")
+    # 130m shape, prompt 2048 + 128, float32: the KV cache (2 · 12 · 2176 · 768 floats = 153 MiB a sequence)
+    # limits the Transformer to about a hundred sequences in 24 GiB; Mamba's state is 2.7 MiB a sequence
+    est = vs.estimate_bytes("transformer", "130m", "gpt3", 1, 2048, 128, 4)
+    assert est["per_seq"] == 2 * 12 * 2176 * 768 * 4
+    assert vs.estimate_bytes("mamba", "130m", "gpt3", 1, 2048, 128, 4)["per_seq"] == 24 * 1536 * 19 * 4
+    fits = {k: vs.largest_batch_within(k, "130m", "gpt3", 2048, 128, 4, 24 * 2**30) for k in ("mamba", "transformer")}
+    assert fits["transformer"] == 128 and fits["mamba"] >= 1024
+
+
+def test_length_scaling_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    ls = _bench("length_scaling")
+    assert ls.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    results = __import__("json").loads((tmp_path / "results.json").read_text())
+    assert {(c["series"], c["length"]) for c in results["cells"]} == {
+        (s, 2**e) for s in ("mamba", "mamba-chunked", "transformer") for e in (8, 9, 10)}
+    assert all(c["seconds"] > 0 and c["peak_gib"] > 0 for c in results["cells"])
+    assert (tmp_path / "length_scaling.png").stat().st_size > 10_000
+
+
+def test_length_scaling_slope():
+    ls = _bench("length_scaling")
+    rows = [dict(length=2**e, seconds=3.0 * 4**e) for e in range(10, 16)]
+    assert ls.fit_slope(rows, "seconds") == pytest.approx(2.0)
