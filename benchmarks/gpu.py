@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--sweep", action="store_true", help="time alternative tile sizes (scan fwd and bwd)")
     p.add_argument("--sweep-len", type=int, default=4096)
+    p.add_argument("--sweep-batch", default="1,8", help="batch sizes the sweep times each tile at")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of repeats per timing (after warmup)")
     p.add_argument("--model-preset", default="130m")
     p.add_argument("--json", default=None, help="write the results to this file")
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     if args.dry_run:
         args.lengths, args.d, args.n, args.ref_max_len, args.check_shape = "16,32", 16, 4, 32, "2,20,12,4"
         args.model_batch, args.prefill_len, args.gen_tokens, args.model_preset = "1,2", 8, 3, "tiny"
-        args.sweep_len, args.min_time = 16, 0.01
+        args.sweep_len, args.sweep_batch, args.min_time = 16, "1,2", 0.01
     return args
 
 
@@ -236,33 +237,45 @@ def time_sdpa(b, l, d, dtype, min_time, grad: bool) -> float:
 
 
 def sweep(args, dtype):
-    """Forward and forward+backward times for alternative (BLOCK_T, FWD_D, BWD_D, warps)."""
+    """Forward and forward+backward times for alternative (BLOCK_T, FWD_D, BWD_D, warps), at each batch size of
+    --sweep-batch: few channels per program fill the GPU at batch 1, more read fuller sectors at larger batches."""
     from mambakit.ops import scan_triton
 
-    b, l, d, n = args.batch, args.sweep_len, args.d, args.n
-    base = scan_triton.scan_config(b, l, d, n)
-    print(f"\ntile sweep at b={b} l={l} d={d} n={n} {args.dtype}; default {base}")
-    print(f"{'BLOCK_T':>8} {'FWD_D':>6} {'BWD_D':>6} {'warps':>6} {'fwd ms':>9} {'fwd+bwd ms':>11}")
+    l, d, n = args.sweep_len, args.d, args.n
+    batches = [int(s) for s in args.sweep_batch.split(",")]
+    print(f"\ntile sweep at l={l} d={d} n={n} {args.dtype}, milliseconds; defaults:")
+    for b in batches:
+        print(f"  b={b}: {scan_triton.scan_config(b, l, d, n)}")
+    cols = "".join(f" {f'fwd b={b}':>10} {f'f+b b={b}':>10}" for b in batches)
+    print(f"{'BLOCK_T':>8} {'FWD_D':>6} {'BWD_D':>6} {'warps':>6}{cols}")
     results = []
-    # around the default: (BLOCK_T, FWD_D, warps); BWD_D = FWD_D / 2. Each new tile compiles two kernels.
+    # around the defaults: (BLOCK_T, FWD_D, warps); BWD_D = FWD_D / 2. Each new tile compiles its kernels.
     for bt, bd, warps in ((128, 2, 4), (64, 4, 4), (32, 8, 4), (16, 16, 4), (256, 2, 8), (128, 4, 8), (64, 8, 8),
                           (32, 16, 8)):  # fmt: skip
         scan_triton.TILES.clear()
         scan_triton.TILES.update(BLOCK_T=bt, FWD_D=bd, BWD_D=max(1, bd // 2), FWD_WARPS=warps, BWD_WARPS=warps)
+        row = dict(BLOCK_T=bt, FWD_D=bd, BWD_D=max(1, bd // 2), warps=warps)
         try:
-            f = time_scan(b, l, d, n, dtype, "triton", args.min_time / 2, grad=False)
-            fb = time_scan(b, l, d, n, dtype, "triton", args.min_time / 2, grad=True)
+            for b in batches:
+                row[f"fwd_ms_b{b}"] = time_scan(b, l, d, n, dtype, "triton", args.min_time / 2, grad=False)
+                row[f"fwd_bwd_ms_b{b}"] = time_scan(b, l, d, n, dtype, "triton", args.min_time / 2, grad=True)
         except Exception as e:  # a tile that does not compile (registers, shared memory): skip it
             print(f"{bt:>8} {bd:>6} {max(1, bd // 2):>6} {warps:>6}  failed: {type(e).__name__}: {str(e)[:80]}")
             continue
-        results.append(dict(BLOCK_T=bt, FWD_D=bd, BWD_D=max(1, bd // 2), warps=warps, fwd_ms=f, fwd_bwd_ms=fb))
-        print(f"{bt:>8} {bd:>6} {max(1, bd // 2):>6} {warps:>6} {f:>9.3f} {fb:>11.3f}")
+        results.append(row)
+        times = "".join(f" {row[f'fwd_ms_b{b}']:>10.3f} {row[f'fwd_bwd_ms_b{b}']:>10.3f}" for b in batches)
+        print(f"{bt:>8} {bd:>6} {max(1, bd // 2):>6} {warps:>6}{times}")
         sys.stdout.flush()
     scan_triton.TILES.clear()
-    if results:
-        best_f = min(results, key=lambda r: r["fwd_ms"])
-        best_fb = min(results, key=lambda r: r["fwd_bwd_ms"])
-        print(f"best forward: {best_f}\nbest forward+backward: {best_fb}")
+    for b in batches:
+        if results:
+            best_f = min(results, key=lambda r: r[f"fwd_ms_b{b}"])
+            best_fb = min(results, key=lambda r: r[f"fwd_bwd_ms_b{b}"])
+            def name(r):
+                return f"BLOCK_T={r['BLOCK_T']} FWD_D={r['FWD_D']} BWD_D={r['BWD_D']} warps={r['warps']}"
+
+            print(f"b={b}: best forward {name(best_f)} ({best_f[f'fwd_ms_b{b}']:.3f} ms), "
+                  f"best forward+backward {name(best_fb)} ({best_fb[f'fwd_bwd_ms_b{b}']:.3f} ms)")  # fmt: skip
     return results
 
 
