@@ -268,6 +268,38 @@ def test_scan_in_pieces_equals_one_call(small_tiles):
     assert_close(hb, h, 1e-6, "final state")
 
 
+def test_scan_and_conv_read_views(small_tiles):
+    """Views as the model passes them (z, B, C: column slices of wider projections) are read in place through
+    their strides; a view whose channels are not contiguous (u here) is copied first. Results as with
+    contiguous inputs, gradients included."""
+    x = make_inputs(2, 9, 6, 3, torch.float32)
+    views = dict(x)
+    for k in ("delta", "z", "B", "C"):
+        v = x[k]
+        views[k] = torch.cat([v, torch.randn_like(v)], dim=-1)[..., : v.shape[-1]]  # time stride 2·width
+        assert not views[k].is_contiguous() and views[k].stride(-1) == 1
+    views["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)  # channel stride l
+    y1, h1, g1 = scan_with_grads(scan_triton.selective_scan_triton, views, True)
+    y2, h2, g2 = scan_with_grads(selective_scan_ref, x, True)
+    assert_close(y1, y2, TOL[torch.float32], "y")
+    assert_close(h1, h2, TOL[torch.float32], "final state")
+    for k in g2:
+        assert_close(g1[k], g2[k], TOL[torch.float32], f"d{k}")
+    xc = torch.randn(2, 11, 12, device=DEVICE)
+    wc, bc = torch.randn(6, 4, device=DEVICE), torch.randn(6, device=DEVICE)
+    half = xc[..., :6].clone().requires_grad_()
+    view = xc.clone().requires_grad_()
+    y1, f1 = conv_triton.causal_conv1d_triton(view[..., :6], wc, bc, return_final_state=True, activation="silu")
+    y2, f2 = causal_conv1d_ref(half, wc, bc, return_final_state=True, activation="silu")
+    assert_close(y1, y2, TOL[torch.float32], "conv y")
+    assert_close(f1, f2, 0, "conv final state")
+    gy = torch.randn(y2.shape, device=DEVICE)
+    (dv,) = torch.autograd.grad((y1 * gy).sum(), [view])
+    (dh,) = torch.autograd.grad((y2 * gy).sum(), [half])
+    assert_close(dv[..., :6], dh, TOL[torch.float32], "conv dx")
+    assert not dv[..., 6:].any()
+
+
 def test_scan_saves_per_tile_states_only(small_tiles):
     """The backward keeps the state at each tile start, (b, l/BLOCK_T, d, n), never one per step."""
     inputs = make_inputs(1, 16, 4, 2, torch.float32)

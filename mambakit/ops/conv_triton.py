@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .scan_triton import _rows, _rowwise
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 BLOCK_T = 64
 BLOCK_D = 64
@@ -29,7 +31,7 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d,
+def _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, s_x_b, s_x_l,
               W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """The pre-activation bias + Σ_k W_k · x_{t−(W−1)+k} for steps t (BLOCK_T,) and channels offs_d, float32."""
@@ -40,7 +42,7 @@ def _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d,
         s = t - (W - 1) + k  # the input this tap reads; s < 0 is in initial_state
         wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
         m = ((s >= 0) & (s < l))[:, None] & mask_d[None, :]
-        xs = tl.load(x_ptr + (pid_b.to(tl.int64) * l + s)[:, None] * d + offs_d[None, :], mask=m, other=0.0)
+        xs = tl.load(_rows(x_ptr, pid_b, s, offs_d, s_x_b, s_x_l), mask=m, other=0.0)
         if HAS_INIT:  # init[b, j, (W − 1) + s] for −(W − 1) ≤ s < 0
             mi = ((s < 0) & (s >= -(W - 1)))[:, None] & mask_d[None, :]
             off = (pid_b.to(tl.int64) * d + offs_d)[None, :] * (W - 1) + (W - 1 + s)[:, None]
@@ -50,15 +52,16 @@ def _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d,
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, y_ptr, l, d,
+def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, y_ptr, l, d, s_x_b, s_x_l,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """x, y: (b, l, d); init: (b, d, W − 1); w: (d, W); bias: (d,)."""
+    """x, y: (b, l, d), x with (batch, time) strides s_x_b, s_x_l (it may be a view, as the model's is), the
+    others contiguous; init: (b, d, W − 1); w: (d, W); bias: (d,)."""
     pid_b = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < d
-    acc = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d,
+    acc = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, s_x_b, s_x_l,
                     W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)  # fmt: skip
     if SILU:
         acc = acc * _sigmoid(acc)
@@ -68,7 +71,7 @@ def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, y_ptr, l, d,
 
 
 @triton.jit
-def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_ptr, dbias_ptr, l, d,
+def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_ptr, dbias_ptr, l, d, s_x_b, s_x_l,
                          W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """dpre (b, l, d) float32 = dy · act'(pre); dw (d, W) and dbias (d,) float32, zeroed, added to atomically."""
@@ -80,7 +83,7 @@ def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_
     rows = (pid_b.to(tl.int64) * l + t)[:, None] * d + offs_d[None, :]
     g = tl.load(dy_ptr + rows, mask=m, other=0.0).to(tl.float32)
     if SILU:  # silu'(a) = σ(a)(1 + a(1 − σ(a))), with a recomputed
-        pre = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d,
+        pre = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, s_x_b, s_x_l,
                         W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)  # fmt: skip
         sg = _sigmoid(pre)
         g = g * sg * (1.0 + pre * (1.0 - sg))
@@ -91,7 +94,7 @@ def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_
     for k in tl.static_range(W):  # dW_k = Σ_t dpre_t · x_{t−(W−1)+k}
         s = t - (W - 1) + k
         ms = ((s >= 0) & (s < l))[:, None] & mask_d[None, :]
-        xs = tl.load(x_ptr + (pid_b.to(tl.int64) * l + s)[:, None] * d + offs_d[None, :], mask=ms, other=0.0)
+        xs = tl.load(_rows(x_ptr, pid_b, s, offs_d, s_x_b, s_x_l), mask=ms, other=0.0)
         if HAS_INIT:
             mi = ((s < 0) & (s >= -(W - 1)))[:, None] & mask_d[None, :]
             off = (pid_b.to(tl.int64) * d + offs_d)[None, :] * (W - 1) + (W - 1 + s)[:, None]
@@ -131,15 +134,17 @@ class _CausalConv1dTriton(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_state, silu):
         b, l, d = x.shape
         w = weight.shape[1]
-        x_ = x.detach().contiguous()
+        x_ = _rowwise(x)
         w_ = weight.detach().contiguous()
         bias_ = bias.detach().contiguous() if bias is not None else w_
         init_ = initial_state.detach().contiguous() if initial_state is not None and w > 1 else x_
-        y = torch.empty_like(x_)
+        y = x_.new_empty(b, l, d)
         flags = dict(W=w, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None and w > 1, SILU=silu)
         grid = (b, triton.cdiv(l, BLOCK_T), triton.cdiv(d, BLOCK_D))
         if y.numel():
-            _conv_fwd_kernel[grid](x_, init_, w_, bias_, y, l, d, **flags, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+            _conv_fwd_kernel[grid](
+                x_, init_, w_, bias_, y, l, d, x_.stride(0), x_.stride(1), **flags, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D
+            )
         ctx.save_for_backward(x_, init_, w_, bias_)
         ctx.flags = flags
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -157,13 +162,14 @@ class _CausalConv1dTriton(torch.autograd.Function):
         dpre = torch.empty(b, l, d, dtype=f32, device=x_.device)
         dw = torch.zeros(d, w, dtype=f32, device=x_.device)
         dbias = torch.zeros(d, dtype=f32, device=x_.device)
-        dx = torch.empty_like(x_)
+        dx = x_.new_empty(b, l, d)
         has_init = ctx.init_dtype is not None
         dinit = x_.new_zeros(b, d, w - 1, dtype=ctx.init_dtype) if has_init else None
         if dx.numel():
             grid = (b, triton.cdiv(l, BLOCK_T), triton.cdiv(d, BLOCK_D))
             _conv_bwd_pre_kernel[grid](
-                x_, init_, w_, bias_, dy_, dpre, dw, dbias, l, d, **flags, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D
+                x_, init_, w_, bias_, dy_, dpre, dw, dbias, l, d, x_.stride(0), x_.stride(1),
+                **flags, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
             )
             grid = (b, triton.cdiv(l + w - 1, BLOCK_T), triton.cdiv(d, BLOCK_D))
             _conv_bwd_x_kernel[grid](

@@ -106,18 +106,27 @@ def _compose_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
     return a1 * a2, a2 * b1 + b2, a1 * ea2, ea2 * b1 + eb2
 
 
+@triton.jit
+def _rows(ptr, pid_b, t, offs, stride_b, stride_l):
+    """Pointers to the (t, offs) elements of sequence pid_b in a (b, l, ·) tensor whose last dimension is
+    contiguous: the op reads views (the model's z, B, C are slices of wider projections) without copies."""
+    return ptr + pid_b.to(tl.int64) * stride_b + t.to(tl.int64)[:, None] * stride_l + offs[None, :]
+
+
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     y_ptr, hT_ptr, ckpt_ptr,
     l, d, n, n_tiles,
+    s_u_b, s_u_l, s_dt_b, s_dt_l, s_z_b, s_z_l, s_B_b, s_B_l, s_C_b, s_C_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """u, delta, z, y: (b, l, d); A2: (d, n) = A·log2(e); B, C: (b, l, n); D, bias: (d,); h0, hT: (b, d, n);
-    ckpt: (b, n_tiles, d, n), the state before each tile (written when SAVE)."""
+    ckpt: (b, n_tiles, d, n), the state before each tile (written when SAVE). y, the states and A2 are
+    contiguous; u, delta, z, B, C have the given (batch, time) strides and a contiguous last dimension."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -137,26 +146,25 @@ def _scan_fwd_kernel(
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    seq = pid_b.to(tl.int64) * l  # first row of this sequence in the (b·l, ·) views
+    seq = pid_b.to(tl.int64) * l  # first row of this sequence in y, (b·l, d)
     is_last = (offs_t == BLOCK_T - 1)[:, None, None]
     for i in range(n_tiles):
         if SAVE:
             tl.store(ckpt_ptr + (pid_b.to(tl.int64) * n_tiles + i) * d * n + dn, h, mask=mask_dn)
         t = i * BLOCK_T + offs_t
         mask_t = t < l
-        row_d = (seq + t)[:, None] * d + offs_d[None, :]  # (BLOCK_T, BLOCK_D) offsets into (b, l, d)
-        row_n = (seq + t)[:, None] * n + offs_n[None, :]  # (BLOCK_T, BLOCK_N) offsets into (b, l, n)
+        row_d = (seq + t)[:, None] * d + offs_d[None, :]  # (BLOCK_T, BLOCK_D) offsets into y
         m_td = mask_t[:, None] & mask_d[None, :]
         m_tn = mask_t[:, None] & mask_n[None, :]
-        dt = tl.load(delta_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
+        dt = tl.load(_rows(delta_ptr, pid_b, t, offs_d, s_dt_b, s_dt_l), mask=m_td, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt = dt + bias[None, :]
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(m_td, dt, 0.0)  # steps past l: Δ = 0, so Ā = 1 and B̄u = 0 (the identity map)
-        uv = tl.load(u_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + row_n, mask=m_tn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + row_n, mask=m_tn, other=0.0).to(tl.float32)
+        uv = tl.load(_rows(u_ptr, pid_b, t, offs_d, s_u_b, s_u_l), mask=m_td, other=0.0).to(tl.float32)
+        Bt = tl.load(_rows(B_ptr, pid_b, t, offs_n, s_B_b, s_B_l), mask=m_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(_rows(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])  # (BLOCK_T, BLOCK_D, BLOCK_N): Ā_t
         bu = (dt * uv)[:, :, None] * Bt[:, None, :]  # B̄_t u_t = Δ_t B_t u_t
         a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)  # steps t0..t composed
@@ -165,7 +173,7 @@ def _scan_fwd_kernel(
         if HAS_D:
             yv = yv + Dv[None, :] * uv
         if HAS_Z:
-            zv = tl.load(z_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
+            zv = tl.load(_rows(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
             yv = yv * zv * _sigmoid(zv)
         tl.store(y_ptr + row_d, yv.to(y_ptr.dtype.element_ty), mask=m_td)
         h = tl.sum(tl.where(is_last, hs, 0.0), axis=0)  # the tile's last state (padding steps keep it)
@@ -178,13 +186,14 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     l, d, n, n_tiles,
+    s_u_b, s_u_l, s_dt_b, s_dt_l, s_z_b, s_z_l, s_B_b, s_B_l, s_C_b, s_C_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Adjoint of _scan_fwd_kernel (its ckpt, with the same BLOCK_T). dy, du, ddelta, dz: (b, l, d);
     dB, dC: (b, l, n) float32, zeroed, accumulated atomically; dA_part, dhT, dh0: (b, d, n);
-    dD_part, dbias_part: (b, d)."""
+    dD_part, dbias_part: (b, d). The inputs' strides as in the forward; dy and the outputs are contiguous."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -216,13 +225,13 @@ def _scan_bwd_kernel(
         i = n_tiles - 1 - j
         t = i * BLOCK_T + offs_t
         mask_t = t < l
-        row_d = (seq + t)[:, None] * d + offs_d[None, :]
-        row_n = (seq + t)[:, None] * n + offs_n[None, :]
+        row_d = (seq + t)[:, None] * d + offs_d[None, :]  # offsets into dy, du, ddelta, dz
+        row_n = (seq + t)[:, None] * n + offs_n[None, :]  # into dB, dC
         m_td = mask_t[:, None] & mask_d[None, :]
         m_tn = mask_t[:, None] & mask_n[None, :]
         # recompute the tile's states from its checkpoint (paper §3.3.2: recomputation instead of storage)
         h0 = tl.load(ckpt_ptr + (pid_b.to(tl.int64) * n_tiles + i) * d * n + dn, mask=mask_dn, other=0.0)
-        x = tl.load(delta_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
+        x = tl.load(_rows(delta_ptr, pid_b, t, offs_d, s_dt_b, s_dt_l), mask=m_td, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x = x + bias[None, :]
         if SOFTPLUS:
@@ -230,9 +239,9 @@ def _scan_bwd_kernel(
         else:
             dt = x
         dt = tl.where(m_td, dt, 0.0)
-        uv = tl.load(u_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + row_n, mask=m_tn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + row_n, mask=m_tn, other=0.0).to(tl.float32)
+        uv = tl.load(_rows(u_ptr, pid_b, t, offs_d, s_u_b, s_u_l), mask=m_td, other=0.0).to(tl.float32)
+        Bt = tl.load(_rows(B_ptr, pid_b, t, offs_n, s_B_b, s_B_l), mask=m_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(_rows(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         bu = (dt * uv)[:, :, None] * Bt[:, None, :]
         a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)
@@ -240,7 +249,7 @@ def _scan_bwd_kernel(
         # the output's gradient through the gate
         dyv = tl.load(dy_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
         if HAS_Z:
-            zv = tl.load(z_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
+            zv = tl.load(_rows(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
             ypre = tl.sum(hs * Ct[:, None, :], axis=2)  # y before the gate
             if HAS_D:
                 ypre = ypre + Dv[None, :] * uv
@@ -278,8 +287,15 @@ def _scan_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------- the wrappers
-def _contig(x: Tensor) -> Tensor:
-    return x.detach().contiguous()
+def _rowwise(x: Tensor) -> Tensor:
+    """x itself when its last dimension is contiguous (the kernels take the other strides), else a copy."""
+    x = x.detach()
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _strides(*xs: Tensor) -> list[int]:
+    """(batch, time) strides of each (b, l, ·) tensor."""
+    return [s for x in xs for s in (x.stride(0), x.stride(1))]
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
@@ -288,23 +304,24 @@ class _SelectiveScanTriton(torch.autograd.Function):
         b, l, d = u.shape
         n = A.shape[1]
         f32 = torch.float32
-        u_, delta_, B_, C_ = _contig(u), _contig(delta), _contig(B), _contig(C)
+        u_, delta_, B_, C_ = _rowwise(u), _rowwise(delta), _rowwise(B), _rowwise(C)
         A2 = (A.detach().to(f32) * LOG2E).contiguous()  # exp(Δ·A) = 2^(Δ·A·log2 e)
         dummy = u_.new_empty(1, dtype=f32)
         D_ = D.detach().to(f32).contiguous() if D is not None else dummy
         bias_ = delta_bias.detach().to(f32).contiguous() if delta_bias is not None else dummy
-        z_ = _contig(z) if z is not None else u_
+        z_ = _rowwise(z) if z is not None else u_
         h0 = initial_state.detach().to(f32).contiguous() if initial_state is not None else dummy
         cfg = scan_config(b, l, d, n)
         save = any(ctx.needs_input_grad)
         n_tiles = triton.cdiv(l, cfg["BLOCK_T"])
         ckpt = u_.new_empty((b, n_tiles, d, n) if save else (1,), dtype=f32)
-        y = torch.empty_like(u_)
+        y = u_.new_empty(b, l, d)
         hT = u_.new_empty(b, d, n, dtype=f32)
         if b * d > 0:
             grid = (b, triton.cdiv(d, cfg["FWD_D"]))
             _scan_fwd_kernel[grid](
                 u_, delta_, A2, B_, C_, D_, z_, bias_, h0, y, hT, ckpt, l, d, n, n_tiles,
+                *_strides(u_, delta_, z_, B_, C_),
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), SAVE=save,
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["FWD_D"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["FWD_WARPS"],
@@ -323,11 +340,11 @@ class _SelectiveScanTriton(torch.autograd.Function):
         b, l, d = u_.shape
         n = A2.shape[1]
         f32 = torch.float32
-        dy_ = dy.contiguous() if dy is not None else torch.zeros_like(u_)
+        dy_ = dy.contiguous() if dy is not None else u_.new_zeros(b, l, d)
         dhT_ = dhT.to(f32).contiguous() if dhT is not None else A2.new_empty(1)
-        du = torch.empty_like(u_)
-        ddelta = torch.empty_like(delta_)
-        dz = torch.empty_like(z_) if has_z else A2.new_empty(1)
+        du = u_.new_empty(b, l, d)
+        ddelta = delta_.new_empty(b, l, d)
+        dz = z_.new_empty(b, l, d) if has_z else A2.new_empty(1)
         dB = torch.zeros(b, l, n, dtype=f32, device=u_.device)
         dC = torch.zeros(b, l, n, dtype=f32, device=u_.device)
         dA = A2.new_empty(b, d, n)
@@ -339,6 +356,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             _scan_bwd_kernel[grid](
                 u_, delta_, A2, B_, C_, D_, z_, bias_, ckpt, dy_, dhT_,
                 du, ddelta, dz, dB, dC, dA, dD, dbias, dh0, l, d, n, triton.cdiv(l, cfg["BLOCK_T"]),
+                *_strides(u_, delta_, z_, B_, C_),
                 HAS_D=has_D, HAS_Z=has_z, HAS_BIAS=has_bias, HAS_DHT=dhT is not None, SOFTPLUS=softplus,
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BWD_D"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["BWD_WARPS"],
             )  # fmt: skip
