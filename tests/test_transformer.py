@@ -227,3 +227,22 @@ def test_length_scaling_slope():
     ls = _bench("length_scaling")
     rows = [dict(length=2**e, seconds=3.0 * 4**e) for e in range(10, 16)]
     assert ls.fit_slope(rows, "seconds") == pytest.approx(2.0)
+
+
+def test_throughput_transformer_loop_is_greedy_decoding(monkeypatch):
+    # the benchmark's prefill in row groups (views into the batch cache) + steps gives the tokens of greedy
+    # decoding by full forwards
+    vs = _bench("vs_transformer")
+    model = _model(max_seq_len=64).eval()
+    prompts = torch.randint(0, 50, (3, 12)).tolist()
+    fed = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda ids, cache: (fed.append(ids.clone()), step(ids, cache))[1])
+    monkeypatch.setattr(vs, "TOKENS_PER_CALL", 24)  # 2 rows per prefill call: groups {0, 1}, {2}
+    vs.run_transformer(model, prompts, 6)
+    got = torch.stack(fed, 1)  # (3, 5): the first 5 generated tokens
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids).logits[:, -1, :50].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, ids[:, 12:])
