@@ -175,9 +175,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         is_mamba = name == "mamba"
         steps, lr = (args.mamba_steps, args.mamba_lr) if is_mamba else (args.attn_steps, args.attn_lr)
+        (args.out / f"STOP_{name}").unlink(missing_ok=True)  # a stale stop file must not end this run
         log(f"{MODELS[name]} ({name}): {n_params:,} parameters; {steps} steps at lr {lr}")
         res = train(model, batch_fn, val, VOCAB, steps=steps, lr=lr, warmup=args.warmup, eval_every=args.eval_every,
-                    time_budget_s=budget, stop_at=args.stop_at, stop_patience=args.stop_patience, name=name, log=log)
+                    time_budget_s=budget, stop_at=args.stop_at, stop_patience=args.stop_patience, name=name,
+                    stop_file=args.out / f"STOP_{name}", log=log)
         model.eval()
         acc: dict[str, float | None] = {}
         notes: dict[str, str] = {}

@@ -127,9 +127,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
         torch.manual_seed(args.seed)
         model = build_model(name, args.d_model, args.n_layer, args.d_state)
         n_params = sum(p.numel() for p in model.parameters())
+        (args.out / f"STOP_{name}").unlink(missing_ok=True)  # a stale stop file must not end this run
         log(f"{MODELS[name][0]} ({name}): {n_params:,} parameters")
         res = train(model, batch_fn, val, VOCAB, steps=args.steps, lr=args.lr, warmup=args.warmup,
-                    eval_every=args.eval_every, time_budget_s=budget, stop_at=args.stop_at, name=name, log=log)
+                    eval_every=args.eval_every, time_budget_s=budget, stop_at=args.stop_at, name=name,
+                    stop_file=args.out / f"STOP_{name}", log=log)
         t0 = time.perf_counter()
         acc = evaluate(model, test, VOCAB)
         log(f"  {name}: test accuracy {100 * acc:.1f}% ({args.test_size} sequences, "

@@ -11,6 +11,7 @@ same data.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -54,10 +55,11 @@ def evaluate(model, batches: list[tuple[Tensor, Tensor]], vocab_size: int) -> fl
 def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vocab_size: int, *, steps: int,
           lr: float, warmup: int = 100, eval_every: int = 100, time_budget_s: float = math.inf,
           stop_at: float | None = None, stop_patience: int = 1, grad_clip: float = 1.0, name: str = "model",
-          log=print) -> TrainResult:
+          stop_file=None, log=print) -> TrainResult:
     """Trains `model` for `steps` steps (or until time_budget_s, or until validation accuracy >= stop_at at
     stop_patience evaluations in a row: solved); evaluates every eval_every steps and at the end. Prints one
-    progress line per evaluation."""
+    progress line per evaluation. If the path `stop_file` comes to exist, training ends at the next step (a
+    long run on a shared machine can be cut short by hand and still report its model)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
     res = TrainResult()
@@ -78,7 +80,7 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
         sched.step()
         losses.append(loss.item())
         elapsed = time.perf_counter() - t0
-        out_of_time = elapsed >= time_budget_s
+        out_of_time = elapsed >= time_budget_s or (stop_file is not None and os.path.exists(stop_file))
         if step % eval_every == 0 or step == steps or out_of_time:
             acc = evaluate(model, val_batches, vocab_size)
             mean_loss = sum(losses) / len(losses)
@@ -96,7 +98,7 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
                 res.stopped = "solved"
                 break
             if out_of_time:
-                res.stopped = "time"
+                res.stopped = "time" if elapsed >= time_budget_s else "stop file"
                 break
     return res
 
@@ -114,8 +116,13 @@ def save_results(path, results: dict, order: list[str], log=print) -> dict:
     import os
     from pathlib import Path
 
+    import hashlib
+    import tempfile
+
     path = Path(path)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    # the lock lives outside the output folder, so it never shows up among the results
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mambakit-results-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         merged = dict(results)
         if path.is_file():
