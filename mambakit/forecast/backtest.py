@@ -42,19 +42,28 @@ class MambaMethod:
     """The Mamba forecaster in the backtest's interface (fit on a TimeSeries; forecast → (H, C))."""
 
     name = "Mamba"
+    takes_series = True  # fit/forecast get TimeSeries (timestamps for the calendar features), not arrays
 
     def __init__(self, config: ForecastConfig, verbose: bool = False):
         self.config, self.verbose = config, verbose
         self.forecaster: Forecaster | None = None
+        self.quantile_forecasts: list[np.ndarray] = []  # (H, C, Q) per forecast call, when quantiles are on
 
     def fit(self, train: TimeSeries) -> "MambaMethod":
         self.forecaster = Forecaster(self.config).fit(train, verbose=self.verbose)
+        self.quantile_forecasts = []
         return self
 
     def forecast(self, history: TimeSeries, horizon: int) -> np.ndarray:
         if horizon != self.config.horizon:
             raise ValueError(f"this forecaster predicts {self.config.horizon} steps, asked for {horizon}")
-        return self.forecaster.predict(history).point
+        fc = self.forecaster.predict(history)
+        if fc.quantiles is not None:
+            self.quantile_forecasts.append(fc.quantiles)
+        return fc.point
+
+    def info(self) -> dict:
+        return {k: v for k, v in self.forecaster.history.items() if k != "record"}
 
 
 @dataclass
@@ -74,14 +83,15 @@ def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, st
              season: int | None = None, verbose: bool = False) -> BacktestResult:
     """Fit each method on the part before the first origin, forecast at every origin, score (see module doc).
 
-    Methods take arrays (the classical ones) or TimeSeries (those with a `config`, i.e. MambaMethod)."""
+    Methods get (T, C) arrays, or TimeSeries when they set `takes_series = True` (MambaMethod); a method's
+    `info()` (or its `chosen` specifications) goes into the result."""
     origins = rolling_origins(len(series), horizon, n_windows, step)
     m = series.season if season is None else season
     train = series.slice(0, int(origins[0]))
     actuals = np.stack([series.values[o:o + horizon] for o in origins])  # (W, H, C)
     metrics, per_window, forecasts, fit_seconds, info = {}, {}, {}, {}, {}
     for name, method in methods.items():
-        wants_series = isinstance(method, MambaMethod)
+        wants_series = getattr(method, "takes_series", False)
         t0 = time.perf_counter()
         method.fit(train if wants_series else train.values)
         fit_seconds[name] = time.perf_counter() - t0
@@ -94,10 +104,10 @@ def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, st
         per_window[name] = [point_metrics(actuals[i], forecasts[name][i], series.values[:o], m)
                             for i, o in enumerate(origins)]
         metrics[name] = {k: float(np.mean([w[k] for w in per_window[name]])) for k in METRICS}
-        if hasattr(method, "chosen"):
+        if hasattr(method, "info"):
+            info[name] = method.info()
+        elif hasattr(method, "chosen"):
             info[name] = {"chosen": list(method.chosen)}
-        elif wants_series:
-            info[name] = {k: v for k, v in method.forecaster.history.items() if k != "record"}
         if verbose:
             print(f"  {name:16s} MASE {metrics[name]['MASE']:.3f}  fit {fit_seconds[name]:.1f}s", file=sys.stderr,
                   flush=True)
