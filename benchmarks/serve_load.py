@@ -10,6 +10,9 @@ client (target in issue 9).
     python benchmarks/serve_load.py --preset tiny --seconds 5 --clients 1 4     # a quick look
     python benchmarks/serve_load.py --step-cost           # also: MambaLM.step time per batch size (in-process)
 
+tokens/CPU-s is tokens per CPU-second the server process used: on a shared machine, where the wall-clock
+rates depend on what else runs, it shows the batching gain on its own.
+
 --step-cost measures why the engine steps only the active slots (the first k rows of the pool) rather
 than the whole pool: a step of k rows against a step of all max_batch rows.
 """
@@ -100,6 +103,12 @@ async def level(url: str, clients: int, args, vocab: int) -> dict:
                 p50_s=statistics.median(q) if q else float("nan"), p99_s=pct(99))
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process has used: /proc/PID/stat fields 14 and 15."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def step_cost(args) -> list[dict]:
     """ms per MambaLM.step for a batch of b rows (the engine steps the active rows only)."""
     import torch
@@ -172,14 +181,17 @@ def main() -> None:
                   f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
             asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "seconds": 3, "max_requests": 2}), vocab))
             print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} "
-                  f"{'errors':>6}")
+                  f"{'errors':>6} {'tokens/CPU-s':>11}")
             runs: dict[int, list[dict]] = {c: [] for c in args.clients}
             for rep in range(args.repeat):  # levels interleaved: a change in machine load hits all of them
                 for c in args.clients:
+                    cpu0 = cpu_seconds(server.pid)
                     r = asyncio.run(level(url, c, args, vocab))
+                    r["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
+                    r["tokens_per_cpu_s"] = r["tokens_per_s"] * r["seconds"] / max(r["server_cpu_s"], 1e-9)
                     runs[c].append(r)
                     print(f"{c:>7} {r['requests']:>8} {r['req_per_s']:>7.2f} {r['tokens_per_s']:>9.1f} "
-                          f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['errors']:>6}"
+                          f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['errors']:>6} {r['tokens_per_cpu_s']:>11.1f}"
                           + (f"   (round {rep + 1})" if args.repeat > 1 else ""), flush=True)
         finally:
             server.terminate()
@@ -194,6 +206,10 @@ def main() -> None:
         top = max(by)
         results["ratio"] = by[top] / by[1]
         print(f"tokens/s at {top} clients / at 1 client: {results['ratio']:.1f}x (target >= 5x at 32)")
+        cpu = {r["clients"]: r["tokens_per_cpu_s"] for r in results["levels"]}
+        results["cpu_ratio"] = cpu[top] / cpu[1]
+        print(f"tokens per server CPU-second at {top} clients / at 1 client: {results['cpu_ratio']:.1f}x "
+              "(the batching gain without the other processes' share of the cores)")
     results["load_after"] = os.getloadavg()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
