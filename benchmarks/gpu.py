@@ -20,6 +20,8 @@
     python benchmarks/gpu.py --json out.json           # results as JSON too
     python benchmarks/gpu.py --dry-run                 # tiny shapes on CPU under Triton's interpreter:
                                                        # checks this script runs (timings meaningless)
+    python benchmarks/gpu.py --compile-only            # no GPU needed: compiles every kernel for sm_90
+                                                       # with Triton's ptxas; registers and spills
 
 On a machine without CUDA (and without --dry-run) it says so and exits with status 0.
 """
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--model-preset", default="130m")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU with TRITON_INTERPRET=1")
+    p.add_argument("--compile-only", action="store_true", help="compile the kernels for --arch, no GPU needed")
+    p.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90: H100/H200)")
+    p.add_argument("--compile-dtypes", default="bfloat16,float32")
     args = p.parse_args(argv)
     if args.dry_run:
         args.lengths, args.d, args.n, args.ref_max_len, args.check_shape = "16,32", 16, 4, 32, "2,20,12,4"
@@ -323,10 +328,112 @@ def model_speed(args, dtype) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------- compile, no GPU
+_TT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def compile_kernel(fn, data_ptrs, dtype, constexprs, num_warps, arch):
+    """Compiles a @triton.jit kernel for compute capability `arch` (no GPU needed) and runs Triton's ptxas
+    with -v on its PTX: returns (seconds, registers, spill bytes). Pointers named in data_ptrs have `dtype`,
+    the other pointers float32, the other runtime arguments int32."""
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + (_TT[dtype] if name in data_ptrs else "fp32")
+        else:
+            sig[name] = "i32"
+    t0 = time.perf_counter()
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=num_warps),
+    )
+    seconds = time.perf_counter() - t0
+    ptx = kernel.asm["ptx"]
+    target = re.search(r"\.target\s+(\S+)", ptx).group(1).rstrip(",")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        r = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                           capture_output=True, text=True)  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return seconds, int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else -1
+
+
+def compile_only(args) -> int:
+    """Every kernel, with every option on, at the tile sizes the dispatch would pick for the scan table's
+    shape (and batch 8): catches what the interpreter does not check (types, layouts, registers)."""
+    from mambakit.ops import conv_triton, scan_triton, step_triton
+
+    if type(scan_triton._scan_fwd_kernel).__name__ != "JITFunction":
+        print("--compile-only needs TRITON_INTERPRET unset")
+        return 1
+    io = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+    jobs = []
+    for dtype in args.compile_dtypes.split(","):
+        for b in sorted({args.batch, 8}):
+            c = scan_triton.scan_config(b, max(int(s) for s in args.lengths.split(",")), args.d, args.n)
+            t, bn = c["BLOCK_T"], c["BLOCK_N"]
+            jobs.append((f"scan fwd b={b}", scan_triton._scan_fwd_kernel, io, dtype, dict(
+                **flags, HAS_H0=True, SAVE=True, BLOCK_T=t, BLOCK_D=c["FWD_D"], BLOCK_N=bn), c["FWD_WARPS"]))
+            jobs.append((f"scan bwd b={b}", scan_triton._scan_bwd_kernel, io, dtype, dict(
+                **flags, HAS_DHT=True, BLOCK_T=t, BLOCK_D=c["BWD_D"], BLOCK_N=bn), c["BWD_WARPS"]))  # fmt: skip
+        conv = dict(W=4, HAS_BIAS=True, HAS_INIT=True, SILU=True)
+        conv.update(BLOCK_T=conv_triton.BLOCK_T, BLOCK_D=conv_triton.BLOCK_D)
+        conv_io = ("x_ptr", "init_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dinit_ptr")
+        jobs += [
+            ("conv fwd", conv_triton._conv_fwd_kernel, conv_io, dtype, conv, 4),
+            ("conv bwd (dpre, dW)", conv_triton._conv_bwd_pre_kernel, conv_io, dtype, conv, 4),
+            ("conv bwd (dx)", conv_triton._conv_bwd_x_kernel, conv_io, dtype,
+             {k: conv[k] for k in ("W", "HAS_INIT", "BLOCK_T", "BLOCK_D")}, 4),
+            ("state update", step_triton._state_update_kernel, ("u_ptr", "delta_ptr", "z_ptr", "y_ptr"), dtype,
+             dict(**flags, BLOCK_D=1024 // triton_pow2(args.n), BLOCK_N=triton_pow2(args.n)), 4),
+            ("conv update", step_triton._conv_update_kernel, ("state_ptr", "x_ptr", "y_ptr"), dtype,
+             dict(W=4, HAS_BIAS=True, SILU=True, BLOCK_D=256, BLOCK_W=4), 4),
+        ]  # fmt: skip
+    print(f"compiling for sm_{args.arch} (no GPU needed)")
+    print(f"{'kernel':<22} {'dtype':<9} {'tiles':<44} {'warps':>5} {'regs':>5} {'spill B':>7} {'s':>5}")
+    failed = 0
+    for name, fn, ptrs, dtype, consts, warps in jobs:
+        tiles = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in consts.items()
+                         if k.startswith("BLOCK_") or k == "W")  # fmt: skip
+        try:
+            sec, regs, spill = compile_kernel(fn, ptrs, dtype, consts, warps, args.arch)
+            print(f"{name:<22} {dtype:<9} {tiles:<44} {warps:>5} {regs:>5} {spill:>7} {sec:>5.1f}")
+        except Exception as e:
+            failed += 1
+            print(f"{name:<22} {dtype:<9} {tiles:<44} {warps:>5}  FAILED: {type(e).__name__}: {str(e)[:300]}")
+        sys.stdout.flush()
+    print("all kernels compiled" if not failed else f"{failed} kernels FAILED to compile")
+    return 1 if failed else 0
+
+
+def triton_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
 # --------------------------------------------------------------------------------------------- the run
 def main(argv=None) -> int:
     global DEVICE
     args = parse_args(argv)
+    if args.compile_only:
+        os.environ.pop("TRITON_INTERPRET", None)
+        return compile_only(args)
     if args.dry_run:
         DEVICE = "cpu"
         os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are imported

@@ -57,15 +57,17 @@ def scan_config(b: int, l: int, d: int, n: int) -> dict:
     BLOCK_D = 16 channels make each row of u, Δ, z, y a 32-byte sector in bfloat16; it is halved (down to 2)
     while there would be fewer than PROGRAMS programs, so a single sequence still fills the GPU (the official
     kernel runs one channel per thread block for the same reason). A program holds (BLOCK_T, BLOCK_D,
-    BLOCK_N) tiles in registers: BLOCK_T is chosen for about 4096 elements (32 per thread with 4 warps) in
-    the forward, and no longer than the sequence; the backward keeps about twice as many such tiles alive
-    and takes half the channels."""
+    BLOCK_N) tiles in registers: BLOCK_T is chosen for about 2048 elements in the forward, and no longer than
+    the sequence; the backward keeps more such tiles alive and takes half the channels.
+    Compiled for sm_90 (benchmarks/gpu.py --compile-only, bf16, n = 16) the forward takes 80-96 registers per
+    thread at these sizes (about 170 with 4096-element tiles, which then fit fewer programs per SM), the
+    backward 160-240, without spills. Untimed: no GPU was at hand; --sweep times alternatives."""
     block_n = triton.next_power_of_2(n)
     block_d = 16
     while block_d > 2 and b * triton.cdiv(d, block_d) < PROGRAMS:
         block_d //= 2
     block_d = min(block_d, triton.next_power_of_2(d))
-    block_t = max(2, min(128, 4096 // (block_d * block_n), triton.next_power_of_2(max(l, 1))))
+    block_t = max(2, min(128, 2048 // (block_d * block_n), triton.next_power_of_2(max(l, 1))))
     return dict(
         BLOCK_T=TILES.get("BLOCK_T", block_t),
         BLOCK_N=block_n,
@@ -257,16 +259,16 @@ def _scan_bwd_kernel(
             dzv = dyv * ypre * sg * (1.0 + zv * (1.0 - sg))  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
             tl.store(dz_ptr + row_d, dzv.to(dz_ptr.dtype.element_ty), mask=m_td)
             dyv = dyv * zv * sg
+        dC = tl.sum(dyv[:, :, None] * hs, axis=1)  # (BLOCK_T, BLOCK_N), this block's share of Σ_d
+        tl.atomic_add(dC_ptr + row_n, dC, mask=m_tn, sem="relaxed")
+        ah = hs - bu  # Ā_t h_{t−1}; the last use of hs and bu (fewer tiles alive through the next scan)
         # the adjoint, backwards in time: p_t = Ā_t (C_t dy_t + p_{t+1}); the exclusive part gives p_{t+1}
         c = Ct[:, None, :] * dyv[:, :, None]  # ∂y_t/∂h_t · dy_t
         _, _, ea, eb = tl.associative_scan((a, a * c, ones, zeros), 0, _compose_excl, reverse=True)
         g = c + ea * q[None, :, :] + eb  # g_t = ∂L/∂h_t
         q = tl.sum(tl.where(is_first, a * g, 0.0), axis=0)  # p_{t0}: ∂L/∂(state before the tile)
-        ah = hs - bu  # Ā_t h_{t−1}
         gdt = g * dt[:, :, None]
-        dC = tl.sum(dyv[:, :, None] * hs, axis=1)  # (BLOCK_T, BLOCK_N), this block's share of Σ_d
         dB = tl.sum(gdt * uv[:, :, None], axis=1)
-        tl.atomic_add(dC_ptr + row_n, dC, mask=m_tn, sem="relaxed")
         tl.atomic_add(dB_ptr + row_n, dB, mask=m_tn, sem="relaxed")
         duv = tl.sum(gdt * Bt[:, None, :], axis=2)
         if HAS_D:

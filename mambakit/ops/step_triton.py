@@ -92,7 +92,7 @@ def selective_state_update_triton(
     u_ = _own(u)
     y = torch.empty_like(u_)
     block_n = triton.next_power_of_2(n)
-    block_d = max(1, min(triton.next_power_of_2(d), 2048 // block_n))
+    block_d = max(1, min(triton.next_power_of_2(d), 1024 // block_n))  # more, smaller programs: a step is latency
     if y.numel():
         _state_update_kernel[(b, triton.cdiv(d, block_d))](
             st, u_, _own(delta), _own(A), _own(B), _own(C), _own(D) if D is not None else u_,
@@ -144,7 +144,7 @@ def causal_conv1d_update_triton(
     x_ = _own(x)
     y = torch.empty_like(x_)
     block_w = triton.next_power_of_2(w)
-    block_d = max(1, min(triton.next_power_of_2(d), 4096 // block_w))
+    block_d = max(1, min(triton.next_power_of_2(d), 1024 // block_w))
     if y.numel():
         _conv_update_kernel[(b, triton.cdiv(d, block_d))](
             cs, x_, _own(weight), _own(bias) if bias is not None else x_, y, d,
