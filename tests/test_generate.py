@@ -275,3 +275,28 @@ def test_cli_generate_streams_text(tmp_path, capsys):
     assert "--- [0]\none" in out and "--- [1]\ntwo three" in out
     assert cli_main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hi", "--top-p", "2"]) == 1
     assert "top_p" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- request checks (shared with serve)
+def test_request_checks_and_row_output_shared_with_the_server():
+    from mambakit.generate import RowOutput, check_stop, pad_id, sampling_vocab
+
+    tok = ByteTokenizer()
+    assert check_stop(None, None) == [] and check_stop("ab", tok) == ["ab"]
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        check_stop(["x"], None)
+    with pytest.raises(ValueError, match="non-empty string"):
+        check_stop(["x", ""], tok)
+    assert pad_id(None, tok, {256}, 300) == 257  # the tokenizer's pad
+    assert pad_id(None, tok, {256}, 257) == 256  # pad outside the model's vocabulary: the eos
+    assert pad_id(None, None, set(), 10) == 0
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        pad_id(12, None, set(), 10)
+    assert sampling_vocab(random_model(vocab_size=128), tok) == 128
+    row = RowOutput(tok, ["lo"])  # "hello": the stop string "lo" completes at the 4th token
+    texts = [row.push(t, False, last_step=False) for t in b"hell"]
+    assert row.finish_reason is None and "".join(texts) == "hel"  # the last "l" held back: it may start "lo"
+    texts.append(row.push(ord("o"), False, last_step=False))
+    assert row.finish_reason == "stop" and "".join(texts) == "hel" and row.final_text() == "hel"
+    short = RowOutput(tok, [])
+    assert short.push(ord("a"), False, last_step=True) == "a" and short.finish_reason == "length"
