@@ -254,9 +254,11 @@ def sweep(args, dtype):
     cols = "".join(f" {f'fwd b={b}':>10} {f'f+b b={b}':>10}" for b in batches)
     print(f"{'BLOCK_T':>8} {'FWD_D':>6} {'BWD_D':>6} {'warps':>6}{cols}")
     results = []
-    # around the defaults: (BLOCK_T, FWD_D, warps); BWD_D = FWD_D / 2. Each new tile compiles its kernels.
-    for bt, bd, warps in ((128, 2, 4), (64, 4, 4), (32, 8, 4), (16, 16, 4), (256, 2, 8), (128, 4, 8), (64, 8, 8),
-                          (32, 16, 8)):  # fmt: skip
+    # (BLOCK_T, FWD_D, warps); BWD_D = FWD_D / 2. Each new tile compiles its kernels. The defaults (64, 2, 4) and
+    # (8, 16, 4) spread time over warps / keep it in threads; with 1-2 warps and few channels the scan along
+    # time stays inside each thread (no shared memory), at the price of fewer threads per program.
+    for bt, bd, warps in ((64, 2, 4), (8, 16, 4), (16, 2, 1), (32, 2, 1), (32, 4, 2), (16, 8, 4), (128, 2, 4),
+                          (16, 16, 4), (32, 16, 8), (64, 4, 8)):  # fmt: skip
         scan_triton.TILES.clear()
         scan_triton.TILES.update(BLOCK_T=bt, FWD_D=bd, BWD_D=max(1, bd // 2), FWD_WARPS=warps, BWD_WARPS=warps)
         row = dict(BLOCK_T=bt, FWD_D=bd, BWD_D=max(1, bd // 2), warps=warps)
