@@ -23,7 +23,9 @@
     python benchmarks/gpu.py --compile-only            # no GPU needed: compiles every kernel for sm_90
                                                        # with Triton's ptxas; registers and spills
 
-On a machine without CUDA (and without --dry-run) it says so and exits with status 0.
+On a machine without CUDA (and without --dry-run) it says so and exits with status 0. On a GPU machine whose
+python3 has torch and triton but not mambakit, run it from the checkout's root as it is: it puts the checkout
+on sys.path (mambakit also needs numba, safetensors and tokenizers there).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import mambakit  # noqa: F401
+except ImportError:  # run from a checkout without installing it (e.g. a GPU machine's own python3)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
