@@ -36,7 +36,7 @@ def test_dna_experiment_tiny(tmp_path):
                "--windows", "64,128", "--d_model", "16", "--n_layer", "1", "--tokens_per_step", "256",
                "--max_steps", "2", "--pretrain_s", "0", "--finetune_s", "0", "--eval_segments", "1",
                "--eval_tokens", "1024", "--min_eval_windows", "8", "--max_eval_windows", "8", "--min_record", "1000",
-               "--cls_tokens_per_step", "256"])
+               "--cls_tokens_per_step", "256", "--ckpt_dir", str(tmp_path / "ckpt")])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["pretrain"]) == {"64", "128"}
@@ -46,6 +46,8 @@ def test_dna_experiment_tiny(tmp_path):
     assert all(0.0 <= v["accuracy"] <= 1.0 for v in res["classify"].values())
     assert (out / "ppl_vs_context.png").stat().st_size > 0 and (out / "accuracy_vs_window.png").stat().st_size > 0
     assert "held-out perplexity" in (out / "results.md").read_text()
+    assert (tmp_path / "ckpt" / "lm_128" / "config.json").is_file()  # the pretrained LMs are saved
+    assert set(json.loads((out / "results_pretrain.json").read_text())) == {"64", "128"}
     # the strand label: ori at the minimum of Σ(G − C), ter at its maximum; RC flips it
     rec = np.array([1] * 100 + [2] * 100, dtype=np.uint8)  # Σ(G−C) falls to −100 (ori at 99), then rises (ter 199)
     lab = strand_labeller([Genome("x", "y", [rec], ["r"])])

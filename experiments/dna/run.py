@@ -140,6 +140,8 @@ def pretrain(args, train_g, val_g) -> tuple[dict, dict]:
         print(f"[pretrain] L={L}: {run['steps']} steps, {run['tokens']:,} tokens, held-out perplexity "
               f"{math.exp(nll):.4f} ({nll / math.log(2):.4f} bits/base)", file=sys.stderr, flush=True)
         models[L] = model
+        if args.ckpt_dir:
+            model.save_pretrained(Path(args.ckpt_dir) / f"lm_{L}")
     return results, models
 
 
@@ -189,7 +191,8 @@ def classify(args, train_g, val_g, species, models) -> dict:
 
                 print(f"[{task}] window {L}, {init}" + (f" (from the L={src} LM)" if init == "pretrained" else "")
                       + f": batch {batch}", file=sys.stderr, flush=True)
-                run = run_budgeted(clf, loss_fn, args.finetune_s, args.cls_lr, weight_decay=0.1, max_steps=args.max_steps,
+                steps = min(x for x in (args.max_steps, args.finetune_steps, 10**12) if x)
+                run = run_budgeted(clf, loss_fn, args.finetune_s, args.cls_lr, weight_decay=0.1, max_steps=steps,
                                    label=f"{task} L={L} {init}", log_every=5, budget_tokens=args.finetune_tokens)
                 n_eval = max(args.min_eval_windows, min(args.max_eval_windows, args.eval_tokens // L))
                 ev = eval_classifier(clf, va, n_eval, max(1, args.eval_tokens // (4 * L)))
@@ -291,6 +294,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens_per_step", type=int, default=2**14)
     p.add_argument("--pretrain_tokens", type=int, default=4_000_000, help="training tokens per context")
     p.add_argument("--finetune_tokens", type=int, default=1_000_000, help="training tokens per classifier")
+    p.add_argument("--finetune_steps", type=int, default=None, help="step budget per classifier (instead of tokens)")
+    p.add_argument("--ckpt_dir", default="runs/dna", help="where the pretrained LMs are saved ('' = not saved)")
     p.add_argument("--pretrain_s", type=float, default=0, help="optional cap in seconds per context (0: none)")
     p.add_argument("--finetune_s", type=float, default=0, help="optional cap in seconds per classifier (0: none)")
     p.add_argument("--max_steps", type=int, default=None, help="cap on steps per run (CI)")
@@ -324,6 +329,9 @@ def main(argv=None) -> int:
     print(f"genomes: {len(train_g)} train ({sum(g.n_bases for g in train_g):,} bp), {len(val_g)} held out "
           f"({', '.join(g.strain for g in val_g)}); species {species}", file=sys.stderr, flush=True)
     pre, models = pretrain(args, train_g, val_g)
+    # the pretraining results on disk before the (longer) classification sweep starts
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results_pretrain.json").write_text(json.dumps({str(k): v for k, v in pre.items()}, indent=1) + "\n")
     cls = classify(args, train_g, val_g, species, models)
     lm_params = MambaLM(model_config(args)).num_parameters()
     res = {
