@@ -398,10 +398,13 @@ def compile_only(args) -> int:
         for b in sorted({args.batch, 8}):
             c = scan_triton.scan_config(b, max(int(s) for s in args.lengths.split(",")), args.d, args.n)
             t, bn = c["BLOCK_T"], c["BLOCK_N"]
+            k = c["CKPT_TILES"]
             jobs.append((f"scan fwd b={b}", scan_triton._scan_fwd_kernel, io, dtype, dict(
-                **flags, HAS_H0=True, SAVE=True, BLOCK_T=t, BLOCK_D=c["FWD_D"], BLOCK_N=bn), c["FWD_WARPS"]))
+                **flags, HAS_H0=True, SAVE=True, CKPT_TILES=k, BLOCK_T=t, BLOCK_D=c["FWD_D"], BLOCK_N=bn),
+                c["FWD_WARPS"]))
             jobs.append((f"scan bwd b={b}", scan_triton._scan_bwd_kernel, io, dtype, dict(
-                **flags, HAS_DHT=True, BLOCK_T=t, BLOCK_D=c["BWD_D"], BLOCK_N=bn), c["BWD_WARPS"]))  # fmt: skip
+                **flags, HAS_DHT=True, CKPT_TILES=k, BLOCK_T=t, BLOCK_D=c["BWD_D"], BLOCK_N=bn), c["BWD_WARPS"]))
+            # fmt: skip
         conv = dict(W=4, HAS_BIAS=True, HAS_INIT=True, SILU=True)
         conv.update(BLOCK_T=conv_triton.BLOCK_T, BLOCK_D=conv_triton.BLOCK_D)
         conv_io = ("x_ptr", "init_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dinit_ptr")
@@ -420,7 +423,7 @@ def compile_only(args) -> int:
     failed = 0
     for name, fn, ptrs, dtype, consts, warps in jobs:
         tiles = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in consts.items()
-                         if k.startswith("BLOCK_") or k == "W")  # fmt: skip
+                         if k.startswith("BLOCK_") or k in ("W", "CKPT_TILES"))  # fmt: skip
         try:
             sec, regs, spill = compile_kernel(fn, ptrs, dtype, consts, warps, args.arch)
             print(f"{name:<22} {dtype:<9} {tiles:<44} {warps:>5} {regs:>5} {spill:>7} {sec:>5.1f}")

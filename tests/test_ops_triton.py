@@ -137,8 +137,9 @@ def interpreter_mode(monkeypatch, request):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 4 steps and 8 (forward) / 4 (backward) channels: several tiles and blocks on small shapes."""
-    monkeypatch.setattr(scan_triton, "TILES", dict(BLOCK_T=4, FWD_D=8, BWD_D=4))
+    """Tiles of 4 steps and 8 (forward) / 4 (backward) channels, a checkpoint every 2 tiles: several tiles,
+    blocks and checkpoint intervals (the last one partial) on small shapes."""
+    monkeypatch.setattr(scan_triton, "TILES", dict(BLOCK_T=4, FWD_D=8, BWD_D=4, CKPT_TILES=2))
     monkeypatch.setattr(conv_triton, "BLOCK_T", 8)
     monkeypatch.setattr(conv_triton, "BLOCK_D", 8)
 
@@ -300,13 +301,20 @@ def test_scan_and_conv_read_views(small_tiles):
     assert not dv[..., 6:].any()
 
 
-def test_scan_saves_per_tile_states_only(small_tiles):
-    """The backward keeps the state at each tile start, (b, l/BLOCK_T, d, n), never one per step."""
-    inputs = make_inputs(1, 16, 4, 2, torch.float32)
-    inputs = {k: v.requires_grad_() if v is not None else None for k, v in inputs.items()}
-    y = scan_triton.selective_scan_triton(**inputs, delta_softplus=True)
+@pytest.mark.parametrize("ckpt_tiles", [1, 2, 3])
+def test_scan_saves_checkpoint_states_only(ckpt_tiles, small_tiles):
+    """The backward keeps the state every CKPT_TILES tiles, (b, l / (BLOCK_T·CKPT_TILES), d, n), never one per
+    step, whatever the interval (the backward recomputes each interval's tile starts: gradients unchanged)."""
+    scan_triton.TILES["CKPT_TILES"] = ckpt_tiles
+    inputs = make_inputs(1, 17, 4, 2, torch.float32)
+    y1, _, g1 = scan_with_grads(scan_triton.selective_scan_triton, inputs, True)
+    _, _, g2 = scan_with_grads(selective_scan_ref, inputs, True)
+    for k in g2:
+        assert_close(g1[k], g2[k], TOL[torch.float32], f"d{k}")
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+    y = scan_triton.selective_scan_triton(**leaves, delta_softplus=True)
     saved = [t for t in y.grad_fn.saved_tensors if t.dim() == 4]
-    assert [tuple(t.shape) for t in saved] == [(1, 16 // 4, 4, 2)]
+    assert [tuple(t.shape) for t in saved] == [(1, -(-17 // (4 * ckpt_tiles)), 4, 2)]
 
 
 def test_sliced_scan_equals_interpreter_scan():

@@ -50,6 +50,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # checkpoints), FWD_D / BWD_D (channels per program), FWD_WARPS / BWD_WARPS.
 TILES: dict[str, int] = {}
 PROGRAMS = 512  # enough programs for a few per SM on an H100/H200 (132 SMs)
+CKPT_STEPS = 64  # the forward saves the state every CKPT_STEPS steps (or every tile, when tiles are longer)
 
 
 def scan_config(b: int, l: int, d: int, n: int) -> dict:
@@ -67,9 +68,10 @@ def scan_config(b: int, l: int, d: int, n: int) -> dict:
     while block_d > 2 and b * triton.cdiv(d, block_d) < PROGRAMS:
         block_d //= 2
     block_d = min(block_d, triton.next_power_of_2(d))
-    block_t = max(2, min(128, 2048 // (block_d * block_n), triton.next_power_of_2(max(l, 1))))
+    block_t = TILES.get("BLOCK_T", max(2, min(128, 2048 // (block_d * block_n), triton.next_power_of_2(max(l, 1)))))
     return dict(
-        BLOCK_T=TILES.get("BLOCK_T", block_t),
+        BLOCK_T=block_t,
+        CKPT_TILES=TILES.get("CKPT_TILES", max(1, CKPT_STEPS // block_t)),
         BLOCK_N=block_n,
         FWD_D=TILES.get("FWD_D", block_d),
         BWD_D=TILES.get("BWD_D", max(1, block_d // 2)),
@@ -115,6 +117,27 @@ def _rows(ptr, pid_b, t, offs, stride_b, stride_l):
     return ptr + pid_b.to(tl.int64) * stride_b + t.to(tl.int64)[:, None] * stride_l + offs[None, :]
 
 
+@triton.jit
+def _tile(u_ptr, delta_ptr, B_ptr, A2, bias, pid_b, t, offs_d, offs_n, m_td, m_tn,
+          s_u_b, s_u_l, s_dt_b, s_dt_l, s_B_b, s_B_l, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):  # fmt: skip
+    """One tile's inputs, discretised: x = delta + bias (BLOCK_T, BLOCK_D), Δ, u, B (BLOCK_T, BLOCK_N), and
+    Ā = 2^(Δ·A·log2 e), B̄u = Δ·B·u (BLOCK_T, BLOCK_D, BLOCK_N). Steps past l get Δ = 0, so Ā = 1 and
+    B̄u = 0: the identity map, which leaves the scan's carry as it is."""
+    x = tl.load(_rows(delta_ptr, pid_b, t, offs_d, s_dt_b, s_dt_l), mask=m_td, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = x + bias[None, :]
+    if SOFTPLUS:
+        dt = _softplus(x)
+    else:
+        dt = x
+    dt = tl.where(m_td, dt, 0.0)
+    uv = tl.load(_rows(u_ptr, pid_b, t, offs_d, s_u_b, s_u_l), mask=m_td, other=0.0).to(tl.float32)
+    Bt = tl.load(_rows(B_ptr, pid_b, t, offs_n, s_B_b, s_B_l), mask=m_tn, other=0.0).to(tl.float32)
+    a = tl.exp2(dt[:, :, None] * A2[None, :, :])  # (BLOCK_T, BLOCK_D, BLOCK_N): Ā_t
+    bu = (dt * uv)[:, :, None] * Bt[:, None, :]  # B̄_t u_t = Δ_t B_t u_t
+    return x, dt, uv, Bt, a, bu
+
+
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _scan_fwd_kernel(
@@ -123,12 +146,13 @@ def _scan_fwd_kernel(
     l, d, n, n_tiles,
     s_u_b, s_u_l, s_dt_b, s_dt_l, s_z_b, s_z_l, s_B_b, s_B_l, s_C_b, s_C_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, CKPT_TILES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """u, delta, z, y: (b, l, d); A2: (d, n) = A·log2(e); B, C: (b, l, n); D, bias: (d,); h0, hT: (b, d, n);
-    ckpt: (b, n_tiles, d, n), the state before each tile (written when SAVE). y, the states and A2 are
-    contiguous; u, delta, z, B, C have the given (batch, time) strides and a contiguous last dimension."""
+    ckpt: (b, ceil(n_tiles / CKPT_TILES), d, n), the state before every CKPT_TILES-th tile (written when
+    SAVE). y, the states and A2 are contiguous; u, delta, z, B, C have the given (batch, time) strides and a
+    contiguous last dimension."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -143,6 +167,8 @@ def _scan_fwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     state_off = pid_b.to(tl.int64) * d * n + dn
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
@@ -150,25 +176,19 @@ def _scan_fwd_kernel(
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     seq = pid_b.to(tl.int64) * l  # first row of this sequence in y, (b·l, d)
     is_last = (offs_t == BLOCK_T - 1)[:, None, None]
+    n_ckpt = tl.cdiv(n_tiles, CKPT_TILES)
     for i in range(n_tiles):
         if SAVE:
-            tl.store(ckpt_ptr + (pid_b.to(tl.int64) * n_tiles + i) * d * n + dn, h, mask=mask_dn)
+            if i % CKPT_TILES == 0:
+                tl.store(ckpt_ptr + (pid_b.to(tl.int64) * n_ckpt + i // CKPT_TILES) * d * n + dn, h, mask=mask_dn)
         t = i * BLOCK_T + offs_t
         mask_t = t < l
         row_d = (seq + t)[:, None] * d + offs_d[None, :]  # (BLOCK_T, BLOCK_D) offsets into y
         m_td = mask_t[:, None] & mask_d[None, :]
         m_tn = mask_t[:, None] & mask_n[None, :]
-        dt = tl.load(_rows(delta_ptr, pid_b, t, offs_d, s_dt_b, s_dt_l), mask=m_td, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(m_td, dt, 0.0)  # steps past l: Δ = 0, so Ā = 1 and B̄u = 0 (the identity map)
-        uv = tl.load(_rows(u_ptr, pid_b, t, offs_d, s_u_b, s_u_l), mask=m_td, other=0.0).to(tl.float32)
-        Bt = tl.load(_rows(B_ptr, pid_b, t, offs_n, s_B_b, s_B_l), mask=m_tn, other=0.0).to(tl.float32)
+        _, dt, uv, Bt, a, bu = _tile(u_ptr, delta_ptr, B_ptr, A2, bias, pid_b, t, offs_d, offs_n, m_td, m_tn,
+                                     s_u_b, s_u_l, s_dt_b, s_dt_l, s_B_b, s_B_l, HAS_BIAS, SOFTPLUS)  # fmt: skip
         Ct = tl.load(_rows(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])  # (BLOCK_T, BLOCK_D, BLOCK_N): Ā_t
-        bu = (dt * uv)[:, :, None] * Bt[:, None, :]  # B̄_t u_t = Δ_t B_t u_t
         a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)  # steps t0..t composed
         hs = a_cum * h[None, :, :] + b_cum  # h_t for every step of the tile
         yv = tl.sum(hs * Ct[:, None, :], axis=2)  # (BLOCK_T, BLOCK_D): C_t · h_t
@@ -184,18 +204,84 @@ def _scan_fwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- backward
 @triton.jit
+def _tile_backward(
+    u_ptr, delta_ptr, A2, A, B_ptr, C_ptr, Dv, z_ptr, bias, dy_ptr, du_ptr, ddelta_ptr, dz_ptr,
+    dB_ptr, dC_ptr, start_ptr, h_ckpt, q, gA, gD, gbias, pid_b, i, l, d, n, seq,
+    offs_t, offs_d, offs_n, mask_d, mask_n, mask_dn, is_first, ones, zeros,
+    s_u_b, s_u_l, s_dt_b, s_dt_l, s_z_b, s_z_l, s_B_b, s_B_l, s_C_b, s_C_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    FROM_SCRATCH: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Tile i of the backward: recomputes its states from its start state (start_ptr when FROM_SCRATCH, else
+    h_ckpt), writes dz, du, dΔ, adds to dB, dC; returns the adjoint state before the tile and the running
+    sums of dA, dD, d(delta_bias)."""
+    t = i * BLOCK_T + offs_t
+    mask_t = t < l
+    row_d = (seq + t)[:, None] * d + offs_d[None, :]  # offsets into dy, du, ddelta, dz
+    row_n = (seq + t)[:, None] * n + offs_n[None, :]  # into dB, dC
+    m_td = mask_t[:, None] & mask_d[None, :]
+    m_tn = mask_t[:, None] & mask_n[None, :]
+    # recompute the tile's states from its start (paper §3.3.2: recomputation instead of storage)
+    if FROM_SCRATCH:
+        h0 = tl.load(start_ptr, mask=mask_dn, other=0.0)
+    else:
+        h0 = h_ckpt
+    x, dt, uv, Bt, a, bu = _tile(u_ptr, delta_ptr, B_ptr, A2, bias, pid_b, t, offs_d, offs_n, m_td, m_tn,
+                                 s_u_b, s_u_l, s_dt_b, s_dt_l, s_B_b, s_B_l, HAS_BIAS, SOFTPLUS)  # fmt: skip
+    Ct = tl.load(_rows(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
+    a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)
+    hs = a_cum * h0[None, :, :] + b_cum  # h_t
+    # the output's gradient through the gate
+    dyv = tl.load(dy_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(_rows(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
+        ypre = tl.sum(hs * Ct[:, None, :], axis=2)  # y before the gate
+        if HAS_D:
+            ypre = ypre + Dv[None, :] * uv
+        sg = _sigmoid(zv)
+        dzv = dyv * ypre * sg * (1.0 + zv * (1.0 - sg))  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
+        tl.store(dz_ptr + row_d, dzv.to(dz_ptr.dtype.element_ty), mask=m_td)
+        dyv = dyv * zv * sg
+    dC = tl.sum(dyv[:, :, None] * hs, axis=1)  # (BLOCK_T, BLOCK_N), this block's share of Σ_d
+    tl.atomic_add(dC_ptr + row_n, dC, mask=m_tn, sem="relaxed")
+    ah = hs - bu  # Ā_t h_{t−1}; the last use of hs and bu (fewer tiles alive through the next scan)
+    # the adjoint, backwards in time: p_t = Ā_t (C_t dy_t + p_{t+1}); the exclusive part gives p_{t+1}
+    c = Ct[:, None, :] * dyv[:, :, None]  # ∂y_t/∂h_t · dy_t
+    _, _, ea, eb = tl.associative_scan((a, a * c, ones, zeros), 0, _compose_excl, reverse=True)
+    g = c + ea * q[None, :, :] + eb  # g_t = ∂L/∂h_t
+    q = tl.sum(tl.where(is_first, a * g, 0.0), axis=0)  # p_{t0}: ∂L/∂(state before the tile)
+    gdt = g * dt[:, :, None]
+    dB = tl.sum(gdt * uv[:, :, None], axis=1)
+    tl.atomic_add(dB_ptr + row_n, dB, mask=m_tn, sem="relaxed")
+    duv = tl.sum(gdt * Bt[:, None, :], axis=2)
+    if HAS_D:
+        duv = duv + Dv[None, :] * dyv
+        gD += tl.sum(dyv * uv, axis=0)
+    tl.store(du_ptr + row_d, duv.to(du_ptr.dtype.element_ty), mask=m_td)
+    ddt = tl.sum(g * (A[None, :, :] * ah + Bt[:, None, :] * uv[:, :, None]), axis=2)
+    gA += tl.sum(gdt * ah, axis=0)
+    if SOFTPLUS:
+        ddt = ddt * _sigmoid(x)  # softplus'(x) = σ(x)
+    ddt = tl.where(m_td, ddt, 0.0)
+    gbias += tl.sum(ddt, axis=0)
+    tl.store(ddelta_ptr + row_d, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_td)
+    return q, gA, gD, gbias
+
+
+@triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dy_ptr, dhT_ptr,
+    u_ptr, delta_ptr, A2_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, scratch_ptr, dy_ptr, dhT_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     l, d, n, n_tiles,
     s_u_b, s_u_l, s_dt_b, s_dt_l, s_z_b, s_z_l, s_B_b, s_B_l, s_C_b, s_C_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CKPT_TILES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Adjoint of _scan_fwd_kernel (its ckpt, with the same BLOCK_T). dy, du, ddelta, dz: (b, l, d);
-    dB, dC: (b, l, n) float32, zeroed, accumulated atomically; dA_part, dhT, dh0: (b, d, n);
-    dD_part, dbias_part: (b, d). The inputs' strides as in the forward; dy and the outputs are contiguous."""
+    """Adjoint of _scan_fwd_kernel (its ckpt, with the same BLOCK_T and CKPT_TILES). dy, du, ddelta, dz:
+    (b, l, d); dB, dC: (b, l, n) float32, zeroed, accumulated atomically; dA_part, dhT, dh0: (b, d, n);
+    dD_part, dbias_part: (b, d); scratch: (b, CKPT_TILES, d, n) float32, the tile start states of the
+    current checkpoint interval. The inputs' strides as in the forward; dy and the outputs are contiguous."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -209,8 +295,12 @@ def _scan_bwd_kernel(
     A = A2 * _LN2  # ∂Ā/∂Δ = A·Ā
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     state_off = pid_b.to(tl.int64) * d * n + dn
     if HAS_DHT:
         q = tl.load(dhT_ptr + state_off, mask=mask_dn, other=0.0)  # ∂L/∂h at the end of the current tile
@@ -223,65 +313,36 @@ def _scan_bwd_kernel(
     is_first = (offs_t == 0)[:, None, None]
     ones = tl.full((BLOCK_T, BLOCK_D, BLOCK_N), 1.0, tl.float32)
     zeros = tl.zeros((BLOCK_T, BLOCK_D, BLOCK_N), dtype=tl.float32)
-    for j in range(n_tiles):
-        i = n_tiles - 1 - j
-        t = i * BLOCK_T + offs_t
-        mask_t = t < l
-        row_d = (seq + t)[:, None] * d + offs_d[None, :]  # offsets into dy, du, ddelta, dz
-        row_n = (seq + t)[:, None] * n + offs_n[None, :]  # into dB, dC
-        m_td = mask_t[:, None] & mask_d[None, :]
-        m_tn = mask_t[:, None] & mask_n[None, :]
-        # recompute the tile's states from its checkpoint (paper §3.3.2: recomputation instead of storage)
-        h0 = tl.load(ckpt_ptr + (pid_b.to(tl.int64) * n_tiles + i) * d * n + dn, mask=mask_dn, other=0.0)
-        x = tl.load(_rows(delta_ptr, pid_b, t, offs_d, s_dt_b, s_dt_l), mask=m_td, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x = x + bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(x)
-        else:
-            dt = x
-        dt = tl.where(m_td, dt, 0.0)
-        uv = tl.load(_rows(u_ptr, pid_b, t, offs_d, s_u_b, s_u_l), mask=m_td, other=0.0).to(tl.float32)
-        Bt = tl.load(_rows(B_ptr, pid_b, t, offs_n, s_B_b, s_B_l), mask=m_tn, other=0.0).to(tl.float32)
-        Ct = tl.load(_rows(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        bu = (dt * uv)[:, :, None] * Bt[:, None, :]
-        a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)
-        hs = a_cum * h0[None, :, :] + b_cum  # h_t
-        # the output's gradient through the gate
-        dyv = tl.load(dy_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(_rows(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
-            ypre = tl.sum(hs * Ct[:, None, :], axis=2)  # y before the gate
-            if HAS_D:
-                ypre = ypre + Dv[None, :] * uv
-            sg = _sigmoid(zv)
-            dzv = dyv * ypre * sg * (1.0 + zv * (1.0 - sg))  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
-            tl.store(dz_ptr + row_d, dzv.to(dz_ptr.dtype.element_ty), mask=m_td)
-            dyv = dyv * zv * sg
-        dC = tl.sum(dyv[:, :, None] * hs, axis=1)  # (BLOCK_T, BLOCK_N), this block's share of Σ_d
-        tl.atomic_add(dC_ptr + row_n, dC, mask=m_tn, sem="relaxed")
-        ah = hs - bu  # Ā_t h_{t−1}; the last use of hs and bu (fewer tiles alive through the next scan)
-        # the adjoint, backwards in time: p_t = Ā_t (C_t dy_t + p_{t+1}); the exclusive part gives p_{t+1}
-        c = Ct[:, None, :] * dyv[:, :, None]  # ∂y_t/∂h_t · dy_t
-        _, _, ea, eb = tl.associative_scan((a, a * c, ones, zeros), 0, _compose_excl, reverse=True)
-        g = c + ea * q[None, :, :] + eb  # g_t = ∂L/∂h_t
-        q = tl.sum(tl.where(is_first, a * g, 0.0), axis=0)  # p_{t0}: ∂L/∂(state before the tile)
-        gdt = g * dt[:, :, None]
-        dB = tl.sum(gdt * uv[:, :, None], axis=1)
-        tl.atomic_add(dB_ptr + row_n, dB, mask=m_tn, sem="relaxed")
-        duv = tl.sum(gdt * Bt[:, None, :], axis=2)
-        if HAS_D:
-            duv = duv + Dv[None, :] * dyv
-            gD += tl.sum(dyv * uv, axis=0)
-        tl.store(du_ptr + row_d, duv.to(du_ptr.dtype.element_ty), mask=m_td)
-        ddt = tl.sum(g * (A[None, :, :] * ah + Bt[:, None, :] * uv[:, :, None]), axis=2)
-        gA += tl.sum(gdt * ah, axis=0)
-        if SOFTPLUS:
-            ddt = ddt * _sigmoid(x)  # softplus'(x) = σ(x)
-        ddt = tl.where(m_td, ddt, 0.0)
-        gbias += tl.sum(ddt, axis=0)
-        tl.store(ddelta_ptr + row_d, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_td)
+    is_last = (offs_t == BLOCK_T - 1)[:, None, None]
+    scratch = scratch_ptr + pid_b.to(tl.int64) * CKPT_TILES * d * n + dn
+    n_ckpt = tl.cdiv(n_tiles, CKPT_TILES)
+    for jc in range(n_ckpt):  # checkpoint intervals, last first
+        c = n_ckpt - 1 - jc
+        first = c * CKPT_TILES
+        count = tl.minimum(CKPT_TILES, n_tiles - first)
+        h = tl.load(ckpt_ptr + (pid_b.to(tl.int64) * n_ckpt + c) * d * n + dn, mask=mask_dn, other=0.0)
+        if CKPT_TILES > 1:  # the interval's tile start states, forwards from its checkpoint, into scratch
+            tl.debug_barrier()  # the previous interval's reads of scratch are done
+            for k in range(count - 1):
+                tl.store(scratch + k * d * n, h, mask=mask_dn)
+                t = (first + k) * BLOCK_T + offs_t
+                m_td = (t < l)[:, None] & mask_d[None, :]
+                m_tn = (t < l)[:, None] & mask_n[None, :]
+                _, _, _, _, a, bu = _tile(u_ptr, delta_ptr, B_ptr, A2, bias, pid_b, t, offs_d, offs_n, m_td, m_tn,
+                                          s_u_b, s_u_l, s_dt_b, s_dt_l, s_B_b, s_B_l, HAS_BIAS, SOFTPLUS)  # fmt: skip
+                a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)
+                h = tl.sum(tl.where(is_last, a_cum * h[None, :, :] + b_cum, 0.0), axis=0)
+            tl.store(scratch + (count - 1) * d * n, h, mask=mask_dn)
+            tl.debug_barrier()  # scratch written before any thread reads it back
+        for kk in range(count):  # the interval's tiles, last first
+            k = count - 1 - kk
+            q, gA, gD, gbias = _tile_backward(
+                u_ptr, delta_ptr, A2, A, B_ptr, C_ptr, Dv, z_ptr, bias, dy_ptr, du_ptr, ddelta_ptr, dz_ptr,
+                dB_ptr, dC_ptr, scratch + k * d * n, h, q, gA, gD, gbias, pid_b, first + k, l, d, n, seq,
+                offs_t, offs_d, offs_n, mask_d, mask_n, mask_dn, is_first, ones, zeros,
+                s_u_b, s_u_l, s_dt_b, s_dt_l, s_z_b, s_z_l, s_B_b, s_B_l, s_C_b, s_C_l,
+                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, CKPT_TILES > 1, BLOCK_T,
+            )  # fmt: skip
     tl.store(dh0_ptr + state_off, q, mask=mask_dn)
     tl.store(dA_ptr + state_off, gA, mask=mask_dn)
     tl.store(dD_ptr + pid_b.to(tl.int64) * d + offs_d, gD, mask=mask_d)
@@ -316,7 +377,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         cfg = scan_config(b, l, d, n)
         save = any(ctx.needs_input_grad)
         n_tiles = triton.cdiv(l, cfg["BLOCK_T"])
-        ckpt = u_.new_empty((b, n_tiles, d, n) if save else (1,), dtype=f32)
+        ckpt = u_.new_empty((b, triton.cdiv(n_tiles, cfg["CKPT_TILES"]), d, n) if save else (1,), dtype=f32)
         y = u_.new_empty(b, l, d)
         hT = u_.new_empty(b, d, n, dtype=f32)
         if b * d > 0:
@@ -326,6 +387,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
                 *_strides(u_, delta_, z_, B_, C_),
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                 HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus), SAVE=save,
+                CKPT_TILES=cfg["CKPT_TILES"],
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["FWD_D"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["FWD_WARPS"],
             )  # fmt: skip
         if save:
@@ -353,13 +415,15 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dD = A2.new_empty(b, d)
         dbias = A2.new_empty(b, d)
         dh0 = A2.new_empty(b, d, n)
+        scratch = A2.new_empty((b, cfg["CKPT_TILES"], d, n) if cfg["CKPT_TILES"] > 1 else (1,))
         if b * d > 0:
             grid = (b, triton.cdiv(d, cfg["BWD_D"]))
             _scan_bwd_kernel[grid](
-                u_, delta_, A2, B_, C_, D_, z_, bias_, ckpt, dy_, dhT_,
+                u_, delta_, A2, B_, C_, D_, z_, bias_, ckpt, scratch, dy_, dhT_,
                 du, ddelta, dz, dB, dC, dA, dD, dbias, dh0, l, d, n, triton.cdiv(l, cfg["BLOCK_T"]),
                 *_strides(u_, delta_, z_, B_, C_),
                 HAS_D=has_D, HAS_Z=has_z, HAS_BIAS=has_bias, HAS_DHT=dhT is not None, SOFTPLUS=softplus,
+                CKPT_TILES=cfg["CKPT_TILES"],
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BWD_D"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["BWD_WARPS"],
             )  # fmt: skip
         need = ctx.needs_input_grad
