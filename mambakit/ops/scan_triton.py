@@ -35,11 +35,12 @@ and y, du, dΔ, dz are written in it, so no converted copies are made; views who
 (the model's z, B, C are column slices of its projections) are read through their strides. The decoding step
 is in step_triton.py.
 
-Cost, for the record: each state update costs one exp2 (the special-function unit does 16 per clock per SM,
-an eighth of the FMA rate), so with bf16 inputs and n = 16 the exps alone need about 1.8x the time of the
-forward's memory traffic on an H200 (600 G elements/s at 4.8 TB/s x 16 exps vs 132 SMs x 16 x 1.98 GHz). A
-forward within 2x of the bandwidth floor therefore leaves almost no room for the rest; float32 inputs (twice
-the bytes) halve that ratio.
+Cost, for the record: each state update costs one exp2, and the special-function units do 16 per clock per
+SM (an eighth of the FMA rate). With bf16 inputs and n = 16 a forward moves 8 bytes and needs 16 exps per
+(b, l, d) element: at an H200's measured ~4.3 TB/s copy rate that is 530 G elements/s, or 8.5 T exps/s,
+against 132 SMs x 16 x 1.98 GHz = 4.2 T/s. The exps alone take about 2x the bandwidth floor, so a bf16
+forward within 2x of the floor would need part of the exps computed on the FMA units (a polynomial), which
+these kernels do not do; float32 inputs (twice the bytes) halve the ratio.
 """
 
 from __future__ import annotations
