@@ -20,7 +20,9 @@ and the classification accuracy are measured only on genomes never trained on.
      bacteria). Only the window is shown, so the model must pick up the weak strand asymmetries (GC skew,
      gene orientation) from L bases. Reverse-complementing a window flips its label.
    Each task and length: from the pretrained model of the same context (or the nearest shorter) and from
-   scratch, same token budget (1M); the head reads the last hidden state (the paper's choice for causal models).
+   scratch, same token budget (1M). The head averages the hidden states over the window (--pooling mean); the
+   paper reads the last one (--pooling last), which in short fine-tuning runs learns far more slowly (measured:
+   4-species accuracy 37% vs 44% after 60 steps of 16 × 256-base windows).
 """
 
 from __future__ import annotations
@@ -177,9 +179,9 @@ def classify(args, train_g, val_g, species, models) -> dict:
                     continue
                 torch.manual_seed(args.seed + 1)
                 if init == "pretrained":
-                    clf = SequenceClassifier.from_lm(models[src], t["classes"], pooling="last")
+                    clf = SequenceClassifier.from_lm(models[src], t["classes"], pooling=args.pooling)
                 else:
-                    clf = SequenceClassifier(model_config(args), t["classes"], pooling="last")
+                    clf = SequenceClassifier(model_config(args), t["classes"], pooling=args.pooling)
                 tr = GenomeWindows(train_g, L, labels=t["labels"](train_g), rc_prob=0.5, label_fn=t["label_fn"](train_g))
                 va = GenomeWindows(val_g, L, labels=t["labels"](val_g), label_fn=t["label_fn"](val_g))
                 batch = max(args.min_cls_batch, args.cls_tokens_per_step // L)
@@ -294,6 +296,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens_per_step", type=int, default=2**14)
     p.add_argument("--pretrain_tokens", type=int, default=4_000_000, help="training tokens per context")
     p.add_argument("--finetune_tokens", type=int, default=1_000_000, help="training tokens per classifier")
+    p.add_argument("--pooling", default="mean", choices=("mean", "last"),
+                   help="classifier head input: mean over positions (default: learns in far fewer steps), or the "
+                        "last position (the paper's choice)")
     p.add_argument("--finetune_steps", type=int, default=None, help="step budget per classifier (instead of tokens)")
     p.add_argument("--ckpt_dir", default="runs/dna", help="where the pretrained LMs are saved ('' = not saved)")
     p.add_argument("--pretrain_s", type=float, default=0, help="optional cap in seconds per context (0: none)")
