@@ -15,9 +15,14 @@ plus the 80% interval coverage of the Mamba quantiles. Writes results.json, one 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+
+# one BLAS thread before numpy loads: the statsmodels fits use tiny matrices, and OpenBLAS's spinning threads
+# cost ~50x CPU time on a shared machine (see mambakit.forecast.baselines._quiet)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
 import platform
 import sys
 import tempfile
