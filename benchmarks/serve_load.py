@@ -6,7 +6,7 @@ each sending one request after another (closed loop) with asyncio + httpx. Each 
 and in requests. The claim checked: continuous batching makes tokens/s at 32 clients >= 5x tokens/s at 1
 client (target in issue 9).
 
-    python benchmarks/serve_load.py                       # 130m, prompt 32, 64 new tokens, levels 1 8 32
+    python benchmarks/serve_load.py                       # 130m, prompt 32, 128 new tokens, levels 1 8 32
     python benchmarks/serve_load.py --preset tiny --seconds 5 --clients 1 4     # a quick look
     python benchmarks/serve_load.py --step-cost           # also: MambaLM.step time per batch size (in-process)
 
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--preset", default="130m")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seconds", type=float, default=40.0, help="time bound per level (requests in flight finish)")
     ap.add_argument("--max-requests", type=int, default=200, help="request bound per level")
