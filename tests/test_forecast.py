@@ -248,7 +248,7 @@ def _cli(argv):
     return args.func(args)
 
 
-def test_cli_writes_forecast_csv(tmp_path):
+def test_cli_writes_forecast_csv(tmp_path, capsys):
     y = sine_trend(150)
     stamps = np.arange(np.datetime64("2000-01", "M"), np.datetime64("2000-01", "M") + 150)
     p = tmp_path / "sales.csv"
@@ -260,8 +260,12 @@ def test_cli_writes_forecast_csv(tmp_path):
     out = tmp_path / "fc.csv"
     rc = _cli([str(p), "--horizon", "6", "--columns", "sales", "--context", "24", "--quantiles", "0.1,0.5,0.9",
                "--out", str(out), "--save", str(tmp_path / "model"), "--set", "max_steps=30",
-               "--set", "d_model=16", "--set", "threads=1"])
+               "--set", "d_model=16", "--set", "threads=1", "--backtest", "2", "--plot", str(tmp_path / "fc.png")])
     assert rc == 0
+    table = capsys.readouterr().out
+    assert "backtest: 2 windows of 6 steps" in table and "seasonal naive" in table and "Mamba" in table
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert (tmp_path / "fc.png").stat().st_size > 1000
     rows = list(csv.reader(open(out)))
     assert rows[0] == ["timestamp", "sales", "sales_q0.1", "sales_q0.5", "sales_q0.9"]
     assert [r[0] for r in rows[1:]] == [f"2012-{m:02d}-01" for m in range(7, 13)]
