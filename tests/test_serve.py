@@ -185,6 +185,7 @@ def test_client_disconnect_while_waiting_for_a_whole_completion_frees_the_slot(s
     (b'{"prompt": "x", "stop": [""]}', 400, "stop"),
     (b'{"prompt": ""}', 400, "empty"),
     (b'{"prompt": [1, 2, 999]}', 400, "token id 999 is outside"),
+    (b'{"prompt": "a\\ud800b"}', 400, "prompt[0]: cannot be tokenized"),
     (b'{"prompt": "' + b"y" * 100 + b'"}', 400, "exceed the limit of 64"),
     (b'{"prompt": "x", "logprobs": 2}', 400, "logprobs: not supported"),
     (b'{"prompt": "x", "bogus": 1}', 400, "bogus: Extra inputs"),

@@ -217,7 +217,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                     raise ValueError("prompt: this server has no tokenizer; send token ids")
                 if len(x) > 16 * limits.max_prompt_tokens:  # cheap bound before tokenizing
                     raise ValueError(f"prompt[{i}]: longer than the limit of {limits.max_prompt_tokens} tokens")
-                t = tokenizer.encode(x)
+                try:
+                    t = tokenizer.encode(x)
+                except Exception as e:  # e.g. a lone surrogate ("\ud800") that UTF-8 cannot encode
+                    raise ValueError(f"prompt[{i}]: cannot be tokenized ({type(e).__name__}: {e})") from None
             else:
                 t = list(x)
                 bad = [v for v in t if not 0 <= v < vocab]
