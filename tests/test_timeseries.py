@@ -87,6 +87,13 @@ def test_irregular_timestamps_error_unless_resampled(tmp_path):
     np.testing.assert_allclose(s.values[:, 0], [1, 2, 3, 5, 7])
 
 
+def test_year_and_compact_date_timestamps(tmp_path):
+    s = read_csv(_write(tmp_path, "year,a\n1700,5\n1701,11\n1702,16\n"))
+    assert s.freq == Frequency("M", 12) and str(s.future_timestamps(1)[0])[:4] == "1703"
+    s = read_csv(_write(tmp_path, "d,a\n20240301,1\n20240302,2\n20240303,3\n", "c.csv"))
+    assert s.freq == Frequency("s", 86400) and s.season == 7
+
+
 def test_unsorted_rows_are_sorted(tmp_path):
     s = read_csv(_write(tmp_path, "t,a\n3,30\n1,10\n2,20\n"))
     np.testing.assert_array_equal(s.values[:, 0], [10, 20, 30])

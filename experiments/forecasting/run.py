@@ -150,13 +150,15 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: float, tiny: bool) -> None:
+def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: float, tiny: bool,
+                 merged: bool = False) -> None:
     L = ["# Forecasting: Mamba vs naive, seasonal naive, ETS and ARIMA (statsmodels datasets)", ""]
     if tiny:
         L += ["**Tiny run (CI plumbing check): a few training steps, no ETS/ARIMA; the numbers mean nothing.**", ""]
-    L += [f"Command: `{command}` ({total_s / 60:.1f} min on this machine: {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; the machine was shared with other jobs, "
-          "so times are upper bounds).", "",
+    L += [f"Command: `{command}`. Wall time, summed over the datasets: {total_s / 60:.1f} min on "
+          f"{platform.machine()} with {os.cpu_count()} CPUs, one torch thread per process"
+          + (" (the datasets ran as parallel processes, `--datasets NAME` each, merged with `--report-only`; the "
+             "machine was shared with other jobs, so times are upper bounds)." if merged else "."), "",
           "Protocol (`mambakit.forecast.backtest`): rolling-origin backtest, windows of H steps tiling the end of "
           "each series; every method is fitted **once** on the data before the first origin and then forecasts "
           "H steps from each origin with the history up to it (ETS and ARIMA keep their estimated parameters "
@@ -257,7 +259,7 @@ def _report(args, results, seeds, command, total, tiny) -> int:
     _atomic_write(os.path.join(args.out, "results.json"), json.dumps(
         {"command": command, "total_seconds": total, "mamba_config": {**MAMBA, "quantiles": list(MAMBA["quantiles"])},
          "seeds": list(seeds), "verdict": v, "datasets": results}, indent=1, default=float))
-    write_readme(args.out, results, v, command, total, tiny)
+    write_readme(args.out, results, v, command, total, tiny, merged=args.report_only)
     print(f"target met: {v['met']} (beats seasonal naive everywhere: {v['beats_snaive_everywhere']}; within 10% of "
           f"best statsmodels on half: {v['within_10pct_on_half']}); {total / 60:.1f} min; wrote {args.out}/README.md",
           flush=True)

@@ -206,8 +206,13 @@ def _parse_time(text: str):
     s = text.strip()
     if not s:
         raise ValueError("empty timestamp")
-    if s.lstrip("-").isdigit() and len(s.lstrip("-")) != 4 and len(s.lstrip("-")) != 8:
-        return int(s)
+    digits = s.lstrip("-")
+    if digits.isdigit():
+        if len(digits) == 4 and not s.startswith("-"):  # a year
+            return np.datetime64(s, "s")
+        if len(digits) == 8 and not s.startswith("-"):  # a compact date, YYYYMMDD
+            return np.datetime64(f"{s[:4]}-{s[4:6]}-{s[6:]}", "s")
+        return int(s)  # a step index
     return np.datetime64(s.replace(" ", "T").rstrip("Z"), "s")
 
 

@@ -161,6 +161,9 @@ class Forecaster:
             return best, best_step, best_state, record, time.perf_counter() - t0
 
         best, best_step, best_state, record, seconds = run(train, c.max_steps, validate=True)
+        if best_state is None:
+            raise ValueError(f"training diverged: the validation loss was never finite ({record[-1] if record else ''})"
+                             "; lower lr or check the data for extreme values")
         net.load_state_dict(best_state)
         self.history = {"best_val_loss": best, "best_step": best_step, "steps": record[-1][0] if record else 0,
                         "train_windows": int(len(train)), "val_windows": int(len(val)), "seconds": seconds,
