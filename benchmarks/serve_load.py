@@ -71,7 +71,7 @@ async def level(url: str, clients: int, args, vocab: int) -> dict:
     import httpx
 
     rng = random.Random(clients)
-    latencies, tokens, errors = [], 0, 0
+    latencies, ttfts, tokens, errors = [], [], 0, 0
     started = 0
     deadline = time.perf_counter() + args.seconds
 
@@ -83,24 +83,43 @@ async def level(url: str, clients: int, args, vocab: int) -> dict:
             body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature,
                     "seed": rng.randrange(2**31)}
             t0 = time.perf_counter()
-            r = await c.post("/v1/completions", json=body)
-            if r.status_code != 200:
-                errors += 1
-                await asyncio.sleep(0.05)
-                continue
+            if args.stream:  # Server-Sent Events: time to the first token, then the whole response
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        errors += 1
+                        await r.aread()
+                        await asyncio.sleep(0.05)
+                        continue
+                    first, usage = None, None
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            first = first or time.perf_counter() - t0
+                            usage = json.loads(line[6:]).get("usage") or usage
+                ttfts.append(first)
+                tokens += usage["completion_tokens"]
+            else:
+                r = await c.post("/v1/completions", json=body)
+                if r.status_code != 200:
+                    errors += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                tokens += r.json()["usage"]["completion_tokens"]
             latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(clients)))
         elapsed = time.perf_counter() - t0
-    q = sorted(latencies)
-    pct = lambda p: q[min(len(q) - 1, int(round(p / 100 * (len(q) - 1))))] if q else float("nan")  # noqa: E731
+    def pct(values, p):
+        q = sorted(values)
+        return q[min(len(q) - 1, int(round(p / 100 * (len(q) - 1))))] if q else float("nan")
+
     return dict(clients=clients, requests=len(latencies), errors=errors, seconds=elapsed,
                 req_per_s=len(latencies) / elapsed, tokens_per_s=tokens / elapsed,
-                p50_s=statistics.median(q) if q else float("nan"), p99_s=pct(99))
+                p50_s=pct(latencies, 50), p99_s=pct(latencies, 99),
+                ttft_p50_s=pct(ttfts, 50), ttft_p99_s=pct(ttfts, 99))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -139,6 +158,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--stream", action="store_true", help="stream (SSE) and report the time to the first token")
     ap.add_argument("--seconds", type=float, default=40.0, help="time bound per level (requests in flight finish)")
     ap.add_argument("--max-requests", type=int, default=200, help="request bound per level")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over the levels (medians reported)")
@@ -181,7 +201,7 @@ def main() -> None:
                   f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
             asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "seconds": 3, "max_requests": 2}), vocab))
             print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} "
-                  f"{'errors':>6} {'tokens/CPU-s':>11}")
+                  f"{'errors':>6} {'tokens/CPU-s':>11}" + (f" {'TTFT p50':>9} {'TTFT p99':>9}" if args.stream else ""))
             runs: dict[int, list[dict]] = {c: [] for c in args.clients}
             for rep in range(args.repeat):  # levels interleaved: a change in machine load hits all of them
                 for c in args.clients:
@@ -192,6 +212,7 @@ def main() -> None:
                     runs[c].append(r)
                     print(f"{c:>7} {r['requests']:>8} {r['req_per_s']:>7.2f} {r['tokens_per_s']:>9.1f} "
                           f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['errors']:>6} {r['tokens_per_cpu_s']:>11.1f}"
+                          + (f" {r['ttft_p50_s']:>9.2f} {r['ttft_p99_s']:>9.2f}" if args.stream else "")
                           + (f"   (round {rep + 1})" if args.repeat > 1 else ""), flush=True)
         finally:
             server.terminate()
