@@ -168,6 +168,24 @@ def test_client_disconnect_while_waiting_for_a_whole_completion_frees_the_slot(s
     assert h["tokens"] - before["tokens"] < 4000
 
 
+def test_a_server_without_tokenizer_answers_with_token_ids(model):
+    bare = random_model()
+    bare.tokenizer = None
+    with start_server(bare, max_batch=4) as h, httpx.Client(base_url=h.url, timeout=30) as c:
+        r = c.post("/v1/completions", json={"prompt": [[5, 6, 7], [8]], "max_tokens": 6, "seed": 9}).json()
+        for k, p in enumerate([[5, 6, 7], [8]]):
+            assert r["choices"][k]["token_ids"] == generate(model, [p], 6, seed=9 + k).sequences[0]
+            assert r["choices"][k]["text"] == ""
+        assert c.post("/v1/completions", json={"prompt": "text"}).json()["error"]["message"] == (
+            "prompt: this server has no tokenizer; send token ids")
+        with c.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 2000, "stream": True}) as s:
+            assert s.status_code == 200
+            data = (json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: "))
+            first = [next(data) for _ in range(3)]
+            assert all(len(ev["choices"][0]["token_ids"]) == 1 for ev in first)
+            assert c.get("/health").json()["active"] == 1  # chunks arrive token by token, while decoding
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("body, status, words", [
     (b"{not json", 400, "not valid JSON"),

@@ -283,11 +283,11 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             gen = _stream(job, _Events(events, request, job), base, texts if body.echo else None, prompt_tokens,
-                          include_usage)
+                          include_usage, token_ids=tokenizer is None)
             return StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _collect(job, _Events(events, request, job), base, texts if body.echo else None,
-                              prompt_tokens)
+                              prompt_tokens, token_ids=tokenizer is None)
 
     return app
 
@@ -319,9 +319,11 @@ def _finish(reason: str | None) -> str | None:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
 
 
-async def _collect(job: Job, events: _Events, base: dict, echo: list[str] | None, prompt_tokens: int):
+async def _collect(job: Job, events: _Events, base: dict, echo: list[str] | None, prompt_tokens: int,
+                   token_ids: bool = False):
+    """The whole response. token_ids: also give each choice's token ids (a server without a tokenizer)."""
     k = job.num_sequences
-    texts, reasons, counts = [""] * k, [None] * k, [0] * k
+    texts, reasons, ids = [""] * k, [None] * k, [[] for _ in range(k)]
     try:
         while any(r is None for r in reasons):
             batch = await events.next()
@@ -332,24 +334,32 @@ async def _collect(job: Job, events: _Events, base: dict, echo: list[str] | None
                     job.cancel()
                     return _error(500, f"generation failed: {ev.error}", type_="server_error")
                 texts[ev.index] += ev.text
-                counts[ev.index] += ev.token_id is not None
+                if ev.token_id is not None:
+                    ids[ev.index].append(ev.token_id)
                 reasons[ev.index] = ev.finish_reason
     finally:
         job.cancel()  # no-op once finished; frees the slots if the handler was cancelled
     choices = [{"text": (echo[i // job.n] if echo else "") + texts[i], "index": i, "logprobs": None,
-                "finish_reason": _finish(reasons[i])} for i in range(k)]
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-             "total_tokens": prompt_tokens + sum(counts)}
+                "finish_reason": _finish(reasons[i])} | ({"token_ids": ids[i]} if token_ids else {})
+               for i in range(k)]
+    n_tokens = sum(map(len, ids))
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens, "total_tokens": prompt_tokens + n_tokens}
     return {**base, "choices": choices, "usage": usage}
 
 
 async def _stream(job: Job, events: _Events, base: dict, echo: list[str] | None, prompt_tokens: int,
-                  include_usage: bool):
+                  include_usage: bool, token_ids: bool = False):
+    """Server-Sent Events: a chunk per choice per step with new text (with token_ids, every token, its
+    id in the chunk: a server without a tokenizer), the final chunk of each choice with its
+    finish_reason, the usage chunk if asked, then `data: [DONE]`."""
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def chunk(index, text, reason):
-        c = {**base, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}
+    def chunk(index, text, reason, token=None):
+        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+        if token_ids:
+            choice["token_ids"] = [] if token is None else [token]
+        c = {**base, "choices": [choice]}
         return sse(c | ({"usage": None} if include_usage else {}))
 
     k = job.num_sequences
@@ -372,8 +382,8 @@ async def _stream(job: Job, events: _Events, base: dict, echo: list[str] | None,
                     open_.clear()
                     break
                 completion_tokens += ev.token_id is not None
-                if ev.text or ev.finish_reason is not None:
-                    yield chunk(ev.index, ev.text, _finish(ev.finish_reason))
+                if ev.text or ev.finish_reason is not None or (token_ids and ev.token_id is not None):
+                    yield chunk(ev.index, ev.text, _finish(ev.finish_reason), ev.token_id)
                 if ev.finish_reason is not None:
                     open_.discard(ev.index)
         if include_usage:
