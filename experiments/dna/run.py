@@ -299,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--pooling", default="mean", choices=("mean", "last"),
                    help="classifier head input: mean over positions (default: learns in far fewer steps), or the "
                         "last position (the paper's choice)")
+    p.add_argument("--skip_pretrain", default="", metavar="RESULTS_PRETRAIN_JSON",
+                   help="no pretraining: load the LMs of --contexts from --ckpt_dir and report these pretraining results")
     p.add_argument("--finetune_steps", type=int, default=None, help="step budget per classifier (instead of tokens)")
     p.add_argument("--ckpt_dir", default="runs/dna", help="where the pretrained LMs are saved ('' = not saved)")
     p.add_argument("--pretrain_s", type=float, default=0, help="optional cap in seconds per context (0: none)")
@@ -333,10 +335,15 @@ def main(argv=None) -> int:
     train_g, val_g, species = load_genomes(args.root, args.val_strains, args.min_record)
     print(f"genomes: {len(train_g)} train ({sum(g.n_bases for g in train_g):,} bp), {len(val_g)} held out "
           f"({', '.join(g.strain for g in val_g)}); species {species}", file=sys.stderr, flush=True)
-    pre, models = pretrain(args, train_g, val_g)
-    # the pretraining results on disk before the (longer) classification sweep starts
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results_pretrain.json").write_text(json.dumps({str(k): v for k, v in pre.items()}, indent=1) + "\n")
+    if args.skip_pretrain:  # reuse the LMs a previous run saved in ckpt_dir, and its pretraining results
+        models = {L: MambaLM.from_pretrained(Path(args.ckpt_dir) / f"lm_{L}") for L in args.contexts}
+        pre = {int(k): v for k, v in json.loads(Path(args.skip_pretrain).read_text()).items()}
+        print(f"pretrained LMs for contexts {args.contexts} loaded from {args.ckpt_dir}", file=sys.stderr)
+    else:
+        pre, models = pretrain(args, train_g, val_g)
+        # the pretraining results on disk before the (longer) classification sweep starts
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results_pretrain.json").write_text(json.dumps({str(k): v for k, v in pre.items()}, indent=1) + "\n")
     cls = classify(args, train_g, val_g, species, models)
     lm_params = MambaLM(model_config(args)).num_parameters()
     res = {
