@@ -12,6 +12,12 @@ the padding never see it).
 
 Inputs are token ids (b, l) or, for continuous inputs (spectrogram frames, …), `inputs_embeds` (b, l, D)
 passed to the backbone in place of the embedding (Backbone.forward supports both).
+
+`standardize(batches)` fixes a per-feature mean and scale of the pooled features (from a few training
+batches) that the head subtracts and divides by. A pretrained LM's pooled states share a large common part and
+differ between classes by a few hundredths (measured on the DNA LMs: std across windows 0.013 against a mean
+magnitude of 0.95), so an unnormalised linear head needs weights of order 1/0.01 and many steps to get there;
+standardised, a short fine-tuning run can use them. The default (no call) is the identity.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ class SequenceClassifier(nn.Module):
             backbone = MambaLM(config, mixer_cls).backbone
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
+        self.register_buffer("feature_mean", torch.zeros(config.d_model))
+        self.register_buffer("feature_scale", torch.ones(config.d_model))
         self.head = nn.Linear(config.d_model, num_classes)
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=config.initializer_range)
@@ -91,9 +99,29 @@ class SequenceClassifier(nn.Module):
         else:
             mask = (torch.arange(l, device=h.device)[None, :] < lengths[:, None]).to(h.dtype)  # (b, l)
             pooled = (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (b, D)
-        logits = self.head(self.dropout(pooled)).float()  # (b, C)
+        feats = (pooled - self.feature_mean.to(pooled.dtype)) / self.feature_scale.to(pooled.dtype)
+        logits = self.head(self.dropout(feats)).float()  # (b, C)
         loss = F.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
         return ClassifierOutput(logits=logits, loss=loss, pooled=pooled)
+
+    @torch.no_grad()
+    def standardize(self, batches, eps: float = 1e-4) -> None:
+        """Sets feature_mean / feature_scale to the mean and standard deviation of the pooled features over
+        `batches`: an iterable of input_ids tensors (b, l), or of dicts of forward's keyword arguments."""
+        was_training = self.training
+        self.eval()
+        self.feature_mean.zero_()
+        self.feature_scale.fill_(1.0)
+        pooled = []
+        for batch in batches:
+            kwargs = batch if isinstance(batch, dict) else {"input_ids": batch}
+            pooled.append(self(**kwargs).pooled.float())
+        pooled = torch.cat(pooled)  # (n, D)
+        if len(pooled) < 2:
+            raise ValueError(f"standardize needs at least 2 sequences, got {len(pooled)}")
+        self.feature_mean.copy_(pooled.mean(0))
+        self.feature_scale.copy_(pooled.std(0).clamp_min(eps))
+        self.train(was_training)
 
     def _check(self, input_ids, inputs_embeds, labels, lengths) -> None:
         if (input_ids is None) == (inputs_embeds is None):

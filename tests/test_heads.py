@@ -82,3 +82,19 @@ def test_learns_a_token_count_task():
     y = ((x == 0).sum(1) > 8).long()
     acc = (m(x).logits.argmax(1) == y).float().mean().item()
     assert acc > 0.85, acc
+
+
+def test_standardize_whitens_pooled_features():
+    torch.manual_seed(0)
+    m = SequenceClassifier(cfg(), 3, pooling="mean")
+    batches = [torch.randint(0, 4, (8, 10)) for _ in range(3)]
+    before = m(batches[0]).logits
+    m.standardize(batches)
+    pooled = torch.cat([m(b).pooled for b in batches])
+    z = (pooled - m.feature_mean) / m.feature_scale
+    torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(16), atol=1e-3, rtol=0)
+    assert not torch.allclose(m(batches[0]).logits, before)
+    assert m.training  # the mode is restored
+    with pytest.raises(ValueError, match="at least 2"):
+        m.standardize([torch.randint(0, 4, (1, 10))])

@@ -186,6 +186,10 @@ def classify(args, train_g, val_g, species, models) -> dict:
                 va = GenomeWindows(val_g, L, labels=t["labels"](val_g), label_fn=t["label_fn"](val_g))
                 batch = max(args.min_cls_batch, args.cls_tokens_per_step // L)
                 rng = np.random.default_rng(args.seed + 2)
+                if args.standardize:  # head input standardised on training windows (see heads.py)
+                    srng = np.random.default_rng(args.seed + 3)
+                    clf.standardize([tr.sample(max(2, args.cls_tokens_per_step // L), srng)[0]
+                                     for _ in range(max(1, args.standardize // max(2, args.cls_tokens_per_step // L)))])
 
                 def loss_fn(step):
                     ids, y = tr.sample(batch, rng)
@@ -301,6 +305,8 @@ def parse_args(argv=None):
                         "last position (the paper's choice)")
     p.add_argument("--skip_pretrain", default="", metavar="RESULTS_PRETRAIN_JSON",
                    help="no pretraining: load the LMs of --contexts from --ckpt_dir and report these pretraining results")
+    p.add_argument("--standardize", type=int, default=16, metavar="N",
+                   help="standardise the head's input on N training windows before fine-tuning (0: off)")
     p.add_argument("--finetune_steps", type=int, default=None, help="step budget per classifier (instead of tokens)")
     p.add_argument("--ckpt_dir", default="runs/dna", help="where the pretrained LMs are saved ('' = not saved)")
     p.add_argument("--pretrain_s", type=float, default=0, help="optional cap in seconds per context (0: none)")
