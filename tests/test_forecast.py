@@ -300,3 +300,8 @@ def test_tiny_experiment(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "Tiny run" in readme and "| Mamba |" in readme and "macrodata.png" in readme
     assert (tmp_path / "macrodata.png").stat().st_size > 1000
+    # merging per-dataset results (parallel runs) rebuilds the same report, with an ablation table
+    (tmp_path / "README.md").unlink()
+    assert main(["--report-only", "--out", str(tmp_path), "--compare", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "| macrodata |" in readme and "## Ablation" in readme

@@ -88,15 +88,16 @@ class MambaEnsemble:
         return {"members": [m.info() for m in self.members]}
 
 
-def run_dataset(name: str, spec: dict, tiny: bool, seeds, verbose: bool) -> tuple[dict, object, object]:
+def run_dataset(name: str, spec: dict, tiny: bool, seeds, verbose: bool, overrides: dict | None = None,
+                classical: bool = True) -> tuple[dict, object, object]:
     series = load_statsmodels(name)
     H, W, L = spec["horizon"], spec["windows"], spec["context"]
     m = series.season
-    cfg = ForecastConfig(horizon=H, context=L, **MAMBA)
+    cfg = ForecastConfig(horizon=H, context=L, **{**MAMBA, **(overrides or {})})
     if tiny:
         cfg = cfg.replace(d_model=16, max_steps=30, eval_every=10)
     methods = {"naive": Naive(), "seasonal naive": SeasonalNaive(m)}
-    if not tiny:  # the classical fits take minutes on co2; the tiny run checks the plumbing only
+    if classical and not tiny:  # the classical fits take minutes on co2; the tiny run checks the plumbing only
         period = 365.25 / 7 if m == 52 else None
         methods["ETS"] = ETS(m, H, cfg.val_fraction)
         methods["ARIMA"] = ARIMA(m, H, cfg.val_fraction, period=period)
@@ -151,7 +152,7 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: float, tiny: bool,
-                 merged: bool = False) -> None:
+                 merged: bool = False, compare: dict | None = None) -> None:
     L = ["# Forecasting: Mamba vs naive, seasonal naive, ETS and ARIMA (statsmodels datasets)", ""]
     if tiny:
         L += ["**Tiny run (CI plumbing check): a few training steps, no ETS/ARIMA; the numbers mean nothing.**", ""]
@@ -183,6 +184,18 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
     L += ["", f"Beats seasonal naive everywhere: **{'yes' if v['beats_snaive_everywhere'] else 'no'}**. "
           f"Within 10% of the best statsmodels method on at least half: "
           f"**{'yes' if v['within_10pct_on_half'] else 'no'}**. Target met: **{'yes' if v['met'] else 'no'}**.", ""]
+    if compare:
+        sets = sorted({" ".join(f"--set {k}={x}" for k, x in o.items()) for o, _, _ in compare.values()})
+        L += ["## Ablation", "", f"The same backtests with `python -m experiments.forecasting --no-classical "
+              f"{' / '.join(sets)}` (the Mamba MASE; same seeds):", "",
+              "| dataset | Mamba | ablation | Mamba (seed 0) | ablation (seed 0) |", "|---|---|---|---|---|"]
+        for res in results:
+            if res["dataset"] in compare:
+                _, a, a0 = compare[res["dataset"]]
+                met = res["metrics"]
+                L.append(f"| {res['dataset']} | {met['Mamba']['MASE']:.3f} | {a:.3f} | "
+                         f"{met['Mamba (seed 0)']['MASE']:.3f} | {a0:.3f} |")
+        L.append("")
     for res in results:
         L += [f"## {res['dataset']}", "", f"{res['about']}. H = {res['horizon']}, context L = {res['context']}, "
               f"{res['windows']} windows from {res['origins'][0]} (training part: {res['train_length']} steps). "
@@ -209,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a seconds-long plumbing check (CI)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 while the machine is shared)")
     p.add_argument("--verbose", action="store_true", help="print Mamba training progress")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a Mamba ForecastConfig field (ablations), e.g. --set linear_skip=false")
+    p.add_argument("--no-classical", action="store_true", help="skip ETS and ARIMA (ablation runs)")
+    p.add_argument("--compare", default=None, metavar="DIR",
+                   help="with --report-only: add the Mamba MASE of an ablation run in DIR to the README")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.json and README.md from the per-dataset <name>.json files in --out (after "
                         "running datasets as separate processes: --datasets co2 & --datasets elec_equip & ...)")
@@ -231,15 +249,20 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"no <dataset>.json files in {args.out}")
         total = sum(r["seconds"] for r in results)
         command = "python -m experiments.forecasting"
-        return _report(args, results, seeds, command, total, args.tiny or results[0].get("tiny", False))
+        return _report(args, results, seeds, command, total, args.tiny or results[0].get("tiny", False),
+                       _load_compare(args.compare))
+    from mambakit.forecast.cli import _parse_sets
+
+    overrides = _parse_sets(args.set)
     t0 = time.perf_counter()
     results = []
     for i, name in enumerate(names):
         el = time.perf_counter() - t0
         eta = f", ETA {el / i * (len(names) - i) / 60:.1f} min" if i else ""
         print(f"[{i + 1}/{len(names)}] {name} ({el / 60:.1f} min elapsed{eta})", file=sys.stderr, flush=True)
-        res, series, r = run_dataset(name, DATASETS[name], args.tiny, seeds, args.verbose)
-        res["tiny"] = args.tiny
+        res, series, r = run_dataset(name, DATASETS[name], args.tiny, seeds, args.verbose, overrides,
+                                     classical=not args.no_classical)
+        res["tiny"], res["overrides"] = args.tiny, {k: str(v) for k, v in overrides.items()}
         results.append(res)
         _atomic_write(os.path.join(args.out, f"{name}.json"), json.dumps(res, indent=1, default=float))
         show = [k for k in ("seasonal naive", "ETS", "ARIMA", "Mamba") if k in r.forecasts]
@@ -254,12 +277,26 @@ def main(argv: list[str] | None = None) -> int:
     return _report(args, results, seeds, command, total, args.tiny)
 
 
-def _report(args, results, seeds, command, total, tiny) -> int:
+def _load_compare(directory: str | None) -> dict:
+    """{dataset: (overrides, Mamba MASE, Mamba (seed 0) MASE)} from an ablation run's <dataset>.json files."""
+    out = {}
+    if directory:
+        for name in DATASETS:
+            path = os.path.join(directory, f"{name}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    r = json.load(f)
+                out[name] = (r.get("overrides", {}), r["metrics"]["Mamba"]["MASE"],
+                             r["metrics"]["Mamba (seed 0)"]["MASE"])
+    return out
+
+
+def _report(args, results, seeds, command, total, tiny, compare: dict | None = None) -> int:
     v = verdict(results)
     _atomic_write(os.path.join(args.out, "results.json"), json.dumps(
         {"command": command, "total_seconds": total, "mamba_config": {**MAMBA, "quantiles": list(MAMBA["quantiles"])},
          "seeds": list(seeds), "verdict": v, "datasets": results}, indent=1, default=float))
-    write_readme(args.out, results, v, command, total, tiny, merged=args.report_only)
+    write_readme(args.out, results, v, command, total, tiny, merged=args.report_only, compare=compare)
     print(f"target met: {v['met']} (beats seasonal naive everywhere: {v['beats_snaive_everywhere']}; within 10% of "
           f"best statsmodels on half: {v['within_10pct_on_half']}); {total / 60:.1f} min; wrote {args.out}/README.md",
           flush=True)
