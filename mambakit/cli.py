@@ -1,6 +1,7 @@
 """The `mambakit` command line: thin wrappers over the library (the library is the source of truth).
 
     mambakit convert SRC DST --layout hf|official [--dtype float32|bfloat16|float16]
+    mambakit generate | train | eval | serve | forecast ...   (registered by their modules, see below)
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+    except (FileNotFoundError, ValueError, ImportError) as e:  # CheckpointError is a ValueError; ImportError:
+        # a missing optional extra, whose message says what to install
         print(f"mambakit {args.command}: error: {e}", file=sys.stderr)
         return 1
 
