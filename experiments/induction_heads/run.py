@@ -276,6 +276,25 @@ def plot(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def verdict(results: dict) -> str:
+    """How far each model's training got at the training length, and the issue's target for Mamba (>= 99%
+    at every tested length)."""
+    ends = {"steps": "ran all its steps", "solved": "solved (stopped early)", "time": "stopped by the time budget",
+            "stop file": "stopped by hand"}
+    parts = []
+    for r in results["models"].values():
+        last = r["curve"][-1]["accuracy"] if r["curve"] else float("nan")
+        parts.append(f"{r['label']}: {r['steps']} steps, {ends.get(r['stopped'], r['stopped'])}, validation "
+                     f"accuracy at the training length {100 * last:.1f}%")
+    text = "Training on this run — " + "; ".join(parts) + "."
+    if "mamba" in results["models"]:
+        accs = [a for a in results["models"]["mamba"]["accuracy"].values() if a is not None]
+        ok = bool(accs) and min(accs) >= 0.99
+        text += (f" Target (Mamba ≥ 99% at every length): {'met' if ok else 'not met'} "
+                 f"(lowest {100 * min(accs):.1f}%)." if accs else "")
+    return text
+
+
 def write_readme(results: dict, path: Path) -> None:
     s = results["settings"]
     lines = []
@@ -307,6 +326,8 @@ across calls. {s['threads']} thread(s).
 ## Results (ours): test accuracy (%) by test length
 
 {chr(10).join(table_rows(results))}
+
+{verdict(results)}
 
 ✗ = not evaluated: MHA-Abs has learned position embeddings only up to the training length (it cannot read
 longer inputs at all); attention is run up to 2^{s['attn_max_log_len']} (the paper stopped at 2^14, out of

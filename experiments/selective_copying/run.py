@@ -190,6 +190,24 @@ def plot(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def verdict(results: dict) -> str:
+    """The issue's target (S6 >= 95%, S4D rows <= 50%), checked on the measured numbers, and how each
+    model's training ended."""
+    m = results["models"]
+    parts = []
+    if "mamba" in m:
+        a = m["mamba"]["test_accuracy"]
+        parts.append(f"S6 {100 * a:.1f}% ({'meets' if a >= 0.95 else 'misses'} the ≥ 95% target)")
+    for name in ("mamba_s4d", "s4d"):
+        if name in m:
+            a = m[name]["test_accuracy"]
+            parts.append(f"{m[name]['label']} {100 * a:.1f}% ({'meets' if a <= 0.5 else 'misses'} the ≤ 50% target)")
+    ends = {"steps": "ran all its steps", "solved": "stopped early, solved", "time": "stopped by the time budget",
+            "stop file": "stopped by hand"}
+    how = "; ".join(f"{r['label']}: {r['steps']} steps, {ends.get(r['stopped'], r['stopped'])}" for r in m.values())
+    return "Target check on this run: " + ", ".join(parts) + ". Training: " + how + "."
+
+
 def _commands(results: dict) -> str:
     """The command(s) that produced the models of results.json (one per process when run separately)."""
     cmds = list(dict.fromkeys(r.get("command", results["command"]) for r in results["models"].values()))
@@ -221,6 +239,8 @@ sequences.
 
 {chr(10).join(table_rows(results))}
 
+{verdict(results)}
+
 ![validation accuracy vs step](accuracy.png)
 
 ## The paper's Table 1 (accuracy %, sequence length 4096)
@@ -230,7 +250,9 @@ sequences.
 Rows in our table map to the paper's "Mamba | Mamba | S6", "– | Mamba | S4" and "S4 | No gate | S4".
 "S4D alone" is an S4D-Lin layer followed by GELU and a linear output projection, with no gate
 (`mambakit.baselines.s4d.S4DLayer`); "Mamba block + S4D" is Mamba's block with the selective scan replaced by
-the LTI S4D-Lin (`MambaS4D`): the same in_proj, conv, SiLU gate and out_proj. The paper's generator, loss
+the LTI S4D-Lin (`MambaS4D`): the same in_proj, conv, SiLU gate and out_proj. S4D alone has fewer
+parameters at the same width (no expansion, no input projection). "train time" is wall-clock time, which
+depends on the machine's load at the time of the run. The paper's generator, loss
 positions and accuracy definition were not published (see `shared/paper.md`); ours follows the S4
 repository's variable-spacing copying generator. Raw numbers and curves: `results.json`.
 """
