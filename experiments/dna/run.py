@@ -174,7 +174,7 @@ def classify(args, train_g, val_g, species, models) -> dict:
         t = tasks[task]
         for L in args.windows:
             src = max((c for c in models if c <= L), default=None)
-            for init in ("pretrained", "scratch"):
+            for init in args.inits:
                 if init == "pretrained" and src is None:
                     continue
                 torch.manual_seed(args.seed + 1)
@@ -295,6 +295,7 @@ def parse_args(argv=None):
     p.add_argument("--contexts", default="1024,4096,16384,65536", help="pretraining context lengths")
     p.add_argument("--windows", default="1024,4096,16384", help="classification window lengths")
     p.add_argument("--tasks", default="species,strand")
+    p.add_argument("--inits", default="pretrained,scratch", help="classifier starts: pretrained, scratch or both")
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--tokens_per_step", type=int, default=2**14)
@@ -327,6 +328,10 @@ def parse_args(argv=None):
     a.contexts = [int(x) for x in a.contexts.split(",") if x]
     a.windows = [int(x) for x in a.windows.split(",") if x]
     a.tasks = [t for t in a.tasks.split(",") if t]
+    a.inits = [t for t in a.inits.split(",") if t]
+    for t in a.inits:
+        if t not in ("pretrained", "scratch"):
+            p.error(f"unknown init {t!r} (pretrained, scratch)")
     a.val_strains = tuple(s for s in a.val_strains.split(",") if s)
     for t in a.tasks:
         if t not in ("species", "strand"):
