@@ -171,6 +171,9 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
           f"Mamba: `ForecastConfig({', '.join(f'{k}={v!r}' for k, v in MAMBA.items())})`, context L per dataset, "
           f"calendar features on, linear skip on; the reported 'Mamba' is the median of {len(SEEDS)} seeds, "
           "'Mamba (seed 0)' a single model.", ""]
+    L += ["The Mamba paper (Gu & Dao, 2023) has no forecasting experiments, so there are no paper numbers to put "
+          "next to these; the reference points are the classical methods practitioners use, run here in the same "
+          "backtests.", ""]
     L += ["## Target", "",
           "Mamba beats seasonal naive (MASE) on every dataset, and is within 10% of the best statsmodels method "
           "(ETS or ARIMA) on MASE on at least half of them.", "",
@@ -185,8 +188,10 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
           f"**{'yes' if v['within_10pct_on_half'] else 'no'}**. Target met: **{'yes' if v['met'] else 'no'}**.", ""]
     if compare:
         sets = sorted({" ".join(f"--set {k}={x}" for k, x in o.items()) for o, _, _ in compare.values()})
+        missing = [r["dataset"] for r in results if r["dataset"] not in compare]
         L += ["## Ablation", "", f"The same backtests with `python -m experiments.forecasting --no-classical "
-              f"{' / '.join(sets)}` (the Mamba MASE; same seeds):", "",
+              f"{' / '.join(sets)}` (the Mamba MASE; same seeds)"
+              + (f"; not run on {', '.join(missing)}" if missing else "") + ":", "",
               "| dataset | Mamba | ablation | Mamba (seed 0) | ablation (seed 0) |", "|---|---|---|---|---|"]
         for res in results:
             if res["dataset"] in compare:
@@ -214,6 +219,10 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
             L.append(f"| {name} | {met['MAE']:.4g} | {met['RMSE']:.4g} | {met['MASE']:.3f} | {met['sMAPE']:.2f} | "
                      f"{res['fit_seconds'][name]:.1f} | {note} |")
         L += ["", f"![{res['dataset']}]({res['dataset']}.png)", ""]
+    notes = os.path.join(out, "analysis.md")  # hand-written reading of the numbers, kept across regenerations
+    if os.path.exists(notes):
+        with open(notes) as f:
+            L += [f.read().rstrip(), ""]
     _atomic_write(os.path.join(out, "README.md"), "\n".join(L) + "\n")
 
 
