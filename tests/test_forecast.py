@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mambakit.data.timeseries import TimeSeries, read_csv
+from mambakit.data.timeseries import TimeSeries
 from mambakit.forecast import ForecastConfig, Forecaster, MambaForecastNet, add_cli
 from mambakit.forecast.backtest import MambaMethod, backtest, rolling_origins
 from mambakit.forecast.baselines import Naive, SeasonalNaive

@@ -440,7 +440,7 @@ def load_statsmodels(name: str, max_gap: int = 20) -> TimeSeries:
     nile        yearly Nile flow at Aswan, 1871-1970 (100 years)
     """
     try:
-        import statsmodels.datasets as smd  # noqa: F401
+        import statsmodels.datasets  # noqa: F401
     except ImportError:
         raise ImportError("the statsmodels datasets need statsmodels: pip install mambakit[forecast]") from None
     import importlib

@@ -5,7 +5,8 @@ Shapes (b windows, L context steps, C series, F covariates, H horizon, Q quantil
     x (b, L, C) raw values ──RevIN──> z = (x − loc) / scale, loc and scale (b, 1, C) of the context window
     [z, cov] (b, L, C + F) ──in_proj──> (b, L, D)            (a linear projection replaces the token embedding)
     n_layer × ResidualBlock (mambakit.model: r ← r + Mamba(RMSNorm(r)))  (b, L, D)
-    RMSNorm, last position ──head──> (b, H, C, Q) normalised forecasts (+ linear skip from z) ──> × scale + loc
+    RMSNorm, last position ──head──> (b, H, C, Q) normalised forecasts  (+ skip: a linear map of z, L → H)
+    forecasts × scale + loc: back to the data's units
 
 Normalising every window by its own mean and spread (RevIN, Kim et al. 2022) makes the network see every
 window on one scale, so a level shift or a growing trend does not move inputs out of the training range; the
