@@ -194,7 +194,8 @@ def run_decode_only(model, batch: int, prompt: int, new: int) -> tuple[float, fl
         else:
             memory = model.allocate_cache(batch, prompt + new)  # k, v (n_layer, b, H, prompt + new, d_h)
             for t in (memory.k, memory.v):
-                t[:, :, :, :prompt] = torch.randn(t[:, :, :, :prompt].shape, generator=g).to(t.dtype)
+                for layer in t:  # one layer at a time: the random temporary stays small next to the cache
+                    layer[:, :, :prompt] = torch.randn(layer[:, :, :prompt].shape, generator=g).to(t.dtype)
             memory.length = prompt
         tokens = torch.randint(0, vocab, (batch,), generator=g)
         t0 = time.perf_counter()
