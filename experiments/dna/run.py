@@ -182,6 +182,9 @@ def classify(args, train_g, val_g, species, models) -> dict:
                     clf = SequenceClassifier.from_lm(models[src], t["classes"], pooling=args.pooling)
                 else:
                     clf = SequenceClassifier(model_config(args), t["classes"], pooling=args.pooling)
+                if args.freeze_backbone:  # a linear probe: only the head trains (the backbone runs forward only)
+                    for prm in clf.backbone.parameters():
+                        prm.requires_grad_(False)
                 tr = GenomeWindows(train_g, L, labels=t["labels"](train_g), rc_prob=0.5, label_fn=t["label_fn"](train_g))
                 va = GenomeWindows(val_g, L, labels=t["labels"](val_g), label_fn=t["label_fn"](val_g))
                 batch = max(args.min_cls_batch, args.cls_tokens_per_step // L)
@@ -308,6 +311,8 @@ def parse_args(argv=None):
                    help="no pretraining: load the LMs of --contexts from --ckpt_dir and report these pretraining results")
     p.add_argument("--standardize", type=int, default=16, metavar="N",
                    help="standardise the head's input on N training windows before fine-tuning (0: off)")
+    p.add_argument("--freeze_backbone", action="store_true",
+                   help="train only the head (a linear probe of the pretrained / random features)")
     p.add_argument("--finetune_steps", type=int, default=None, help="step budget per classifier (instead of tokens)")
     p.add_argument("--ckpt_dir", default="runs/dna", help="where the pretrained LMs are saved ('' = not saved)")
     p.add_argument("--pretrain_s", type=float, default=0, help="optional cap in seconds per context (0: none)")
