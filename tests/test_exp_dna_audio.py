@@ -53,7 +53,8 @@ def test_dna_experiment_tiny(tmp_path):
     assert main(["--root", str(tmp_path / "g"), "--val_strains", "s2", "--out", str(out2), "--contexts", "64",
                  "--windows", "64", "--tasks", "species", "--d_model", "16", "--n_layer", "1", "--max_steps", "1",
                  "--min_record", "1000", "--eval_tokens", "1024", "--min_eval_windows", "8", "--max_eval_windows", "8",
-                 "--ckpt_dir", str(tmp_path / "ckpt"), "--skip_pretrain", str(out / "results_pretrain.json")]) == 0
+                 "--ckpt_dir", str(tmp_path / "ckpt"), "--skip_pretrain", str(out / "results_pretrain.json"),
+                 "--freeze_backbone"]) == 0
     res2 = json.loads((out2 / "results.json").read_text())
     assert res2["pretrain"]["64"] == res["pretrain"]["64"] and len(res2["classify"]) == 2
     # the strand label: ori at the minimum of Σ(G − C), ter at its maximum; RC flips it
