@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mambakit.config import MambaConfig
 from mambakit.data.dna import Genome, GenomeWindows, NucleotideTokenizer, load_genome
@@ -282,7 +281,7 @@ def table(res: dict) -> str:
                 cells.append(f"{100 * v['accuracy']:.1f} ({v['n_eval']})" if v else "–")
             lines.append(f"| {init} | " + " | ".join(cells) + " |")
         chance = next(v["chance"] for v in cls.values() if v["task"] == task)
-        lines.append(f"| chance | " + " | ".join(f"{100 * chance:.1f}" for _ in Ls) + " |")
+        lines.append("| chance | " + " | ".join(f"{100 * chance:.1f}" for _ in Ls) + " |")
     lines += ["", "Paper Table 13 (Great Apes, 5 classes, HG38-pretrained, accuracy %):", "",
               "| model | 2^10 | 2^12 | 2^14 | 2^16 | 2^18 | 2^20 |", "|---|---|---|---|---|---|---|"]
     for name, row in PAPER_TABLE13.items():
