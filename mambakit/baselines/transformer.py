@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..lm_inputs import check_lm_inputs
 from ..model import LayerNorm, RMSNorm
 
 
@@ -388,32 +389,7 @@ class TransformerLM(nn.Module):
 
     def _check_inputs(self, input_ids, labels, cache, num_last_tokens) -> None:
         c = self.config
-        if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids (b, l), got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"input_ids must hold integer token ids (e.g. torch.long), got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            hint = " (use input_ids[None] for a single sequence)" if input_ids.dim() == 1 else ""
-            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}{hint}")
-        if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= c.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {c.vocab_size})")
-        if labels is not None:
-            if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise TypeError("labels must be an integer tensor of shape (batch, length), like input_ids")
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
-            valid = (labels == -100) | ((labels >= 0) & (labels < c.padded_vocab_size))
-            if not bool(valid.all()):
-                raise ValueError(f"labels must be in [0, {c.padded_vocab_size}) or -100 (ignored)")
-            if num_last_tokens > 0:
-                raise ValueError("num_last_tokens > 0 keeps only some logits; it cannot be combined with labels")
-        if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
-            raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
+        check_lm_inputs(input_ids, labels, num_last_tokens, c.vocab_size, c.padded_vocab_size)
         l = input_ids.shape[1]
         if cache is None:
             if c.positions == "absolute" and l > c.max_seq_len:
