@@ -10,18 +10,13 @@ import textwrap
 import pytest
 import torch
 
-from mambakit import ByteTokenizer, MambaConfig, MambaLM
+from _models import random_model as _random_model
+from mambakit import ByteTokenizer, MambaLM
 from mambakit.eval import add_cli, perplexity, score
 
 
 def random_model(vocab_size=258, seed=0) -> MambaLM:
-    torch.manual_seed(seed)
-    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=vocab_size, d_state=8)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if "embedding" in name else 0.1))
-    model.tokenizer = ByteTokenizer()
-    return model
+    return _random_model(vocab_size, seed=seed, tokenizer=ByteTokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,13 @@ import math
 import pytest
 import torch
 
-from mambakit import ByteTokenizer, MambaConfig, MambaLM, generate
+from _models import random_model  # tests/ is on sys.path
+from mambakit import ByteTokenizer, MambaLM, generate
 from mambakit.cli import main as cli_main
 from mambakit.generate import apply_repetition_penalty, filter_logits, prefill, sample
 
 PROMPTS = [[5, 17, 3, 40, 22, 9, 31], [12], [7, 7, 50, 2], [33, 1, 60, 4, 4, 18, 27, 11, 9, 2, 45]]
 
-
-def random_model(vocab_size=64, d_model=32, n_layer=2, seed=0, **kw) -> MambaLM:
-    """A tiny model with every parameter perturbed, so that logits are far from uniform and greedy
-    continuations vary (a fresh init gives near-constant outputs)."""
-    torch.manual_seed(seed)
-    model = MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, d_state=8, **kw)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if "embedding" in name else 0.1))
-    return model
 
 
 @pytest.fixture(scope="module")

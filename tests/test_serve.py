@@ -11,25 +11,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from mambakit import ByteTokenizer, MambaConfig, MambaLM, generate  # noqa: E402
+from _models import random_model as _random_model
+from mambakit import ByteTokenizer, MambaLM, generate  # noqa: E402
 from mambakit.serve import Limits, add_cli, start_server  # noqa: E402
 
 
 def random_model(seed=0) -> MambaLM:
     """Byte-level vocabulary; every parameter perturbed so that sampled text varies."""
-    torch.manual_seed(seed)
-    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=258, d_state=8)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if "embedding" in name else 0.1))
-    model.tokenizer = ByteTokenizer()
-    return model
+    return _random_model(258, seed=seed, tokenizer=ByteTokenizer())
 
 
 @pytest.fixture(scope="module")
