@@ -1,6 +1,8 @@
 """Experiment 1 — Selective Copying (Mamba paper §4.1.1, Table 1): selection (S6) solves it, LTI S4D does not.
 
-    python -m experiments.selective_copying                   # scaled default (seq_len 256), ~15 min on 1 core
+    python -m experiments.selective_copying                   # scaled default (seq_len 128), ≈ 45 min on 1 core
+    python -m experiments.selective_copying --models mamba &  python -m experiments.selective_copying \
+        --models mamba_s4d,s4d                                # the same in two processes (2 cores), ≈ 25 min
     python -m experiments.selective_copying --full            # the paper's length 4096 (hours on a CPU)
     python -m experiments.selective_copying --models mamba --steps 500 --out /tmp/sc
 
@@ -64,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="whole input length, markers included (default 128; the paper: 4096)")
     p.add_argument("--full", action="store_true", help=f"the paper's setting: seq_len {SELECTIVE_COPYING_FULL_LEN}")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    p.add_argument("--steps", type=int, default=4000, help="training steps per model (the same for every model)")
+    p.add_argument("--steps", type=int, default=10000,
+                   help="training steps per model (the same for every model; S6 solved the task in 9000, 2026-11-29)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
