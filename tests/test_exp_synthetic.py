@@ -54,20 +54,25 @@ def test_selective_copying_rejects_bad_arguments():
 
 
 def test_induction_heads_tiny(tmp_path):
-    args = ih.parse_args(["--train-len", "64", "--batch-size", "4", "--mamba-steps", "2", "--attn-steps", "2",
+    args = ih.parse_args(["--train-len", "64", "--curriculum", "16,32", "--stage-steps", "2", "--batch-size", "4",
+                          "--mamba-steps", "2", "--attn-steps", "2",
                           "--eval-every", "2", "--val-size", "64", "--min-log-len", "5", "--max-log-len", "8",
                           "--attn-max-log-len", "7", "--eval-tokens", "512", "--attn-eval-tokens", "256",
                           "--min-samples", "2", "--chunk", "64", "--mamba-d-model", "16", "--attn-d-model", "32",
                           "--out", str(tmp_path)])
     ih.run(args, log=lambda *a: None)
     saved = json.loads((tmp_path / "results.json").read_text())
+    readme = (tmp_path / "README.md").read_text()
     acc = {name: r["accuracy"] for name, r in saved["models"].items()}
     assert all(acc["mamba"][str(L)] is not None for L in (32, 64, 128, 256))  # 128, 256: chunked with state
     assert acc["mha_abs"]["128"] is None and acc["mha_abs"]["64"] is not None  # no positions past 64
     assert acc["mha_rope"]["128"] is not None and acc["mha_rope"]["256"] is None  # --attn-max-log-len 7
     assert saved["models"]["mamba"]["samples"]["256"] == 2
+    curve = saved["models"]["mamba"]["curve"]  # 2 steps at each curriculum length, then 2 at the training length
+    assert [(pt["length"], pt["step"]) for pt in curve] == [(16, 2), (32, 4), (64, 6)]
+    assert saved["models"]["mamba"]["steps"] == 6 and "(by length 16: 2, 32: 2, 64: 2)" in readme
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
-    assert "Induction Heads" in (tmp_path / "README.md").read_text()
+    assert "Induction Heads" in readme and "length curriculum, 16 → 32 → 64" in readme
 
 
 def test_chunked_evaluation_equals_one_call():
