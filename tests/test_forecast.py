@@ -1,5 +1,6 @@
-"""mambakit.forecast: network shapes, quantiles and pinball loss, learning a synthetic series, leak-free
-rolling-origin backtests, baselines, metrics, save/load, the CLI, and a tiny run of the experiment."""
+"""mambakit.forecast: network shapes, quantiles and pinball loss, base forecasts and channel independence,
+learning a synthetic series, the validation-chosen seed ensemble, leak-free rolling-origin backtests, baselines,
+metrics, save/load, the CLI, and a tiny run of the experiment."""
 
 import argparse
 import csv
@@ -9,14 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from mambakit.data.timeseries import TimeSeries
+from mambakit.data.timeseries import TimeSeries, regularize
 from mambakit.forecast import ForecastConfig, Forecaster, MambaForecastNet, add_cli
 from mambakit.forecast.backtest import MambaMethod, backtest, rolling_origins
+from mambakit.forecast.ensemble import MULTI_VARIANTS, STANDARD_VARIANTS, EnsembleForecaster
 from mambakit.forecast.baselines import Naive, SeasonalNaive
 from mambakit.forecast.metrics import mae, mase, mase_scale, pinball_loss, rmse, smape
 
 # small and quick: every training here takes seconds on one core
 TINY = dict(d_model=16, n_layer=2, d_state=8, batch_size=32, eval_every=20, patience=4, threads=1)
+
+
+def _monthly(y):
+    stamps = np.arange(np.datetime64("2000-01"), np.datetime64("2000-01") + len(y)).astype("datetime64[s]")
+    return regularize(stamps, y, ["y"])
 
 
 def sine_trend(n=300, period=12, noise=0.0, seed=0):
@@ -87,6 +94,60 @@ def test_pinball_loss():
         assert best == pytest.approx(torch.quantile(sample, q).item(), abs=0.01)
 
 
+def _silence_head(net):
+    """Zero the head: the network then outputs exactly its base forecast (the skip starts at zero too)."""
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    return net
+
+
+def test_untrained_net_forecasts_its_base():
+    torch.manual_seed(0)
+    x = torch.randn(3, 12, 2) * 5 + 20  # (b, L, C)
+    for base, want in (("seasonal", torch.cat([x[:, 8:], x[:, 8:9]], 1)),  # season 4, H 5: last season + 1 step
+                       ("last", x[:, -1:].expand(3, 5, 2)),
+                       ("none", x.mean(1, keepdim=True).expand(3, 5, 2))):
+        c = ForecastConfig(horizon=5, context=12, season=4, base=base, **TINY)
+        y = MambaForecastNet.denormalise(*_silence_head(MambaForecastNet(c, 2, 0))(x))[..., 0]  # (b, H, C)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4, msg=base)
+    # "auto": seasonal when the season fits the context, else the last value
+    assert ForecastConfig(horizon=5, context=12, season=4).resolved_base(0) == "seasonal"
+    assert ForecastConfig(horizon=5, context=12).resolved_base(12) == "seasonal"
+    assert ForecastConfig(horizon=5, context=12).resolved_base(13) == "last"
+    assert ForecastConfig(horizon=5, context=12).resolved_base(1) == "last"
+    with pytest.raises(ValueError, match="base must be one of"):
+        ForecastConfig(horizon=5, context=12, base="mean")
+    with pytest.raises(ValueError, match="seasonal period between 2 and the context"):
+        ForecastConfig(horizon=5, context=12, season=13, base="seasonal")
+    with pytest.raises(ValueError, match="seasonal period between 2 and the context"):
+        ForecastConfig(horizon=5, context=12, base="seasonal").resolved_base(1)
+
+
+def test_forecaster_resolves_season_and_base_from_the_series():
+    y = sine_trend(120)
+    months = _monthly(y)
+    cfg = ForecastConfig(horizon=6, context=24, max_steps=2, **{**TINY, "eval_every": 1})
+    f = Forecaster(cfg).fit(months)
+    assert (f.config.season, f.config.base) == (12, "seasonal")  # monthly → season 12, fits the context of 24
+    f = Forecaster(cfg).fit(y)  # a plain array has no season
+    assert (f.config.season, f.config.base) == (1, "last")
+
+
+def test_channel_independent_reads_each_series_alone():
+    torch.manual_seed(0)
+    c = ForecastConfig(horizon=4, context=10, channel_independent=True, quantiles=(0.1, 0.5, 0.9), **TINY)
+    net = MambaForecastNet(c, n_channels=3, n_covariates=2)
+    x, cov = torch.randn(2, 10, 3), torch.randn(2, 10, 2)
+    out, _, _ = net(x, cov)
+    assert out.shape == (2, 4, 3, 3) and net.in_proj.in_features == 1 + 2
+    x2 = x.clone()
+    x2[..., 1:] = torch.randn(2, 10, 2) * 7  # other series change: series 0's forecast must not
+    torch.testing.assert_close(net(x2, cov)[0][:, :, 0], out[:, :, 0])
+    # and the same shared encoder forecasts a series identically whichever column it is in
+    torch.testing.assert_close(net(x[..., [1, 0, 2]], cov)[0][:, :, 1], out[:, :, 0])
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def test_metrics_by_hand():
     y, f = np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 5.0])
@@ -112,6 +173,17 @@ def test_learns_sine_plus_trend_quickly():
     err = np.abs(fc.point[:, 0] - y[-12:]).mean()
     assert err < 0.1, f"MAE {err:.3f} on a sine of amplitude 2 (seasonal naive would be {0.05 * 12:.2f})"
     assert f.history["best_step"] > 0 and f.history["train_windows"] > 100
+
+
+def test_validation_mase_is_the_point_forecasts_mase_on_the_holdout():
+    s = _monthly(sine_trend(150, noise=0.2))
+    f = Forecaster(ForecastConfig(horizon=6, context=24, quantiles=(0.1, 0.5, 0.9), max_steps=20, **TINY)).fit(s)
+    n_val = round(0.2 * 150)  # the last val_fraction: windows whose targets start there
+    origins = range(150 - n_val, 150 - 6 + 1)
+    assert f.history["val_windows"] == len(origins)
+    err = np.mean([np.abs(f.predict(s.slice(0, o)).point - s.values[o:o + 6]).mean() for o in origins])
+    scale = mase_scale(s.values[:150 - n_val], 12)[0]
+    assert f.history["val_mase"] == pytest.approx(err / scale, rel=1e-4)
 
 
 def test_forecaster_quantiles_and_bad_input():
@@ -140,6 +212,58 @@ def test_save_load_roundtrip(tmp_path):
     g = Forecaster.load(tmp_path / "m")
     np.testing.assert_array_equal(f.predict(y).point, g.predict(y).point)
     assert g.config == f.config
+
+
+# ----------------------------------------------------------------------------------------------- ensemble
+def _seasonal_series(n=180, period=12, seed=0):
+    rng = np.random.default_rng(seed)
+    pattern = rng.normal(size=period) * 3
+    y = 50 + np.tile(pattern, n // period + 1)[:n] + 0.05 * rng.standard_normal(n)
+    return _monthly(y)
+
+
+def test_ensemble_chooses_the_variant_by_validation_mase():
+    s = _seasonal_series()
+    # lr = 0: every network stays at its initial forecast ≈ its base, so on a clean seasonal pattern the seasonal
+    # base must win validation by far
+    cfg = ForecastConfig(horizon=6, context=24, lr=0.0, max_steps=2, **{**TINY, "eval_every": 1})
+    f = EnsembleForecaster(cfg, STANDARD_VARIANTS, seeds=(4, 7)).fit(s)
+    val = f.history["validation_mase"]
+    assert len(val) == 6 and f.chosen == min(val, key=val.get) and "base=seasonal" in f.chosen
+    assert val[f.chosen] < 0.5 * min(v for k, v in val.items() if "seasonal" not in k)
+    assert [m.config.seed for m in f.members] == [4, 7] and f.members[0] is f.candidates[f.chosen]
+    assert all(m.config.replace(seed=0) == f.members[0].config.replace(seed=0) for m in f.members)
+    fc = f.predict(s)
+    assert fc.members.shape == (2, 6, 1) and fc.quantiles is None
+    np.testing.assert_allclose(fc.point, np.median(fc.members, axis=0))
+    assert set(f.predict_variants(s)) == set(val)
+    # a series without a season: the seasonal variants drop out; one series: channel independence is a no-op
+    g = EnsembleForecaster(cfg, MULTI_VARIANTS, seeds=1).fit(s.values[:, 0])
+    assert sorted(g.history["validation_mase"]) == sorted(
+        f"base={b}, channel_independent=False, linear_skip={k}" for b in ("last", "none") for k in (True, False))
+
+
+def test_ensemble_quantiles_save_load_and_errors(tmp_path):
+    s = _seasonal_series(120)
+    cfg = ForecastConfig(horizon=4, context=24, quantiles=(0.1, 0.5, 0.9), max_steps=10, **TINY)
+    f = EnsembleForecaster(cfg, [{"base": "last"}, {"base": "seasonal"}], seeds=3).fit(s)
+    fc = f.predict(s)
+    assert fc.quantiles.shape == (4, 1, 3) and (np.diff(fc.quantiles, axis=-1) >= 0).all()
+    assert fc.members.shape == (3, 4, 1)
+    f.save(tmp_path / "ens")
+    g = EnsembleForecaster.load(tmp_path / "ens")
+    np.testing.assert_array_equal(g.predict(s).point, fc.point)
+    assert g.chosen == f.chosen
+    with pytest.raises(ValueError, match="may not change context"):
+        EnsembleForecaster(cfg, [{"context": 12}])
+    with pytest.raises(ValueError, match="base must be one of"):
+        EnsembleForecaster(cfg, [{"base": "drift"}])
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        EnsembleForecaster(cfg, seeds=0)
+    with pytest.raises(ValueError, match="no variant applies"):
+        EnsembleForecaster(cfg, [{"base": "seasonal"}]).fit(s.values[:, 0])
+    with pytest.raises(RuntimeError, match="before fit"):
+        EnsembleForecaster(cfg).predict(s)
 
 
 # ----------------------------------------------------------------------------------------------- backtest
@@ -274,6 +398,23 @@ def test_cli_writes_forecast_csv(tmp_path, capsys):
     assert (tmp_path / "model" / "forecast_model.pt").exists()
 
 
+def test_cli_select_and_seeds(tmp_path, capsys):
+    y = sine_trend(120)
+    p = tmp_path / "d.csv"
+    p.write_text("t,y\n" + "".join(f"{i},{v:.4f}\n" for i, v in enumerate(y)))  # integer steps: no season
+    rc = _cli([str(p), "--horizon", "4", "--context", "16", "--select", "--seeds", "2", "--out", str(tmp_path / "f.csv"),
+               "--save", str(tmp_path / "m"), "--set", "max_steps=3", "--set", "eval_every=1", "--set", "d_model=8",
+               "--set", "threads=1"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "variant chosen on validation" in err and "; 4 candidates)" in err  # last/none × skip on/off
+    assert err.count("trained ") == 2
+    g = EnsembleForecaster.load(tmp_path / "m")
+    assert len(g.members) == 2 and g.predict(y).point.shape == (4, 1)
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        _cli([str(p), "--horizon", "4", "--seeds", "0"])
+
+
 def test_cli_errors(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("date,a\n2020-01-01,1\n2020-02-01,2\n")
@@ -300,8 +441,14 @@ def test_tiny_experiment(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "Tiny run" in readme and "| Mamba |" in readme and "macrodata.png" in readme
     assert (tmp_path / "macrodata.png").stat().st_size > 1000
-    # merging per-dataset results (parallel runs) rebuilds the same report, with an ablation table
+    # the variant table: every candidate's validation loss and test MASE, the chosen one marked
+    variants = d["variants"]
+    assert len(variants) == 2 and sum(v["chosen"] for v in variants.values()) == 1
+    chosen = min(variants, key=lambda k: variants[k]["val_MASE"])
+    assert variants[chosen]["chosen"] and "## Variants" in readme
+    assert f"| {chosen} | **{variants[chosen]['val_MASE']:.3f}** / {variants[chosen]['MASE']:.3f} |" in readme
+    # merging per-dataset results (separate processes) rebuilds the same report
     (tmp_path / "README.md").unlink()
-    assert main(["--report-only", "--out", str(tmp_path), "--compare", str(tmp_path)]) == 0
+    assert main(["--report-only", "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
-    assert "| macrodata |" in readme and "## Ablation" in readme
+    assert "| macrodata |" in readme and "## Variants" in readme

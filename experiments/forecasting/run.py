@@ -1,16 +1,19 @@
 """Mamba forecasting vs the classical methods on the datasets bundled with statsmodels.
 
-    python -m experiments.forecasting                  # all datasets (≤ 15 min on an idle 2-core machine)
+    python -m experiments.forecasting                  # all datasets (about 15 min on an idle 2-core machine)
     python -m experiments.forecasting --tiny --out /tmp/fc   # seconds: the CI version
 
 For each dataset: a rolling-origin backtest (n windows of H steps tiling the end of the series); every method
 is fitted once on the data before the first origin, then forecasts H steps from every origin with the history
 up to it (mambakit.forecast.backtest). Methods: naive, seasonal naive, ETS and (S)ARIMA (statsmodels, their
-specification chosen on a holdout at the end of the training part), and the Mamba forecaster (median of a few
-seeds; seed 0 alone is reported too), trained with early stopping on that same holdout, with quantile outputs
-(0.1, 0.5, 0.9; the point forecast is the median). Metrics MAE, RMSE, MASE, sMAPE averaged over the windows,
-plus the 80% interval coverage of the Mamba quantiles. Writes results.json, one PNG per dataset and README.md
-(tables, plots, the target and whether it was met) into --out.
+specification chosen on a holdout at the end of the training part), and the Mamba forecaster
+(mambakit.forecast.EnsembleForecaster): its variant (which base forecast it corrects, linear skip on/off, and
+for several series joint or per-series encoding) chosen by validation loss on that same holdout, then the
+median of 5 seeds of the chosen variant, each trained with early stopping on the holdout, with quantile
+outputs (0.1, 0.5, 0.9; the point forecast is the median). Metrics MAE, RMSE, MASE, sMAPE averaged over the
+windows, plus the 80% interval coverage of the Mamba quantiles, plus every variant's test MASE (its seed-0
+network) next to its validation loss. Writes results.json, one PNG per dataset and README.md (tables, plots,
+the target and whether it was met) into --out.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mambakit.data.timeseries import load_statsmodels
 from mambakit.forecast import ForecastConfig
 from mambakit.forecast.backtest import METRICS, MambaMethod, backtest
 from mambakit.forecast.baselines import ARIMA, ETS, Naive, SeasonalNaive
+from mambakit.forecast.ensemble import MULTI_VARIANTS, STANDARD_VARIANTS
 from mambakit.forecast.metrics import point_metrics
 from mambakit.forecast.plot import plot_backtest
 
@@ -57,35 +61,8 @@ DATASETS = {
 }
 MAMBA = dict(d_model=32, n_layer=2, d_state=16, expand=2, lr=3e-3, batch_size=64, max_steps=1500, eval_every=25,
              patience=8, quantiles=(0.1, 0.5, 0.9))
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 CLASSICAL = ("ETS", "ARIMA")
-
-
-class MambaEnsemble:
-    """The median of several Mamba forecasters that differ only in their seed (init and batch order)."""
-
-    takes_series = True
-
-    def __init__(self, config: ForecastConfig, seeds, verbose=False):
-        self.members = [MambaMethod(config.replace(seed=s), verbose=verbose) for s in seeds]
-        self.member_forecasts: list[np.ndarray] = []  # per call: (S, H, C)
-        self.quantiles: list[np.ndarray] = []  # per call: (H, C, Q), the members' mean
-
-    def fit(self, train):
-        for m in self.members:
-            m.fit(train)
-        self.member_forecasts, self.quantiles = [], []
-        return self
-
-    def forecast(self, history, horizon):
-        fs = np.stack([m.forecast(history, horizon) for m in self.members])  # (S, H, C)
-        self.member_forecasts.append(fs)
-        if self.members[0].quantile_forecasts:
-            self.quantiles.append(np.mean([m.quantile_forecasts[-1] for m in self.members], axis=0))
-        return np.median(fs, axis=0)
-
-    def info(self):
-        return {"members": [m.info() for m in self.members]}
 
 
 def run_dataset(name: str, spec: dict, tiny: bool, seeds, verbose: bool, overrides: dict | None = None,
@@ -101,28 +78,47 @@ def run_dataset(name: str, spec: dict, tiny: bool, seeds, verbose: bool, overrid
         period = 365.25 / 7 if m == 52 else None
         methods["ETS"] = ETS(m, H, cfg.val_fraction)
         methods["ARIMA"] = ARIMA(m, H, cfg.val_fraction, period=period)
-    ens = MambaEnsemble(cfg, seeds, verbose=verbose)
+    variants = MULTI_VARIANTS if series.n_channels > 1 else STANDARD_VARIANTS
+    if tiny:
+        variants = variants[:2]
+    ens = MambaMethod(cfg, verbose=verbose, variants=variants, seeds=tuple(seeds))
     methods["Mamba"] = ens
     t0, c0 = time.perf_counter(), time.process_time()
     r = backtest(series, methods, H, W, verbose=True)
-    # seed 0 alone, from the ensemble's member forecasts
+
+    def score(forecasts):  # (W, H, C) → per-window metrics and their means
+        pw = [point_metrics(r.actuals[i], forecasts[i], series.values[:o], m) for i, o in enumerate(r.origins)]
+        return pw, {k: float(np.mean([w[k] for w in pw])) for k in METRICS}
+
+    # seed 0 of the chosen variant alone, from the ensemble's member forecasts
     single = np.stack([f[0] for f in ens.member_forecasts])  # (W, H, C)
-    per_window = [point_metrics(r.actuals[i], single[i], series.values[:o], m) for i, o in enumerate(r.origins)]
     r.forecasts["Mamba (seed 0)"] = single
-    r.per_window["Mamba (seed 0)"] = per_window
-    r.metrics["Mamba (seed 0)"] = {k: float(np.mean([w[k] for w in per_window])) for k in METRICS}
-    r.fit_seconds["Mamba (seed 0)"] = r.fit_seconds["Mamba"] / len(seeds)
-    q = np.stack(ens.quantiles)  # (W, H, C, 3)
+    r.per_window["Mamba (seed 0)"], r.metrics["Mamba (seed 0)"] = score(single)
+    r.fit_seconds["Mamba (seed 0)"] = ens.forecaster.members[0].history["seconds"]
+    q = np.stack(ens.quantile_forecasts)  # (W, H, C, 3)
     coverage = float(np.mean((r.actuals >= q[..., 0]) & (r.actuals <= q[..., -1])))
+    # every candidate variant (its seed-0 network): validation loss (what chose) and test MASE (what it would score)
+    val, loss = ens.forecaster.history["validation_mase"], ens.forecaster.history["validation_loss"]
+    variant_rows = {short_label(label): {"val_MASE": val[label], "val_loss": loss[label],
+                            "MASE": score(np.stack([vf[label] for vf in ens.variant_forecasts]))[1]["MASE"],
+                            "best_step": ens.forecaster.candidates[label].history["best_step"],
+                            "chosen": label == ens.forecaster.chosen} for label in val}
     res = {
         "dataset": name, "about": spec["about"], "length": len(series), "freq": series.freq.name,
         "season": m, "horizon": H, "context": L, "windows": W, "origins": [str(series.timestamps[o])[:10]
                                                                            for o in r.origins],
         "train_length": int(r.origins[0]), "metrics": r.metrics, "per_window": r.per_window,
-        "fit_seconds": r.fit_seconds, "info": r.info, "mamba_80pct_coverage": coverage,
+        "fit_seconds": r.fit_seconds, "info": r.info, "mamba_80pct_coverage": coverage, "variants": variant_rows,
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
     }
     return res, series, r
+
+
+def short_label(label: str) -> str:
+    """'base=last, channel_independent=False, linear_skip=True' → 'last, skip' (', ci' when one series per pass)."""
+    parts = dict(p.split("=", 1) for p in label.split(", "))
+    return (parts.get("base", "?") + (", skip" if parts.get("linear_skip") == "True" else ", no skip")
+            + (", ci" if parts.get("channel_independent") == "True" else ""))
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -152,7 +148,8 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: float, tiny: bool,
-                 merged: bool = False, compare: dict | None = None) -> None:
+                 merged: bool = False) -> None:
+    mamba_args = ", ".join(f"{k}={x!r}" for k, x in MAMBA.items())
     L = ["# Forecasting: Mamba vs naive, seasonal naive, ETS and ARIMA (statsmodels datasets)", ""]
     if tiny:
         L += ["**Tiny run (CI plumbing check): a few training steps, no ETS/ARIMA; the numbers mean nothing.**", ""]
@@ -168,9 +165,14 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
           "specification from a small candidate set by MAE on the last 20% of the training part; Mamba early-"
           "stops on the same 20%. MASE divides by the in-sample seasonal-naive MAE (lag = season) of the history "
           "before each origin; all metrics are averaged over the windows (and over series for macrodata).", "",
-          f"Mamba: `ForecastConfig({', '.join(f'{k}={v!r}' for k, v in MAMBA.items())})`, context L per dataset, "
-          f"calendar features on, linear skip on; the reported 'Mamba' is the median of {len(SEEDS)} seeds, "
-          "'Mamba (seed 0)' a single model.", ""]
+          f"Mamba (`mambakit.forecast.EnsembleForecaster`): `ForecastConfig({mamba_args})`, context L per "
+          "dataset, calendar features on. The network predicts a correction to a "
+          "base forecast read off its context (the last value, the seasonal-naive forecast, or none: the context "
+          "mean), optionally plus a linear map context → horizon (the linear skip). Which of these variants (and, "
+          "for several series, whether the encoder reads them jointly or one at a time) is chosen per dataset by "
+          "the lowest validation loss of one network per variant, on the same last 20% of the training part "
+          "(section *Variants*). The reported 'Mamba' is the median of "
+          f"{len(SEEDS)} seeds of the chosen variant, 'Mamba (seed 0)' a single network of it.", ""]
     L += ["The Mamba paper (Gu & Dao, 2023) has no forecasting experiments, so there are no paper numbers to put "
           "next to these; the reference points are the classical methods practitioners use, run here in the same "
           "backtests.", ""]
@@ -186,20 +188,28 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
     L += ["", f"Beats seasonal naive everywhere: **{'yes' if v['beats_snaive_everywhere'] else 'no'}**. "
           f"Within 10% of the best statsmodels method on at least half: "
           f"**{'yes' if v['within_10pct_on_half'] else 'no'}**. Target met: **{'yes' if v['met'] else 'no'}**.", ""]
-    if compare:
-        sets = sorted({" ".join(f"--set {k}={x}" for k, x in o.items()) for o, _, _ in compare.values()})
-        missing = [r["dataset"] for r in results if r["dataset"] not in compare]
-        L += ["## Ablation", "", f"The same backtests with `python -m experiments.forecasting --no-classical "
-              f"{' / '.join(sets)}` (the Mamba MASE; same seeds)"
-              + (f"; not run on {', '.join(missing)}" if missing else "") + ":", "",
-              "| dataset | Mamba | ablation | Mamba (seed 0) | ablation (seed 0) |", "|---|---|---|---|---|"]
-        for res in results:
-            if res["dataset"] in compare:
-                _, a, a0 = compare[res["dataset"]]
-                met = res["metrics"]
-                L.append(f"| {res['dataset']} | {met['Mamba']['MASE']:.3f} | {a:.3f} | "
-                         f"{met['Mamba (seed 0)']['MASE']:.3f} | {a0:.3f} |")
-        L.append("")
+    if any("variants" in res for res in results):
+        labels = list(dict.fromkeys(k for res in results for k in res.get("variants", {})))
+        L += ["## Variants", "", "Every candidate variant's network (seed 0), from the same run: its validation "
+              "MASE (point forecasts on the last 20% of the training part, the windows early stopping also uses: "
+              "what chose the variant, **bold**) and the MASE it would have scored on the test windows (not seen "
+              "by the choice). "
+              "base: which simple forecast the network corrects (seasonal naive, last value, or the context mean); "
+              "skip: the linear map context → horizon; ci: one series per encoder pass (several series only).", "",
+              "| variant | " + " | ".join(res["dataset"] for res in results) + " |",
+              "|---|" + "---|" * len(results)]
+        for label in labels:
+            cells = []
+            for res in results:
+                row = res.get("variants", {}).get(label)
+                if row is None:
+                    cells.append("-")
+                else:
+                    val = f"**{row['val_MASE']:.3f}**" if row["chosen"] else f"{row['val_MASE']:.3f}"
+                    cells.append(f"{val} / {row['MASE']:.3f}")
+            L.append(f"| {label} | " + " | ".join(cells) + " |")
+        L += ["", "Cells: validation MASE / test MASE; '-': not a candidate there (a seasonal base needs a season "
+              "that fits the context; ci needs several series).", ""]
     for res in results:
         L += [f"## {res['dataset']}", "", f"{res['about']}. H = {res['horizon']}, context L = {res['context']}, "
               f"{res['windows']} windows from {res['origins'][0]} (training part: {res['train_length']} steps). "
@@ -210,10 +220,10 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
               "| method | MAE | RMSE | MASE | sMAPE % | fit s | notes |", "|---|---|---|---|---|---|---|"]
         for name, met in res["metrics"].items():
             info = res["info"].get(name, {})
-            if "chosen" in info:
+            if "members" in info:  # the Mamba ensemble: its variant, then each seed's early-stopping step
+                note = f"{info['chosen']}; best step " + "/".join(str(mm["best_step"]) for mm in info["members"])
+            elif "chosen" in info:  # ETS / ARIMA: the specification chosen for each series
                 note = ", ".join(sorted(set(info["chosen"])))
-            elif "members" in info:
-                note = "best step " + "/".join(str(mm["best_step"]) for mm in info["members"])
             else:
                 note = ""
             L.append(f"| {name} | {met['MAE']:.4g} | {met['RMSE']:.4g} | {met['MASE']:.3f} | {met['sMAPE']:.2f} | "
@@ -236,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a Mamba ForecastConfig field (ablations), e.g. --set linear_skip=false")
     p.add_argument("--no-classical", action="store_true", help="skip ETS and ARIMA (ablation runs)")
-    p.add_argument("--compare", default=None, metavar="DIR",
-                   help="with --report-only: add the Mamba MASE of an ablation run in DIR to the README")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.json and README.md from the per-dataset <name>.json files in --out (after "
                         "running datasets as separate processes: --datasets co2 & --datasets elec_equip & ...)")
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown dataset(s) {unknown}; known: {list(DATASETS)}")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    seeds = SEEDS[:1] if args.tiny else SEEDS
+    seeds = SEEDS[:2] if args.tiny else SEEDS
     if args.report_only:
         results = []
         for name in DATASETS:
@@ -260,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"no <dataset>.json files in {args.out}")
         total = sum(r["seconds"] for r in results)
         command = "python -m experiments.forecasting"
-        return _report(args, results, seeds, command, total, args.tiny or results[0].get("tiny", False),
-                       _load_compare(args.compare))
+        return _report(args, results, seeds, command, total, args.tiny or results[0].get("tiny", False))
     from mambakit.forecast.cli import _parse_sets
 
     overrides = _parse_sets(args.set)
@@ -288,26 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     return _report(args, results, seeds, command, total, args.tiny)
 
 
-def _load_compare(directory: str | None) -> dict:
-    """{dataset: (overrides, Mamba MASE, Mamba (seed 0) MASE)} from an ablation run's <dataset>.json files."""
-    out = {}
-    if directory:
-        for name in DATASETS:
-            path = os.path.join(directory, f"{name}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    r = json.load(f)
-                out[name] = (r.get("overrides", {}), r["metrics"]["Mamba"]["MASE"],
-                             r["metrics"]["Mamba (seed 0)"]["MASE"])
-    return out
-
-
-def _report(args, results, seeds, command, total, tiny, compare: dict | None = None) -> int:
+def _report(args, results, seeds, command, total, tiny) -> int:
     v = verdict(results)
     _atomic_write(os.path.join(args.out, "results.json"), json.dumps(
         {"command": command, "total_seconds": total, "mamba_config": {**MAMBA, "quantiles": list(MAMBA["quantiles"])},
          "seeds": list(seeds), "verdict": v, "datasets": results}, indent=1, default=float))
-    write_readme(args.out, results, v, command, total, tiny, merged=args.report_only, compare=compare)
+    write_readme(args.out, results, v, command, total, tiny, merged=args.report_only)
     print(f"target met: {v['met']} (beats seasonal naive everywhere: {v['beats_snaive_everywhere']}; within 10% of "
           f"best statsmodels on half: {v['within_10pct_on_half']}); {total / 60:.1f} min; wrote {args.out}/README.md",
           flush=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..data.timeseries import TimeSeries
 from .config import ForecastConfig
+from .ensemble import EnsembleForecaster
 from .forecaster import Forecaster
 from .metrics import point_metrics
 
@@ -39,19 +40,26 @@ def rolling_origins(n: int, horizon: int, n_windows: int, step: int | None = Non
 
 
 class MambaMethod:
-    """The Mamba forecaster in the backtest's interface (fit on a TimeSeries; forecast → (H, C))."""
+    """The Mamba forecaster in the backtest's interface (fit on a TimeSeries; forecast → (H, C)): one Forecaster,
+    or with `variants` / `seeds` > 1 an EnsembleForecaster (variant chosen on validation, median of seeds)."""
 
     name = "Mamba"
     takes_series = True  # fit/forecast get TimeSeries (timestamps for the calendar features), not arrays
 
-    def __init__(self, config: ForecastConfig, verbose: bool = False):
-        self.config, self.verbose = config, verbose
-        self.forecaster: Forecaster | None = None
-        self.quantile_forecasts: list[np.ndarray] = []  # (H, C, Q) per forecast call, when quantiles are on
+    def __init__(self, config: ForecastConfig, verbose: bool = False, variants=None, seeds: int | tuple = 1):
+        self.config, self.verbose, self.variants, self.seeds = config, verbose, variants, seeds
+        self.forecaster: Forecaster | EnsembleForecaster | None = None
+        # per forecast call: (H, C, Q) quantiles; (S, H, C) member points (ensemble); {variant: (H, C)} (ensemble)
+        self.quantile_forecasts: list[np.ndarray] = []
+        self.member_forecasts: list[np.ndarray] = []
+        self.variant_forecasts: list[dict[str, np.ndarray]] = []
 
     def fit(self, train: TimeSeries) -> "MambaMethod":
-        self.forecaster = Forecaster(self.config).fit(train, verbose=self.verbose)
-        self.quantile_forecasts = []
+        if self.variants is None and self.seeds == 1:
+            self.forecaster = Forecaster(self.config).fit(train, verbose=self.verbose)
+        else:
+            self.forecaster = EnsembleForecaster(self.config, self.variants, self.seeds).fit(train, self.verbose)
+        self.quantile_forecasts, self.member_forecasts, self.variant_forecasts = [], [], []
         return self
 
     def forecast(self, history: TimeSeries, horizon: int) -> np.ndarray:
@@ -60,6 +68,10 @@ class MambaMethod:
         fc = self.forecaster.predict(history)
         if fc.quantiles is not None:
             self.quantile_forecasts.append(fc.quantiles)
+        if fc.members is not None:
+            self.member_forecasts.append(fc.members)
+        if isinstance(self.forecaster, EnsembleForecaster):
+            self.variant_forecasts.append(self.forecaster.predict_variants(history))
         return fc.point
 
     def info(self) -> dict:

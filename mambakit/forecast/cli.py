@@ -4,6 +4,7 @@
     mambakit forecast data.csv --time-col date --columns sales,visits --horizon 24 --quantiles 0.1,0.5,0.9
     mambakit forecast data.csv --horizon 12 --backtest 4 --classical    # score against naive/ETS/ARIMA first
     mambakit forecast data.csv --horizon 12 --set d_model=64 --set max_steps=2000 --save model_dir
+    mambakit forecast data.csv --horizon 12 --select --seeds 5   # variant chosen on validation, median of 5 seeds
 
 Data handling (gaps, irregular timestamps) is mambakit.data.timeseries'; every other ForecastConfig field is
 set with --set key=value (validated by ForecastConfig).
@@ -109,8 +110,33 @@ def add_cli(subparsers) -> None:
     p.add_argument("--classical", action="store_true", help="with --backtest: add ETS and ARIMA (statsmodels)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ForecastConfig field, e.g. --set d_model=64 --set max_steps=2000")
+    p.add_argument("--select", action="store_true",
+                   help="train one model per variant (base forecast: seasonal / last value / none; linear skip on or "
+                        "off; for several series also joint or per-series encoding) and keep the one with the lowest "
+                        "validation loss (mambakit.forecast.ensemble)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="forecast with the median of K models that differ in their seed (default 1)")
     p.add_argument("--verbose", action="store_true", help="print training progress")
     p.set_defaults(func=_cli)
+
+
+def _variants(args, n_channels: int):
+    """The candidate variants --select asks for (None without it)."""
+    if not args.select:
+        return None
+    from .ensemble import MULTI_VARIANTS, STANDARD_VARIANTS
+
+    return MULTI_VARIANTS if n_channels > 1 else STANDARD_VARIANTS
+
+
+def _make(config: ForecastConfig, args, n_channels: int):
+    """A Forecaster, or an EnsembleForecaster when --select or --seeds > 1 asks for one."""
+    from .ensemble import EnsembleForecaster
+    from .forecaster import Forecaster
+
+    if not args.select and args.seeds == 1:
+        return Forecaster(config)
+    return EnsembleForecaster(config, _variants(args, n_channels), seeds=args.seeds)
 
 
 def _cli(args) -> int:
@@ -127,16 +153,21 @@ def _cli(args) -> int:
     context = args.context or default_context(len(series), args.horizon, series.season,
                                               sets.get("val_fraction", 0.2))
     config = ForecastConfig(horizon=args.horizon, context=context, quantiles=quantiles, **sets)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.backtest:
         _backtest(series, config, args)
-    from .forecaster import Forecaster
-
     torch.manual_seed(config.seed)
-    forecaster = Forecaster(config).fit(series, verbose=args.verbose)
+    forecaster = _make(config, args, series.n_channels).fit(series, verbose=args.verbose)
     h = forecaster.history
-    print(f"trained {h['steps']} steps in {h['seconds']:.1f} s (best validation loss {h['best_val_loss']:.4f} at "
-          f"step {h['best_step']}; {h['train_windows']} training / {h['val_windows']} validation windows)",
-          file=sys.stderr)
+    for m in h.get("members", [h]):
+        print(f"trained {m['steps']} steps in {m['seconds']:.1f} s (best validation loss {m['best_val_loss']:.4f} at "
+              f"step {m['best_step']}; {m['train_windows']} training / {m['val_windows']} validation windows)",
+              file=sys.stderr)
+    if "chosen" in h:
+        val = h["validation_mase"]
+        print(f"variant chosen on validation: {h['chosen']} (validation MASE {val[h['chosen']]:.3f}; {len(val)} "
+              "candidates)", file=sys.stderr)
     fc = forecaster.predict(series)
     out = args.out or os.path.splitext(args.csv)[0] + ".forecast.csv"
     write_forecast_csv(out, fc)
@@ -161,7 +192,8 @@ def _backtest(series: TimeSeries, config: ForecastConfig, args) -> None:
     if args.classical:
         methods.update({"ETS": ETS(m, config.horizon, config.val_fraction),
                         "ARIMA": ARIMA(m, config.horizon, config.val_fraction)})
-    methods["Mamba"] = MambaMethod(config, verbose=args.verbose)
+    methods["Mamba"] = MambaMethod(config, verbose=args.verbose, variants=_variants(args, series.n_channels),
+                                   seeds=args.seeds)
     r = backtest(series, methods, config.horizon, args.backtest, verbose=args.verbose)
     print(f"backtest: {args.backtest} windows of {config.horizon} steps, origins {r.origins.tolist()}, MASE lag {m}")
     print(f"{'method':16s}" + "".join(f"{k:>10s}" for k in METRICS))

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
+BASES = ("none", "last", "seasonal", "auto")
+
+
 @dataclass
 class ForecastConfig:
     # ---- the task
@@ -20,7 +23,13 @@ class ForecastConfig:
     n_layer: int = 2
     d_state: int = 16
     expand: int = 2
+    channel_independent: bool = False  # one encoder pass per series (shared weights) instead of all series at once
     linear_skip: bool = True  # add a linear map context → horizon next to the Mamba branch (see model.py)
+    # the forecast the network corrects (see model.py): "none" (the context mean), "last" (the last value),
+    # "seasonal" (seasonal naive: the value one season earlier), "auto" (seasonal when 1 < season <= context,
+    # else last)
+    base: str = "auto"
+    season: int = 0  # seasonal period in steps for base="seasonal"; 0 = the series' usual one (TimeSeries.season)
     # ---- training: windows of the training part, early stopping on its last val_fraction
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -37,7 +46,7 @@ class ForecastConfig:
     def __post_init__(self) -> None:
         for name, lo in (("horizon", 1), ("context", 2), ("d_model", 1), ("n_layer", 1), ("d_state", 1),
                          ("expand", 1), ("batch_size", 1), ("max_steps", 1), ("eval_every", 1), ("patience", 1),
-                         ("seed", 0), ("threads", 0)):
+                         ("seed", 0), ("threads", 0), ("season", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"ForecastConfig.{name} must be an int, got {v!r}")
@@ -57,9 +66,23 @@ class ForecastConfig:
             if 0.5 not in q:
                 raise ValueError(f"ForecastConfig.quantiles must contain 0.5 (the point forecast), got {q}")
         self.quantiles = q
-        for name in ("calendar", "refit", "linear_skip"):
+        for name in ("calendar", "refit", "linear_skip", "channel_independent"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ForecastConfig.{name} must be a bool")
+        if self.base not in BASES:
+            raise ValueError(f"ForecastConfig.base must be one of {BASES}, got {self.base!r}")
+        if self.base == "seasonal" and self.season:
+            _check_season(self.base, self.season, self.context)
+
+    def resolved_base(self, season: int) -> str:
+        """The base actually used for a series whose seasonal period is `season` (self.season when set)."""
+        m = self.season or season
+        if self.base == "auto":
+            return "seasonal" if 1 < m <= self.context else "last"
+        if self.base == "seasonal":
+            _check_season(self.base, m, self.context)
+        return self.base
+
 
     @property
     def n_outputs(self) -> int:
@@ -84,3 +107,10 @@ class ForecastConfig:
         if "quantiles" in values:
             values["quantiles"] = tuple(values["quantiles"])
         return cls(**values)
+
+
+def _check_season(base: str, m: int, context: int) -> None:
+    """base="seasonal" copies the last season of the context: it needs 2 <= season <= context."""
+    if m < 2 or m > context:
+        raise ValueError(f"base={base!r} needs a seasonal period between 2 and the context ({context}), got {m} "
+                         "(set season=..., a longer context, or base='last')")

@@ -26,20 +26,22 @@ import torch
 
 from ..data.timeseries import TimeSeries, calendar_features
 from .config import ForecastConfig
-from .metrics import pinball_loss
+from .metrics import mase_scale, pinball_loss
 from .model import MambaForecastNet
 
 
 @dataclass
 class Forecast:
     """The H steps after a history: timestamps (H,), point (H, C) (the median when quantiles are predicted),
-    quantiles (H, C, Q) or None, at levels `levels`."""
+    quantiles (H, C, Q) or None, at levels `levels`; members (S, H, C): each ensemble member's point forecast
+    (EnsembleForecaster only)."""
 
     timestamps: np.ndarray
     point: np.ndarray
     names: list[str]
     quantiles: np.ndarray | None = None
     levels: tuple[float, ...] = ()
+    members: np.ndarray | None = None
 
 
 def _as_series(data) -> TimeSeries:
@@ -91,9 +93,12 @@ class Forecaster:
 
     # ---------------------------------------------------------------------------------------------- fit
     def fit(self, data, verbose: bool = False) -> "Forecaster":
-        c = self.config
         series = _as_series(data)
         self.names, self.freq = list(series.names), series.freq
+        # fix the season and base for this series (config.season = 0 / base = "auto" depend on it), so that the
+        # saved config rebuilds the same network
+        m = self.config.season or series.season
+        self.config = c = self.config.replace(season=m, base=self.config.resolved_base(m))
         threads = torch.get_num_threads()
         if c.threads:
             torch.set_num_threads(c.threads)
@@ -167,7 +172,7 @@ class Forecaster:
         net.load_state_dict(best_state)
         self.history = {"best_val_loss": best, "best_step": best_step, "steps": record[-1][0] if record else 0,
                         "train_windows": int(len(train)), "val_windows": int(len(val)), "seconds": seconds,
-                        "record": record}
+                        "val_mase": self._val_mase(net, values, cov, val), "record": record}
         if c.refit:
             # retrain from scratch on every window (validation included) for the number of steps that was best
             torch.manual_seed(c.seed)
@@ -175,6 +180,25 @@ class Forecaster:
             _, _, _, _, s2 = run(np.concatenate([train, val]), best_step, validate=False)
             self.history["refit_seconds"] = s2
         self.net = net.eval()
+
+    @torch.no_grad()
+    def _val_mase(self, net: MambaForecastNet, values: torch.Tensor, cov: torch.Tensor, val: np.ndarray) -> float:
+        """The point forecasts' MAE on the validation windows in the data's units, per series divided by the
+        seasonal-naive in-sample MAE of the part before them (MASE), averaged over series: the criterion ETS and
+        ARIMA are chosen by (MAE on the holdout), and the metric the backtests report. The training loss is not
+        that: it lives in each window's normalised units (windows with a wide context count less) and includes
+        the outer quantiles, so it can rank variants differently."""
+        c = self.config
+        net.eval()
+        err = torch.zeros(values.shape[1], dtype=torch.float64)  # (C,) summed absolute errors
+        for ch in np.array_split(val, max(1, len(val) // 512)):
+            o = torch.as_tensor(ch)
+            out, loc, scale = net(self._gather(values, o, -c.context, 0), self._gather(cov, o, -c.context, 0))
+            point = MambaForecastNet.denormalise(out, loc, scale)[..., c.quantiles.index(0.5) if c.quantiles else 0]
+            err += (point - self._gather(values, o, 0, c.horizon)).abs().double().sum(dim=(0, 1))  # (b, H, C) → (C,)
+        net.train()
+        mae = err.numpy() / (len(val) * c.horizon)
+        return float(np.mean(mae / mase_scale(values[: int(val[0])].double().numpy(), max(1, c.season))))
 
     # ------------------------------------------------------------------------------------------ predict
     @torch.no_grad()
