@@ -1,6 +1,6 @@
 """Mamba forecasting vs the classical methods on the datasets bundled with statsmodels.
 
-    python -m experiments.forecasting                  # all datasets (about 15 min on an idle 2-core machine)
+    python -m experiments.forecasting                  # all datasets (about 20 min on one core)
     python -m experiments.forecasting --tiny --out /tmp/fc   # seconds: the CI version
 
 For each dataset: a rolling-origin backtest (n windows of H steps tiling the end of the series); every method
@@ -155,8 +155,8 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
         L += ["**Tiny run (CI plumbing check): a few training steps, no ETS/ARIMA; the numbers mean nothing.**", ""]
     L += [f"Command: `{command}`. Wall time, summed over the datasets: {total_s / 60:.1f} min on "
           f"{platform.machine()} with {os.cpu_count()} CPUs, one torch thread per process"
-          + (" (the datasets ran as parallel processes, `--datasets NAME` each, merged with `--report-only`; the "
-             "machine was shared with other jobs, so times are upper bounds)." if merged else "."), "",
+          + (" (this report was rebuilt from the per-dataset JSON files with `--report-only`)." if merged else "."),
+          "",
           "Protocol (`mambakit.forecast.backtest`): rolling-origin backtest, windows of H steps tiling the end of "
           "each series; every method is fitted **once** on the data before the first origin and then forecasts "
           "H steps from each origin with the history up to it (ETS and ARIMA keep their estimated parameters "
