@@ -402,9 +402,9 @@ def test_cli_select_and_seeds(tmp_path, capsys):
     y = sine_trend(120)
     p = tmp_path / "d.csv"
     p.write_text("t,y\n" + "".join(f"{i},{v:.4f}\n" for i, v in enumerate(y)))  # integer steps: no season
-    rc = _cli([str(p), "--horizon", "4", "--context", "16", "--select", "--seeds", "2", "--out", str(tmp_path / "f.csv"),
-               "--save", str(tmp_path / "m"), "--set", "max_steps=3", "--set", "eval_every=1", "--set", "d_model=8",
-               "--set", "threads=1"])
+    rc = _cli([str(p), "--horizon", "4", "--context", "16", "--select", "--seeds", "2",
+               "--out", str(tmp_path / "f.csv"), "--save", str(tmp_path / "m"), "--set", "max_steps=3",
+               "--set", "eval_every=1", "--set", "d_model=8", "--set", "threads=1"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "variant chosen on validation" in err and "; 4 candidates)" in err  # last/none × skip on/off
