@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import ops
 from .config import MambaConfig
+from . import decode_fused
 from .decode_linear import linear
 from .lm_inputs import check_lm_inputs
 
@@ -347,15 +348,26 @@ class MambaLM(nn.Module):
         return MambaOutput(logits=logits, loss=loss, state=new_state)
 
     @torch.no_grad()
-    def step(self, input_ids: Tensor, state: MambaState) -> Tensor:
+    def step(self, input_ids: Tensor, state: MambaState, fused: bool | None = None) -> Tensor:
         """One decoding step for a batch: input_ids (b,) → logits (b, V), float in the model's dtype.
 
         `state` (from `allocate_state` or a `forward(..., return_state=True)`) is updated IN PLACE: nothing
         of size proportional to the sequence is kept, and no state is re-allocated per step. The ids are
-        not range-checked here (a decoder produces them; `generate` checks the prompts)."""
+        not range-checked here (a decoder produces them; `generate` checks the prompts).
+
+        fused: None (default) runs the fused per-layer kernel of decode_fused.py where it applies (CPU,
+        float32/bfloat16, small batches) and the layer-by-layer reference otherwise; False always runs the
+        reference; True requires the fused kernel (ValueError where it does not apply)."""
         if input_ids.dim() != 1 or input_ids.shape[0] != state.ssm.shape[1]:
             raise ValueError(f"step takes input_ids of shape (batch,) = ({state.ssm.shape[1]},) matching the "
                              f"state, got {tuple(input_ids.shape)}")
+        if fused is not False:
+            if decode_fused.applies(self, input_ids, state):
+                return decode_fused.step(self, input_ids, state)
+            if fused:
+                raise ValueError("fused=True: the fused decode step needs a CPU model in float32 or bfloat16 with "
+                                 "RMSNorm, a float32 residual stream, Mamba mixers and a batch of at most "
+                                 f"{decode_fused.MAX_BATCH}")
         h = self.backbone.embedding(input_ids)  # (b, D)
         residual = h.float() if self.config.residual_in_fp32 else h
         for layer, conv_state, ssm_state in zip(self.backbone.layers, state.conv, state.ssm):

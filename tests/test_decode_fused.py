@@ -1,0 +1,78 @@
+"""The fused decode step (mambakit/decode_fused.py) against its reference twin, the unfused MambaLM.step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _models import random_model
+
+from mambakit import decode_fused
+
+# float32: both paths compute in float32 (sums in another order); bfloat16: the unfused step rounds x, z and the
+# projections to bfloat16 where the fused one keeps float32, so they differ by a few bf16 ulps of the logits
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=0.1, rtol=0.05)}
+
+
+def _run(model, ids, fused):
+    state = model.allocate_state(ids.shape[0])
+    logits = [model.step(ids[:, t], state, fused=fused).float() for t in range(ids.shape[1])]
+    return torch.stack(logits, 1), state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_step_equals_reference(dtype, batch, bias):
+    model = random_model(d_model=32, n_layer=3, bias=bias, conv_bias=not bias).to(dtype)
+    ids = torch.randint(0, 64, (batch, 24), generator=torch.Generator().manual_seed(batch))
+    ref, ref_state = _run(model, ids, fused=False)
+    out, state = _run(model, ids, fused=True)
+    assert out.dtype == ref.dtype and out.shape == (batch, 24, model.config.padded_vocab_size)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(state.ssm, ref_state.ssm, **TOL[dtype])
+    torch.testing.assert_close(state.conv.float(), ref_state.conv.float(), **TOL[dtype])
+    # the logits are far from uniform, so agreeing argmaxes mean something
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_fused_step_continues_a_prefill():
+    """Prefill with the parallel scan, then decode fused: the last logits equal one forward over everything."""
+    model = random_model()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits
+    out = model(ids[:, :30], return_state=True)
+    state = out.state
+    for t in range(30, 40):
+        logits = model.step(ids[:, t], state, fused=True)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_default_uses_fused_kernel_where_it_applies(monkeypatch):
+    model = random_model()
+    calls = []
+    real = decode_fused.step
+    monkeypatch.setattr(decode_fused, "step", lambda *a: calls.append(1) or real(*a))
+    model.step(torch.tensor([1]), model.allocate_state(1))
+    assert calls == [1]
+    big = decode_fused.MAX_BATCH + 1
+    model.step(torch.arange(big), model.allocate_state(big))  # unfused: larger batches gain nothing
+    assert calls == [1]
+
+
+def test_fused_true_raises_where_it_does_not_apply():
+    model = random_model(rms_norm=False)
+    state = model.allocate_state(1)
+    assert not decode_fused.applies(model, torch.tensor([1]), state)
+    with pytest.raises(ValueError, match="fused=True"):
+        model.step(torch.tensor([1]), state, fused=True)
+    model.step(torch.tensor([1]), state)  # the default falls back to the reference
+    bf16 = random_model(residual_in_fp32=False).to(torch.bfloat16)
+    assert not decode_fused.applies(bf16, torch.tensor([1]), bf16.allocate_state(1))
+
+
+def test_applies_follows_a_dtype_change():
+    model = random_model()
+    ids = torch.tensor([1])
+    assert decode_fused.applies(model, ids, model.allocate_state(1))
+    model.half()
+    assert not decode_fused.applies(model, ids, model.allocate_state(1))
