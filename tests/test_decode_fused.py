@@ -76,3 +76,15 @@ def test_applies_follows_a_dtype_change():
     assert decode_fused.applies(model, ids, model.allocate_state(1))
     model.half()
     assert not decode_fused.applies(model, ids, model.allocate_state(1))
+
+
+def test_decode_step_benchmark_quick_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_step.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--dtypes", "float32"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| float32 |")]
+    assert len(rows) == 2 and all(row.endswith("× |") for row in rows)
