@@ -103,7 +103,7 @@ def _layer_step(r, norm_w, eps, w_in, b_in, conv_w, conv_b, conv_state, w_x, w_d
             for k in range(K - 2):
                 conv_state[bb, e, k] = conv_state[bb, e, k + 1]
             conv_state[bb, e, K - 2] = narrow(xe, conv_state)
-    _matmul_jit(xc, w_x, b_out[:0], dbc)  # (b, R + 2N): Δ's low-rank input, B, C
+    _matmul_jit(xc, w_x, b_out[:0], dbc)  # (b, R + 2N): Δ's low-rank input, B, C (x_proj has no bias: an empty one)
     # Δ = softplus(dt_proj(dbc[:, :R]) + dt_bias), computed into y (reused below as the SSM output)
     for bb in range(b):
         for e in range(E):

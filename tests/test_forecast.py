@@ -212,6 +212,12 @@ def test_save_load_roundtrip(tmp_path):
     g = Forecaster.load(tmp_path / "m")
     np.testing.assert_array_equal(f.predict(y).point, g.predict(y).point)
     assert g.config == f.config
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["forecast_config.json", "forecast_model.pt"]
+    (tmp_path / "m" / "forecast_config.json").write_text('{"config": ')  # cut short
+    with pytest.raises(ValueError, match="not valid JSON .*corrupt saved Forecaster"):
+        Forecaster.load(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="not a saved Forecaster"):
+        Forecaster.load(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- ensemble
@@ -254,6 +260,9 @@ def test_ensemble_quantiles_save_load_and_errors(tmp_path):
     g = EnsembleForecaster.load(tmp_path / "ens")
     np.testing.assert_array_equal(g.predict(s).point, fc.point)
     assert g.chosen == f.chosen
+    (tmp_path / "ens" / "ensemble.json").write_text("{")
+    with pytest.raises(ValueError, match="corrupt saved EnsembleForecaster"):
+        EnsembleForecaster.load(tmp_path / "ens")
     with pytest.raises(ValueError, match="may not change context"):
         EnsembleForecaster(cfg, [{"context": 12}])
     with pytest.raises(ValueError, match="base must be one of"):

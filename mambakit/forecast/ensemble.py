@@ -30,12 +30,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 from .config import ForecastConfig
-from .forecaster import Forecast, Forecaster, _as_series
+from .forecaster import Forecast, Forecaster, _as_series, read_json, write_atomic
 
 # the structural choices validation makes per series: base forecast × linear skip (seasonal variants are
 # dropped for a series whose season does not fit the context; duplicates after resolving are dropped)
@@ -143,18 +142,11 @@ class EnsembleForecaster:
             m.save(os.path.join(directory, f"member{i}"))
         meta = {"chosen": self.chosen, "seeds": list(self.seeds), "n_members": len(self.members),
                 **{k: self.history[k] for k in ("validation_mase", "validation_loss")}}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ensemble.json.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, os.path.join(directory, "ensemble.json"))
+        write_atomic(directory, "ensemble.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "EnsembleForecaster":
-        path = os.path.join(directory, "ensemble.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} has no ensemble.json (not a saved EnsembleForecaster)")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_json(directory, "ensemble.json", "EnsembleForecaster")
         members = [Forecaster.load(os.path.join(directory, f"member{i}")) for i in range(meta["n_members"])]
         self = cls(members[0].config, seeds=tuple(meta["seeds"]))
         self.members, self.chosen, self.names = members, meta["chosen"], members[0].names

@@ -55,6 +55,32 @@ def _as_series(data) -> TimeSeries:
     return series
 
 
+def write_atomic(directory, name: str, write) -> None:
+    """Writes directory/name through write(binary file) into a temporary file, then renames it into place: an
+    interrupted save leaves the previous file, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_json(directory, name: str, what: str) -> dict:
+    """directory/name parsed, with errors that say which saved object is missing or corrupt."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no {name} (not a saved {what})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON (a corrupt saved {what}): {e}") from None
+
+
 class Forecaster:
     def __init__(self, config: ForecastConfig):
         if not isinstance(config, ForecastConfig):
@@ -238,20 +264,12 @@ class Forecaster:
         meta = {"config": self.config.to_dict(), "names": self.names, "n_channels": self.net.n_channels,
                 "n_covariates": self.net.n_covariates, "history": {k: v for k, v in self.history.items()
                                                                     if k != "record"}}
-        for name, write in (("forecast_config.json", lambda f: f.write(json.dumps(meta, indent=2).encode())),
-                            ("forecast_model.pt", lambda f: torch.save(self.net.state_dict(), f))):
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, os.path.join(directory, name))
+        write_atomic(directory, "forecast_config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        write_atomic(directory, "forecast_model.pt", lambda f: torch.save(self.net.state_dict(), f))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Forecaster":
-        path = os.path.join(directory, "forecast_config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} has no forecast_config.json (not a saved Forecaster)")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_json(directory, "forecast_config.json", "Forecaster")
         self = cls(ForecastConfig.from_dict(meta["config"]))
         self.names = meta["names"]
         self.net = MambaForecastNet(self.config, meta["n_channels"], meta["n_covariates"])
