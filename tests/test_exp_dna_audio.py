@@ -41,6 +41,18 @@ def test_dna_experiment_tiny(tmp_path):
     assert set(res["pretrain"]) == {"64", "128"}
     for r in res["pretrain"].values():
         assert r["steps"] == 2 and 1.0 < r["val_ppl"] < 8.0  # at most the vocabulary size
+        assert r["tokens"] == 2 * 256  # the same tokens per step at every context
+        # the position buckets cover the window (1, 2–3, …) and average back to the held-out loss
+        bs = r["position_buckets"]
+        assert bs[0]["lo"] == 1 and bs[-1]["hi"] == r["context"]
+        sizes = np.array([b["hi"] - b["lo"] + 1 for b in bs])
+        assert np.dot(sizes, [b["nats"] for b in bs]) / sizes.sum() == pytest.approx(r["val_nats"], rel=1e-6)
+    # the 128 model warmed up at 64 (batch 4) for one step, then 128 (batch 2); the 64 model had no warm-up
+    assert res["pretrain"]["128"]["stages"] == [{"length": 64, "batch": 4, "steps": 1},
+                                                {"length": 128, "batch": 2, "steps": 1}]
+    assert res["pretrain"]["64"]["stages"] == [{"length": 64, "batch": 4, "steps": 2}]
+    assert (out / "loss_by_position.png").stat().st_size > 0
+    assert "by position" in (out / "results.md").read_text()
     assert len(res["classify"]) == 8  # 2 tasks × 2 windows × (pretrained, scratch)
     assert all(0.0 <= v["accuracy"] <= 1.0 for v in res["classify"].values())
     assert (out / "ppl_vs_context.png").stat().st_size > 0 and (out / "accuracy_vs_window.png").stat().st_size > 0
@@ -81,6 +93,76 @@ def test_audio_waveform_tiny(tmp_path):
     assert abs(p["s4d"] - p["mamba"]) / p["mamba"] < 0.1  # equal size, within 10%
     assert all(0 < v["val_bits_per_sample"] < 9 for v in res["results"].values())
     assert (out / "bits_vs_context.png").stat().st_size > 0
+    assert (out / "loss_by_position.png").stat().st_size > 0
+    for v in res["results"].values():
+        assert v["tokens"] == 2 * 256 and v["position_buckets"][-1]["hi"] == v["context"]
+    assert res["results"]["s4d/128"]["stages"][0] == {"length": 64, "batch": 4, "steps": 1}
+    # a tokens-per-step that the longest context does not divide is refused
+    with pytest.raises(SystemExit):
+        main(["--parts", "waveform", "--contexts", "64,128", "--tokens_per_step", "192"])
+
+
+def test_seq_len_warmup_schedule():
+    from experiments.dna.loop import Stage, seq_len_warmup, stage_at
+
+    st = seq_len_warmup(2**16, 2**16, 100, start=2**10, stage_frac=0.08)
+    assert [s.length for s in st] == [2**k for k in range(10, 17)]  # every power of two from the start
+    assert [s.batch for s in st] == [2**k for k in range(6, -1, -1)]  # the batch halves as the length doubles
+    assert all(s.length * s.batch == 2**16 for s in st)  # tokens per step constant
+    assert [s.steps for s in st] == [8] * 6 + [52] and sum(s.steps for s in st) == 100
+    assert stage_at(st, 0).length == 2**10 and stage_at(st, 47).length == 2**15 and stage_at(st, 48).length == 2**16
+    assert stage_at(st, 10**6) == st[-1]
+    # no warm-up: the shortest context, a zero fraction, or no start
+    assert seq_len_warmup(2**10, 2**16, 50, start=2**10, stage_frac=0.08) == [Stage(2**10, 64, 50)]
+    assert seq_len_warmup(2**12, 2**14, 50, start=2**10, stage_frac=0.0) == [Stage(2**12, 4, 50)]
+    assert seq_len_warmup(2**12, 2**14, 50) == [Stage(2**12, 4, 50)]
+    # tiny budgets: one step per warm-up stage at least; an impossible plan is refused
+    assert [s.steps for s in seq_len_warmup(2**12, 2**12, 3, start=2**10, stage_frac=0.01)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="leave no step"):
+        seq_len_warmup(2**12, 2**12, 2, start=2**10, stage_frac=0.01)
+    with pytest.raises(ValueError, match="multiple"):
+        seq_len_warmup(2**14, 2**13, 10)  # a step shorter than one window
+    with pytest.raises(ValueError, match="powers of two"):
+        seq_len_warmup(3000, 3000 * 64, 10, start=1000, stage_frac=0.1)
+
+
+def test_position_buckets():
+    import torch
+
+    from experiments.dna.loop import position_buckets
+
+    # loss 1.0 after 1 token, 2.0 after 2–3, 3.0 after 4–7, 4.0 after 8–10 (a cut last bucket); 2 rows
+    row = [1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0]
+    b = position_buckets(torch.tensor([row, row]))
+    assert [(x["lo"], x["hi"]) for x in b] == [(1, 1), (2, 3), (4, 7), (8, 10)]
+    assert [x["nats"] for x in b] == [1.0, 2.0, 3.0, 4.0]
+    assert b[1]["bits"] == pytest.approx(2.0 / np.log(2))
+    # rows are averaged within a bucket; a length of 1 gives one bucket
+    b = position_buckets(torch.tensor([[0.0, 1.0, 3.0], [2.0, 3.0, 5.0]]))
+    assert [x["nats"] for x in b] == [1.0, 3.0]
+    assert position_buckets(torch.tensor([0.5]))[0] == {"lo": 1, "hi": 1, "nats": 0.5, "bits": 0.5 / np.log(2)}
+    with pytest.raises(ValueError, match="l >= 1"):
+        position_buckets(torch.zeros(3, 0))
+
+
+def test_eval_lm_by_position():
+    """The per-position losses of eval_lm average back to its mean and match a manual computation."""
+    import torch
+    import torch.nn.functional as F
+
+    from experiments.dna.loop import eval_lm
+    from mambakit.config import MambaConfig
+    from mambakit.model import MambaLM
+
+    torch.manual_seed(0)
+    m = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=8))
+    w = torch.randint(0, 8, (5, 17))
+    mean, per_pos = eval_lm(m, w, 2, by_position=True)
+    assert per_pos.shape == (16,) and mean == pytest.approx(float(per_pos.mean()))
+    assert eval_lm(m, w, 3) == pytest.approx(mean, rel=1e-6)  # batch size does not matter
+    with torch.no_grad():
+        ref = F.cross_entropy(m(w[:, :-1]).logits.transpose(1, 2), w[:, 1:], reduction="none").mean(0)
+    assert torch.allclose(per_pos.float(), ref, atol=1e-5)
 
 
 def test_digit_scores_and_pieces():

@@ -52,6 +52,22 @@ def table(res: dict) -> str:
                 p = next(iter(rows.values()))["params"]
                 lines.append(f"| {name} | {p:,} | " + " | ".join(
                     f"{rows[c]['val_bits_per_sample']:.4f} ({rows[c]['steps']} st)" if c in rows else "–" for c in ctx) + " |")
+        plans = {v["context"]: v.get("stages") for v in wf["results"].values() if v.get("stages")}
+        if plans:
+            lines += ["", "Length × batch (steps) per context, the same for both models: " + "; ".join(
+                f"{c}: " + " → ".join(f"{s['length']}×{s['batch']} ({s['steps']})" for s in plans[c]) for c in sorted(plans))]
+        rows = [v for v in sorted(wf["results"].values(), key=lambda v: (v["model"], v["context"])) if "position_buckets" in v]
+        if rows:
+            longest = max(rows, key=lambda v: v["context"])["position_buckets"]
+            name = {"mamba": "Mamba", "s4d": "S4D-Lin"}
+            lines += ["", "### Held-out loss (bits/sample) by position in the context window", "",
+                      "Each model at its own context; column t = the targets predicted after reading t samples of the "
+                      "window (powers-of-two buckets). Lower at later positions = the model uses that much context.", "",
+                      "| model | context | " + " | ".join(str(b["lo"]) if b["lo"] == b["hi"] else f"{b['lo']}–{b['hi']}"
+                                                       for b in longest) + " |", "|---|---|" + "---|" * len(longest)]
+            for v in rows:
+                cells = {b["lo"]: f"{b['bits']:.3f}" for b in v["position_buckets"]}
+                lines.append(f"| {name[v['model']]} | {v['context']} | " + " | ".join(cells.get(b["lo"], "") for b in longest) + " |")
     dg = res.get("digits")
     if dg:
         lines += ["", "### Spoken digits: classifier scores (IS ↑, AM ↓, accuracy where labels exist)", "",
@@ -91,8 +107,15 @@ def parse_args(argv=None):
     g.add_argument("--contexts", default="1024,4096,16384")
     g.add_argument("--d_model", type=int, default=64)
     g.add_argument("--n_layer", type=int, default=4)
-    g.add_argument("--tokens_per_step", type=int, default=2**14)
-    g.add_argument("--waveform_tokens", type=int, default=3_000_000, help="training samples per model and context")
+    g.add_argument("--tokens_per_step", type=int, default=0,
+                   help="samples per step, the same at every context and warm-up stage; a multiple of the longest "
+                        "context (default 0: the longest context)")
+    g.add_argument("--waveform_tokens", type=int, default=1_500_000,
+                   help="training samples per model and context (rounded down to whole steps)")
+    g.add_argument("--warmup_stage_frac", type=float, default=0.08,
+                   help="sequence-length warm-up: the share of the steps at each power of two below the context, "
+                        "from --warmup_start up (0: off)")
+    g.add_argument("--warmup_start", type=int, default=0, help="first warm-up length (default 0: the shortest context)")
     g.add_argument("--waveform_s", type=float, default=0, help="optional cap in seconds per run (0: none)")
     g.add_argument("--lr", type=float, default=4e-3)
     g.add_argument("--eval_segments", type=int, default=8)
@@ -117,6 +140,14 @@ def parse_args(argv=None):
     a.parts = [x for x in a.parts.split(",") if x]
     a.models = [x for x in a.models.split(",") if x]
     a.contexts = [int(x) for x in a.contexts.split(",") if x]
+    if not a.contexts or any(c < 1 or c & (c - 1) for c in a.contexts):
+        p.error(f"--contexts must be powers of two, got {a.contexts}")
+    a.tokens_per_step = a.tokens_per_step or max(a.contexts)
+    if a.tokens_per_step % max(a.contexts):
+        p.error(f"--tokens_per_step {a.tokens_per_step} must be a multiple of the longest context {max(a.contexts)}")
+    a.warmup_start = a.warmup_start or min(a.contexts)
+    if a.warmup_start & (a.warmup_start - 1):
+        p.error(f"--warmup_start must be a power of two, got {a.warmup_start}")
     for part in a.parts:
         if part not in ("waveform", "digits"):
             p.error(f"unknown part {part!r} (waveform, digits)")
@@ -136,6 +167,7 @@ def main(argv=None) -> int:
     if "waveform" in args.parts:
         res["waveform"] = waveform.run(args)
         waveform.plot(res["waveform"], args.out / "bits_vs_context.png")
+        waveform.plot_positions(res["waveform"], args.out / "loss_by_position.png")
     if "digits" in args.parts:
         res["digits"] = digits.run(args, args.out)
     res["seconds"] = time.time() - t0

@@ -21,7 +21,8 @@ from mambakit.config import MambaConfig
 from mambakit.data.audio import AudioWindows, mu_law_encode, read_wav, resample
 from mambakit.model import MambaLM
 
-from ..dna.loop import eval_lm, lm_loss, run_budgeted
+from ..dna.loop import (eval_lm, lm_loss, plot_position_buckets, position_buckets, run_budgeted, seq_len_warmup,
+                        stage_at)
 
 MOH = Path("/usr/share/asterisk/moh")
 HELD_OUT_TRACK = "manolo_camp-morning_coffee"
@@ -64,33 +65,39 @@ def run(args) -> dict:
     starts = np.linspace(0, len(val) - seg, args.eval_segments).astype(int)
     segs = [val[s:s + seg] for s in starts]
     widths = {"mamba": args.d_model, "s4d": matched_width(args.d_model, args.n_layer)}
+    # every (model, context) runs the same steps of the same samples per step (a multiple of the longest context)
+    total_steps = max(1, args.waveform_tokens // args.tokens_per_step)
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     results = {}
     for kind in args.models:
         for L in args.contexts:
             torch.manual_seed(args.seed)
             model = build(kind, widths[kind], args.n_layer)
-            batch = max(1, args.tokens_per_step // L)
-            windows = AudioWindows(train, L)
+            stages = seq_len_warmup(L, args.tokens_per_step, total_steps, args.warmup_start, args.warmup_stage_frac)
+            windows = {st.length: AudioWindows(train, st.length) for st in stages}
             rng = np.random.default_rng(args.seed)
 
             def loss_fn(step):
-                b = windows.sample(batch, rng)
-                return lm_loss(model, b), batch * L
+                st = stage_at(stages, step)
+                return lm_loss(model, windows[st.length].sample(st.batch, rng)), st.batch * st.length
 
-            print(f"[waveform] {kind} (d_model {widths[kind]}, {model.num_parameters():,} params), context {L}, "
-                  f"batch {batch}", file=sys.stderr, flush=True)
-            r = run_budgeted(model, loss_fn, args.waveform_s, args.lr, max_steps=args.max_steps,
-                             label=f"{kind} L={L}", budget_tokens=args.waveform_tokens)
+            plan = " → ".join(f"{st.length}×{st.batch} ({st.steps} st)" for st in stages)
+            print(f"[waveform] {kind} (d_model {widths[kind]}, {model.num_parameters():,} params), context {L}: "
+                  f"{total_steps} steps; length × batch: {plan}", file=sys.stderr, flush=True)
+            r = run_budgeted(model, loss_fn, args.waveform_s, args.lr, max_steps=total_steps, label=f"{kind} L={L}")
             wins = torch.from_numpy(np.concatenate([np.stack([s[i:i + L + 1] for i in range(0, len(s) - L, L)])
                                                     for s in segs]))
-            nll = eval_lm(model, wins, max(1, args.eval_batch_tokens // L))
+            nll, per_pos = eval_lm(model, wins, max(1, args.eval_batch_tokens // L), by_position=True)
+            buckets = position_buckets(per_pos)
             results[f"{kind}/{L}"] = {"model": kind, "context": L, "d_model": widths[kind],
-                                      "params": model.num_parameters(), "batch": batch,
+                                      "params": model.num_parameters(), "batch": stages[-1].batch,
+                                      "stages": [vars(st) for st in stages],
                                       "val_bits_per_sample": nll / math.log(2), "val_nats": nll,
-                                      "val_tokens": int(wins[:, 1:].numel()),
+                                      "val_tokens": int(wins[:, 1:].numel()), "position_buckets": buckets,
                                       **{k: v for k, v in r.items() if k != "loss_curve"}}
-            print(f"[waveform] {kind} L={L}: {r['steps']} steps, held-out {nll / math.log(2):.4f} bits/sample",
-                  file=sys.stderr, flush=True)
+            print(f"[waveform] {kind} L={L}: {r['steps']} steps, held-out {nll / math.log(2):.4f} bits/sample; by "
+                  "position: " + ", ".join(f"{b['lo']}: {b['bits']:.3f}" for b in buckets), file=sys.stderr, flush=True)
     return {"held_out": held, "rate": args.rate, "results": results}
 
 
@@ -113,6 +120,26 @@ def plot(res: dict, png: Path) -> None:
     ax.set_title(f"μ-law waveform modelling at {res['rate']} Hz (cf. paper Fig. 7)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def plot_positions(res: dict, png: Path) -> None:
+    """Held-out loss by position in the window, every (model, context)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = {"mamba": "Mamba", "s4d": "S4D-Lin"}
+    rows = sorted(res["results"].values(), key=lambda v: (v["model"], v["context"]))
+    series = {f"{name[v['model']]}, context {v['context']}": v["position_buckets"] for v in rows if "position_buckets" in v}
+    if not series:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    plot_position_buckets(a1, a2, series, "bits/sample", zoom_from=min(64, min(v["context"] for v in rows)))
+    fig.suptitle(f"Held-out track: loss by position in the window ({res['rate']} Hz μ-law)")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

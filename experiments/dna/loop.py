@@ -16,12 +16,63 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from mambakit.train import param_groups
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a sequence-length warm-up: `steps` optimizer steps of `batch` windows of `length` tokens."""
+
+    length: int
+    batch: int
+    steps: int
+
+
+def seq_len_warmup(target: int, tokens_per_step: int, total_steps: int, start: int | None = None,
+                   stage_frac: float = 0.0) -> list[Stage]:
+    """The stages of a sequence-length warm-up (paper §4.3.2 / App. E.3.3, after HyenaDNA): train at `start`,
+    then at every power of two up to `target`, each shorter length for `stage_frac` of the steps (the paper:
+    2 epochs per power of two), the rest at `target`. The batch is tokens_per_step / length, so every step
+    sees the same number of tokens whatever the length ("the batch size halves as the length doubles").
+
+    start None or >= target, or stage_frac 0: one stage at the target length (no warm-up). A warm-up stage
+    gets at least one step.
+    Errors when tokens_per_step is not a multiple of a stage's length (the steps would differ in tokens), or
+    when the warm-up stages would leave the target length without steps."""
+    if target < 1 or total_steps < 1:
+        raise ValueError(f"seq_len_warmup: target ({target}) and total_steps ({total_steps}) must be >= 1")
+    if not 0.0 <= stage_frac < 1.0:
+        raise ValueError(f"seq_len_warmup: stage_frac must be in [0, 1), got {stage_frac}")
+    lengths = []
+    if start and stage_frac > 0 and start < target:
+        if start & (start - 1) or target & (target - 1):
+            raise ValueError(f"seq_len_warmup: start ({start}) and target ({target}) must be powers of two")
+        lengths = [start << i for i in range(int(math.log2(target // start)))]
+    for length in lengths + [target]:
+        if tokens_per_step % length:
+            raise ValueError(f"tokens per step ({tokens_per_step}) must be a multiple of every sequence length "
+                             f"(got {length}); use a power of two >= the longest context")
+    per_stage = max(1, int(round(stage_frac * total_steps))) if lengths else 0  # at least one step each
+    last = total_steps - per_stage * len(lengths)
+    if last < 1:
+        raise ValueError(f"seq_len_warmup: {len(lengths)} warm-up stages of {per_stage} steps leave no step at "
+                         f"the target length {target} (of {total_steps}); lower the stage fraction")
+    return [Stage(n, tokens_per_step // n, per_stage) for n in lengths] + [Stage(target, tokens_per_step // target, last)]
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    """The stage that optimizer step `step` (0-based) belongs to; past the end, the last stage."""
+    for st in stages:
+        if step < st.steps:
+            return st
+        step -= st.steps
+    return stages[-1]
 
 
 def lr_at(progress: float, lr: float, warmup: float = 0.1, min_ratio: float = 0.1) -> float:
@@ -92,13 +143,52 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_lm(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss (nats) over fixed windows (n, l + 1), every target weighted equally."""
+def eval_lm(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, by_position: bool = False):
+    """Mean next-token loss (nats) over fixed windows (n, l + 1), every target weighted equally.
+    by_position=True returns (mean, per-position mean (l,) float64): entry t − 1 is the mean loss of the
+    targets predicted after reading t tokens of the window (the same windows, no second pass)."""
     model.eval()
-    total, count = 0.0, 0
+    pos_sum = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
     for i in range(0, len(windows), batch_size):
         b = windows[i:i + batch_size]
-        logits = model(b[:, :-1]).logits
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), b[:, 1:].flatten(), reduction="sum"))
-        count += b[:, 1:].numel()
-    return total / count
+        logits = model(b[:, :-1]).logits  # (b, l, V)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), b[:, 1:], reduction="none")  # (b, l)
+        pos_sum += nll.double().sum(0)
+    per_pos = pos_sum / len(windows)
+    mean = float(per_pos.mean())
+    return (mean, per_pos) if by_position else mean
+
+
+def position_buckets(nll: torch.Tensor) -> list[dict]:
+    """Loss by position inside the context window, bucketed by powers of two: nll (..., l) holds the loss of
+    the target predicted after reading t = 1 … l tokens (last axis); bucket k averages the positions
+    t ∈ [2^k, 2^(k+1)) (the last one cut at l) over every leading index. A model that uses its context has a
+    lower loss in later buckets; one that uses only the last few tokens is flat after its first buckets.
+    Returns [{"lo": first t, "hi": last t, "nats": mean loss, "bits": mean / ln 2}, ...]."""
+    if nll.ndim < 1 or nll.shape[-1] < 1:
+        raise ValueError(f"position_buckets needs a (..., l) loss tensor with l >= 1, got shape {tuple(nll.shape)}")
+    flat = nll.double().reshape(-1, nll.shape[-1])  # (n, l)
+    l, out, lo = nll.shape[-1], [], 1
+    while lo <= l:
+        hi = min(2 * lo - 1, l)
+        m = float(flat[:, lo - 1:hi].mean())
+        out.append({"lo": lo, "hi": hi, "nats": m, "bits": m / math.log(2)})
+        lo *= 2
+    return out
+
+
+def plot_position_buckets(ax_full, ax_zoom, series: dict[str, list[dict]], unit: str, zoom_from: int = 64) -> None:
+    """Loss-by-position curves (position_buckets output per label) on two axes: every bucket, and the
+    buckets from `zoom_from` on (the first positions' loss is far higher and would flatten the rest)."""
+    for ax, lo in ((ax_full, 1), (ax_zoom, zoom_from)):
+        for (label, bs), style in zip(series.items(), ("o-", "s-", "^-", "D-", "v-", "o--", "s--", "^--")):
+            pts = [(b["lo"], b["bits"]) for b in bs if b["lo"] >= lo]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position t in the window (bucket [t, 2t): tokens read before the target)")
+        ax.set_ylabel(f"held-out loss ({unit})")
+        ax.grid(alpha=0.3)
+    ax_full.set_title("all positions")
+    ax_zoom.set_title(f"positions ≥ {zoom_from}")
+    ax_zoom.legend(fontsize=8)

@@ -9,9 +9,12 @@ strains are held out (default DH1, SJM180, USA300_FPR3757, O395: one per species
 and the classification accuracy are measured only on genomes never trained on.
 
 1. Pretraining (Figure 5 right, pattern): one Mamba per context length L ∈ {2^10, 2^12, 2^14, 2^16}, the same
-   number of training tokens (4M) and of tokens per step (2^14; batch = 2^14 / L, at least 1), reverse-complement
-   augmentation. Perplexity on held-out strains, each model at its own context, over the same 2^16-long
-   segments (cut into L-long windows).
+   steps of the same tokens per step (2^16 = the longest context; batch = 2^16 / L), reverse-complement
+   augmentation, and the paper's sequence-length warm-up (App. E.3.3): the model of context L trains first on
+   2^10-long windows, then on every power of two up to L, 8% of the steps each, the batch doubling as the
+   length halves. Perplexity on held-out strains, each model at its own context, over the same 2^16-long
+   segments (cut into L-long windows), and the same loss bucketed by the position inside the window (does the
+   model use its context?).
 2. Classification (Table 13, pattern), for windows L ∈ {2^10, 2^12, 2^14}:
    - species: 4 classes (E. coli, H. pylori, S. aureus, V. cholerae), held-out strains;
    - replication strand (the harder task): is the window, read as given, on the leading strand (between the
@@ -43,7 +46,8 @@ from mambakit.data.dna import Genome, GenomeWindows, NucleotideTokenizer, load_g
 from mambakit.heads import SequenceClassifier
 from mambakit.model import MambaLM
 
-from .loop import eval_lm, lm_loss, run_budgeted
+from .loop import (eval_lm, lm_loss, plot_position_buckets, position_buckets, run_budgeted, seq_len_warmup,
+                   stage_at)
 
 HERE = Path(__file__).resolve().parent
 RAGOUT = Path("/usr/share/doc/ragout/examples")
@@ -113,33 +117,45 @@ def model_config(args) -> MambaConfig:
 
 
 def pretrain(args, train_g, val_g) -> tuple[dict, dict]:
-    """One LM per context; returns ({L: results}, {L: model})."""
+    """One LM per context; returns ({L: results}, {L: model}).
+
+    Every context gets the same steps of the same tokens per step (args.tokens_per_step, a multiple of the
+    longest context), so the runs differ only in how the tokens are cut into windows. With the sequence-length
+    warm-up (paper App. E.3.3) the model of context L first trains on args.warmup_start-long windows, then on
+    every power of two up to L, args.warmup_stage_frac of the steps each, the batch growing as the length
+    shrinks."""
     results, models = {}, {}
     segs = eval_segments(val_g, max(args.contexts) + 1, args.eval_segments)  # + 1: the last target
+    total_steps = max(1, args.pretrain_tokens // args.tokens_per_step)
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     for L in args.contexts:
         torch.manual_seed(args.seed)
         model = MambaLM(model_config(args))
-        batch = max(1, args.tokens_per_step // L)
-        windows = GenomeWindows(train_g, L + 1, rc_prob=0.5)
+        stages = seq_len_warmup(L, args.tokens_per_step, total_steps, args.warmup_start, args.warmup_stage_frac)
+        windows = {st.length: GenomeWindows(train_g, st.length + 1, rc_prob=0.5) for st in stages}
         rng = np.random.default_rng(args.seed)
 
         def loss_fn(step):
-            ids, _ = windows.sample(batch, rng)
-            return lm_loss(model, ids), batch * L
+            st = stage_at(stages, step)
+            ids, _ = windows[st.length].sample(st.batch, rng)
+            return lm_loss(model, ids), st.batch * st.length
 
-        print(f"[pretrain] context 2^{int(math.log2(L))} = {L}: batch {batch}, budget {args.pretrain_tokens:,} tokens",
-              file=sys.stderr, flush=True)
-        run = run_budgeted(model, loss_fn, args.pretrain_s, args.lr, max_steps=args.max_steps, label=f"L={L}",
-                           budget_tokens=args.pretrain_tokens)
+        plan = " → ".join(f"{st.length}×{st.batch} ({st.steps} st)" for st in stages)
+        print(f"[pretrain] context 2^{int(math.log2(L))} = {L}: {total_steps} steps of {args.tokens_per_step:,} "
+              f"tokens; length × batch: {plan}", file=sys.stderr, flush=True)
+        run = run_budgeted(model, loss_fn, args.pretrain_s, args.lr, max_steps=total_steps, label=f"L={L}")
         # held-out strains: every segment cut into L-long windows (+1 for the target), each scored once
         wins = torch.from_numpy(np.concatenate([
             np.stack([s[i:i + L + 1] for i in range(0, len(s) - L, L)]) for s in segs]))
-        nll = eval_lm(model, wins, max(1, args.eval_tokens // L))
-        results[L] = {"context": L, "batch": batch, "val_nats": nll, "val_ppl": math.exp(nll),
+        nll, per_pos = eval_lm(model, wins, max(1, args.eval_tokens // L), by_position=True)
+        results[L] = {"context": L, "batch": stages[-1].batch, "val_nats": nll, "val_ppl": math.exp(nll),
                       "val_bits_per_base": nll / math.log(2), "val_tokens": int(wins[:, 1:].numel()),
+                      "stages": [vars(st) for st in stages], "position_buckets": position_buckets(per_pos),
                       **{k: v for k, v in run.items() if k != "loss_curve"}, "loss_curve": run["loss_curve"]}
         print(f"[pretrain] L={L}: {run['steps']} steps, {run['tokens']:,} tokens, held-out perplexity "
-              f"{math.exp(nll):.4f} ({nll / math.log(2):.4f} bits/base)", file=sys.stderr, flush=True)
+              f"{math.exp(nll):.4f} ({nll / math.log(2):.4f} bits/base); by position: "
+              + ", ".join(f"{b['lo']}: {b['bits']:.3f}" for b in results[L]["position_buckets"]), file=sys.stderr, flush=True)
         models[L] = model
         if args.ckpt_dir:
             model.save_pretrained(Path(args.ckpt_dir) / f"lm_{L}")
@@ -236,6 +252,15 @@ def plots(res: dict, out: Path) -> list[str]:
         fig.savefig(out / "ppl_vs_context.png", dpi=120)
         plt.close(fig)
         made.append("ppl_vs_context.png")
+        if all("position_buckets" in pre[str(L)] for L in Ls):
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+            plot_position_buckets(a1, a2, {f"Mamba, context 2^{int(math.log2(L))}": pre[str(L)]["position_buckets"]
+                                           for L in Ls}, "bits/base", zoom_from=min(64, min(Ls)))
+            fig.suptitle("Held-out strains: loss by position in the window (does the model use its context?)")
+            fig.tight_layout()
+            fig.savefig(out / "loss_by_position.png", dpi=120)
+            plt.close(fig)
+            made.append("loss_by_position.png")
     cls = res["classify"]
     if cls:
         tasks = sorted({v["task"] for v in cls.values()})
@@ -260,14 +285,35 @@ def plots(res: dict, out: Path) -> list[str]:
     return made
 
 
+def _bucket_name(b: dict) -> str:
+    return str(b["lo"]) if b["hi"] == b["lo"] else f"{b['lo']}–{b['hi']}"
+
+
+def _plan(r: dict) -> str:
+    """'1024×64 (7) → … → 65536×1 (50)' from a result's warm-up stages (length × batch (steps))."""
+    st = r.get("stages") or [{"length": r["context"], "batch": r["batch"], "steps": r["steps"]}]
+    return " → ".join(f"2^{int(math.log2(x['length']))}×{x['batch']} ({x['steps']})" for x in st)
+
+
 def table(res: dict) -> str:
     lines = ["### Pretraining: held-out perplexity vs context", "",
-             "| context | batch | steps | tokens | train loss (nats) | held-out perplexity | bits/base |",
+             "| context | length × batch (steps) | steps | tokens | train loss (nats) | held-out perplexity | bits/base |",
              "|---|---|---|---|---|---|---|"]
     for k in sorted(res["pretrain"], key=int):
         r = res["pretrain"][k]
-        lines.append(f"| 2^{int(math.log2(r['context']))} | {r['batch']} | {r['steps']} | {r['tokens']:,} | "
+        lines.append(f"| 2^{int(math.log2(r['context']))} | {_plan(r)} | {r['steps']} | {r['tokens']:,} | "
                      f"{r['train_loss']:.4f} | {r['val_ppl']:.4f} | {r['val_bits_per_base']:.4f} |")
+    pre = [res["pretrain"][k] for k in sorted(res["pretrain"], key=int) if "position_buckets" in res["pretrain"][k]]
+    if pre:
+        longest = max(pre, key=lambda r: r["context"])["position_buckets"]
+        lines += ["", "### Held-out loss (bits/base) by position in the context window", "",
+                  "Each model at its own context; column t = the targets predicted after reading t bases of the "
+                  "window (powers-of-two buckets). Lower at later positions = the model uses that much context.", "",
+                  "| context | " + " | ".join(_bucket_name(b) for b in longest) + " |",
+                  "|---|" + "---|" * len(longest)]
+        for r in pre:
+            cells = {b["lo"]: f"{b['bits']:.4f}" for b in r["position_buckets"]}
+            lines.append(f"| 2^{int(math.log2(r['context']))} | " + " | ".join(cells.get(b["lo"], "") for b in longest) + " |")
     cls = res["classify"]
     for task in sorted({v["task"] for v in cls.values()}):
         Ls = sorted({v["window"] for v in cls.values() if v["task"] == task})
@@ -300,9 +346,17 @@ def parse_args(argv=None):
     p.add_argument("--inits", default="pretrained,scratch", help="classifier starts: pretrained, scratch or both")
     p.add_argument("--d_model", type=int, default=64)
     p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--tokens_per_step", type=int, default=2**14)
-    p.add_argument("--pretrain_tokens", type=int, default=4_000_000, help="training tokens per context")
-    p.add_argument("--finetune_tokens", type=int, default=1_000_000, help="training tokens per classifier")
+    p.add_argument("--tokens_per_step", type=int, default=0,
+                   help="pretraining tokens per step, the same at every context and warm-up stage; a multiple of "
+                        "the longest context (default 0: the longest context)")
+    p.add_argument("--pretrain_tokens", type=int, default=4_000_000,
+                   help="training tokens per context (rounded down to whole steps)")
+    p.add_argument("--warmup_stage_frac", type=float, default=0.08,
+                   help="sequence-length warm-up: the share of the steps spent at each power of two below the "
+                        "context, from --warmup_start up (0: off, every step at the context)")
+    p.add_argument("--warmup_start", type=int, default=0,
+                   help="first warm-up length, a power of two (default 0: the shortest context; paper 2^10)")
+    p.add_argument("--finetune_tokens", type=int, default=500_000, help="training tokens per classifier")
     p.add_argument("--pooling", default="mean", choices=("mean", "last"),
                    help="classifier head input: mean over positions (default: learns in far fewer steps), or the "
                         "last position (the paper's choice)")
@@ -330,6 +384,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     a.contexts = [int(x) for x in a.contexts.split(",") if x]
+    if not a.contexts or any(c < 1 or c & (c - 1) for c in a.contexts):
+        p.error(f"--contexts must be powers of two, got {a.contexts}")
+    a.tokens_per_step = a.tokens_per_step or max(a.contexts)
+    if a.tokens_per_step % max(a.contexts):
+        p.error(f"--tokens_per_step {a.tokens_per_step} must be a multiple of the longest context {max(a.contexts)} "
+                "(else the long context would see more tokens per step than the short ones)")
+    a.warmup_start = a.warmup_start or min(a.contexts)
+    if a.warmup_start & (a.warmup_start - 1):
+        p.error(f"--warmup_start must be a power of two, got {a.warmup_start}")
     a.windows = [int(x) for x in a.windows.split(",") if x]
     a.tasks = [t for t in a.tasks.split(",") if t]
     a.inits = [t for t in a.inits.split(",") if t]
