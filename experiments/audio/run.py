@@ -118,7 +118,8 @@ def parse_args(argv=None):
     g.add_argument("--warmup_start", type=int, default=0, help="first warm-up length (default 0: the shortest context)")
     g.add_argument("--waveform_s", type=float, default=0, help="optional cap in seconds per run (0: none)")
     g.add_argument("--lr", type=float, default=4e-3)
-    g.add_argument("--eval_segments", type=int, default=8)
+    g.add_argument("--eval_segments", type=int, default=32,
+                   help="held-out segments (each as long as the longest context); 32 × 16385 covers most of the held-out track")
     g.add_argument("--eval_batch_tokens", type=int, default=2**16)
     g = p.add_argument_group("digits")
     g.add_argument("--max_voices", type=int, default=0, help="use only the first N train/test voices (CI)")
