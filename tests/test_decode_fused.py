@@ -6,7 +6,7 @@ import pytest
 import torch
 from _models import random_model
 
-from mambakit import decode_fused
+from mambakit import MambaConfig, MambaLM, decode_fused
 
 # float32: both paths compute in float32 (sums in another order); bfloat16: the unfused step rounds x, z and the
 # projections to bfloat16 where the fused one keeps float32, so they differ by a few bf16 ulps of the logits
@@ -20,7 +20,7 @@ def _run(model, ids, fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("batch", [1, 3, 4, 9])  # 9: two 4-row blocks and one left over
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_step_equals_reference(dtype, batch, bias):
     model = random_model(d_model=32, n_layer=3, bias=bias, conv_bias=not bias).to(dtype)
@@ -33,6 +33,47 @@ def test_fused_step_equals_reference(dtype, batch, bias):
     torch.testing.assert_close(state.conv.float(), ref_state.conv.float(), **TOL[dtype])
     # the logits are far from uniform, so agreeing argmaxes mean something
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_odd_sizes(dtype):
+    """d_state 16 (the constant-length state loop), d_inner 80: a 64-channel task boundary inside the x
+    channels, one inside the z channels, x_proj rows (3 + 32) not a multiple of 4."""
+    torch.manual_seed(1)
+    model = MambaLM(MambaConfig(d_model=40, n_layer=2, vocab_size=64, d_state=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(dtype)
+    ids = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(2))
+    ref, ref_state = _run(model, ids, fused=False)
+    out, state = _run(model, ids, fused=True)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(state.ssm, ref_state.ssm, **TOL[dtype])
+
+
+def test_fused_step_follows_weight_changes():
+    """The kernel's numpy views of the weights are cached: in-place updates must show through, and a
+    replaced parameter or .data must be picked up."""
+    model = random_model()
+    ids = torch.tensor([3, 5])
+
+    def both():
+        return (model.step(ids, model.allocate_state(2), fused=True),
+                model.step(ids, model.allocate_state(2), fused=False))
+
+    both()
+    mixer = model.backbone.layers[1].mixer
+    with torch.no_grad():
+        mixer.in_proj.weight.mul_(1.5)  # in place (an optimizer step)
+        mixer.A_log.add_(0.3)
+    torch.testing.assert_close(*both(), **TOL[torch.float32])
+    mixer.out_proj.weight = torch.nn.Parameter(torch.randn_like(mixer.out_proj.weight))  # replaced
+    torch.testing.assert_close(*both(), **TOL[torch.float32])
+    mixer.x_proj.weight.data = torch.randn_like(mixer.x_proj.weight)  # new storage under the same Parameter
+    torch.testing.assert_close(*both(), **TOL[torch.float32])
+    model.backbone.layers[0].mixer.dt_proj = torch.nn.Linear(*reversed(mixer.dt_proj.weight.shape))  # new module
+    torch.testing.assert_close(*both(), **TOL[torch.float32])
 
 
 def test_fused_step_continues_a_prefill():
