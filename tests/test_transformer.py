@@ -246,3 +246,18 @@ def test_throughput_transformer_loop_is_greedy_decoding(monkeypatch):
         for _ in range(5):
             ids = torch.cat([ids, model(ids).logits[:, -1, :50].argmax(-1, keepdim=True)], 1)
     assert torch.equal(got, ids[:, 12:])
+
+
+def test_attention_only_blocks():
+    """mlp="none": the paper's attention-only MHA baselines (Table 2: 137K parameters at D = 128, 2 layers)."""
+    cfg = TransformerConfig(d_model=128, n_layer=2, n_head=8, vocab_size=16, max_seq_len=256, positions="rotary",
+                            mlp="none", norm="layernorm", bias=True)
+    model = TransformerLM(cfg)
+    assert cfg.d_ff == 0 and all(block.mlp is None for block in model.layers)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 2 * (4 * 128 * 128 + 4 * 128 + 2 * 128) + 16 * 128 + 2 * 128  # attention + LN per layer, embedding, norm_f
+    ids = torch.randint(0, 16, (2, 12))
+    model(ids, labels=ids).loss.backward()  # trains
+    assert all(p.grad is not None for p in model.parameters())
+    assert TransformerConfig(**{k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head", "vocab_size")},
+                             mlp="none", d_ff=0).d_ff == 0  # a saved config with d_ff 0 loads again

@@ -45,7 +45,7 @@ class TransformerConfig:
     vocab_size: int
     max_seq_len: int = 2048  # the training length; absolute positions cannot go past it, rotary ones can
     positions: str = "rotary"  # "rotary" (RoPE, Transformer++) or "absolute" (learned, GPT-3)
-    mlp: str = "swiglu"  # "swiglu" (Transformer++) or "gelu" (GPT-3)
+    mlp: str = "swiglu"  # "swiglu" (Transformer++), "gelu" (GPT-3) or "none" (attention only)
     d_ff: int | None = None  # None: 4·D for GELU, 8/3·D rounded up to a multiple of 64 for SwiGLU (same params)
     norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
     norm_eps: float = 1e-5
@@ -62,12 +62,12 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "n_head", "vocab_size", "max_seq_len", "pad_vocab_size_multiple"):
             _check_int(self, name, 1)
-        if self.d_ff is not None:
+        if self.d_ff is not None and self.mlp != "none":
             _check_int(self, "d_ff", 1)
         if self.positions not in ("rotary", "absolute"):
             raise ValueError(f"TransformerConfig.positions must be 'rotary' or 'absolute', got {self.positions!r}")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"TransformerConfig.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.mlp not in ("swiglu", "gelu", "none"):
+            raise ValueError(f"TransformerConfig.mlp must be 'swiglu', 'gelu' or 'none', got {self.mlp!r}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"TransformerConfig.norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         for name in ("bias", "tie_embeddings"):
@@ -83,7 +83,9 @@ class TransformerConfig:
         self.head_dim = self.d_model // self.n_head
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got d_model/n_head = {self.head_dim}")
-        if self.d_ff is None:
+        if self.mlp == "none":  # attention-only blocks (the paper's 2-layer MHA baselines of Table 2: 137K
+            self.d_ff = 0      # parameters at D = 128 are 2 × 4D² of attention and the embeddings, no MLP)
+        elif self.d_ff is None:
             # SwiGLU has three matrices instead of two: width 8/3·D keeps the MLP at 8D² parameters
             self.d_ff = 4 * self.d_model if self.mlp == "gelu" else -(-8 * self.d_model // 3 // 64) * 64
         m = self.pad_vocab_size_multiple
@@ -251,20 +253,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: r ← r + Attn(Norm(r)); r ← r + MLP(Norm(r))."""
+    """Pre-norm residual block: r ← r + Attn(Norm(r)); r ← r + MLP(Norm(r)) (no MLP when config.mlp = "none")."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         norm = RMSNorm if config.norm == "rmsnorm" else LayerNorm
         self.norm1 = norm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.norm2 = norm(config.d_model, eps=config.norm_eps)
-        self.mlp = MLP(config)
+        has_mlp = config.mlp != "none"
+        self.norm2 = norm(config.d_model, eps=config.norm_eps) if has_mlp else None
+        self.mlp = MLP(config) if has_mlp else None
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, r: Tensor, rope, k_cache=None, v_cache=None, start: int = 0) -> Tensor:
         r = r + self.drop(self.attn(self.norm1(r), rope, k_cache, v_cache, start))
-        return r + self.drop(self.mlp(self.norm2(r)))
+        return r if self.mlp is None else r + self.drop(self.mlp(self.norm2(r)))
 
 
 # ------------------------------------------------------------------------------------------- the LM
