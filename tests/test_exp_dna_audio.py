@@ -129,7 +129,7 @@ def test_seq_len_warmup_schedule():
 def test_position_buckets():
     import torch
 
-    from experiments.dna.loop import position_buckets
+    from experiments.dna.loop import merge_tail, position_buckets
 
     # loss 1.0 after 1 token, 2.0 after 2–3, 3.0 after 4–7, 4.0 after 8–10 (a cut last bucket); 2 rows
     row = [1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0]
@@ -141,6 +141,14 @@ def test_position_buckets():
     b = position_buckets(torch.tensor([[0.0, 1.0, 3.0], [2.0, 3.0, 5.0]]))
     assert [x["nats"] for x in b] == [1.0, 3.0]
     assert position_buckets(torch.tensor([0.5]))[0] == {"lo": 1, "hi": 1, "nats": 0.5, "bits": 0.5 / np.log(2)}
+    # a power-of-two length: the last bucket is the second half [l/2, l], not the single position l
+    b = position_buckets(torch.tensor([[1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0, 7.0]]))
+    assert [(x["lo"], x["hi"], x["nats"]) for x in b] == [(1, 1, 1.0), (2, 3, 2.0), (4, 8, 3.8)]
+    # merge_tail turns the older form (…, [4, 7], [8]) into this one
+    old = [{"lo": 1, "hi": 1, "nats": 1.0}, {"lo": 2, "hi": 3, "nats": 2.0}, {"lo": 4, "hi": 7, "nats": 3.0},
+           {"lo": 8, "hi": 8, "nats": 7.0}]
+    assert [(x["lo"], x["hi"], x["nats"]) for x in merge_tail(old)] == [(1, 1, 1.0), (2, 3, 2.0), (4, 8, 3.8)]
+    assert merge_tail(b) == b
     with pytest.raises(ValueError, match="l >= 1"):
         position_buckets(torch.zeros(3, 0))
 

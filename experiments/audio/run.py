@@ -58,7 +58,7 @@ def table(res: dict) -> str:
                 f"{c}: " + " → ".join(f"{s['length']}×{s['batch']} ({s['steps']})" for s in plans[c]) for c in sorted(plans))]
         rows = [v for v in sorted(wf["results"].values(), key=lambda v: (v["model"], v["context"])) if "position_buckets" in v]
         if rows:
-            longest = max(rows, key=lambda v: v["context"])["position_buckets"]
+            longest = waveform.merge_tail(max(rows, key=lambda v: v["context"])["position_buckets"])
             name = {"mamba": "Mamba", "s4d": "S4D-Lin"}
             lines += ["", "### Held-out loss (bits/sample) by position in the context window", "",
                       "Each model at its own context; column t = the targets predicted after reading t samples of the "
@@ -66,7 +66,7 @@ def table(res: dict) -> str:
                       "| model | context | " + " | ".join(str(b["lo"]) if b["lo"] == b["hi"] else f"{b['lo']}–{b['hi']}"
                                                        for b in longest) + " |", "|---|---|" + "---|" * len(longest)]
             for v in rows:
-                cells = {b["lo"]: f"{b['bits']:.3f}" for b in v["position_buckets"]}
+                cells = {b["lo"]: f"{b['bits']:.3f}" for b in waveform.merge_tail(v["position_buckets"])}
                 lines.append(f"| {name[v['model']]} | {v['context']} | " + " | ".join(cells.get(b["lo"], "") for b in longest) + " |")
     dg = res.get("digits")
     if dg:

@@ -21,8 +21,8 @@ from mambakit.config import MambaConfig
 from mambakit.data.audio import AudioWindows, mu_law_encode, read_wav, resample
 from mambakit.model import MambaLM
 
-from ..dna.loop import (eval_lm, lm_loss, plot_position_buckets, position_buckets, run_budgeted, seq_len_warmup,
-                        stage_at)
+from ..dna.loop import (eval_lm, lm_loss, merge_tail, plot_position_buckets, position_buckets, run_budgeted,
+                        seq_len_warmup, stage_at)
 
 MOH = Path("/usr/share/asterisk/moh")
 HELD_OUT_TRACK = "manolo_camp-morning_coffee"
@@ -134,7 +134,8 @@ def plot_positions(res: dict, png: Path) -> None:
 
     name = {"mamba": "Mamba", "s4d": "S4D-Lin"}
     rows = sorted(res["results"].values(), key=lambda v: (v["model"], v["context"]))
-    series = {f"{name[v['model']]}, context {v['context']}": v["position_buckets"] for v in rows if "position_buckets" in v}
+    series = {f"{name[v['model']]}, context {v['context']}": merge_tail(v["position_buckets"])
+              for v in rows if "position_buckets" in v}
     if not series:
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))

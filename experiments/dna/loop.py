@@ -162,19 +162,33 @@ def eval_lm(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, by_p
 def position_buckets(nll: torch.Tensor) -> list[dict]:
     """Loss by position inside the context window, bucketed by powers of two: nll (..., l) holds the loss of
     the target predicted after reading t = 1 … l tokens (last axis); bucket k averages the positions
-    t ∈ [2^k, 2^(k+1)) (the last one cut at l) over every leading index. A model that uses its context has a
+    t ∈ [2^k, 2^(k+1)) over every leading index; the last bucket runs to l (for l a power of two it is
+    [l/2, l], the second half of the window, not a bucket of the single position l). A model that uses its context has a
     lower loss in later buckets; one that uses only the last few tokens is flat after its first buckets.
     Returns [{"lo": first t, "hi": last t, "nats": mean loss, "bits": mean / ln 2}, ...]."""
     if nll.ndim < 1 or nll.shape[-1] < 1:
         raise ValueError(f"position_buckets needs a (..., l) loss tensor with l >= 1, got shape {tuple(nll.shape)}")
     flat = nll.double().reshape(-1, nll.shape[-1])  # (n, l)
-    l, out, lo = nll.shape[-1], [], 1
-    while lo <= l:
-        hi = min(2 * lo - 1, l)
-        m = float(flat[:, lo - 1:hi].mean())
-        out.append({"lo": lo, "hi": hi, "nats": m, "bits": m / math.log(2)})
-        lo *= 2
+    l = nll.shape[-1]
+    starts = [2**k for k in range(int(math.log2(l)) + 1)]  # 1, 2, 4, … <= l
+    if len(starts) > 2 and starts[-1] == l:  # no bucket of the single position l: it joins the one before
+        starts.pop()
+    out = []
+    for lo, nxt in zip(starts, starts[1:] + [l + 1]):
+        m = float(flat[:, lo - 1:nxt - 1].mean())
+        out.append({"lo": lo, "hi": nxt - 1, "nats": m, "bits": m / math.log(2)})
     return out
+
+
+def merge_tail(buckets: list[dict]) -> list[dict]:
+    """Buckets as position_buckets makes them now: a last single-position bucket {l} (the form results from
+    before this rule kept) merged into the one before, weighted by the number of positions."""
+    if len(buckets) < 3 or buckets[-1]["lo"] != buckets[-1]["hi"]:
+        return buckets
+    a, b = buckets[-2], buckets[-1]
+    na, nb = a["hi"] - a["lo"] + 1, 1
+    m = (a["nats"] * na + b["nats"] * nb) / (na + nb)
+    return buckets[:-2] + [{"lo": a["lo"], "hi": b["hi"], "nats": m, "bits": m / math.log(2)}]
 
 
 def plot_position_buckets(ax_full, ax_zoom, series: dict[str, list[dict]], unit: str, zoom_from: int = 64) -> None:

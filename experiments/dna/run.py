@@ -46,8 +46,8 @@ from mambakit.data.dna import Genome, GenomeWindows, NucleotideTokenizer, load_g
 from mambakit.heads import SequenceClassifier
 from mambakit.model import MambaLM
 
-from .loop import (eval_lm, lm_loss, plot_position_buckets, position_buckets, run_budgeted, seq_len_warmup,
-                   stage_at)
+from .loop import (eval_lm, lm_loss, merge_tail, plot_position_buckets, position_buckets, run_budgeted,
+                   seq_len_warmup, stage_at)
 
 HERE = Path(__file__).resolve().parent
 RAGOUT = Path("/usr/share/doc/ragout/examples")
@@ -254,7 +254,7 @@ def plots(res: dict, out: Path) -> list[str]:
         made.append("ppl_vs_context.png")
         if all("position_buckets" in pre[str(L)] for L in Ls):
             fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-            plot_position_buckets(a1, a2, {f"Mamba, context 2^{int(math.log2(L))}": pre[str(L)]["position_buckets"]
+            plot_position_buckets(a1, a2, {f"Mamba, context 2^{int(math.log2(L))}": merge_tail(pre[str(L)]["position_buckets"])
                                            for L in Ls}, "bits/base", zoom_from=min(64, min(Ls)))
             fig.suptitle("Held-out strains: loss by position in the window (does the model use its context?)")
             fig.tight_layout()
@@ -305,14 +305,14 @@ def table(res: dict) -> str:
                      f"{r['train_loss']:.4f} | {r['val_ppl']:.4f} | {r['val_bits_per_base']:.4f} |")
     pre = [res["pretrain"][k] for k in sorted(res["pretrain"], key=int) if "position_buckets" in res["pretrain"][k]]
     if pre:
-        longest = max(pre, key=lambda r: r["context"])["position_buckets"]
+        longest = merge_tail(max(pre, key=lambda r: r["context"])["position_buckets"])
         lines += ["", "### Held-out loss (bits/base) by position in the context window", "",
                   "Each model at its own context; column t = the targets predicted after reading t bases of the "
                   "window (powers-of-two buckets). Lower at later positions = the model uses that much context.", "",
                   "| context | " + " | ".join(_bucket_name(b) for b in longest) + " |",
                   "|---|" + "---|" * len(longest)]
         for r in pre:
-            cells = {b["lo"]: f"{b['bits']:.4f}" for b in r["position_buckets"]}
+            cells = {b["lo"]: f"{b['bits']:.4f}" for b in merge_tail(r["position_buckets"])}
             lines.append(f"| 2^{int(math.log2(r['context']))} | " + " | ".join(cells.get(b["lo"], "") for b in longest) + " |")
     cls = res["classify"]
     for task in sorted({v["task"] for v in cls.values()}):
