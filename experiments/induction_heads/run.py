@@ -35,7 +35,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.data.synthetic import induction_heads, scored_accuracy
 
-from ..selective_copying.train import TrainResult, save_results, train
+from ..selective_copying.train import TrainResult, report_from_file, save_results, train, write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -432,22 +432,12 @@ memory). Random guessing is 1/15 ≈ 6.7%.
 
 Raw numbers, training curves and sample counts: `results.json`.
 """
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def report(args: argparse.Namespace, log=print) -> dict:
     """The table, plot and README of a finished run, from its results.json."""
-    path = args.out / "results.json"
-    if not path.is_file():
-        raise SystemExit(f"--report-only: no results.json in {args.out}")
-    results = json.loads(path.read_text())
-    print_table(results, log)
-    plot(results, args.out / "accuracy.png")
-    if not args.no_readme:
-        write_readme(results, args.out / "README.md")
-    return results
+    return report_from_file(args, print_table, plot, write_readme, log)
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
-from .train import evaluate, save_results, train
+from .train import evaluate, report_from_file, save_results, train, write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -259,22 +259,12 @@ depends on the machine's load at the time of the run. The paper's generator, los
 positions and accuracy definition were not published (see `shared/paper.md`); ours follows the S4
 repository's variable-spacing copying generator. Raw numbers and curves: `results.json`.
 """
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def report(args: argparse.Namespace, log=print) -> dict:
     """The table, plot and README of a finished run, from its results.json."""
-    path = args.out / "results.json"
-    if not path.is_file():
-        raise SystemExit(f"--report-only: no results.json in {args.out}")
-    results = json.loads(path.read_text())
-    print_table(results, log)
-    plot(results, args.out / "accuracy.png")
-    if not args.no_readme:
-        write_readme(results, args.out / "README.md")
-    return results
+    return report_from_file(args, print_table, plot, write_readme, log)
 
 
 def main(argv=None) -> int:

@@ -143,3 +143,28 @@ def save_results(path, results: dict, order: list[str], log=print) -> dict:
         tmp.write_text(json.dumps(merged, indent=1) + "\n")
         os.replace(tmp, path)
     return merged
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes a text file through a temporary file and a rename: an interrupted write never leaves half a file."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def report_from_file(args, print_table, plot, write_readme, log=print) -> dict:
+    """`--report-only` of an experiment: its table, plot and README rebuilt from --out/results.json."""
+    import json
+
+    path = args.out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: no results.json in {args.out}")
+    results = json.loads(path.read_text())
+    print_table(results, log)
+    plot(results, args.out / "accuracy.png")
+    if not args.no_readme:
+        write_readme(results, args.out / "README.md")
+    return results
