@@ -22,7 +22,6 @@ Writes results.json, accuracy.png and README.md into --out (default: this folder
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

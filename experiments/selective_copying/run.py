@@ -17,7 +17,6 @@ Writes results.json, accuracy.png (validation accuracy vs step) and README.md in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
