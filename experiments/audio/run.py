@@ -62,7 +62,8 @@ def table(res: dict) -> str:
             name = {"mamba": "Mamba", "s4d": "S4D-Lin"}
             lines += ["", "### Held-out loss (bits/sample) by position in the context window", "",
                       "Each model at its own context; column t = the targets predicted after reading t samples of the "
-                      "window (powers-of-two buckets). Lower at later positions = the model uses that much context.", "",
+                      "window (powers-of-two buckets; a row's last bucket runs to its own context). Lower at later positions = the "
+                  "model uses that much context.", "",
                       "| model | context | " + " | ".join(str(b["lo"]) if b["lo"] == b["hi"] else f"{b['lo']}–{b['hi']}"
                                                        for b in longest) + " |", "|---|---|" + "---|" * len(longest)]
             for v in rows:

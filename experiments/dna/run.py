@@ -308,7 +308,8 @@ def table(res: dict) -> str:
         longest = merge_tail(max(pre, key=lambda r: r["context"])["position_buckets"])
         lines += ["", "### Held-out loss (bits/base) by position in the context window", "",
                   "Each model at its own context; column t = the targets predicted after reading t bases of the "
-                  "window (powers-of-two buckets). Lower at later positions = the model uses that much context.", "",
+                  "window (powers-of-two buckets; a row's last bucket runs to its own context). Lower at later positions = the "
+                  "model uses that much context.", "",
                   "| context | " + " | ".join(_bucket_name(b) for b in longest) + " |",
                   "|---|" + "---|" * len(longest)]
         for r in pre:
