@@ -125,7 +125,10 @@ def pretrain(args, train_g, val_g) -> tuple[dict, dict]:
     every power of two up to L, args.warmup_stage_frac of the steps each, the batch growing as the length
     shrinks."""
     results, models = {}, {}
-    segs = eval_segments(val_g, max(args.contexts) + 1, args.eval_segments)  # + 1: the last target
+    seg_len = args.eval_segment_len or max(args.contexts)
+    if seg_len < max(args.contexts):
+        raise ValueError(f"--eval_segment_len {seg_len} is shorter than the longest context {max(args.contexts)}")
+    segs = eval_segments(val_g, seg_len + 1, args.eval_segments)  # + 1: the last target
     total_steps = max(1, args.pretrain_tokens // args.tokens_per_step)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -377,6 +380,9 @@ def parse_args(argv=None):
     p.add_argument("--cls_tokens_per_step", type=int, default=2**15)
     p.add_argument("--min_cls_batch", type=int, default=4)
     p.add_argument("--eval_segments", type=int, default=4, help="held-out segments per held-out genome")
+    p.add_argument("--eval_segment_len", type=int, default=0,
+                   help="length of the held-out segments (default 0: the longest context); set it to compare runs "
+                        "with different --contexts on the same held-out bases")
     p.add_argument("--eval_tokens", type=int, default=2**18, help="tokens per evaluation batch / classification eval size")
     p.add_argument("--min_eval_windows", type=int, default=64)
     p.add_argument("--max_eval_windows", type=int, default=512)
