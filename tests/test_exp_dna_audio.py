@@ -35,7 +35,7 @@ def test_dna_experiment_tiny(tmp_path):
                "--windows", "64,128", "--d_model", "16", "--n_layer", "1", "--tokens_per_step", "256",
                "--max_steps", "2", "--pretrain_s", "0", "--finetune_s", "0", "--eval_segments", "1",
                "--eval_tokens", "1024", "--min_eval_windows", "8", "--max_eval_windows", "8", "--min_record", "1000",
-               "--cls_tokens_per_step", "256", "--ckpt_dir", str(tmp_path / "ckpt")])
+               "--cls_tokens_per_step", "256", "--ckpt_dir", str(tmp_path / "ckpt"), "--warmup_stage_frac", "0.08"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["pretrain"]) == {"64", "128"}
@@ -53,6 +53,11 @@ def test_dna_experiment_tiny(tmp_path):
     assert res["pretrain"]["64"]["stages"] == [{"length": 64, "batch": 4, "steps": 2}]
     assert (out / "loss_by_position.png").stat().st_size > 0
     assert "by position" in (out / "results.md").read_text()
+    from experiments.dna.run import parse_args
+    a = parse_args(["--contexts", "1024,65536"])  # the defaults: no warm-up, one step = the longest context
+    assert a.warmup_stage_frac == 0.0 and a.tokens_per_step == 65536 and a.warmup_start == 1024
+    with pytest.raises(SystemExit):
+        parse_args(["--contexts", "1024,3000"])  # not a power of two
     assert len(res["classify"]) == 8  # 2 tasks × 2 windows × (pretrained, scratch)
     assert all(0.0 <= v["accuracy"] <= 1.0 for v in res["classify"].values())
     assert (out / "ppl_vs_context.png").stat().st_size > 0 and (out / "accuracy_vs_window.png").stat().st_size > 0
