@@ -32,59 +32,13 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from .decode_linear import _rows
 from .ops._numba import fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
 
 # The fused step runs for batches up to MAX_BATCH (see `applies`); larger ones take the unfused step.
 MAX_BATCH = 16
 ROWS = 64  # weight rows per parallel task (a multiple of 4): channel-wise work runs as vector loops over them
 _F32 = np.float32
-
-
-def _put(y, bb, r, v0, v1, v2, v3, bias, has_bias, add):
-    """y[bb … bb + 3, r] = v0 … v3 (+ bias[r]), or += when add."""
-    bv = widen(bias[r]) if has_bias else _F32(0.0)
-    if add:
-        y[bb, r] += v0 + bv; y[bb + 1, r] += v1 + bv; y[bb + 2, r] += v2 + bv; y[bb + 3, r] += v3 + bv  # noqa: E702
-    else:
-        y[bb, r] = v0 + bv; y[bb + 1, r] = v1 + bv; y[bb + 2, r] = v2 + bv; y[bb + 3, r] = v3 + bv  # noqa: E702
-
-
-def _rows(x, W, bias, y, r, add):
-    """Rows r … r + 3 (fewer at the end of W) of y (b, o) = x[:, :i] · Wᵀ (+ bias), or y += that when add.
-
-    W (o, i) float32 or bfloat16 bits, read row after row in memory order (one sequential stream, which DRAM
-    serves fastest; measured: streaming 4 rows side by side cost batch 1 a third more time). Below 4 input
-    rows each weight row is dotted with the b inputs while it sits in L1. From 4 inputs on, the decode is
-    compute-bound and a block of 4 weight rows × 4 inputs shares each load among 16 multiply-adds (8 loads for
-    16 FMAs instead of 2 for 1): measured at batch 8 it reads the 130m in_proj stack at 17–19 GB/s against
-    14–15 GB/s for one row × 4 inputs."""
-    b = x.shape[0]
-    o, i = W.shape  # x may have more columns than W (dt_proj reads the first R of x_proj's output)
-    has_bias = bias.shape[0] > 0
-    r_end = min(o, r + 4)
-    b4 = b - b % 4 if r_end - r == 4 else 0  # inputs taken 4 at a time by the blocked kernel
-    for bb in range(0, b4, 4):
-        a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _F32(0.0)
-        d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = _F32(0.0)
-        for j in range(i):  # vectorised by LLVM (fast-math reassociates the sums): 16 vector accumulators
-            w0, w1, w2, w3 = widen(W[r, j]), widen(W[r + 1, j]), widen(W[r + 2, j]), widen(W[r + 3, j])
-            x0, x1, x2, x3 = x[bb, j], x[bb + 1, j], x[bb + 2, j], x[bb + 3, j]
-            a0 += w0 * x0; a1 += w0 * x1; a2 += w0 * x2; a3 += w0 * x3  # noqa: E702
-            c0 += w1 * x0; c1 += w1 * x1; c2 += w1 * x2; c3 += w1 * x3  # noqa: E702
-            d0 += w2 * x0; d1 += w2 * x1; d2 += w2 * x2; d3 += w2 * x3  # noqa: E702
-            e0 += w3 * x0; e1 += w3 * x1; e2 += w3 * x2; e3 += w3 * x3  # noqa: E702
-        _put(y, bb, r, a0, a1, a2, a3, bias, has_bias, add)
-        _put(y, bb, r + 1, c0, c1, c2, c3, bias, has_bias, add)
-        _put(y, bb, r + 2, d0, d1, d2, d3, bias, has_bias, add)
-        _put(y, bb, r + 3, e0, e1, e2, e3, bias, has_bias, add)
-    for rr in range(r, r_end):  # one dot product per (row, input) for the inputs left
-        for bb in range(b4, b):
-            acc = _F32(0.0)
-            for j in range(i):  # vectorised by LLVM
-                acc += widen(W[rr, j]) * x[bb, j]
-            if has_bias:
-                acc += widen(bias[rr])
-            y[bb, rr] = y[bb, rr] + acc if add else acc
 
 
 def _channel(ssm_state, dbc, A, bb, e, delta, dx, R, N):
@@ -97,9 +51,7 @@ def _channel(ssm_state, dbc, A, bb, e, delta, dx, R, N):
     return acc
 
 
-_put = njit(inline="always", **kernel_options(parallel=False))(_put)
 _channel = njit(inline="always", **kernel_options(parallel=False))(_channel)
-_rows = njit(**kernel_options(parallel=False))(_rows)
 
 
 def _layer_step(r, norm_w, eps, w_in, b_in, conv_w, conv_b, conv_state, w_x, w_dt, dt_b, A, Dv, ssm_state,
