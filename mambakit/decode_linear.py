@@ -64,7 +64,7 @@ def _rows(x, W, bias, y, r, add):
     serves fastest; measured: streaming 4 rows side by side cost batch 1 a third more time). Below 4 input
     rows each weight row is dotted with the b inputs while it sits in L1. From 4 inputs on, the decode is
     compute-bound and a block of 4 weight rows × 4 inputs shares each load among 16 multiply-adds (8 loads for
-    16 FMAs instead of 2 for 1): measured at batch 8 it reads the 130m in_proj stack at 17–19 GB/s against
+    16 FMAs instead of 2 for 1): measured (a one-off script, not in the repo) at batch 8 it reads the 130m in_proj stack at 17–19 GB/s against
     14–15 GB/s for one row × 4 inputs."""
     b = x.shape[0]
     o, i = W.shape  # x may have more columns than W (dt_proj reads the first R of x_proj's output)
