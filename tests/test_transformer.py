@@ -261,3 +261,5 @@ def test_attention_only_blocks():
     assert all(p.grad is not None for p in model.parameters())
     assert TransformerConfig(**{k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head", "vocab_size")},
                              mlp="none", d_ff=0).d_ff == 0  # a saved config with d_ff 0 loads again
+    with pytest.raises(ValueError, match="d_ff"):
+        TransformerConfig(d_model=32, n_layer=1, n_head=4, vocab_size=10, mlp="none", d_ff=64)

@@ -83,6 +83,8 @@ class TransformerConfig:
         self.head_dim = self.d_model // self.n_head
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got d_model/n_head = {self.head_dim}")
+        if self.mlp == "none" and self.d_ff not in (None, 0):
+            raise ValueError(f"TransformerConfig.d_ff must be None or 0 with mlp='none' (no MLP), got {self.d_ff!r}")
         if self.mlp == "none":  # attention-only blocks (the paper's 2-layer MHA baselines of Table 2: 137K
             self.d_ff = 0      # parameters at D = 128 are 2 × 4D² of attention and the embeddings, no MLP)
         elif self.d_ff is None:
