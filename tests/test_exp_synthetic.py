@@ -2,6 +2,7 @@
 the whole pipeline (train → test → JSON, PNG, README) in seconds, plus the chunked long-sequence evaluation."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -93,3 +94,15 @@ def test_training_lowers_the_scored_loss():
                 log=lambda *a: None)
     after = scored_loss(model(data[0]).logits, data[1], 16).item()
     assert after < before - 0.5 and res.steps == 30 and res.curve[-1]["step"] == 30
+
+
+def test_lr_schedule_warms_up_then_stays_or_decays():
+    from experiments.selective_copying.train import lr_factor
+
+    const = [lr_factor(s, warmup=4, steps=20) for s in range(20)]
+    assert const[:4] == [0.25, 0.5, 0.75, 1.0] and all(f == 1.0 for f in const[4:])
+    cos = [lr_factor(s, warmup=4, steps=20, min_frac=0.1) for s in range(20)]
+    assert cos[:4] == const[:4]
+    assert all(a > b for a, b in zip(cos[3:], cos[4:]))  # strictly decreasing after the warm-up
+    assert cos[-1] == pytest.approx(0.1) and cos[11] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_factor(0, warmup=0, steps=10) == 1.0  # no warm-up: full lr from the first step

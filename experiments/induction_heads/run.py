@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mamba-lr", type=float, default=1e-3, help="paper: 1e-3 for Mamba")
     p.add_argument("--attn-lr", type=float, default=3e-4,
                    help="paper: 2e-4 (over 200K+ steps; attention did not learn at 1e-3 there, nor here)")
+    p.add_argument("--mamba-lr-min", type=float, default=None,
+                   help="decay Mamba's lr along a cosine to this fraction of it over the last stage (default: "
+                        "constant, as the paper)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--curriculum", default="64,128",
                    help="comma-separated lengths (< --train-len) trained before it; '' for none. Why: with one "
@@ -177,11 +180,12 @@ def accuracy_at(model, length: int, samples: int, seed: int, chunk: int, log=pri
 
 
 def train_curriculum(model, name: str, steps: int, lr: float, args: argparse.Namespace, val_sets: dict,
-                     budget_s: float, log=print, stop_at: float | None = None) -> TrainResult:
+                     budget_s: float, log=print, stop_at: float | None = None,
+                     lr_min_frac: float | None = None) -> TrainResult:
     """Trains through the lengths args.curriculum + [args.train_len], fresh batches every step, seeded by the
     global step so every model sees the same batches. A shorter stage ends when its validation accuracy reaches
     args.stage_acc (args.stop_patience evaluations in a row) or after args.stage_steps; the last stage, at the
-    training length, runs `steps` steps or until stop_at. One TrainResult over all stages: its
+    training length, runs `steps` steps or until stop_at, its lr decaying to lr · lr_min_frac if given. One TrainResult over all stages: its
     curve's steps and seconds are cumulative and each point names the length it was trained at."""
     total = TrainResult()
     stages = [*args.curriculum, args.train_len]
@@ -199,7 +203,8 @@ def train_curriculum(model, name: str, steps: int, lr: float, args: argparse.Nam
         res = train(model, batch_fn, val_sets[length], VOCAB, steps=steps if last else args.stage_steps,
                     lr=lr, warmup=args.warmup if i == 0 else 0, eval_every=args.eval_every,
                     time_budget_s=budget_s - total.seconds, stop_at=stop_at if last else args.stage_acc,
-                    stop_patience=args.stop_patience, name=stage_name, stop_file=args.out / f"STOP_{name}", log=log)
+                    stop_patience=args.stop_patience, name=stage_name, stop_file=args.out / f"STOP_{name}",
+                    lr_min_frac=lr_min_frac if last else None, log=log)
         total.curve += [{**pt, "step": pt["step"] + offset, "seconds": round(pt["seconds"] + total.seconds, 1),
                          "length": length} for pt in res.curve]
         total.steps += res.steps
@@ -234,7 +239,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         (args.out / f"STOP_{name}").unlink(missing_ok=True)  # a stale stop file must not end this run
         log(f"{MODELS[name]} ({name}): {n_params:,} parameters; {steps} steps at lr {lr}")
         res = train_curriculum(model, name, steps, lr, args, val_sets, budget, log,
-                               stop_at=args.stop_at if is_mamba else args.attn_stop_at)
+                               stop_at=args.stop_at if is_mamba else args.attn_stop_at,
+                               lr_min_frac=args.mamba_lr_min if is_mamba else None)
         model.eval()
         acc: dict[str, float | None] = {}
         notes: dict[str, str] = {}

@@ -10,6 +10,7 @@ same data.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -52,16 +53,30 @@ def evaluate(model, batches: list[tuple[Tensor, Tensor]], vocab_size: int) -> fl
     return correct / max(total, 1)
 
 
+def lr_factor(step: int, *, warmup: int, steps: int, min_frac: float | None = None) -> float:
+    """The lr multiplier after `step` optimizer steps (0-based): linear warm-up to 1 over `warmup` steps, then
+    1 (min_frac None) or a cosine from 1 down to min_frac at step `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if min_frac is None:
+        return 1.0
+    t = min(1.0, (step + 1 - warmup) / max(steps - warmup, 1))
+    return min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vocab_size: int, *, steps: int,
           lr: float, warmup: int = 100, eval_every: int = 100, time_budget_s: float = math.inf,
           stop_at: float | None = None, stop_patience: int = 1, grad_clip: float = 1.0, name: str = "model",
-          stop_file=None, log=print) -> TrainResult:
+          stop_file=None, lr_min_frac: float | None = None, log=print) -> TrainResult:
     """Trains `model` for `steps` steps (or until time_budget_s, or until validation accuracy >= stop_at at
     stop_patience evaluations in a row: solved); evaluates every eval_every steps and at the end. Prints one
     progress line per evaluation. If the path `stop_file` comes to exist, training ends at the next step (a
-    long run on a shared machine can be cut short by hand and still report its model)."""
+    long run on a shared machine can be cut short by hand and still report its model). The lr warms up linearly
+    over `warmup` steps, then stays constant (the paper's synthetic-task recipe, App. E.1), or with lr_min_frac
+    decays along a cosine to lr · lr_min_frac at the last step."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, warmup=warmup, steps=steps,
+                                                                      min_frac=lr_min_frac))
     res = TrainResult()
     t0 = time.perf_counter()
     losses: list[float] = []
