@@ -240,3 +240,24 @@ def test_bad_labels_and_state():
         model(ids, state=(1, 2))
     with pytest.raises(ValueError, match="num_last_tokens"):
         model(ids, num_last_tokens=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_saves_nothing_for_backward(monkeypatch, dtype):
+    """Under torch.no_grad the fused ops keep no inputs, copies or state checkpoints for a backward: autograd
+    marks every parameter as needing a gradient even then (ctx.needs_input_grad), so the ops must be told."""
+    from torch.autograd.function import FunctionCtx
+
+    saved = []
+    original = FunctionCtx.save_for_backward
+    monkeypatch.setattr(FunctionCtx, "save_for_backward", lambda ctx, *t: saved.append(len(t)) or original(ctx, *t))
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64)).to(dtype)
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert saved == []
+    out = model(ids).logits  # with grad: both ops save for their backward, and the logits are the same
+    assert len(saved) == 4 and torch.equal(out.detach(), ref)
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

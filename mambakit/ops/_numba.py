@@ -216,6 +216,17 @@ def compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def records_grad(*tensors) -> bool:
+    """Whether autograd will record an op on these tensors: grad mode on and one of them requires grad.
+
+    An autograd.Function cannot tell inside its forward: ctx.needs_input_grad is True for every parameter
+    that requires grad, under torch.no_grad() too. The ops pass this flag in, so that inference does not save
+    float32 copies of its inputs and state checkpoints for a backward that never comes."""
+    import torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def owned(x, dtype):
     """x (detached) in `dtype`, contiguous, in memory of its own. For parameters handed to kernels: a numpy
     view pins a tensor's storage (makes it non-resizable), and FSDP frees gathered parameters by resizing

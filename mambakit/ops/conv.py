@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import compute_dtype, kernel_options, narrow, owned, set_threads, sigmoid, widen
+from ._numba import compute_dtype, kernel_options, narrow, owned, records_grad, set_threads, sigmoid, widen
 
 TIME_CHUNK = 64  # time steps per task
 
@@ -139,7 +139,8 @@ def _conv_bwd_kernel(xp, Wt, bias, silu, dy, dpre, dxp, dW_part, dbias_part):
 
 class _CausalConv1dCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xp, weight, bias, silu):
+    def forward(ctx, xp, weight, bias, silu, need_grad):
+        # need_grad: records_grad(xp, weight, bias), from the caller (see records_grad)
         kd = compute_dtype(xp)
         b, lp, d = xp.shape
         w = weight.shape[1]
@@ -155,7 +156,7 @@ class _CausalConv1dCPU(torch.autograd.Function):
             xp_np, y_np = xp_k.numpy(), y.numpy()
         set_threads()
         _conv_fwd_kernel(xp_np, Wt.numpy(), bias_.numpy(), silu, y_np)
-        if any(ctx.needs_input_grad):
+        if need_grad:
             ctx.save_for_backward(xp_k.to(kd), Wt, bias_)  # the backward kernel reads the compute dtype
         ctx.silu = silu
         ctx.dtypes = (xp.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -185,6 +186,7 @@ class _CausalConv1dCPU(torch.autograd.Function):
             dW_part.sum(0).t().to(t_w) if need[1] else None,  # (d, w)
             dbias_part.sum(0).to(t_b) if t_b is not None and need[2] else None,
             None,
+            None,
         )
 
 
@@ -201,7 +203,7 @@ def causal_conv1d_cpu(
     w = weight.shape[1]
     init = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
     xp = torch.cat([init.to(x.dtype).transpose(1, 2), x], dim=1)  # (b, w − 1 + l, d): [initial_state, x]
-    y = _CausalConv1dCPU.apply(xp, weight, bias, activation in ("silu", "swish"))
+    y = _CausalConv1dCPU.apply(xp, weight, bias, activation in ("silu", "swish"), records_grad(xp, weight, bias))
     if not return_final_state:
         return y
     return y, xp[:, l:, :].transpose(1, 2)  # (b, d, w − 1): the last w − 1 inputs

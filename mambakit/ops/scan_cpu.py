@@ -31,7 +31,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import compute_dtype, fexp, fexp2, kernel_options, narrow, owned, set_threads, sigmoid, softplus, widen
+from ._numba import (compute_dtype, fexp, fexp2, kernel_options, narrow, owned, records_grad, set_threads, sigmoid,
+                     softplus, widen)
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
 LOG2E = 1.4426950408889634
@@ -268,7 +269,8 @@ def _np(x: Tensor) -> np.ndarray:
 
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, need_grad):
+        # need_grad: records_grad(...) of the inputs, from the caller (see records_grad)
         kd = compute_dtype(u)
         b, l, d = u.shape
         n = A.shape[1]
@@ -303,7 +305,6 @@ class _SelectiveScanCPU(torch.autograd.Function):
             else torch.zeros(b, n, d, dtype=kd)
         )
         chunk = chunk_len(n, zeros.element_size())
-        need_grad = any(ctx.needs_input_grad)
         ckpt = torch.empty((b, -(-l // chunk), n, d) if need_grad else (0, 0, 0, 0), dtype=kd)
         hT = torch.empty(b, n, d, dtype=kd)
         set_threads()
@@ -363,6 +364,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
             out(dbias_part.sum(0), t_bias, has_bias and need[7]),
             None,
             out(dh0.transpose(1, 2), t_h0, t_h0 is not None and need[9]),  # (b, d, n)
+            None,
         )
 
 
@@ -380,7 +382,8 @@ def selective_scan_cpu(
     return_final_state: bool = False,
 ):
     """The fused CPU selective scan; same signature and results as `selective_scan_ref`."""
-    y, h = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    need_grad = records_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    y, h = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, need_grad)
     return (y, h) if return_final_state else y
 
 
