@@ -1,6 +1,9 @@
 """One decode step, fused (mambakit/decode_fused.py) against the unfused reference (`MambaLM.step(fused=False)`),
 in one process, interleaved (reference, fused, reference, fused; the faster of each pair of medians), random
 weights of the 130m shape by default. The ratio is what to read; absolute times move with the machine's load.
+A third column runs the fused step on a second copy of the model (same weights) whose parameters
+`mambakit.hugepages.use_huge_pages` moved into 2 MiB pages, as `generate` and the server do, interleaved
+with the other two; without transparent huge pages on this machine it says so and shows "—".
 
     python benchmarks/decode_step.py                             # 2 threads, batch 1, 2, 4, 8; float32 + bfloat16
     python benchmarks/decode_step.py --threads 1 --batch 1,2
@@ -14,7 +17,7 @@ import time
 
 import torch
 
-from mambakit import MambaConfig, MambaLM, decode_fused
+from mambakit import MambaConfig, MambaLM, decode_fused, hugepages
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -40,25 +43,38 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     print(f"# decode step, shape {args.shape}, {args.threads} thread(s), median of {args.repeats}; "
           f"fused for batch <= {decode_fused.MAX_BATCH}")
-    print("| dtype | batch | unfused ms | fused ms | unfused ÷ fused |")
-    print("|---|---:|---:|---:|---:|")
+    ok, why = hugepages.supported()
+    if not ok:
+        print(f"# 2 MiB pages: not available ({why})")
+    print("| dtype | batch | unfused ms | fused ms | fused, 2 MiB pages ms | unfused ÷ fused | fused ÷ fused in 2 MiB pages |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for dtype in args.dtypes.split(","):
+        torch.manual_seed(0)
         model = MambaLM(MambaConfig.from_preset(args.shape)).to(getattr(torch, dtype)).eval()
+        torch.manual_seed(0)
+        huge = MambaLM(MambaConfig.from_preset(args.shape)).to(getattr(torch, dtype)).eval()
+        moved = hugepages.use_huge_pages(huge) if ok else 0
         for b in map(int, args.batch.split(",")):
-            state = model.allocate_state(b)
+            state, state_h = model.allocate_state(b), huge.allocate_state(b)
             ids = torch.randint(0, model.config.vocab_size, (b,))
             fused_ok = decode_fused.applies(model, ids, state)
-            best = {False: float("inf"), True: float("inf")}
-            for fused in (False, True, False, True):
-                if fused and not fused_ok:
-                    continue
-                for _ in range(3):  # warm-up (the first call compiles or loads the kernels)
-                    model.step(ids, state, fused=fused)
-                best[fused] = min(best[fused], median_ms(lambda: model.step(ids, state, fused=fused), args.repeats))
-            f = f"{best[True]:.1f}" if fused_ok else "—"
-            ratio = f"{best[False] / best[True]:.2f}×" if fused_ok else "—"
-            print(f"| {dtype} | {b} | {best[False]:.1f} | {f} | {ratio} |", flush=True)
+            runs = {"unfused": lambda: model.step(ids, state, fused=False)}
+            if fused_ok:
+                runs["fused"] = lambda: model.step(ids, state, fused=True)
+                if moved:
+                    runs["huge"] = lambda: huge.step(ids, state_h, fused=True)
+            best = {k: float("inf") for k in runs}
+            for _ in range(2):
+                for k, fn in runs.items():
+                    for _ in range(3):  # warm-up (the first call compiles or loads the kernels)
+                        fn()
+                    best[k] = min(best[k], median_ms(fn, args.repeats))
 
+            def cell(k, fmt="{:.1f}"):
+                return fmt.format(best[k]) if k in best else "—"
+            r1 = f"{best['unfused'] / best['fused']:.2f}×" if "fused" in best else "—"
+            r2 = f"{best['fused'] / best['huge']:.2f}×" if "huge" in best else "—"
+            print(f"| {dtype} | {b} | {cell('unfused')} | {cell('fused')} | {cell('huge')} | {r1} | {r2} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from ..generate import RowOutput, SamplingParams, next_tokens, prefill, row_generators, sampling_vocab
+from ..hugepages import use_huge_pages
 from ..model import MambaLM, MambaState
 
 log = logging.getLogger("mambakit.serve")
@@ -137,6 +138,7 @@ class Engine:
                              f"{prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model, tokenizer
+        use_huge_pages(model)  # the engine decodes every step: weights in 2 MiB pages (hugepages.py)
         self.eos = set(eos or ())
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab = sampling_vocab(model, tokenizer)
