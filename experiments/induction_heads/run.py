@@ -389,6 +389,12 @@ def attn_blocks(s: dict) -> str:
     return f"GELU MLP of width {s.get('attn_d_ff') or 4 * s['attn_d_model']}"
 
 
+def lr_text(s: dict) -> str:
+    if s.get("mamba_lr_min") is None:
+        return "constant lr"
+    return f"constant lr for attention and, for Mamba, cosine decay to {s['mamba_lr_min']} of its lr over the last stage"
+
+
 def write_readme(results: dict, path: Path) -> None:
     s = results["settings"]
     lines = []
@@ -412,7 +418,7 @@ is scored, in training and in testing).
 
 Setting: 2 layers; Mamba D = {s['mamba_d_model']}, attention D = {s['attn_d_model']} with 8 heads
 ({attn_blocks(s)}, LayerNorm; attention stops at the training length once its validation accuracy reaches
-{100 * s.get('attn_stop_at', 1.0):.0f}%); Adam without weight decay, constant lr after {s['warmup']} warmup steps; every model sees
+{100 * s.get('attn_stop_at', 1.0):.0f}%); Adam without weight decay, {lr_text(s)} after {s['warmup']} warmup steps; every model sees
 the same batches of {s['batch_size']} fresh sequences per step (the paper: batch 8, 200K–400K steps). Why batch 32: in
 probes here, attention (D 128, lr 3e-4) stayed at chance for 1250 steps of 16 sequences at length 64 and learned
 within 1000–2250 steps of 32, and Mamba trained on 4000 steps of 32 at 256 extrapolated further (100% to 2^12,
@@ -437,6 +443,29 @@ memory). Random guessing is 1/15 ≈ 6.7%.
 ## The paper's Table 11 (v1; Table 2 is its plot): accuracy (%), ✓ written as 100.0, ✗ = out of memory
 
 {chr(10).join(paper_rows())}
+
+## Why Mamba stops extrapolating near 2^14, and what did not help
+
+Mamba can carry the answer over a gap of g tokens only in a state that barely decays on the ordinary tokens in
+between: exp(−Δ·|A|) per token, i.e. a memory horizon of about 1/(Δ·|A|) tokens. A model trained with the
+default settings (4900 steps, seed 0; measured by a one-off probe script, not in the repo) has,
+in its second layer, mean Δ on ordinary tokens of 4.4e-5 in its longest-memory channel (|A| 0.96). That is a
+horizon of 23.6K tokens (2^14.5); the next channels reach 12.8K and 11.7K, and the median is 91. Accuracy
+falls off past 2^13, where the gap (the pair sits uniformly in the sequence) starts to exceed those horizons.
+Reaching 2^20 needs Δ near 1e-6 on ordinary tokens: softplus pre-activations of about −14 instead of −10.
+Training at length 256 pushes them there only slowly: the loss is already 0 at 256, and the gradient through
+softplus at −10 is e^−10. The paper's 1.6M training sequences are 12× ours.
+
+Probes (Mamba only, the default settings unless named; 2^13 / 2^14 / 2^15 / 2^16 / 2^17–2^20 accuracy %):
+
+| change | 2^13 | 2^14 | 2^15 | 2^16 | 2^17 … 2^20 (4 sequences each) |
+|---|---|---|---|---|---|
+| none (the default run above) | 98.4 | 96.9 | 93.8 | 75 | 25–75 |
+| 3× the steps (12000 at 256), constant lr | 98.4 | 84.4 | 81.2 | 50 | 0–50 |
+| cosine decay of the lr to 1% (`--mamba-lr-min 0.01`), seed 0 | 95.3 | 90.6 | 93.8 | 75 | 25, 75, 0, 25 |
+| the same, seed 1 | 92.2 | 87.5 | 93.8 | 50 | 50, 25, 25, 50 |
+| stop once solved at 256 (`--stop-at 1.0 --stop-patience 3`), seed 0 | 93.8 | 81.2 | 81.2 | 25 | 0, 50, 0, 0 |
+| the same, seed 1 | 75.0 | 75.0 | 81.2 | 37.5 | 25, 25, 25, 25 |
 
 Raw numbers, training curves and sample counts: `results.json`.
 """
