@@ -317,6 +317,23 @@ def test_scan_saves_checkpoint_states_only(ckpt_tiles, small_tiles):
     assert [tuple(t.shape) for t in saved] == [(1, -(-17 // (4 * ckpt_tiles)), 4, 2)]
 
 
+def test_scan_in_inference_saves_nothing(monkeypatch, small_tiles):
+    """Under no_grad the scan writes no checkpoint states and saves nothing, though its inputs require grad
+    (autograd still marks them in ctx.needs_input_grad); with grad it saves, and y is the same."""
+    from torch.autograd.function import FunctionCtx
+
+    saved = []
+    original = FunctionCtx.save_for_backward
+    monkeypatch.setattr(FunctionCtx, "save_for_backward", lambda ctx, *t: saved.append(len(t)) or original(ctx, *t))
+    inputs = make_inputs(1, 17, 4, 2, torch.float32)
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+    with torch.no_grad():
+        y0 = scan_triton.selective_scan_triton(**leaves, delta_softplus=True)
+    assert saved == []
+    y1 = scan_triton.selective_scan_triton(**leaves, delta_softplus=True)
+    assert len(saved) == 1 and torch.equal(y0, y1.detach())
+
+
 def test_sliced_scan_equals_interpreter_scan():
     """The test-speed scan above against Triton's own interpreter scan, on both combine functions the kernels
     use, forwards and in reverse."""

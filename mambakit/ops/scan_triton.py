@@ -50,6 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._numba import records_grad
+
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the kernels' copies (a @triton.jit function reads only constexpr globals)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -374,7 +376,9 @@ def _strides(*xs: Tensor) -> list[int]:
 
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save):
+        # save: records_grad(...) of the inputs, from the caller (ctx.needs_input_grad is True for parameters
+        # under no_grad too): inference writes no checkpoint states
         b, l, d = u.shape
         n = A.shape[1]
         f32 = torch.float32
@@ -386,7 +390,6 @@ class _SelectiveScanTriton(torch.autograd.Function):
         z_ = _rowwise(z) if z is not None else u_
         h0 = initial_state.detach().to(f32).contiguous() if initial_state is not None else dummy
         cfg = scan_config(b, l, d, n)
-        save = any(ctx.needs_input_grad)
         n_tiles = triton.cdiv(l, cfg["BLOCK_T"])
         ckpt = u_.new_empty((b, triton.cdiv(n_tiles, cfg["CKPT_TILES"]), d, n) if save else (1,), dtype=f32)
         y = u_.new_empty(b, l, d)
@@ -449,6 +452,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             dbias.sum(0).to(t_bias) if has_bias and need[7] else None,
             None,
             dh0.to(t_h0) if t_h0 is not None and need[9] else None,
+            None,
         )
 
 
@@ -467,5 +471,6 @@ def selective_scan_triton(
 ):
     """The Triton selective scan; same signature and results as `selective_scan_ref` (float16, bfloat16 and
     float32 inputs; float32 state and accumulation)."""
-    y, h = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    save = records_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    y, h = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save)
     return (y, h) if return_final_state else y
