@@ -232,3 +232,22 @@ def test_audio_digits_tiny(tmp_path):
     res = json.loads((out / "results.json").read_text())["digits"]
     assert res["real_train"]["n"] == 10 and res["generated_unconditional"]["n"] == 2
     assert (out / "spectrograms.png").stat().st_size > 0 and len(list((out / "samples").glob("*.wav"))) == 10
+
+
+def test_run_budgeted_scales_the_lr_of_chosen_parameters():
+    """lr_mults: a factor 0 freezes a parameter (its AdamW update is lr · 0, weight decay included), a factor
+    0.1 moves it less than the rest; the others train at the full rate."""
+    import torch
+
+    from experiments.dna.loop import run_budgeted
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    mults = {id(p): 0.0 for p in model[0].parameters()} | {id(p): 0.1 for p in model[1].parameters()}
+    run_budgeted(model, lambda step: (torch.nn.functional.cross_entropy(model(x), y), 16), 0, 1e-2, max_steps=5,
+                 lr_mults=mults, log_every=100)
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before)]
+    assert moved[0] == 0 and moved[1] == 0  # the first layer: factor 0
+    assert 0 < moved[2] < moved[4] / 3 and 0 < moved[3] < moved[5] / 3  # factor 0.1 against the full-rate head

@@ -90,16 +90,25 @@ def _hms(s: float) -> str:
 
 def run_budgeted(model: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Tensor, int]], budget_s: float,
                  lr: float, weight_decay: float = 0.1, grad_clip: float = 1.0, max_steps: int | None = None,
-                 label: str = "", log_every: int = 10, min_steps: int = 1, budget_tokens: int = 0) -> dict:
+                 label: str = "", log_every: int = 10, min_steps: int = 1, budget_tokens: int = 0,
+                 lr_mults: dict[int, float] | None = None) -> dict:
     """Runs AdamW steps until the first budget is spent: `budget_tokens` tokens, `budget_s` seconds or
     `max_steps` steps (a budget <= 0 / None is not used; at least one must be). loss_fn(step) returns (loss,
     tokens in the step's batch). Returns steps, tokens, seconds and the last logged losses.
 
     A token budget gives every run of a sweep the same data, as the paper does; a time budget gives the same
-    compute only on a machine whose load does not change during the sweep."""
+    compute only on a machine whose load does not change during the sweep. lr_mults: {id(parameter): factor}
+    scales those parameters' learning rate (discriminative fine-tuning: a pretrained backbone slower than its
+    new head)."""
     if budget_s <= 0 and budget_tokens <= 0 and not max_steps:
         raise ValueError("run_budgeted needs budget_s > 0, budget_tokens > 0 or max_steps")
-    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    groups = []
+    for g in param_groups(model, weight_decay):  # each split by lr factor
+        by_mult: dict[float, list] = {}
+        for prm in g["params"]:
+            by_mult.setdefault((lr_mults or {}).get(id(prm), 1.0), []).append(prm)
+        groups += [{**g, "params": ps, "lr_mult": m} for m, ps in by_mult.items()]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     model.train()
     t0 = time.perf_counter()
     step, tokens, window, losses = 0, 0, [], []
@@ -111,7 +120,7 @@ def run_budgeted(model: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Te
         if step >= min_steps and progress >= 1.0:
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(min(progress, 1.0), lr)
+            g["lr"] = lr_at(min(progress, 1.0), lr) * g["lr_mult"]
         loss, n_tok = loss_fn(step)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{label}: non-finite loss at step {step + 1}; lower the learning rate")

@@ -220,8 +220,10 @@ def classify(args, train_g, val_g, species, models) -> dict:
                 print(f"[{task}] window {L}, {init}" + (f" (from the L={src} LM)" if init == "pretrained" else "")
                       + f": batch {batch}", file=sys.stderr, flush=True)
                 steps = min(x for x in (args.max_steps, args.finetune_steps, 10**12) if x)
+                mults = {id(prm): args.backbone_lr_mult for prm in clf.backbone.parameters()}
                 run = run_budgeted(clf, loss_fn, args.finetune_s, args.cls_lr, weight_decay=0.1, max_steps=steps,
-                                   label=f"{task} L={L} {init}", log_every=5, budget_tokens=args.finetune_tokens)
+                                   label=f"{task} L={L} {init}", log_every=5, budget_tokens=args.finetune_tokens,
+                                   lr_mults=mults)
                 n_eval = max(args.min_eval_windows, min(args.max_eval_windows, args.eval_tokens // L))
                 ev = eval_classifier(clf, va, n_eval, max(1, args.eval_tokens // (4 * L)))
                 key = f"{task}/{L}/{init}"
@@ -379,6 +381,8 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, default=None, help="cap on steps per run (CI)")
     p.add_argument("--lr", type=float, default=8e-3, help="pretraining peak LR (paper: 8e-3 for Mamba)")
     p.add_argument("--cls_lr", type=float, default=2e-3)
+    p.add_argument("--backbone_lr_mult", type=float, default=1.0,
+                   help="classifier fine-tuning: the backbone's lr is cls_lr times this (both inits)")
     p.add_argument("--cls_tokens_per_step", type=int, default=2**15)
     p.add_argument("--min_cls_batch", type=int, default=4)
     p.add_argument("--eval_segments", type=int, default=4, help="held-out segments per held-out genome")
