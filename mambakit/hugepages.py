@@ -77,12 +77,13 @@ def _key(params: list[torch.nn.Parameter]) -> tuple:
 def huge_page_arena(nbytes: int) -> torch.Tensor:
     """A uint8 tensor of nbytes on a 2 MiB boundary, in a private anonymous mapping advised MADV_HUGEPAGE
     before any page of it is touched. The tensor keeps the mapping alive."""
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE  # whole huge pages
+    # one huge page more than the span, so that a 2 MiB-aligned span fits wherever the mapping starts
+    m = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(m, dtype=torch.uint8)  # holds a reference to m
     offset = -whole.data_ptr() % HUGE_PAGE
-    arena = whole[offset : offset + nbytes]
-    _madvise_huge(arena.data_ptr(), -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
-    return arena
+    _madvise_huge(whole.data_ptr() + offset, span)  # inside the mapping: offset + span <= len(m)
+    return whole[offset : offset + nbytes]
 
 
 def use_huge_pages(model: torch.nn.Module) -> int:

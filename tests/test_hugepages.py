@@ -53,11 +53,13 @@ def test_generate_moves_weights_into_huge_pages(enabled):
     assert backed >= hugepages.HUGE_PAGE
 
 
-def test_arena_is_aligned_and_advised(enabled):
-    arena = hugepages.huge_page_arena(4 * hugepages.HUGE_PAGE)
-    assert arena.data_ptr() % hugepages.HUGE_PAGE == 0 and arena.numel() == 4 * hugepages.HUGE_PAGE
-    arena.fill_(1)
-    assert int(arena.sum()) == arena.numel()
+@pytest.mark.parametrize("nbytes", [4 * hugepages.HUGE_PAGE, 4 * hugepages.HUGE_PAGE + 1, 12345])
+def test_arena_is_aligned_and_advised(enabled, nbytes):
+    for _ in range(4):  # mappings start at different offsets from a 2 MiB boundary
+        arena = hugepages.huge_page_arena(nbytes)
+        assert arena.data_ptr() % hugepages.HUGE_PAGE == 0 and arena.numel() == nbytes
+        arena.fill_(1)
+        assert int(arena.sum()) == nbytes
 
 
 def test_off_switch_and_small_models(monkeypatch):
