@@ -35,6 +35,29 @@ def test_selective_copying_tiny(tmp_path):
     assert (tmp_path / "README.md").read_text() == readme
 
 
+def test_jobs_train_the_models_in_processes_and_merge(tmp_path, monkeypatch):
+    """--jobs 2 (the default): the models train in two child processes; one results.json, table and README,
+    under the user's command; the same accuracies as the same models trained in one process."""
+    import os
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the children run `python -m experiments...`
+    monkeypatch.setenv("PYTHONPATH", os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = ["--seq-len", "40", "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--val-size", "8",
+              "--test-size", "8", "--d-model", "16"]
+    assert sc.split_models(["mamba", "mamba_s4d", "s4d"], 2) == [["mamba_s4d"], ["mamba", "s4d"]]
+    assert sc.main([*common, "--out", str(tmp_path / "two")]) == 0
+    assert sc.main([*common, "--jobs", "1", "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert list(two["models"]) == ["mamba", "mamba_s4d", "s4d"]
+    assert {k: m["test_accuracy"] for k, m in two["models"].items()} == \
+        {k: m["test_accuracy"] for k, m in one["models"].items()}
+    assert two["command"] == "python -m experiments.selective_copying " + " ".join(common + ["--out", str(tmp_path / "two")])
+    readme = (tmp_path / "two" / "README.md").read_text()
+    assert "--jobs 1" not in readme and all(m in readme for m in ("Mamba (S6)", "S4D alone"))
+
+
 def test_separate_runs_merge_into_one_results_file(tmp_path):
     common = ["--seq-len", "40", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--val-size", "4",
               "--test-size", "4", "--d-model", "8", "--out", str(tmp_path), "--no-readme"]

@@ -1,8 +1,7 @@
 """Experiment 1 — Selective Copying (Mamba paper §4.1.1, Table 1): selection (S6) solves it, LTI S4D does not.
 
-    python -m experiments.selective_copying                   # scaled default (seq_len 128), ≈ 45 min on 1 core
-    python -m experiments.selective_copying --models mamba &  python -m experiments.selective_copying \
-        --models mamba_s4d,s4d                                # the same in two processes (2 cores), ≈ 25 min
+    python -m experiments.selective_copying                   # scaled default (seq_len 128): 2 processes
+    python -m experiments.selective_copying --jobs 1          # the same in this process only (1 core)
     python -m experiments.selective_copying --full            # the paper's length 4096 (hours on a CPU)
     python -m experiments.selective_copying --models mamba --steps 500 --out /tmp/sc
 
@@ -81,7 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget-min", type=float, default=0.0,
                    help="stop a model's training after this many minutes (0 = no limit); recorded in the JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (the machine is shared)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="train the models in this many processes side by side (one core each, default 2: "
+                        "mamba in one, the two LTI models in the other); 1 = all in this process")
     p.add_argument("--out", type=Path, default=HERE, help="output folder (results.json, accuracy.png, README.md)")
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild the table, accuracy.png and README.md from --out/results.json")
@@ -266,9 +268,50 @@ def report(args: argparse.Namespace, log=print) -> dict:
     return report_from_file(args, print_table, plot, write_readme, log)
 
 
+# Relative training cost of each model (minutes of one run on a shared core, README): the split into --jobs
+# processes balances these.
+COST = {"mamba": 15.4, "mamba_s4d": 16.0, "s4d": 9.0}
+
+
+def split_models(models: list[str], jobs: int) -> list[list[str]]:
+    """models into at most `jobs` groups of about equal cost (largest first, each to the cheapest group)."""
+    groups: list[list[str]] = [[] for _ in range(min(jobs, len(models)))]
+    for m in sorted(models, key=lambda m: -COST.get(m, 1.0)):
+        min(groups, key=lambda g: sum(COST.get(x, 1.0) for x in g)).append(m)
+    return [g for g in groups if g]
+
+
+def run_in_processes(args: argparse.Namespace, argv: list[str], log=print) -> dict:
+    """Runs the models in args.jobs child processes of this command (each `--models <its group> --jobs 1
+    --no-readme`; they merge their results into one results.json, see save_results), then writes the table,
+    plot and README from it, under this command."""
+    import json
+    import subprocess
+
+    groups = split_models(args.models, args.jobs)
+    log(f"training in {len(groups)} processes: " + "; ".join(",".join(g) for g in groups))
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.selective_copying", *argv,
+                               "--models", ",".join(g), "--jobs", "1", "--no-readme"]) for g in groups]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"a training process failed (exit codes {codes}; groups {groups})")
+    path = args.out / "results.json"
+    results = json.loads(path.read_text())
+    results["command"] = args.command
+    for name in args.models:  # these came from this command's children
+        results["models"][name]["command"] = args.command
+    write_text_atomic(path, json.dumps(results, indent=1) + "\n")
+    return report(args, log)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report(args) if args.report_only else run(args)
+    if args.report_only:
+        report(args)
+    elif args.jobs > 1 and len(args.models) > 1:
+        run_in_processes(args, list(sys.argv[1:] if argv is None else argv))
+    else:
+        run(args)
     return 0
 
 

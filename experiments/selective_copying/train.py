@@ -119,7 +119,7 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
 
 
 # settings that do not change a model's results: runs that differ only in these can share one results.json
-_RUN_ONLY_SETTINGS = {"models", "out", "no_readme", "report_only", "threads", "time_budget_min"}
+_RUN_ONLY_SETTINGS = {"models", "out", "no_readme", "report_only", "threads", "time_budget_min", "jobs"}
 
 
 def save_results(path, results: dict, order: list[str], log=print) -> dict:
