@@ -129,3 +129,14 @@ def test_lr_schedule_warms_up_then_stays_or_decays():
     assert all(a > b for a, b in zip(cos[3:], cos[4:]))  # strictly decreasing after the warm-up
     assert cos[-1] == pytest.approx(0.1) and cos[11] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
     assert lr_factor(0, warmup=0, steps=10) == 1.0  # no warm-up: full lr from the first step
+
+
+def test_regenerated_readme_keeps_the_hand_written_notes(tmp_path):
+    from experiments.selective_copying.train import NOTES_MARKER, write_readme_keeping_notes
+
+    path = tmp_path / "README.md"
+    write_readme_keeping_notes(path, "# generated 1\n")
+    assert path.read_text() == "# generated 1\n"
+    path.write_text(path.read_text() + "\n" + NOTES_MARKER + "\n\nAn observation.\n")
+    write_readme_keeping_notes(path, "# generated 2\n")
+    assert path.read_text() == "# generated 2\n\n" + NOTES_MARKER + "\n\nAn observation.\n"

@@ -27,7 +27,8 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
-from .train import evaluate, report_from_file, save_results, train, write_text_atomic
+from .train import (evaluate, report_from_file, save_results, train, write_readme_keeping_notes,
+                    write_text_atomic)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -260,7 +261,7 @@ depends on the machine's load at the time of the run. The paper's generator, los
 positions and accuracy definition were not published (see `shared/paper.md`); ours follows the S4
 repository's variable-spacing copying generator. Raw numbers and curves: `results.json`.
 """
-    write_text_atomic(path, text)
+    write_readme_keeping_notes(path, text)
 
 
 def report(args: argparse.Namespace, log=print) -> dict:

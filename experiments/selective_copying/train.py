@@ -170,6 +170,21 @@ def write_text_atomic(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+NOTES_MARKER = "<!-- hand-written notes below: kept when this README is regenerated -->"
+
+
+def write_readme_keeping_notes(path, text: str) -> None:
+    """write_text_atomic(path, text), keeping what the file has from NOTES_MARKER on (hand-written
+    observations about earlier runs, which a regenerated README must not lose)."""
+    from pathlib import Path
+
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    if NOTES_MARKER in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(NOTES_MARKER):]
+    write_text_atomic(path, text)
+
+
 def report_from_file(args, print_table, plot, write_readme, log=print) -> dict:
     """`--report-only` of an experiment: its table, plot and README rebuilt from --out/results.json."""
     import json
