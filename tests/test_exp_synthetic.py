@@ -45,7 +45,7 @@ def test_jobs_train_the_models_in_processes_and_merge(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["--seq-len", "40", "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--val-size", "8",
               "--test-size", "8", "--d-model", "16"]
-    assert sc.split_models(["mamba", "mamba_s4d", "s4d"], 2) == [["mamba_s4d"], ["mamba", "s4d"]]
+    assert sc.split_models(["mamba", "mamba_s4d", "s4d"], 2, sc.COST) == [["mamba_s4d"], ["mamba", "s4d"]]
     assert sc.main([*common, "--out", str(tmp_path / "two")]) == 0
     assert sc.main([*common, "--jobs", "1", "--out", str(tmp_path / "one")]) == 0
     two = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -97,6 +97,24 @@ def test_induction_heads_tiny(tmp_path):
     assert saved["models"]["mamba"]["steps"] == 6 and "(by length 16: 2, 32: 2, 64: 2)" in readme
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert "Induction Heads" in readme and "length curriculum, 16 → 32 → 64" in readme
+
+
+def test_induction_heads_jobs_merge_into_one_results_file(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the children run `python -m experiments...`
+    monkeypatch.setenv("PYTHONPATH", os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["--train-len", "32", "--curriculum", "", "--batch-size", "4", "--mamba-steps", "2", "--attn-steps", "2",
+            "--eval-every", "2", "--val-size", "64", "--min-log-len", "5", "--max-log-len", "6",
+            "--attn-max-log-len", "6", "--eval-tokens", "256", "--attn-eval-tokens", "256", "--min-samples", "2",
+            "--chunk", "64", "--mamba-d-model", "16", "--attn-d-model", "32", "--out", str(tmp_path)]
+    assert ih.split_models(list(ih.MODELS), 2, ih.COST) == [["mamba"], ["mha_abs", "mha_rope"]]
+    assert ih.main(argv) == 0  # --jobs 2 by default
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["models"]) == ["mamba", "mha_abs", "mha_rope"]
+    assert {r["command"] for r in saved["models"].values()} == {"python -m experiments.induction_heads " + " ".join(argv)}
+    assert "Induction Heads" in (tmp_path / "README.md").read_text()
 
 
 def test_chunked_evaluation_equals_one_call():

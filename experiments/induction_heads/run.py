@@ -1,7 +1,8 @@
 """Experiment 2 — Induction Heads (Mamba paper §4.1.2, Table 2 / v1 Table 11): train at length 256, test at
 2^6 … 2^20. Mamba extrapolates; attention collapses beyond its training length.
 
-    python -m experiments.induction_heads                          # default: about 30 min on 1 core
+    python -m experiments.induction_heads                          # default: Mamba | attention in 2 processes
+    python -m experiments.induction_heads --jobs 1                 # all three in this process (1 core)
     python -m experiments.induction_heads --models mamba --max-log-len 16
     python -m experiments.induction_heads --mamba-steps 4000 --attn-steps 4000
 
@@ -34,7 +35,8 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.data.synthetic import induction_heads, scored_accuracy
 
-from ..selective_copying.train import TrainResult, report_from_file, save_results, train, write_text_atomic
+from ..selective_copying.train import (TrainResult, report_from_file, run_in_processes, save_results, split_models,
+                                      train, write_text_atomic)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -118,7 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=2**16, help="Mamba evaluates long sequences in chunks of this")
     p.add_argument("--time-budget-min", type=float, default=0.0, help="per-model training limit (0 = none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="train the models in this many processes side by side (one core each, default 2: Mamba in "
+                        "one, the two attention models in the other); 1 = all in this process")
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild the table, accuracy.png and README.md from --out/results.json")
@@ -477,10 +482,21 @@ def report(args: argparse.Namespace, log=print) -> dict:
     return report_from_file(args, print_table, plot, write_readme, log)
 
 
+# Relative training + evaluation cost of each model (minutes in the default run, under load): the split into
+# --jobs processes balances these.
+COST = {"mamba": 19.6, "mha_abs": 14.6, "mha_rope": 3.6}
+
+
 def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they are printed
     args = parse_args(argv)
-    report(args) if args.report_only else run(args)
+    if args.report_only:
+        report(args)
+    elif args.jobs > 1 and len(args.models) > 1:
+        run_in_processes(args, list(sys.argv[1:] if argv is None else argv), "experiments.induction_heads",
+                         split_models(args.models, args.jobs, COST), report)
+    else:
+        run(args)
     return 0
 
 

@@ -27,8 +27,8 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
-from .train import (evaluate, report_from_file, save_results, train, write_readme_keeping_notes,
-                    write_text_atomic)
+from .train import (evaluate, report_from_file, run_in_processes, save_results, split_models, train,
+                    write_readme_keeping_notes, write_text_atomic)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -274,43 +274,13 @@ def report(args: argparse.Namespace, log=print) -> dict:
 COST = {"mamba": 15.4, "mamba_s4d": 16.0, "s4d": 9.0}
 
 
-def split_models(models: list[str], jobs: int) -> list[list[str]]:
-    """models into at most `jobs` groups of about equal cost (largest first, each to the cheapest group)."""
-    groups: list[list[str]] = [[] for _ in range(min(jobs, len(models)))]
-    for m in sorted(models, key=lambda m: -COST.get(m, 1.0)):
-        min(groups, key=lambda g: sum(COST.get(x, 1.0) for x in g)).append(m)
-    return [g for g in groups if g]
-
-
-def run_in_processes(args: argparse.Namespace, argv: list[str], log=print) -> dict:
-    """Runs the models in args.jobs child processes of this command (each `--models <its group> --jobs 1
-    --no-readme`; they merge their results into one results.json, see save_results), then writes the table,
-    plot and README from it, under this command."""
-    import json
-    import subprocess
-
-    groups = split_models(args.models, args.jobs)
-    log(f"training in {len(groups)} processes: " + "; ".join(",".join(g) for g in groups))
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.selective_copying", *argv,
-                               "--models", ",".join(g), "--jobs", "1", "--no-readme"]) for g in groups]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"a training process failed (exit codes {codes}; groups {groups})")
-    path = args.out / "results.json"
-    results = json.loads(path.read_text())
-    results["command"] = args.command
-    for name in args.models:  # these came from this command's children
-        results["models"][name]["command"] = args.command
-    write_text_atomic(path, json.dumps(results, indent=1) + "\n")
-    return report(args, log)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_only:
         report(args)
     elif args.jobs > 1 and len(args.models) > 1:
-        run_in_processes(args, list(sys.argv[1:] if argv is None else argv))
+        run_in_processes(args, list(sys.argv[1:] if argv is None else argv), "experiments.selective_copying",
+                         split_models(args.models, args.jobs, COST), report)
     else:
         run(args)
     return 0

@@ -170,6 +170,37 @@ def write_text_atomic(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def split_models(models: list[str], jobs: int, cost: dict[str, float]) -> list[list[str]]:
+    """models into at most `jobs` groups of about equal cost (largest first, each to the cheapest group)."""
+    groups: list[list[str]] = [[] for _ in range(min(jobs, len(models)))]
+    for m in sorted(models, key=lambda m: -cost.get(m, 1.0)):
+        min(groups, key=lambda g: sum(cost.get(x, 1.0) for x in g)).append(m)
+    return [g for g in groups if g]
+
+
+def run_in_processes(args, argv: list[str], module: str, groups: list[list[str]], report, log=print) -> dict:
+    """Runs an experiment's model groups in child processes of this command, side by side (each `python -m
+    module <argv> --models <its group> --jobs 1 --no-readme`; they merge their results into one results.json,
+    see save_results), then writes the table, plot and README from it, under this command."""
+    import json
+    import subprocess
+    import sys
+
+    log(f"training in {len(groups)} processes: " + "; ".join(",".join(g) for g in groups))
+    procs = [subprocess.Popen([sys.executable, "-m", module, *argv, "--models", ",".join(g), "--jobs", "1",
+                               "--no-readme"]) for g in groups]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"a training process failed (exit codes {codes}; groups {groups})")
+    path = args.out / "results.json"
+    results = json.loads(path.read_text())
+    results["command"] = args.command
+    for name in args.models:  # these came from this command's children
+        results["models"][name]["command"] = args.command
+    write_text_atomic(path, json.dumps(results, indent=1) + "\n")
+    return report(args, log)
+
+
 NOTES_MARKER = "<!-- hand-written notes below: kept when this README is regenerated -->"
 
 
