@@ -35,7 +35,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.data.synthetic import induction_heads, scored_accuracy
 
-from ..selective_copying.train import (TrainResult, report_from_file, run_in_processes, save_results, split_models,
+from ..selective_copying.train import (TrainResult, report_from_file, run_experiment, save_results, split_models,
                                       train, write_text_atomic)
 
 HERE = Path(__file__).resolve().parent
@@ -489,15 +489,7 @@ COST = {"mamba": 19.6, "mha_abs": 14.6, "mha_rope": 3.6}
 
 def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they are printed
-    args = parse_args(argv)
-    if args.report_only:
-        report(args)
-    elif args.jobs > 1 and len(args.models) > 1:
-        run_in_processes(args, list(sys.argv[1:] if argv is None else argv), "experiments.induction_heads",
-                         split_models(args.models, args.jobs, COST), report)
-    else:
-        run(args)
-    return 0
+    return run_experiment(parse_args(argv), argv, "experiments.induction_heads", COST, run, report)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
-from .train import (evaluate, report_from_file, run_in_processes, save_results, split_models, train,
+from .train import (evaluate, report_from_file, run_experiment, save_results, split_models, train,
                     write_readme_keeping_notes, write_text_atomic)
 
 HERE = Path(__file__).resolve().parent
@@ -275,15 +275,7 @@ COST = {"mamba": 15.4, "mamba_s4d": 16.0, "s4d": 9.0}
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.report_only:
-        report(args)
-    elif args.jobs > 1 and len(args.models) > 1:
-        run_in_processes(args, list(sys.argv[1:] if argv is None else argv), "experiments.selective_copying",
-                         split_models(args.models, args.jobs, COST), report)
-    else:
-        run(args)
-    return 0
+    return run_experiment(parse_args(argv), argv, "experiments.selective_copying", COST, run, report)
 
 
 if __name__ == "__main__":

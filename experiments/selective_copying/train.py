@@ -201,6 +201,21 @@ def run_in_processes(args, argv: list[str], module: str, groups: list[list[str]]
     return report(args, log)
 
 
+def run_experiment(args, argv, module: str, cost: dict[str, float], run, report) -> int:
+    """An experiment's main: rebuild the report (--report-only), or train its models in args.jobs processes
+    side by side (run_in_processes), or all of them in this process (run)."""
+    import sys
+
+    if args.report_only:
+        report(args)
+    elif args.jobs > 1 and len(args.models) > 1:
+        run_in_processes(args, list(sys.argv[1:] if argv is None else argv), module,
+                         split_models(args.models, args.jobs, cost), report)
+    else:
+        run(args)
+    return 0
+
+
 NOTES_MARKER = "<!-- hand-written notes below: kept when this README is regenerated -->"
 
 
