@@ -4,13 +4,14 @@ Why: a decode step of the 130m model does little arithmetic (one token per seque
 about 25 torch ops and numba calls per layer (norm, in_proj, conv update, x_proj, dt_proj, state update,
 out_proj, residual add, dtype conversions), spends a quarter of its time outside the weight reads. Here each
 layer is one numba call that keeps every intermediate in small scratch buffers and reads each weight matrix
-once, row after row in memory order (one sequential stream, which is what DRAM serves fastest), in four
-parallel loops split between torch's threads by rows (see `_layer_step`). The kernel's numpy views of the
-weights are built once and reused (`_layer_args`).
+once, in four parallel loops split between torch's threads (see `_layer_step`). The large matrices (in_proj,
+dt_proj, out_proj, the LM head) are read from a copy packed in 32-row panels (`decode_panels`: one sequential
+stream, and each weight load shared by the batch's rows), built on the first fused step and rebuilt when a
+weight changes; the small ones through numpy views of the parameters (`_layer_args`).
 
-Measured (130m, 2 threads, other jobs paused, `benchmarks/decode_step.py`, fused vs unfused ms a step):
-float32 19.0 vs 23.7 at batch 1, 38.4 vs 43.9 at 8, 55.6 vs 61.2 at 16; bfloat16 9.1 vs 15.6, 30.1 vs 39.3,
-46.8 vs 50.4. At 32 rows torch's bfloat16 GEMM (oneDNN) wins (78.6 vs 74.7), so `applies` stops at 16.
+Measured (130m, 2 threads, other processes paused, `benchmarks/decode_step.py`, fused vs unfused ms a step,
+one run): float32 16.3 vs 20.8 at batch 1, 19.9 vs 40.4 at 8, 36.8 vs 57.3 at 16; bfloat16 6.8 vs 15.7,
+20.8 vs 37.9, 39.0 vs 47.1. (Before the panels: float32 19.0, 38.4, 55.6 ms.)
 
 The reference twin is the unfused `Mamba.step` (model.py), with the same arguments and results: tests compare
 the two (logits and both states over many steps, float32 and bfloat16 weights, batch 1 … 9, odd sizes). The
@@ -32,7 +33,9 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from . import decode_panels
 from .decode_linear import _rows
+from .decode_panels import GROUP, panel_rows
 from .ops._numba import fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
 
 # The fused step runs for batches up to MAX_BATCH (see `applies`); larger ones take the unfused step.
@@ -54,27 +57,30 @@ def _channel(ssm_state, dbc, A, bb, e, delta, dx, R, N):
 _channel = njit(inline="always", **kernel_options(parallel=False))(_channel)
 
 
-def _layer_step(r, norm_w, eps, w_in, b_in, conv_w, conv_b, conv_state, w_x, w_dt, dt_b, A, Dv, ssm_state,
-                w_out, b_out, hn, xz, xc, dbc, y):
+def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
+                p_out, b_out, hn, xz, xc, dbc, y, o):
     """One layer for b sequences; r (b, D) float32 is the residual stream, updated in place (r += mixer(norm(r))).
 
-    Weights are float32 arrays or bfloat16 bits (int16): w_in (2E, D), conv_w (E, W), w_x (R + 2N, E),
-    w_dt (E, R), w_out (D, E); vectors norm_w (D,), conv_b (E,), dt_b (E,), Dv (E,), b_in (2E,) / b_out (D,)
-    or empty. A (E, N) float32 = −exp(A_log). conv_state (b, E, W − 1) in the model's dtype and ssm_state
-    (b, E, N) float32 are updated in place. hn (b, D), xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E):
-    float32 scratch.
+    Weights are float32 arrays or bfloat16 bits (int16). in_proj, dt_proj and out_proj come packed in 32-row
+    panels (`decode_panels`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
+    whole panels; conv_w (E, W) and w_x (R + 2N, E) as they are; vectors norm_w (D,), conv_b (E,), dt_b (E,),
+    Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log). conv_state (b, E, W − 1) in
+    the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32 scratch: hn (b, D),
+    xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed matrices whole panels
+    wide.
 
-    Four parallel loops, each split between the threads in contiguous ranges (numba's static schedule) of
-    ROWS-row tasks: in_proj with the conv and SiLUs of the channels it has just produced (the conv is
-    depthwise: channel e needs only x_e), x_proj, dt_proj with the state update of its channels, and
-    out_proj adding into r. Only the RMSNorm, over D numbers, runs on one thread. Measured per 24 layers by a
-    one-off script that compiles each loop alone (not in the repo)
-    (130m, batch 1 / 8, float32): in_proj 8–10 / 14 ms, out_proj 3–4 / 5.5, Δ and state update 0.7 / 4.5
-    (it was 1.5 / 6.9 with the softplus and SiLUs as scalar code inside the per-channel loop), x_proj 0.2 / 0.3."""
+    Four parallel loops, each split between the threads in contiguous ranges (numba's static schedule):
+    in_proj a panel a task, with the conv and SiLUs of the channels it has just produced (the conv is
+    depthwise: channel e needs only x_e); x_proj in 4-row tasks; dt_proj with the state update of its
+    channels, ROWS channels a task; out_proj a panel a task, adding into r. Only the RMSNorm, over D numbers,
+    runs on one thread. Measured per 24 layers before the panels, by a one-off script that compiles each loop
+    alone (not in the repo) (130m, batch 1 / 8, float32): in_proj 8–10 / 14 ms, out_proj 3–4 / 5.5, Δ and
+    state update 0.7 / 4.5 (it was 1.5 / 6.9 with the softplus and SiLUs as scalar code inside the
+    per-channel loop), x_proj 0.2 / 0.3. The panels' gains are in `decode_panels` and BENCHMARKS.md."""
     b, D = r.shape
     E, N = A.shape
     K = conv_w.shape[1]  # the conv width W
-    R = w_dt.shape[1]
+    R = p_dt.shape[1]
     P = w_x.shape[0]  # R + 2N
     # RMSNorm (the pre-norm of the residual block), in float32
     for bb in range(b):
@@ -85,10 +91,14 @@ def _layer_step(r, norm_w, eps, w_in, b_in, conv_w, conv_b, conv_state, w_x, w_d
         for j in range(D):
             hn[bb, j] = r[bb, j] * scale * widen(norm_w[j])
     has_cb = conv_b.shape[0] > 0
-    for blk in prange((2 * E + ROWS - 1) // ROWS):
-        r0, r1 = blk * ROWS, min(2 * E, (blk + 1) * ROWS)
-        for q in range(r0, r1, 4):
-            _rows(hn, w_in, b_in, xz, q, False)  # (b, 2E): x = xz[:, :E], z = xz[:, E:]
+    has_b_in = b_in.shape[0] > 0
+    for g in prange(p_in.shape[0]):  # in_proj, one 32-row panel a task: (b, 2E), x = xz[:, :E], z = xz[:, E:]
+        panel_rows(p_in, g, hn, xz)
+        r0, r1 = g * GROUP, min(2 * E, (g + 1) * GROUP)
+        if has_b_in:
+            for bb in range(b):
+                for e in range(r0, r1):
+                    xz[bb, e] += widen(b_in[e])
         # the channels just produced: x through the causal depthwise conv over the last W inputs (the state
         # holds W − 1; it shifts by one) then SiLU; z through SiLU (the gate). The SiLUs run as loops over
         # channels, which LLVM vectorises; per channel they would be scalar code.
@@ -111,13 +121,14 @@ def _layer_step(r, norm_w, eps, w_in, b_in, conv_w, conv_b, conv_state, w_x, w_d
         _rows(xc, w_x, b_out[:0], dbc, 4 * blk, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
     # per block of channels: Δ = softplus(dt_proj(dbc[:, :R]) + dt_bias) (into y), then the selective state
     # update (Section 3.2 discretisation) h ← exp(ΔA) h + Δ B x; y = C·h + D x, gated by SiLU(z)
+    has_dt_b = dt_b.shape[0] > 0
     for blk in prange((E + ROWS - 1) // ROWS):
         e0, e1 = blk * ROWS, min(E, (blk + 1) * ROWS)
-        for q in range(e0, e1, 4):
-            _rows(dbc, w_dt, dt_b, y, q, False)  # dbc[:, :R] · w_dtᵀ: a slice would defeat vectorisation
+        for g in range(e0 // GROUP, (e1 + GROUP - 1) // GROUP):
+            panel_rows(p_dt, g, dbc, y)  # (b, E) = dbc[:, :R] · w_dtᵀ (the kernel reads R of each dbc row)
         for bb in range(b):
             for e in range(e0, e1):  # vectorised over channels
-                y[bb, e] = softplus(y[bb, e])
+                y[bb, e] = softplus(y[bb, e] + widen(dt_b[e]) if has_dt_b else y[bb, e])
         for bb in range(b):
             for e in range(e0, e1):
                 delta, xe = y[bb, e], xc[bb, e]
@@ -126,8 +137,12 @@ def _layer_step(r, norm_w, eps, w_in, b_in, conv_w, conv_b, conv_state, w_x, w_d
                 ch = _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, 16) if N == 16 else \
                     _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, N)
                 y[bb, e] = (ch + widen(Dv[e]) * xe) * xz[bb, E + e]
-    for blk in prange((D + 3) // 4):
-        _rows(y, w_out, b_out, r, 4 * blk, True)  # r += out_proj(y): the residual add
+    has_b_out = b_out.shape[0] > 0
+    for g in prange(p_out.shape[0]):  # r += out_proj(y): the residual add, one 32-row panel a task
+        panel_rows(p_out, g, y, o)
+        for bb in range(b):
+            for j in range(g * GROUP, min(D, (g + 1) * GROUP)):
+                r[bb, j] += o[bb, j] + widen(b_out[j]) if has_b_out else o[bb, j]
 
 
 def _renamed(fn, suffix: str):
@@ -184,25 +199,29 @@ def applies(model, input_ids: Tensor, state) -> bool:
     )
 
 
-def _layer_args(model) -> list[tuple]:
-    """Per layer, the kernel's weight arguments as numpy views of the parameters' memory. Building them costs
-    about 1 ms a step (24 layers × 13 tensor → numpy conversions), so they are built once and reused for as
-    long as every module and parameter they came from is still in place, at the same address (checked each
-    step by dict lookups, ~0.1 ms). Training in place (optimizer steps, load_state_dict) keeps the views
-    valid; replacing a parameter, a module or a tensor's .data rebuilds them."""
+def _layer_args(model) -> tuple[list[tuple], np.ndarray]:
+    """Per layer, the kernel's weight arguments, and the LM head packed: in_proj, out_proj and the head as
+    32-row panels (`decode_panels.pack`, a copy, built here), the small matrices and vectors as numpy views
+    of the parameters' memory. They are built once and reused for as long as every module and parameter they
+    came from is still in place, at the same address and version (checked each step by dict lookups, ~0.1 ms):
+    an optimizer step or load_state_dict bumps the packed parameters' versions and so rebuilds the copy;
+    replacing a parameter, a module or a tensor's .data rebuilds everything. (In-place writes through
+    `.data` are invisible to torch's version counter, and so to this check.)"""
     cached = model.__dict__.get("_fused_args")
-    if cached is not None and all(d.get(k) is v and (p is None or v.data_ptr() == p) for d, k, v, p in cached[0]):
+    if cached is not None and all(d.get(k) is v and (p is None or (v.data_ptr(), v._version) == p)
+                                  for d, k, v, p in cached[0]):
         return cached[1]
+    model.__dict__.pop("_fused_args", None)  # free the old packed copy before building the new one
     checks = []
 
     def watch(module, kind: str, name: str):  # module._modules[name] or ._parameters[name], recorded
         d = getattr(module, kind)
         v = d[name]
-        checks.append((d, name, v, v.data_ptr() if isinstance(v, Tensor) else None))
+        checks.append((d, name, v, (v.data_ptr(), v._version) if isinstance(v, Tensor) else None))
         return v
 
     layers = watch(watch(model, "_modules", "backbone"), "_modules", "layers")
-    args = []
+    args, packed = [], []
     for i in range(len(layers)):
         layer = watch(layers, "_modules", str(i))
         norm, m = watch(layer, "_modules", "norm"), watch(layer, "_modules", "mixer")
@@ -213,35 +232,45 @@ def _layer_args(model) -> list[tuple]:
             t = watch(module, "_parameters", name)
             return _EMPTY if t is None else _np(t)
 
-        args.append((
-            p(norm, "weight"), norm.eps, p(in_proj, "weight"), p(in_proj, "bias"), p(conv, "weight").reshape(-1, conv.weight.shape[-1]),
-            p(conv, "bias"), p(x_proj, "weight"), p(dt_proj, "weight"), p(dt_proj, "bias"), p(m, "D"),
-            p(out_proj, "weight"), p(out_proj, "bias"),
-        ))  # A is not here: m._decode_A() gives it each step, following in-place updates of A_log
-    model.__dict__["_fused_args"] = (checks, args)
-    return args
+        packed += [watch(module, "_parameters", "weight") for module in (in_proj, dt_proj, out_proj)]
+        args.append([
+            p(norm, "weight"), norm.eps, None, p(in_proj, "bias"), p(conv, "weight").reshape(-1, conv.weight.shape[-1]),
+            p(conv, "bias"), p(x_proj, "weight"), None, p(dt_proj, "bias"), p(m, "D"),
+            None, p(out_proj, "bias"),
+        ])  # A is not here: m._decode_A() gives it each step, following in-place updates of A_log
+    packed.append(watch(watch(model, "_modules", "lm_head"), "_parameters", "weight"))
+    # one buffer in the order a step reads them: layer 0's in_proj, dt_proj, out_proj, layer 1's, …, the head
+    panels = decode_panels.pack([t.detach() for t in packed])
+    for a, p_in, p_dt, p_out in zip(args, panels[0::3], panels[1::3], panels[2::3]):
+        a[2], a[7], a[10] = p_in, p_dt, p_out
+    result = ([tuple(a) for a in args], panels[-1])
+    model.__dict__["_fused_args"] = (checks, result)
+    return result
 
 
 @torch.no_grad()
 def step(model, input_ids: Tensor, state) -> Tensor:
     """`MambaLM.step` fused: input_ids (b,) → logits (b, V) in the model's dtype; state updated in place."""
-    from .decode_linear import linear
-
     c = model.config
     b = input_ids.shape[0]
     E, N, R = c.d_inner, c.d_state, c.dt_rank
+    layer_args, p_head = _layer_args(model)
     r = model.backbone.embedding(input_ids).float().contiguous()  # (b, D) the residual stream, float32
     f32 = dict(dtype=torch.float32)
-    hn, xz, xc = torch.empty(b, c.d_model, **f32), torch.empty(b, 2 * E, **f32), torch.empty(b, E, **f32)
-    dbc, y = torch.empty(b, R + 2 * N, **f32), torch.empty(b, E, **f32)
-    scratch = [t.numpy() for t in (hn, xz, xc, dbc, y)]
+    hn, xc = torch.empty(b, c.d_model, **f32), torch.empty(b, E, **f32)
+    # outputs of the packed matrices (in_proj, dt_proj, out_proj): whole panels wide (`decode_panels.padded`)
+    xz, y = torch.empty(b, decode_panels.padded(2 * E), **f32), torch.empty(b, decode_panels.padded(E), **f32)
+    o = torch.empty(b, decode_panels.padded(c.d_model), **f32)
+    dbc = torch.empty(b, R + 2 * N, **f32)
+    scratch = [t.numpy() for t in (hn, xz, xc, dbc, y, o)]
     rn, conv_all, ssm_all = r.numpy(), _np(state.conv), state.ssm.numpy()  # (b, D), (L, b, E, W − 1), (L, b, E, N)
     parallel = torch.get_num_threads() > 1
     if parallel:
         set_threads()
     kernel = _LAYER[parallel]
-    for i, (layer, a) in enumerate(zip(model.backbone.layers, _layer_args(model))):
-        norm_w, eps, w_in, b_in, conv_w, conv_b, w_x, w_dt, dt_b, Dv, w_out, b_out = a
-        kernel(rn, norm_w, eps, w_in, b_in, conv_w, conv_b, conv_all[i], w_x, w_dt, dt_b,
-               layer.mixer._decode_A().numpy(), Dv, ssm_all[i], w_out, b_out, *scratch)
-    return linear(model.backbone.norm_f(r), model.lm_head.weight)  # (b, V), as the unfused step
+    for i, (layer, a) in enumerate(zip(model.backbone.layers, layer_args)):
+        norm_w, eps, p_in, b_in, conv_w, conv_b, w_x, p_dt, dt_b, Dv, p_out, b_out = a
+        kernel(rn, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_all[i], w_x, p_dt, dt_b,
+               layer.mixer._decode_A().numpy(), Dv, ssm_all[i], p_out, b_out, *scratch)
+    h = model.backbone.norm_f(r)  # (b, D)
+    return decode_panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as the unfused step

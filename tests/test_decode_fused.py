@@ -65,8 +65,12 @@ def test_fused_step_follows_weight_changes():
     both()
     mixer = model.backbone.layers[1].mixer
     with torch.no_grad():
-        mixer.in_proj.weight.mul_(1.5)  # in place (an optimizer step)
+        mixer.in_proj.weight.mul_(1.5)  # in place (an optimizer step): the packed copy is rebuilt
         mixer.A_log.add_(0.3)
+    torch.testing.assert_close(*both(), **TOL[torch.float32])
+    with torch.no_grad():
+        mixer.out_proj.weight.add_(0.1)
+        model.lm_head.weight.mul_(0.5)  # packed too (the head, tied to the embedding)
     torch.testing.assert_close(*both(), **TOL[torch.float32])
     mixer.out_proj.weight = torch.nn.Parameter(torch.randn_like(mixer.out_proj.weight))  # replaced
     torch.testing.assert_close(*both(), **TOL[torch.float32])

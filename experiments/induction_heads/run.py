@@ -61,7 +61,11 @@ PAPER_LOG_LENS = list(range(6, 21))
 
 def build_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
     if name == "mamba":
-        return MambaLM(MambaConfig(d_model=args.mamba_d_model, n_layer=2, vocab_size=VOCAB))
+        # dt_init_floor clamps the initial Δ from below (official init): lowered with --mamba-dt-min so the
+        # smallest Δ really starts there.
+        return MambaLM(MambaConfig(d_model=args.mamba_d_model, n_layer=2, vocab_size=VOCAB,
+                                   dt_min=args.mamba_dt_min, dt_max=args.mamba_dt_max,
+                                   dt_init_floor=min(MambaConfig.dt_init_floor, args.mamba_dt_min)))
     positions = {"mha_abs": "absolute", "mha_rope": "rotary"}[name]
     cfg = TransformerConfig(d_model=args.attn_d_model, n_layer=2, n_head=8, vocab_size=VOCAB, max_seq_len=TRAIN_LEN,
                             positions=positions, mlp=args.attn_mlp, d_ff=args.attn_d_ff, norm="layernorm", bias=True)
@@ -102,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a curriculum stage ends once validation accuracy at its length reaches this ...")
     p.add_argument("--stage-steps", type=int, default=4000, help="... or after this many steps")
     p.add_argument("--mamba-d-model", type=int, default=64)
+    p.add_argument("--mamba-dt-min", type=float, default=MambaConfig.dt_min,
+                   help="smallest initial Δ (log-uniform in [dt-min, dt-max], paper §3.6; official default 0.001). "
+                        "A channel forgets over about 1/(Δ·|A|) tokens, so this bounds the initial memory horizon")
+    p.add_argument("--mamba-dt-max", type=float, default=MambaConfig.dt_max)
     p.add_argument("--attn-d-model", type=int, default=128, help="paper: 128")
     p.add_argument("--attn-mlp", default="none", choices=("none", "gelu"),
                    help="attention-only blocks (none: the paper's 137K parameters at D = 128 leave no room for an "
