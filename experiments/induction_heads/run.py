@@ -479,6 +479,12 @@ Probes (Mamba only, the default settings unless named; 2^13 / 2^14 / 2^15 / 2^16
 | the same, seed 1 | 92.2 | 87.5 | 93.8 | 50 | 50, 25, 25, 50 |
 | stop once solved at 256 (`--stop-at 1.0 --stop-patience 3`), seed 0 | 93.8 | 81.2 | 81.2 | 25 | 0, 50, 0, 0 |
 | the same, seed 1 | 75.0 | 75.0 | 81.2 | 37.5 | 25, 25, 25, 25 |
+| smallest initial Δ 1e-4 instead of 1e-3 (`--mamba-dt-min 1e-4`) | 100 | 90.6 | 81.2 | 37.5 | 0, 25, 0, 0 |
+| smallest initial Δ 1e-6 (`--mamba-dt-min 1e-6`): horizons of 2^20 from the start | 20.3 | 12.5 | 18.8 | 0 | 0, 0, 0, 0 |
+
+Starting some channels with the long horizon does not help: with Δ 1e-6 the model still solves length 256 but
+no longer extrapolates even to 2^11 (80.9%; 2^12 53.9%). Those channels write almost nothing (Δ·B·x) and their
+Δ barely moves (softplus' gradient at −14 is e^−14), so the recall has to go through faster channels.
 
 Raw numbers, training curves and sample counts: `results.json`.
 """
