@@ -42,7 +42,7 @@ def main(argv=None) -> None:
         args.shape, args.batch, args.repeats = "tiny", "1,2", 3
     torch.set_num_threads(args.threads)
     print(f"# decode step, shape {args.shape}, {args.threads} thread(s), median of {args.repeats}; "
-          f"fused for batch <= {decode_fused.MAX_BATCH}")
+          f"fused for batch <= {decode_fused.MAX_BATCH} (by dtype)")
     ok, why = hugepages.supported()
     if not ok:
         print(f"# 2 MiB pages: not available ({why})")

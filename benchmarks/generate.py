@@ -9,7 +9,9 @@ Implementations (--impls):
                       prefill with a state), with our embedding, final RMSNorm and tied head
 
 Every (implementation, dtype, batch) cell runs in a fresh subprocess, so that its peak memory is its own:
-peak MB = high-water RSS during the timed run minus RSS just before it (weights excluded). Columns:
+peak MB = high-water RSS during the timed run minus RSS just before it (weights excluded); resident MB = RSS just
+before the timed run, after a warm-up generation (weights, any copies of them a decode path keeps, e.g. mambakit's
+packed panels, and the runtime). Columns:
     tok/s        batch · new tokens / (prefill + decode) seconds: end to end
     decode tok/s batch / median decode-step time
     ms/step      median time of one decode step (sampling included)
@@ -172,6 +174,7 @@ def worker(impl: str, shape: str, dtype_name: str, batch: int, prompt: int, new:
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return dict(tokens_per_s=batch * new / total, decode_tokens_per_s=batch / step_s, ms_per_step=step_s * 1e3,
                 prefill_s=prefill_s, peak_mb=(hwm - rss0) / 1024 if exact_peak and hwm and rss0 else float("nan"),
+                resident_mb=rss0 / 1024 if rss0 else float("nan"),
                 weight_bytes=weight_bytes, copy_bw=copy_bw)
 
 
@@ -232,20 +235,22 @@ def main(argv=None) -> None:
           f"{args.new} greedy new tokens, torch {torch.__version__}, {os.cpu_count()} CPUs")
     print(f"# memory copy bandwidth (read + write) here: {bw / 1e9:.1f} GB/s; OMP_WAIT_POLICY for all cells: "
           f"{args.omp_wait_policy}")
-    print("| dtype | batch | implementation | tok/s | decode tok/s | ms/step | prefill s | peak MB | vs transformers |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| dtype | batch | implementation | tok/s | decode tok/s | ms/step | prefill s | peak MB | resident MB | "
+          "vs transformers |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for dtype in dtypes:
         for b in batches:
             for impl in impls:
                 r = results[(dtype, b, impl)] = run_cell(args, impl, dtype, b)
                 if "error" in r:
-                    print(f"| {dtype} | {b} | {impl} | error: {r['error']} | | | | | |", flush=True)
+                    print(f"| {dtype} | {b} | {impl} | error: {r['error']} | | | | | | |", flush=True)
                     continue
                 ref = results.get((dtype, b, "transformers"), {})
                 vs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f}×" if "tokens_per_s" in ref else ""
                 print(f"| {dtype} | {b} | {impl} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
-                      f"{r['ms_per_step']:.1f} | {r['prefill_s']:.2f} | {r['peak_mb']:.0f} | {vs} |", flush=True)
+                      f"{r['ms_per_step']:.1f} | {r['prefill_s']:.2f} | {r['peak_mb']:.0f} | "
+                      f"{r.get('resident_mb', float('nan')):.0f} | {vs} |", flush=True)
     print()
     for dtype in dtypes:  # the targets, for mambakit
         one, eight = results.get((dtype, 1, "mambakit"), {}), results.get((dtype, 8, "mambakit"), {})

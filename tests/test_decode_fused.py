@@ -20,9 +20,11 @@ def _run(model, ids, fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3, 4, 9])  # 9: two 4-row blocks and one left over
+@pytest.mark.parametrize("batch", [1, 3, 4, 9, 16, 21])  # 9, 21: passes of 8 rows over a panel and one left over
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_step_equals_reference(dtype, batch, bias):
+    if batch > decode_fused.MAX_BATCH[dtype]:
+        pytest.skip(f"{dtype} decodes {batch} rows unfused")
     model = random_model(d_model=32, n_layer=3, bias=bias, conv_bias=not bias).to(dtype)
     ids = torch.randint(0, 64, (batch, 24), generator=torch.Generator().manual_seed(batch))
     ref, ref_state = _run(model, ids, fused=False)
@@ -38,7 +40,8 @@ def test_fused_step_equals_reference(dtype, batch, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_step_odd_sizes(dtype):
     """d_state 16 (the constant-length state loop), d_inner 80: a 64-channel task boundary inside the x
-    channels, one inside the z channels, x_proj rows (3 + 32) not a multiple of 4."""
+    channels, one inside the z channels, x_proj rows (3 + 32) not a multiple of 4; in_proj's 160 rows, out_proj's
+    40 and dt_proj's 80 not whole 32-row panels (the last one padded)."""
     torch.manual_seed(1)
     model = MambaLM(MambaConfig(d_model=40, n_layer=2, vocab_size=64, d_state=16)).eval()
     with torch.no_grad():
@@ -99,8 +102,8 @@ def test_default_uses_fused_kernel_where_it_applies(monkeypatch):
     monkeypatch.setattr(decode_fused, "step", lambda *a: calls.append(1) or real(*a))
     model.step(torch.tensor([1]), model.allocate_state(1))
     assert calls == [1]
-    big = decode_fused.MAX_BATCH + 1
-    model.step(torch.arange(big), model.allocate_state(big))  # unfused: larger batches gain nothing
+    big = decode_fused.MAX_BATCH[torch.float32] + 1
+    model.step(torch.arange(big) % 64, model.allocate_state(big))  # unfused: larger batches gain nothing
     assert calls == [1]
 
 
