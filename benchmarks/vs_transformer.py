@@ -90,7 +90,8 @@ def estimate_bytes(kind: str, size: str, recipe: str, batch: int, prompt: int, n
                    prefill: bool = True) -> dict:
     """Analytic peak-memory estimate (bytes) of one cell, without building the model.
 
-    weights + per-sequence memory (KV cache: 2 · n_layer · (prompt + new) · D elements; Mamba state:
+    weights (for Mamba, twice where the fused decode step keeps its packed copy) + per-sequence memory (KV cache:
+    2 · n_layer · (prompt + new) · D elements; Mamba state:
     n_layer · E·D · (N + W − 1) floats) + the largest prefill activations (one call of ≤ 16384 tokens:
     32 · E·D floats per token for a Mamba layer (in_proj 2ED, conv ED, Δ ED, y ED and the fused scan's
     working buffers: measured here, 2.37 − 1.24 GiB over 3 × 2048 tokens between batch 1 and 4), 4D + 2F
@@ -108,6 +109,14 @@ def estimate_bytes(kind: str, size: str, recipe: str, batch: int, prompt: int, n
             2 * c.d_inner * c.d_model + c.d_inner * c.d_conv + c.d_inner * (c.dt_rank + 2 * c.d_state)
             + c.dt_rank * c.d_inner + 2 * c.d_inner * c.d_state + c.d_inner * c.d_model)) * elem
         per_seq = c.n_layer * c.d_inner * (c.d_state + c.d_conv - 1) * 4  # state in float32
+        import torch
+        from mambakit import decode_fused, decode_panels
+
+        if batch <= decode_fused.MAX_BATCH.get({4: torch.float32, 2: torch.bfloat16}.get(elem), 0):
+            # the fused decode step's packed copy of in_proj, dt_proj, out_proj and the head (decode_panels)
+            pad = decode_panels.padded
+            weights += (pad(c.padded_vocab_size) * c.d_model + c.n_layer * (
+                pad(2 * c.d_inner) * c.d_model + pad(c.d_inner) * c.dt_rank + pad(c.d_model) * c.d_inner)) * elem
         act = tokens * 32 * c.d_inner * 4
         vocab = c.padded_vocab_size
     else:
@@ -380,7 +389,7 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f}; Transformer recipe {args.recipe}")
     for k in RUNNERS:
         e = estimate_bytes(k, args.size, args.recipe, 1, args.prompt, args.new, elem)
-        print(f"# {names[k]}: weights {e['weights'] / GIB:.2f} GiB, per sequence {e['per_seq'] / 2**20:.1f} MiB "
+        print(f"# {names[k]}: weights {e['weights'] / GIB:.2f} GiB (with any decode copy), per sequence {e['per_seq'] / 2**20:.1f} MiB "
               f"({'KV cache' if k == 'transformer' else 'state'}); largest batch within {args.budget_gib:g} GiB "
               f"by estimate: {fits[k]}")
     print("| model | batch | tok/s | decode tok/s | prefill s | decode s | peak GiB | est GiB |")

@@ -4,7 +4,7 @@ Why: a decode step of the 130m model does little arithmetic (one token per seque
 about 25 torch ops and numba calls per layer (norm, in_proj, conv update, x_proj, dt_proj, state update,
 out_proj, residual add, dtype conversions), spends a quarter of its time outside the weight reads. Here each
 layer is one numba call that keeps every intermediate in small scratch buffers and reads each weight matrix
-once, in four parallel loops split between torch's threads (see `_layer_step`). The large matrices (in_proj,
+once, in one parallel region whose threads share each phase's tasks (see `_layer_step`). The large matrices (in_proj,
 dt_proj, out_proj, the LM head) are read from a copy packed in 32-row panels (`decode_panels`: one sequential
 stream, and each weight load shared by the batch's rows), built on the first fused step and rebuilt when a
 weight changes; the small ones through numpy views of the parameters (`_layer_args`).
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import types
 
+import numba
 import numpy as np
 import torch
 
@@ -37,12 +38,14 @@ from . import decode_panels
 from .decode_linear import _rows
 from .decode_panels import GROUP, panel_rows
 from .ops._numba import fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
+from .ops._tasks import done, take, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
 # Measured (130m, 2 threads, other processes paused, fused vs unfused ms a step, one-off script): float32
 # 38 vs 57 at 16 rows, 67 vs 87 at 32, 130 vs 181 at 64; bfloat16 39 vs 43 at 16, but 75 vs 72 at 32 and
 # 147 vs 116 at 64, where torch's bfloat16 GEMM (oneDNN, AVX512-BF16 dot products) wins.
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 16}
+PHASES = 5  # of a layer: norm, in_proj + conv, x_proj, Δ + state update, out_proj
 ROWS = 64  # weight rows per parallel task (a multiple of 4): channel-wise work runs as vector loops over them
 _F32 = np.float32
 
@@ -61,7 +64,7 @@ _channel = njit(inline="always", **kernel_options(parallel=False))(_channel)
 
 
 def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
-                p_out, b_out, hn, xz, xc, dbc, y, o):
+                p_out, b_out, hn, xz, xc, dbc, y, o, sync, threads):
     """One layer for b sequences; r (b, D) float32 is the residual stream, updated in place (r += mixer(norm(r))).
 
     Weights are float32 arrays or bfloat16 bits (int16). in_proj, dt_proj and out_proj come packed in 32-row
@@ -72,20 +75,52 @@ def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_d
     xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed matrices whole panels
     wide.
 
-    Four parallel loops, each split between the threads in contiguous ranges (numba's static schedule):
-    in_proj a panel a task, with the conv and SiLUs of the channels it has just produced (the conv is
-    depthwise: channel e needs only x_e); x_proj in 4-row tasks; dt_proj with the state update of its
-    channels, ROWS channels a task; out_proj a panel a task, adding into r. Only the RMSNorm, over D numbers,
-    runs on one thread. Measured per 24 layers before the panels, by a one-off script that compiles each loop
-    alone (not in the repo) (130m, batch 1 / 8, float32): in_proj 8–10 / 14 ms, out_proj 3–4 / 5.5, Δ and
-    state update 0.7 / 4.5 (it was 1.5 / 6.9 with the softplus and SiLUs as scalar code inside the
-    per-channel loop), x_proj 0.2 / 0.3. The panels' gains are in `decode_panels` and BENCHMARKS.md."""
+    One parallel region (`threads` iterations of a prange) in five phases, the threads taking each phase's
+    tasks from a shared counter and waiting for the phase to finish before the next (ops/_tasks.py; `sync`:
+    this layer's counters, zeroed): the RMSNorm (one task); in_proj, a panel a task, with the conv and SiLUs
+    of the channels it has just produced; x_proj in 4-row tasks; dt_proj with the state update of its
+    channels, ROWS channels a task; out_proj, a panel a task, adding into r. As five prange loops (five
+    OpenMP regions) each region woke the sleeping second thread (OMP_WAIT_POLICY=PASSIVE): measured with
+    `benchmarks/decode_step.py` under PASSIVE, 130m float32, old ↔ new alternated three times, batch 1
+    19.5 / 16.1 / 19.5 → 17.1 / 14.5 / 17.0 ms, batch 8 25.4 / 24.6 / 25.4 → 22.9 / 28.5 / 22.6 ms; with two
+    such processes sharing the 2 cores, batch 1 29.5 → 19.2 ms.
+    """
+    E = A.shape[0]
+    n_in, n_x, n_ssm, n_out = p_in.shape[0], (w_x.shape[0] + 3) // 4, (E + ROWS - 1) // ROWS, p_out.shape[0]
+    for _ in prange(threads):  # one parallel region; each thread takes tasks until a phase has none left
+        if take(sync, 0) == 0:
+            _norm(r, norm_w, eps, hn)
+            done(sync, 0)
+        wait(sync, 0, 1)
+        g = take(sync, 1)
+        while g < n_in:
+            _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+            done(sync, 1)
+            g = take(sync, 1)
+        wait(sync, 1, n_in)
+        blk = take(sync, 2)
+        while blk < n_x:
+            _rows(xc, w_x, b_out[:0], dbc, 4 * blk, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
+            done(sync, 2)
+            blk = take(sync, 2)
+        wait(sync, 2, n_x)
+        blk = take(sync, 3)
+        while blk < n_ssm:
+            _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y)
+            done(sync, 3)
+            blk = take(sync, 3)
+        wait(sync, 3, n_ssm)
+        g = take(sync, 4)
+        while g < n_out:
+            _out_proj_residual(g, y, p_out, b_out, o, r)
+            done(sync, 4)
+            g = take(sync, 4)
+        wait(sync, 4, n_out)  # the next layer's norm reads all of r
+
+
+def _norm(r, norm_w, eps, hn):
+    """hn = RMSNorm(r) (the pre-norm of the residual block), in float32."""
     b, D = r.shape
-    E, N = A.shape
-    K = conv_w.shape[1]  # the conv width W
-    R = p_dt.shape[1]
-    P = w_x.shape[0]  # R + 2N
-    # RMSNorm (the pre-norm of the residual block), in float32
     for bb in range(b):
         ss = _F32(0.0)
         for j in range(D):
@@ -93,59 +128,75 @@ def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_d
         scale = _F32(1.0) / np.sqrt(ss / _F32(D) + _F32(eps))
         for j in range(D):
             hn[bb, j] = r[bb, j] * scale * widen(norm_w[j])
+
+
+def _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
+    """in_proj panel g (rows 32g … 32g + 31 of xz (b, 2E): x = xz[:, :E], z = xz[:, E:]), then the conv and
+    SiLUs of the channels it has just produced (the conv is depthwise: channel e needs only x_e)."""
+    b = hn.shape[0]
+    E, K = conv_w.shape  # K: the conv width W
+    panel_rows(p_in, g, hn, xz)
+    r0, r1 = g * GROUP, min(2 * E, (g + 1) * GROUP)
+    if b_in.shape[0] > 0:
+        for bb in range(b):
+            for e in range(r0, r1):
+                xz[bb, e] += widen(b_in[e])
+    # x through the causal depthwise conv over the last W inputs (the state holds W − 1; it shifts by one)
+    # then SiLU; z through SiLU (the gate). The SiLUs run as loops over channels, which LLVM vectorises; per
+    # channel they would be scalar code.
     has_cb = conv_b.shape[0] > 0
-    has_b_in = b_in.shape[0] > 0
-    for g in prange(p_in.shape[0]):  # in_proj, one 32-row panel a task: (b, 2E), x = xz[:, :E], z = xz[:, E:]
-        panel_rows(p_in, g, hn, xz)
-        r0, r1 = g * GROUP, min(2 * E, (g + 1) * GROUP)
-        if has_b_in:
-            for bb in range(b):
-                for e in range(r0, r1):
-                    xz[bb, e] += widen(b_in[e])
-        # the channels just produced: x through the causal depthwise conv over the last W inputs (the state
-        # holds W − 1; it shifts by one) then SiLU; z through SiLU (the gate). The SiLUs run as loops over
-        # channels, which LLVM vectorises; per channel they would be scalar code.
+    for e in range(r0, min(r1, E)):
+        for bb in range(b):
+            xe = xz[bb, e]
+            acc = widen(conv_w[e, K - 1]) * xe
+            for k in range(K - 1):
+                acc += widen(conv_w[e, k]) * widen(conv_state[bb, e, k])
+            xc[bb, e] = acc + widen(conv_b[e]) if has_cb else acc
+            for k in range(K - 2):
+                conv_state[bb, e, k] = conv_state[bb, e, k + 1]
+            conv_state[bb, e, K - 2] = narrow(xe, conv_state)
+    for bb in range(b):
         for e in range(r0, min(r1, E)):
-            for bb in range(b):
-                xe = xz[bb, e]
-                acc = widen(conv_w[e, K - 1]) * xe
-                for k in range(K - 1):
-                    acc += widen(conv_w[e, k]) * widen(conv_state[bb, e, k])
-                xc[bb, e] = acc + widen(conv_b[e]) if has_cb else acc
-                for k in range(K - 2):
-                    conv_state[bb, e, k] = conv_state[bb, e, k + 1]
-                conv_state[bb, e, K - 2] = narrow(xe, conv_state)
-        for bb in range(b):
-            for e in range(r0, min(r1, E)):
-                xc[bb, e] = xc[bb, e] * sigmoid(xc[bb, e])
-            for e in range(max(r0, E), r1):
-                xz[bb, e] = xz[bb, e] * sigmoid(xz[bb, e])  # SiLU(z), in place
-    for blk in prange((P + 3) // 4):
-        _rows(xc, w_x, b_out[:0], dbc, 4 * blk, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
-    # per block of channels: Δ = softplus(dt_proj(dbc[:, :R]) + dt_bias) (into y), then the selective state
-    # update (Section 3.2 discretisation) h ← exp(ΔA) h + Δ B x; y = C·h + D x, gated by SiLU(z)
+            xc[bb, e] = xc[bb, e] * sigmoid(xc[bb, e])
+        for e in range(max(r0, E), r1):
+            xz[bb, e] = xz[bb, e] * sigmoid(xz[bb, e])  # SiLU(z), in place
+
+
+def _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y):
+    """Channels ROWS·blk …: Δ = softplus(dt_proj(dbc[:, :R]) + dt_bias) (into y), then the selective state
+    update (Section 3.2 discretisation) h ← exp(ΔA) h + Δ B x; y = C·h + D x, gated by SiLU(z)."""
+    b = dbc.shape[0]
+    E, N = A.shape
+    R = p_dt.shape[1]
+    e0, e1 = blk * ROWS, min(E, (blk + 1) * ROWS)
+    for g in range(e0 // GROUP, (e1 + GROUP - 1) // GROUP):
+        panel_rows(p_dt, g, dbc, y)  # (b, E) = dbc[:, :R] · w_dtᵀ (the kernel reads R of each dbc row)
     has_dt_b = dt_b.shape[0] > 0
-    for blk in prange((E + ROWS - 1) // ROWS):
-        e0, e1 = blk * ROWS, min(E, (blk + 1) * ROWS)
-        for g in range(e0 // GROUP, (e1 + GROUP - 1) // GROUP):
-            panel_rows(p_dt, g, dbc, y)  # (b, E) = dbc[:, :R] · w_dtᵀ (the kernel reads R of each dbc row)
-        for bb in range(b):
-            for e in range(e0, e1):  # vectorised over channels
-                y[bb, e] = softplus(y[bb, e] + widen(dt_b[e]) if has_dt_b else y[bb, e])
-        for bb in range(b):
-            for e in range(e0, e1):
-                delta, xe = y[bb, e], xc[bb, e]
-                # N = 16 (every preset) as a constant: LLVM then emits one 16-lane vector with no remainder
-                # loop, measured 26% faster than a loop to N
-                ch = _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, 16) if N == 16 else \
-                    _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, N)
-                y[bb, e] = (ch + widen(Dv[e]) * xe) * xz[bb, E + e]
+    for bb in range(b):
+        for e in range(e0, e1):  # vectorised over channels
+            y[bb, e] = softplus(y[bb, e] + widen(dt_b[e]) if has_dt_b else y[bb, e])
+    for bb in range(b):
+        for e in range(e0, e1):
+            delta, xe = y[bb, e], xc[bb, e]
+            # N = 16 (every preset) as a constant: LLVM then emits one 16-lane vector with no remainder
+            # loop, measured 26% faster than a loop to N
+            ch = _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, 16) if N == 16 else \
+                _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, N)
+            y[bb, e] = (ch + widen(Dv[e]) * xe) * xz[bb, E + e]
+
+
+def _out_proj_residual(g, y, p_out, b_out, o, r):
+    """r += out_proj(y) for the residual stream's columns 32g … 32g + 31 (out_proj panel g)."""
+    b, D = r.shape
+    panel_rows(p_out, g, y, o)
     has_b_out = b_out.shape[0] > 0
-    for g in prange(p_out.shape[0]):  # r += out_proj(y): the residual add, one 32-row panel a task
-        panel_rows(p_out, g, y, o)
-        for bb in range(b):
-            for j in range(g * GROUP, min(D, (g + 1) * GROUP)):
-                r[bb, j] += o[bb, j] + widen(b_out[j]) if has_b_out else o[bb, j]
+    for bb in range(b):
+        for j in range(g * GROUP, min(D, (g + 1) * GROUP)):
+            r[bb, j] += o[bb, j] + widen(b_out[j]) if has_b_out else o[bb, j]
+
+
+for _name in ("_norm", "_in_proj_conv", "_delta_state_update", "_out_proj_residual"):
+    globals()[_name] = njit(inline="always", **kernel_options(parallel=False))(globals()[_name])
 
 
 def _renamed(fn, suffix: str):
@@ -270,10 +321,11 @@ def step(model, input_ids: Tensor, state) -> Tensor:
     parallel = torch.get_num_threads() > 1
     if parallel:
         set_threads()
-    kernel = _LAYER[parallel]
+    kernel, threads = _LAYER[parallel], (numba.get_num_threads() if parallel else 1)
+    sync = np.zeros((len(layer_args), 2 * PHASES), np.int64)  # the layers' task counters (ops/_tasks.py)
     for i, (layer, a) in enumerate(zip(model.backbone.layers, layer_args)):
         norm_w, eps, p_in, b_in, conv_w, conv_b, w_x, p_dt, dt_b, Dv, p_out, b_out = a
         kernel(rn, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_all[i], w_x, p_dt, dt_b,
-               layer.mixer._decode_A().numpy(), Dv, ssm_all[i], p_out, b_out, *scratch)
+               layer.mixer._decode_A().numpy(), Dv, ssm_all[i], p_out, b_out, *scratch, sync[i], threads)
     h = model.backbone.norm_f(r)  # (b, D)
     return decode_panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as the unfused step
