@@ -79,7 +79,7 @@ def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_d
     tasks from a shared counter and waiting for the phase to finish before the next (ops/_tasks.py; `sync`:
     this layer's counters, zeroed): the RMSNorm (one task); in_proj, a panel a task, with the conv and SiLUs
     of the channels it has just produced; x_proj in 4-row tasks; dt_proj with the state update of its
-    channels, ROWS channels a task; out_proj, a panel a task, adding into r. As five prange loops (five
+    channels, ROWS channels a task; out_proj, a panel a task, adding into r. As four prange loops (four
     OpenMP regions) each region woke the sleeping second thread (OMP_WAIT_POLICY=PASSIVE): measured with
     `benchmarks/decode_step.py` under PASSIVE, 130m float32, old ↔ new alternated three times, batch 1
     19.5 / 16.1 / 19.5 → 17.1 / 14.5 / 17.0 ms, batch 8 25.4 / 24.6 / 25.4 → 22.9 / 28.5 / 22.6 ms; with two
