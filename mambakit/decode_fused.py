@@ -302,6 +302,13 @@ def _layer_args(model) -> tuple[list[tuple], np.ndarray]:
     return result
 
 
+def release(model) -> None:
+    """Frees the fused step's cached weight arguments, including the packed copy of the large matrices (about
+    the size of the weights). The next fused step builds them again. For a model that goes back to training
+    after decoding (the trainer's samples), where the copy would go stale and only hold memory."""
+    model.__dict__.pop("_fused_args", None)
+
+
 @torch.no_grad()
 def step(model, input_ids: Tensor, state) -> Tensor:
     """`MambaLM.step` fused: input_ids (b,) → logits (b, V) in the model's dtype; state updated in place."""

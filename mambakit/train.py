@@ -220,8 +220,11 @@ def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperatur
     RNG stream is untouched)."""
     from .generate import generate
 
+    from .decode_fused import release
+
     out = generate(model, [prompt or tokenizer.decode([tokenizer.eos_token_id or 0], skip_special_tokens=False)],
                    n, temperature=temperature, seed=seed, tokenizer=tokenizer)
+    release(model)  # training resumes: the decode path's packed weight copy would only hold memory
     model.train()
     return prompt + out.texts[0]
 

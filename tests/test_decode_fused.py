@@ -138,3 +138,20 @@ def test_decode_step_benchmark_quick_runs():
     cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
     # dtype, batch, unfused, fused, fused in 2 MiB pages ("—": a tiny model is not moved), two ratios
     assert len(rows) == 2 and all(len(c) == 7 and c[5].endswith("×") and c[4] == "—" for c in cells)
+
+
+def test_release_frees_the_packed_copy_and_training_samples_release_it():
+    """The packed weights live on the model after a fused step; `release` drops them (the next step rebuilds
+    them), and the trainer's sample() releases them before training resumes."""
+    from mambakit.tokenizer import ByteTokenizer
+    from mambakit.train import sample
+
+    model = random_model(vocab_size=260)
+    ids, state = torch.tensor([3]), model.allocate_state(1)
+    first = model.step(ids, state, fused=True)
+    assert "_fused_args" in model.__dict__
+    decode_fused.release(model)
+    assert "_fused_args" not in model.__dict__
+    torch.testing.assert_close(model.step(ids, model.allocate_state(1), fused=True), first)
+    sample(model, ByteTokenizer(), "ab", 3, seed=0)
+    assert "_fused_args" not in model.__dict__ and model.training
