@@ -46,7 +46,8 @@ from .ops._tasks import done, take, wait
 # 147 vs 116 at 64, where torch's bfloat16 GEMM (oneDNN, AVX512-BF16 dot products) wins.
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 16}
 PHASES = 5  # of a layer: norm, in_proj + conv, x_proj, Δ + state update, out_proj
-ROWS = 64  # weight rows per parallel task (a multiple of 4): channel-wise work runs as vector loops over them
+ROWS = 64  # channels per state-update task (whole dt_proj panels: a multiple of GROUP); vector loops run over them
+assert ROWS % GROUP == 0, "a state-update task computes whole dt_proj panels"
 _F32 = np.float32
 
 
@@ -195,8 +196,10 @@ def _out_proj_residual(g, y, p_out, b_out, o, r):
             r[bb, j] += o[bb, j] + widen(b_out[j]) if has_b_out else o[bb, j]
 
 
-for _name in ("_norm", "_in_proj_conv", "_delta_state_update", "_out_proj_residual"):
-    globals()[_name] = njit(inline="always", **kernel_options(parallel=False))(globals()[_name])
+_norm = njit(inline="always", **kernel_options(parallel=False))(_norm)
+_in_proj_conv = njit(inline="always", **kernel_options(parallel=False))(_in_proj_conv)
+_delta_state_update = njit(inline="always", **kernel_options(parallel=False))(_delta_state_update)
+_out_proj_residual = njit(inline="always", **kernel_options(parallel=False))(_out_proj_residual)
 
 
 def _renamed(fn, suffix: str):

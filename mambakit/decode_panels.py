@@ -227,6 +227,8 @@ def linear(x: Tensor, P: np.ndarray, o: int) -> Tensor:
     """x (b, i) · Wᵀ → (b, o) float32, W given packed (`pack`); the decode counterpart of F.linear(x, W)."""
     if x.dim() != 2 or x.shape[1] != P.shape[1]:
         raise ValueError(f"decode_panels.linear: x {tuple(x.shape)} does not match packed weight of {P.shape[1]} inputs")
+    if not 0 < o <= P.shape[0] * GROUP:
+        raise ValueError(f"decode_panels.linear: o = {o} outside the packed weight's 1 … {P.shape[0] * GROUP} rows")
     parallel = torch.get_num_threads() > 1
     if parallel:
         set_threads()

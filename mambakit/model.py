@@ -367,7 +367,7 @@ class MambaLM(nn.Module):
             if fused:
                 raise ValueError("fused=True: the fused decode step needs a CPU model in float32 or bfloat16 with "
                                  "RMSNorm, a float32 residual stream, Mamba mixers and a batch of at most "
-                                 f"{decode_fused.MAX_BATCH} by dtype")
+                                 + ", ".join(f"{n} ({str(d)[6:]})" for d, n in decode_fused.MAX_BATCH.items()))
         h = self.backbone.embedding(input_ids)  # (b, D)
         residual = h.float() if self.config.residual_in_fp32 else h
         for layer, conv_state, ssm_state in zip(self.backbone.layers, state.conv, state.ssm):

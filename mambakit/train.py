@@ -218,9 +218,8 @@ def evaluate(model, windows: TokenWindows, val: TokenArray, cfg: TrainConfig, d:
 def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperature: float = 0.8) -> str:
     """A short continuation of `prompt` (mambakit.generate with its own seeded generator, so the training
     RNG stream is untouched)."""
-    from .generate import generate
-
     from .decode_fused import release
+    from .generate import generate
 
     out = generate(model, [prompt or tokenizer.decode([tokenizer.eos_token_id or 0], skip_special_tokens=False)],
                    n, temperature=temperature, seed=seed, tokenizer=tokenizer)

@@ -52,3 +52,5 @@ def test_pack_layout_and_padding():
         decode_panels.pack([w1, w2])
     with pytest.raises(ValueError, match="does not match"):
         decode_panels.linear(torch.randn(2, 4), p1, 40)
+    with pytest.raises(ValueError, match="outside"):
+        decode_panels.linear(torch.randn(2, 3), p1, 65)
