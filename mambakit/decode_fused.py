@@ -31,13 +31,16 @@ import numba
 import numpy as np
 import torch
 
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nb_types
+from numba.extending import intrinsic
 from torch import Tensor
 
 from . import decode_panels
 from .decode_linear import _rows
 from .decode_panels import GROUP, panel_rows
-from .ops._numba import fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
+from .ops._numba import exp_ir, fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
 from .ops._tasks import done, take, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
@@ -51,17 +54,64 @@ assert ROWS % GROUP == 0, "a state-update task computes whole dt_proj panels"
 _F32 = np.float32
 
 
-def _channel(ssm_state, dbc, A, bb, e, delta, dx, R, N):
-    """One channel's state update, h ← exp(ΔA) h + Δx B, returning C·h; B = dbc[bb, R:R + N], C after it."""
+def _channel(ssm_state, Bv, Cv, A, bb, e, delta, dx):
+    """One channel's state update, h ← exp(ΔA) h + Δx B (h = ssm_state[bb, e], N states), returning C·h;
+    Bv, Cv (N,): this row's B and C. The reference for `_channel16`, and the code for N ≠ 16."""
     acc = _F32(0.0)
-    for n in range(N):
-        h = ssm_state[bb, e, n] * fexp(delta * A[e, n]) + dx * dbc[bb, R + n]
+    for n in range(A.shape[1]):
+        h = ssm_state[bb, e, n] * fexp(delta * A[e, n]) + dx * Bv[n]
         ssm_state[bb, e, n] = h
-        acc += h * dbc[bb, R + N + n]
+        acc += h * Cv[n]
     return acc
 
 
 _channel = njit(inline="always", **kernel_options(parallel=False))(_channel)
+
+
+@intrinsic
+def _channel16(typingctx, ssm_state, Bv, Cv, A, bb, e, delta, dx):
+    """`_channel` for N = 16 (every preset) as explicit 16-lane vector code: one load of h, A, B and C each, a
+    vector exp (`exp_ir`, fexp's), a tree sum for C·h. Written as a loop over n, LLVM vectorised it or left it
+    as 16 scalar exps depending on the code around it; in the fused layer's Δ + state-update phase it stayed
+    scalar: 24 layers at batch 8 took 5.5–5.9 ms with the loop against 3.2 ms with this (one thread, 130m, one-off
+    script /work/notes/bench/ssm_situ2.py). The caller guarantees N = 16 and the indices (no bounds checks)."""
+    f32 = nb_types.float32
+    if not all(isinstance(a, nb_types.Array) and a.dtype == f32 and a.layout == "C" for a in (ssm_state, Bv, Cv, A)):
+        return None
+    if not (ssm_state.ndim == 3 and A.ndim == 2 and Bv.ndim == 1 and Cv.ndim == 1):
+        return None
+    sig = f32(ssm_state, Bv, Cv, A, bb, e, f32, f32)
+
+    def codegen(context, builder, signature, args):
+        vec = ir.VectorType(ir.FloatType(), 16)
+        i64 = ir.IntType(64)
+        st, bv, cv, a = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:4], args[:4]))
+        bbv, ev = (context.cast(builder, v, t, nb_types.int64) for v, t in zip(args[4:6], signature.args[4:6]))
+        d, dx = args[6], args[7]
+
+        def load(ptr):
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+        E = builder.extract_value(st.shape, 1)
+        h_ptr = builder.gep(st.data, [builder.mul(builder.add(builder.mul(bbv, E), ev), ir.Constant(i64, 16))])
+        a_row = load(builder.gep(a.data, [builder.mul(ev, ir.Constant(i64, 16))]))
+        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), name="llvm.fma.v16f32")
+        dA = exp_ir(builder, builder.fmul(splat(d), a_row))  # exp(ΔA)
+        h = builder.call(fma, [load(h_ptr), dA, builder.fmul(splat(dx), load(bv.data))])  # h·exp(ΔA) + Δx·B
+        builder.store(h, builder.bitcast(h_ptr, vec.as_pointer()), align=4)
+        t = builder.fmul(h, load(cv.data))  # then Σ over the 16 lanes, halving
+        for width in (8, 4, 2, 1):
+            hi = builder.shuffle_vector(t, ir.Constant(vec, ir.Undefined),
+                                        ir.Constant(ir.VectorType(ir.IntType(32), 16), [width + i if i < width else 0 for i in range(16)]))
+            t = builder.fadd(t, hi)
+        return builder.extract_element(t, ir.Constant(ir.IntType(32), 0))
+
+    return sig, codegen
 
 
 def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
@@ -131,68 +181,113 @@ def _norm(r, norm_w, eps, hn):
             hn[bb, j] = r[bb, j] * scale * widen(norm_w[j])
 
 
+# Why the phases below pass channel counts as arguments: each is called with the literal GROUP or ROWS when
+# its channels fill a whole task (always, for the presets), and numba inlines it, so LLVM sees a constant trip
+# count. With the bound computed at run time (min(E, …)) LLVM left the softplus, SiLU and state-update loops
+# scalar: one layer's Δ + state-update phase at batch 8 took 304 µs, against 113 µs with constant counts
+# (one thread, 130m, /work/notes/bench/ssm_bisect.py, a one-off script). B and C are passed as views of
+# their row for the same reason (with dbc[bb, R + n] and R known only at run time: 216 µs).
+
+
 def _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
     """in_proj panel g (rows 32g … 32g + 31 of xz (b, 2E): x = xz[:, :E], z = xz[:, E:]), then the conv and
     SiLUs of the channels it has just produced (the conv is depthwise: channel e needs only x_e)."""
-    b = hn.shape[0]
-    E, K = conv_w.shape  # K: the conv width W
+    E = conv_w.shape[0]
     panel_rows(p_in, g, hn, xz)
     r0, r1 = g * GROUP, min(2 * E, (g + 1) * GROUP)
-    if b_in.shape[0] > 0:
-        for bb in range(b):
-            for e in range(r0, r1):
-                xz[bb, e] += widen(b_in[e])
-    # x through the causal depthwise conv over the last W inputs (the state holds W − 1; it shifts by one)
-    # then SiLU; z through SiLU (the gate). The SiLUs run as loops over channels, which LLVM vectorises; per
-    # channel they would be scalar code.
-    has_cb = conv_b.shape[0] > 0
-    for e in range(r0, min(r1, E)):
-        for bb in range(b):
-            xe = xz[bb, e]
-            acc = widen(conv_w[e, K - 1]) * xe
-            for k in range(K - 1):
-                acc += widen(conv_w[e, k]) * widen(conv_state[bb, e, k])
-            xc[bb, e] = acc + widen(conv_b[e]) if has_cb else acc
-            for k in range(K - 2):
-                conv_state[bb, e, k] = conv_state[bb, e, k + 1]
-            conv_state[bb, e, K - 2] = narrow(xe, conv_state)
+    x1, z0 = min(r1, E), max(r0, E)  # x channels r0 … x1 − 1, z channels z0 … r1 − 1
+    if x1 - r0 == GROUP:
+        _x_channels(r0, GROUP, b_in, conv_w, conv_b, conv_state, xz, xc)
+    elif x1 > r0:
+        _x_channels(r0, x1 - r0, b_in, conv_w, conv_b, conv_state, xz, xc)
+    if r1 - z0 == GROUP:
+        _z_channels(z0, GROUP, b_in, xz)
+    elif r1 > z0:
+        _z_channels(z0, r1 - z0, b_in, xz)
+
+
+def _x_channels(e0, n, b_in, conv_w, conv_b, conv_state, xz, xc):
+    """Channels e0 … e0 + n − 1 of x: in_proj's bias, then the causal depthwise conv over the last W inputs
+    (the state holds W − 1 of them; it shifts by one) and SiLU, into xc."""
+    b = xz.shape[0]
+    K = conv_w.shape[1]  # the conv width W
+    has_b_in, has_cb = b_in.shape[0] > 0, conv_b.shape[0] > 0
     for bb in range(b):
-        for e in range(r0, min(r1, E)):
-            xc[bb, e] = xc[bb, e] * sigmoid(xc[bb, e])
-        for e in range(max(r0, E), r1):
-            xz[bb, e] = xz[bb, e] * sigmoid(xz[bb, e])  # SiLU(z), in place
+        for k in range(n):  # vectorised over channels
+            e = e0 + k
+            xe = xz[bb, e] + widen(b_in[e]) if has_b_in else xz[bb, e]
+            acc = widen(conv_w[e, K - 1]) * xe
+            for t in range(K - 1):
+                acc += widen(conv_w[e, t]) * widen(conv_state[bb, e, t])
+            for t in range(K - 2):
+                conv_state[bb, e, t] = conv_state[bb, e, t + 1]
+            conv_state[bb, e, K - 2] = narrow(xe, conv_state)
+            acc = acc + widen(conv_b[e]) if has_cb else acc
+            xc[bb, e] = acc * sigmoid(acc)
+
+
+def _z_channels(e0, n, b_in, xz):
+    """Channels e0 … e0 + n − 1 of xz (in z, the gate): in_proj's bias, then SiLU, in place."""
+    b = xz.shape[0]
+    has_b_in = b_in.shape[0] > 0
+    for bb in range(b):
+        for k in range(n):
+            e = e0 + k
+            ze = xz[bb, e] + widen(b_in[e]) if has_b_in else xz[bb, e]
+            xz[bb, e] = ze * sigmoid(ze)
 
 
 def _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y):
     """Channels ROWS·blk …: Δ = softplus(dt_proj(dbc[:, :R]) + dt_bias) (into y), then the selective state
     update (Section 3.2 discretisation) h ← exp(ΔA) h + Δ B x; y = C·h + D x, gated by SiLU(z)."""
-    b = dbc.shape[0]
     E, N = A.shape
-    R = p_dt.shape[1]
     e0, e1 = blk * ROWS, min(E, (blk + 1) * ROWS)
     for g in range(e0 // GROUP, (e1 + GROUP - 1) // GROUP):
         panel_rows(p_dt, g, dbc, y)  # (b, E) = dbc[:, :R] · w_dtᵀ (the kernel reads R of each dbc row)
+    if e1 - e0 == ROWS:
+        _channels(e0, ROWS, dbc, p_dt.shape[1], dt_b, A, Dv, ssm_state, xz, xc, y)
+    else:
+        _channels(e0, e1 - e0, dbc, p_dt.shape[1], dt_b, A, Dv, ssm_state, xz, xc, y)
+
+
+def _channels(e0, n, dbc, R, dt_b, A, Dv, ssm_state, xz, xc, y):
+    """The state update of channels e0 … e0 + n − 1 (N states each), Δ's pre-activation already in y."""
+    b = dbc.shape[0]
+    E, N = A.shape
     has_dt_b = dt_b.shape[0] > 0
     for bb in range(b):
-        for e in range(e0, e1):  # vectorised over channels
+        for k in range(n):  # vectorised over channels
+            e = e0 + k
             y[bb, e] = softplus(y[bb, e] + widen(dt_b[e]) if has_dt_b else y[bb, e])
     for bb in range(b):
-        for e in range(e0, e1):
+        Bv, Cv = dbc[bb, R:R + N], dbc[bb, R + N:R + 2 * N]  # (N,) each
+        for k in range(n):
+            e = e0 + k
             delta, xe = y[bb, e], xc[bb, e]
-            # N = 16 (every preset) as a constant: LLVM then emits one 16-lane vector with no remainder
-            # loop, measured 26% faster than a loop to N
-            ch = _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, 16) if N == 16 else \
-                _channel(ssm_state, dbc, A, bb, e, delta, delta * xe, R, N)
+            if N == 16:
+                ch = _channel16(ssm_state, Bv, Cv, A, bb, e, delta, delta * xe)
+            else:
+                ch = _channel(ssm_state, Bv, Cv, A, bb, e, delta, delta * xe)
             y[bb, e] = (ch + widen(Dv[e]) * xe) * xz[bb, E + e]
 
 
 def _out_proj_residual(g, y, p_out, b_out, o, r):
     """r += out_proj(y) for the residual stream's columns 32g … 32g + 31 (out_proj panel g)."""
-    b, D = r.shape
+    D = r.shape[1]
     panel_rows(p_out, g, y, o)
+    j0, j1 = g * GROUP, min(D, (g + 1) * GROUP)
+    if j1 - j0 == GROUP:
+        _residual(j0, GROUP, o, b_out, r)
+    else:
+        _residual(j0, j1 - j0, o, b_out, r)
+
+
+def _residual(j0, n, o, b_out, r):
+    """r[:, j0 : j0 + n] += o (+ out_proj's bias)."""
     has_b_out = b_out.shape[0] > 0
-    for bb in range(b):
-        for j in range(g * GROUP, min(D, (g + 1) * GROUP)):
+    for bb in range(r.shape[0]):
+        for k in range(n):
+            j = j0 + k
             r[bb, j] += o[bb, j] + widen(b_out[j]) if has_b_out else o[bb, j]
 
 
@@ -200,6 +295,10 @@ _norm = njit(inline="always", **kernel_options(parallel=False))(_norm)
 _in_proj_conv = njit(inline="always", **kernel_options(parallel=False))(_in_proj_conv)
 _delta_state_update = njit(inline="always", **kernel_options(parallel=False))(_delta_state_update)
 _out_proj_residual = njit(inline="always", **kernel_options(parallel=False))(_out_proj_residual)
+_x_channels = njit(inline="always", **kernel_options(parallel=False))(_x_channels)
+_z_channels = njit(inline="always", **kernel_options(parallel=False))(_z_channels)
+_channels = njit(inline="always", **kernel_options(parallel=False))(_channels)
+_residual = njit(inline="always", **kernel_options(parallel=False))(_residual)
 
 
 def _renamed(fn, suffix: str):

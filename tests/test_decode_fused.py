@@ -38,12 +38,13 @@ def test_fused_step_equals_reference(dtype, batch, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_odd_sizes(dtype):
-    """d_state 16 (the constant-length state loop), d_inner 80: a 64-channel task boundary inside the x
+@pytest.mark.parametrize("d_state", [16, 5])
+def test_fused_step_odd_sizes(dtype, d_state):
+    """d_state 16 (the vector state update, `_channel16`) and 5 (the loop), d_inner 80: a 64-channel task boundary inside the x
     channels, one inside the z channels, x_proj rows (3 + 32) not a multiple of 4; in_proj's 160 rows, out_proj's
     40 and dt_proj's 80 not whole 32-row panels (the last one padded)."""
     torch.manual_seed(1)
-    model = MambaLM(MambaConfig(d_model=40, n_layer=2, vocab_size=64, d_state=16)).eval()
+    model = MambaLM(MambaConfig(d_model=40, n_layer=2, vocab_size=64, d_state=d_state)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -53,6 +54,35 @@ def test_fused_step_odd_sizes(dtype):
     out, state = _run(model, ids, fused=True)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     torch.testing.assert_close(state.ssm, ref_state.ssm, **TOL[dtype])
+
+
+def test_vector_state_update_equals_the_loop():
+    """`_channel16` (explicit vector code) against `_channel` (its reference loop): the new state and C·h, for
+    Δ from tiny to large, so exp(ΔA) runs from 1 down to its underflow clamp (ΔA < −88 gives exactly 0)."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def both(st16, st, B, C, A, deltas, xs, out16, out):
+        for bb in range(st.shape[0]):
+            for e in range(st.shape[1]):
+                d, dx = deltas[bb, e], deltas[bb, e] * xs[bb, e]
+                out16[bb, e] = decode_fused._channel16(st16, B[bb], C[bb], A, bb, e, d, dx)
+                out[bb, e] = decode_fused._channel(st, B[bb], C[bb], A, bb, e, d, dx)
+
+    rng = np.random.default_rng(0)
+    b, E = 3, 40
+    st = rng.standard_normal((b, E, 16)).astype(np.float32)
+    st16 = st.copy()
+    A = -np.exp(rng.uniform(-2, 4, (E, 16))).astype(np.float32)  # −0.14 … −55
+    B, C = (rng.standard_normal((b, 16)).astype(np.float32) for _ in range(2))
+    deltas = np.exp(rng.uniform(-9, 3, (b, E))).astype(np.float32)  # 1e-4 … 20: ΔA down to −1100
+    xs = rng.standard_normal((b, E)).astype(np.float32)
+    out16, out = np.zeros((b, E), np.float32), np.zeros((b, E), np.float32)
+    both(st16, st, B, C, A, deltas, xs, out16, out)
+    np.testing.assert_allclose(st16, st, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out16, out, rtol=1e-5, atol=1e-5)
+    assert (st16 != 0).all() and np.isfinite(out16).all()
 
 
 def test_fused_step_follows_weight_changes():

@@ -156,6 +156,37 @@ def _fexp_overload(x):
     return lambda x: math.exp(x)
 
 
+def exp_ir(builder, x):
+    """Emits fexp's float32 exp (the same clamp, reduction and polynomial, the same constants) on an LLVM
+    float vector x, for intrinsics that build vector code directly instead of relying on LLVM to vectorise
+    a loop (which it does or not depending on the code around it)."""
+    vt = x.type
+    lanes = vt.count
+    i32v = ir.VectorType(ir.IntType(32), lanes)
+
+    def splat(c):
+        return ir.Constant(vt, [float(c)] * lanes)
+
+    def intrinsic_fn(name, n_args):
+        full = f"llvm.{name}.v{lanes}f32"
+        return builder.module.globals.get(full) or ir.Function(
+            builder.module, ir.FunctionType(vt, [vt] * n_args), name=full)
+
+    fma, floor = intrinsic_fn("fma", 3), intrinsic_fn("floor", 1)
+    lo, hi = intrinsic_fn("maxnum", 2), intrinsic_fn("minnum", 2)
+    x = builder.call(hi, [builder.call(lo, [x, splat(_EXP_LO)]), splat(_EXP_HI)])
+    k = builder.call(floor, [builder.call(fma, [x, splat(_LOG2E), splat(_HALF)])])
+    r = builder.call(fma, [k, splat(-_LN2_HI), x])
+    r = builder.call(fma, [k, splat(-_LN2_LO), r])
+    p = splat(_C7)
+    for c in (_C6, _C5, _C4, _C3, _C2):
+        p = builder.call(fma, [p, r, splat(c)])
+    p = builder.call(fma, [builder.fmul(p, r), r, builder.fadd(r, splat(_ONE))])  # p·r² + r + 1
+    bits = builder.shl(builder.add(builder.fptosi(k, i32v), ir.Constant(i32v, [127] * lanes)),
+                       ir.Constant(i32v, [23] * lanes))
+    return builder.fmul(p, builder.bitcast(bits, vt))  # · 2^k
+
+
 def sigmoid(x):
     """1 / (1 + exp(−x)), vectorisable."""
     return 1 / (1 + math.exp(-x))
