@@ -49,6 +49,12 @@ from .ops._tasks import done, take, wait
 # 147 vs 116 at 64, where torch's bfloat16 GEMM (oneDNN, AVX512-BF16 dot products) wins.
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 16}
 PHASES = 5  # of a layer: norm, in_proj + conv, x_proj, Δ + state update, out_proj
+# in_proj panels per task: each task costs two atomic operations on a counter both threads share. On this VM a
+# round trip of such a counter between the two threads took 58–95 ns, or 336–529 ns in the state where its two
+# vCPUs seem to sit on different dies (/work/notes/bench/pingpong.py). Measured (130m, batch 8, alternated
+# processes, /work/notes/bench/ab_env.sh, one sample each in that state): one panel a task (192 tasks a layer)
+# 23.7 ms a step, 2 panels 21.7, 4 panels 21.3; in the other state 20.5–21.0 ms for 1, 2 and 4 alike.
+IN_PANELS = 4
 ROWS = 64  # channels per state-update task (whole dt_proj panels: a multiple of GROUP); vector loops run over them
 assert ROWS % GROUP == 0, "a state-update task computes whole dt_proj panels"
 _F32 = np.float32
@@ -128,8 +134,8 @@ def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_d
 
     One parallel region (`threads` iterations of a prange) in five phases, the threads taking each phase's
     tasks from a shared counter and waiting for the phase to finish before the next (ops/_tasks.py; `sync`:
-    this layer's counters, zeroed): the RMSNorm (one task); in_proj, a panel a task, with the conv and SiLUs
-    of the channels it has just produced; x_proj in 4-row tasks; dt_proj with the state update of its
+    this layer's counters, zeroed): the RMSNorm (one task); in_proj, IN_PANELS panels a task, each with the
+    conv and SiLUs of the channels it has just produced; x_proj in 4-row tasks; dt_proj with the state update of its
     channels, ROWS channels a task; out_proj, a panel a task, adding into r. As four prange loops (four
     OpenMP regions) each region woke the sleeping second thread (OMP_WAIT_POLICY=PASSIVE): measured with
     `benchmarks/decode_step.py` under PASSIVE, 130m float32, old ↔ new alternated three times, batch 1
@@ -138,17 +144,19 @@ def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_d
     """
     E = A.shape[0]
     n_in, n_x, n_ssm, n_out = p_in.shape[0], (w_x.shape[0] + 3) // 4, (E + ROWS - 1) // ROWS, p_out.shape[0]
+    n_in_tasks = (n_in + IN_PANELS - 1) // IN_PANELS
     for _ in prange(threads):  # one parallel region; each thread takes tasks until a phase has none left
         if take(sync, 0) == 0:
             _norm(r, norm_w, eps, hn)
             done(sync, 0)
         wait(sync, 0, 1)
         g = take(sync, 1)
-        while g < n_in:
-            _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+        while g < n_in_tasks:
+            for gg in range(g * IN_PANELS, min(n_in, (g + 1) * IN_PANELS)):
+                _in_proj_conv(gg, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
             done(sync, 1)
             g = take(sync, 1)
-        wait(sync, 1, n_in)
+        wait(sync, 1, n_in_tasks)
         blk = take(sync, 2)
         while blk < n_x:
             _rows(xc, w_x, b_out[:0], dbc, 4 * blk, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
