@@ -53,7 +53,7 @@ PHASES = 5  # of a layer: norm, in_proj + conv, x_proj, Δ + state update, out_p
 # round trip of such a counter between the two threads took 58–95 ns, or 336–529 ns in the state where its two
 # vCPUs seem to sit on different dies (/work/notes/bench/pingpong.py). Measured (130m, batch 8, alternated
 # processes, /work/notes/bench/ab_env.sh, one sample each in that state): one panel a task (192 tasks a layer)
-# 23.7 ms a step, 2 panels 21.7, 4 panels 21.3; in the other state 20.5–21.0 ms for 1, 2 and 4 alike.
+# 23.7 ms a step, 2 panels 21.7, 4 panels 21.3; in the other state 20.3–21.0 ms for 1, 2 and 4 alike.
 IN_PANELS = 4
 ROWS = 64  # channels per state-update task (whole dt_proj panels: a multiple of GROUP); vector loops run over them
 assert ROWS % GROUP == 0, "a state-update task computes whole dt_proj panels"
