@@ -41,7 +41,7 @@ from . import decode_panels
 from .decode_linear import _rows
 from .decode_panels import GROUP, panel_rows
 from .ops._numba import exp_ir, fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
-from .ops._tasks import done, take, wait
+from .ops._tasks import claim, finish, sync_size, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
 # Measured (130m, 2 threads, other processes paused, fused vs unfused ms a step, one-off script): float32
@@ -49,14 +49,14 @@ from .ops._tasks import done, take, wait
 # 147 vs 116 at 64, where torch's bfloat16 GEMM (oneDNN, AVX512-BF16 dot products) wins.
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 16}
 PHASES = 5  # of a layer: norm, in_proj + conv, x_proj, Δ + state update, out_proj
-# in_proj panels per task: each task costs two atomic operations on a counter both threads share. On this VM a
-# round trip of such a counter between the two threads took 58–95 ns, or 336–529 ns in the state where its two
-# vCPUs seem to sit on different dies (/work/notes/bench/pingpong.py). Measured (130m, batch 8, alternated
-# processes, /work/notes/bench/ab_env.sh, one sample each in that state): one panel a task (192 tasks a layer)
-# 23.7 ms a step, 2 panels 21.7, 4 panels 21.3; in the other state 20.3–21.0 ms for 1, 2 and 4 alike.
-IN_PANELS = 4
-ROWS = 64  # channels per state-update task (whole dt_proj panels: a multiple of GROUP); vector loops run over them
-assert ROWS % GROUP == 0, "a state-update task computes whole dt_proj panels"
+# Channels a task, in the in_proj phase (their x and z rows: 4 panels) and in the state-update phase, so that
+# task k of both phases covers the same channels and one thread does both (`ops._tasks`: each thread starts
+# with its own range of tasks). Fewer, larger tasks cost fewer atomic operations on counters the threads share:
+# measured with one panel a task (192 tasks a layer), 2 panels and 4 (130m, batch 8, alternated processes,
+# /work/notes/bench/ab_env.sh, one sample each, in the VM state where a counter's round trip between the
+# threads takes 336–529 ns): 23.7, 21.7 and 21.3 ms a step; in the other state 20.3–21.0 ms for 1, 2 and 4 alike.
+ROWS = 64
+assert ROWS % GROUP == 0, "a task computes whole in_proj and dt_proj panels"
 _F32 = np.float32
 
 
@@ -120,9 +120,10 @@ def _channel16(typingctx, ssm_state, Bv, Cv, A, bb, e, delta, dx):
     return sig, codegen
 
 
-def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
-                p_out, b_out, hn, xz, xc, dbc, y, o, sync, threads):
-    """One layer for b sequences; r (b, D) float32 is the residual stream, updated in place (r += mixer(norm(r))).
+def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
+           p_out, b_out, hn, xz, xc, dbc, y, o, sync):
+    """Thread t's part of one layer for b sequences; r (b, D) float32 is the residual stream, updated in place
+    (r += mixer(norm(r))).
 
     Weights are float32 arrays or bfloat16 bits (int16). in_proj, dt_proj and out_proj come packed in 32-row
     panels (`decode_panels`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
@@ -132,49 +133,83 @@ def _layer_step(r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_d
     xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed matrices whole panels
     wide.
 
-    One parallel region (`threads` iterations of a prange) in five phases, the threads taking each phase's
-    tasks from a shared counter and waiting for the phase to finish before the next (ops/_tasks.py; `sync`:
-    this layer's counters, zeroed): the RMSNorm (one task); in_proj, IN_PANELS panels a task, each with the
-    conv and SiLUs of the channels it has just produced; x_proj in 4-row tasks; dt_proj with the state update of its
-    channels, ROWS channels a task; out_proj, a panel a task, adding into r. As four prange loops (four
-    OpenMP regions) each region woke the sleeping second thread (OMP_WAIT_POLICY=PASSIVE): measured with
-    `benchmarks/decode_step.py` under PASSIVE, 130m float32, old ↔ new alternated three times, batch 1
-    19.5 / 16.1 / 19.5 → 17.1 / 14.5 / 17.0 ms, batch 8 25.4 / 24.6 / 25.4 → 22.9 / 28.5 / 22.6 ms; with two
-    such processes sharing the 2 cores, batch 1 29.5 → 19.2 ms.
+    Five phases; each thread takes a phase's tasks from its own range first, then from the others', and waits
+    for the phase to be done before the next (ops/_tasks.py; `sync`: this layer's counters, zeroed): the
+    RMSNorm (one task); in_proj for ROWS channels a task, their x and z rows, with the conv and SiLUs of the
+    channels just produced; x_proj in 4-row tasks; dt_proj with the state update, ROWS channels a task (task
+    k of in_proj and of the state update cover the same channels, so the thread that did one usually does the
+    other, and reads its x and z from its own caches); out_proj, a panel a task, adding into r.
     """
     E = A.shape[0]
-    n_in, n_x, n_ssm, n_out = p_in.shape[0], (w_x.shape[0] + 3) // 4, (E + ROWS - 1) // ROWS, p_out.shape[0]
-    n_in_tasks = (n_in + IN_PANELS - 1) // IN_PANELS
-    for _ in prange(threads):  # one parallel region; each thread takes tasks until a phase has none left
-        if take(sync, 0) == 0:
-            _norm(r, norm_w, eps, hn)
-            done(sync, 0)
-        wait(sync, 0, 1)
-        g = take(sync, 1)
-        while g < n_in_tasks:
-            for gg in range(g * IN_PANELS, min(n_in, (g + 1) * IN_PANELS)):
-                _in_proj_conv(gg, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
-            done(sync, 1)
-            g = take(sync, 1)
-        wait(sync, 1, n_in_tasks)
-        blk = take(sync, 2)
-        while blk < n_x:
-            _rows(xc, w_x, b_out[:0], dbc, 4 * blk, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
-            done(sync, 2)
-            blk = take(sync, 2)
-        wait(sync, 2, n_x)
-        blk = take(sync, 3)
-        while blk < n_ssm:
-            _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y)
-            done(sync, 3)
-            blk = take(sync, 3)
-        wait(sync, 3, n_ssm)
-        g = take(sync, 4)
-        while g < n_out:
-            _out_proj_residual(g, y, p_out, b_out, o, r)
-            done(sync, 4)
-            g = take(sync, 4)
-        wait(sync, 4, n_out)  # the next layer's norm reads all of r
+    n_ch, n_x, n_out = (E + ROWS - 1) // ROWS, (w_x.shape[0] + 3) // 4, p_out.shape[0]
+    k, q = claim(sync, 0, 1, t, threads, 0)
+    if k < 1:
+        _norm(r, norm_w, eps, hn)
+        finish(sync, 0, threads, 1)
+    wait(sync, 0, threads, 1)
+    k, q = claim(sync, 1, n_ch, t, threads, 0)
+    count = 0
+    while k < n_ch:
+        _in_proj_task(k, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+        count += 1
+        k, q = claim(sync, 1, n_ch, t, threads, q)
+    finish(sync, 1, threads, count)
+    wait(sync, 1, threads, n_ch)
+    k, q = claim(sync, 2, n_x, t, threads, 0)
+    count = 0
+    while k < n_x:
+        _rows(xc, w_x, b_out[:0], dbc, 4 * k, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
+        count += 1
+        k, q = claim(sync, 2, n_x, t, threads, q)
+    finish(sync, 2, threads, count)
+    wait(sync, 2, threads, n_x)
+    k, q = claim(sync, 3, n_ch, t, threads, 0)
+    count = 0
+    while k < n_ch:
+        _delta_state_update(k, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y)
+        count += 1
+        k, q = claim(sync, 3, n_ch, t, threads, q)
+    finish(sync, 3, threads, count)
+    wait(sync, 3, threads, n_ch)
+    k, q = claim(sync, 4, n_out, t, threads, 0)
+    count = 0
+    while k < n_out:
+        _out_proj_residual(k, y, p_out, b_out, o, r)
+        count += 1
+        k, q = claim(sync, 4, n_out, t, threads, q)
+    finish(sync, 4, threads, count)
+    wait(sync, 4, threads, n_out)  # the next layer's norm reads all of r
+
+
+
+def _layers(r, norm_w, eps, panels, offsets, b_in, conv_w, conv_b, conv_all, w_x, dt_b, A, Dv, ssm_all, b_out,
+            hn, xz, xc, dbc, y, o, sync, threads):
+    """All L layers of a step in one parallel region (`threads` iterations of a prange), a thread going through
+    the layers one after the other (`_layer`); the phases' waits order them. The small weights come stacked
+    by layer (norm_w (L, D), b_in (L, 2E or 0), conv_w (L, E, W), conv_b, dt_b, Dv (L, E or 0), w_x (L, R + 2N,
+    E), A (L, E, N), b_out (L, D or 0)), in_proj, dt_proj and out_proj packed in one flat buffer, `panels`,
+    layer i's three starting at offsets[i]; the states as (L, b, E, W − 1) and (L, b, E, N); sync (L, …).
+
+    Why one region for the step, not one a layer: with OMP_WAIT_POLICY=PASSIVE the second thread sleeps
+    between regions, and each layer's region also cost a Python loop turn and a numba dispatch of 24 arguments,
+    all from caches that the weight stream had just emptied. Measured (130m float32, 2 threads, old and new
+    trees alternated ten times, /work/notes/bench/ab_tree.sh, medians of 5 × 8 steps; the old tree had a
+    region a layer and already the home ranges): batch 1 17.1–18.5 → 16.2–17.1 ms a step, batch 8 21.2–23.1
+    → 19.6–21.1 ms.
+    """
+    L, D = norm_w.shape
+    E, N = A.shape[1], A.shape[2]
+    R = w_x.shape[1] - 2 * N
+    n_in, n_dt, n_out = (2 * E + GROUP - 1) // GROUP, (E + GROUP - 1) // GROUP, (D + GROUP - 1) // GROUP
+    s_in, s_dt, s_out = n_in * D * GROUP, n_dt * R * GROUP, n_out * E * GROUP
+    for t in prange(threads):  # one parallel region
+        for i in range(L):
+            at = offsets[i]
+            p_in = panels[at:at + s_in].reshape((n_in, D, GROUP))
+            p_dt = panels[at + s_in:at + s_in + s_dt].reshape((n_dt, R, GROUP))
+            p_out = panels[at + s_in + s_dt:at + s_in + s_dt + s_out].reshape((n_out, E, GROUP))
+            _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_w[i], conv_b[i], conv_all[i], w_x[i], p_dt,
+                   dt_b[i], A[i], Dv[i], ssm_all[i], p_out, b_out[i], hn, xz, xc, dbc, y, o, sync[i])
 
 
 def _norm(r, norm_w, eps, hn):
@@ -195,6 +230,18 @@ def _norm(r, norm_w, eps, hn):
 # scalar: one layer's Δ + state-update phase at batch 8 took 304 µs, against 113 µs with constant counts
 # (one thread, 130m, /work/notes/bench/ssm_bisect.py, a one-off script). B and C are passed as views of
 # their row for the same reason (with dbc[bb, R + n] and R known only at run time: 216 µs).
+
+
+def _in_proj_task(k, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
+    """in_proj for channels ROWS·k … ROWS·(k + 1) − 1: the panels of their x rows, then of their z rows (rows
+    E + ROWS·k …), each with its conv and SiLUs. When E is not a multiple of GROUP, one panel holds the last x
+    and the first z channels; it belongs to the task of its x channels, so each panel has one task."""
+    E = conv_w.shape[0]
+    gx = (E + GROUP - 1) // GROUP  # panels with x channels
+    for g in range(k * ROWS // GROUP, min((k + 1) * ROWS // GROUP, gx)):
+        _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+    for g in range(max(gx, (E + k * ROWS + GROUP - 1) // GROUP), min(p_in.shape[0], (E + (k + 1) * ROWS + GROUP - 1) // GROUP)):
+        _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
 
 
 def _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
@@ -299,7 +346,9 @@ def _residual(j0, n, o, b_out, r):
             r[bb, j] += o[bb, j] + widen(b_out[j]) if has_b_out else o[bb, j]
 
 
+_layer = njit(inline="always", **kernel_options(parallel=False))(_layer)
 _norm = njit(inline="always", **kernel_options(parallel=False))(_norm)
+_in_proj_task = njit(inline="always", **kernel_options(parallel=False))(_in_proj_task)
 _in_proj_conv = njit(inline="always", **kernel_options(parallel=False))(_in_proj_conv)
 _delta_state_update = njit(inline="always", **kernel_options(parallel=False))(_delta_state_update)
 _out_proj_residual = njit(inline="always", **kernel_options(parallel=False))(_out_proj_residual)
@@ -318,9 +367,9 @@ def _renamed(fn, suffix: str):
 
 
 # parallel over torch's thread count, or serial for one thread (a parallel launch wakes pool threads)
-_LAYER = {
-    True: njit(**kernel_options(parallel=True))(_layer_step),
-    False: njit(**kernel_options(parallel=False))(_renamed(_layer_step, "_serial")),
+_LAYERS = {
+    True: njit(**kernel_options(parallel=True))(_layers),
+    False: njit(**kernel_options(parallel=False))(_renamed(_layers, "_serial")),
 }
 
 
@@ -363,13 +412,13 @@ def applies(model, input_ids: Tensor, state) -> bool:
     )
 
 
-def _layer_args(model) -> tuple[list[tuple], np.ndarray]:
-    """Per layer, the kernel's weight arguments, and the LM head packed: in_proj, out_proj and the head as
-    32-row panels (`decode_panels.pack`, a copy, built here), the small matrices and vectors as numpy views
-    of the parameters' memory. They are built once and reused for as long as every module and parameter they
-    came from is still in place, at the same address and version (checked each step by dict lookups, ~0.1 ms):
-    an optimizer step or load_state_dict bumps the packed parameters' versions and so rebuilds the copy;
-    replacing a parameter, a module or a tensor's .data rebuilds everything. (In-place writes through
+def _layer_args(model) -> tuple[tuple, np.ndarray]:
+    """The kernel's weight arguments (`_layers`: the small weights stacked by layer, in_proj, dt_proj and out_proj
+    packed as 32-row panels in one flat buffer with each layer's offset), and the LM head packed. All are
+    copies (`decode_panels.pack_flat` for the panels), built here and reused for as long as every module and
+    parameter they came from is still in place, at the same address and version (checked each step by dict
+    lookups, ~0.1 ms): an optimizer step or load_state_dict bumps the parameters' versions and so rebuilds
+    them; replacing a parameter, a module or a tensor's .data rebuilds them too. (In-place writes through
     `.data` are invisible to torch's version counter, and so to this check.)"""
     cached = model.__dict__.get("_fused_args")
     if cached is not None and all(d.get(k) is v and (p is None or (v.data_ptr(), v._version) == p)
@@ -385,7 +434,8 @@ def _layer_args(model) -> tuple[list[tuple], np.ndarray]:
         return v
 
     layers = watch(watch(model, "_modules", "backbone"), "_modules", "layers")
-    args, packed = [], []
+    small = {k: [] for k in ("norm_w", "b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")}
+    packed = []
     for i in range(len(layers)):
         layer = watch(layers, "_modules", str(i))
         norm, m = watch(layer, "_modules", "norm"), watch(layer, "_modules", "mixer")
@@ -394,20 +444,23 @@ def _layer_args(model) -> tuple[list[tuple], np.ndarray]:
 
         def p(module, name):
             t = watch(module, "_parameters", name)
-            return _EMPTY if t is None else _np(t)
+            return None if t is None else t.detach()
 
+        for k, t in (("norm_w", p(norm, "weight")), ("b_in", p(in_proj, "bias")),
+                     ("conv_w", p(conv, "weight").reshape(-1, conv.weight.shape[-1])), ("conv_b", p(conv, "bias")),
+                     ("w_x", p(x_proj, "weight")), ("dt_b", p(dt_proj, "bias")),
+                     ("A", -torch.exp(p(m, "A_log").float())), ("Dv", p(m, "D")), ("b_out", p(out_proj, "bias"))):
+            small[k].append(t)
         packed += [watch(module, "_parameters", "weight") for module in (in_proj, dt_proj, out_proj)]
-        args.append([
-            p(norm, "weight"), norm.eps, None, p(in_proj, "bias"), p(conv, "weight").reshape(-1, conv.weight.shape[-1]),
-            p(conv, "bias"), p(x_proj, "weight"), None, p(dt_proj, "bias"), p(m, "D"),
-            None, p(out_proj, "bias"),
-        ])  # A is not here: m._decode_A() gives it each step, following in-place updates of A_log
     packed.append(watch(watch(model, "_modules", "lm_head"), "_parameters", "weight"))
     # one buffer in the order a step reads them: layer 0's in_proj, dt_proj, out_proj, layer 1's, …, the head
-    panels = decode_panels.pack([t.detach() for t in packed])
-    for a, p_in, p_dt, p_out in zip(args, panels[0::3], panels[1::3], panels[2::3]):
-        a[2], a[7], a[10] = p_in, p_dt, p_out
-    result = ([tuple(a) for a in args], panels[-1])
+    flat, offsets = decode_panels.pack_flat([t.detach() for t in packed])
+    stacked = {k: _EMPTY.reshape(len(layers), 0) if v[0] is None else _np(torch.stack(v)) for k, v in small.items()}
+    args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0:-1:3], np.int64),
+            *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")))
+    w_head = model.lm_head.weight
+    head = flat[offsets[-1]:offsets[-1] + decode_panels.padded(w_head.shape[0]) * w_head.shape[1]]
+    result = (args, head.reshape(-1, w_head.shape[1], GROUP))
     model.__dict__["_fused_args"] = (checks, result)
     return result
 
@@ -425,7 +478,7 @@ def step(model, input_ids: Tensor, state) -> Tensor:
     c = model.config
     b = input_ids.shape[0]
     E, N, R = c.d_inner, c.d_state, c.dt_rank
-    layer_args, p_head = _layer_args(model)
+    weights, p_head = _layer_args(model)
     r = model.backbone.embedding(input_ids).float().contiguous()  # (b, D) the residual stream, float32
     f32 = dict(dtype=torch.float32)
     hn, xc = torch.empty(b, c.d_model, **f32), torch.empty(b, E, **f32)
@@ -434,15 +487,13 @@ def step(model, input_ids: Tensor, state) -> Tensor:
     o = torch.empty(b, decode_panels.padded(c.d_model), **f32)
     dbc = torch.empty(b, R + 2 * N, **f32)
     scratch = [t.numpy() for t in (hn, xz, xc, dbc, y, o)]
-    rn, conv_all, ssm_all = r.numpy(), _np(state.conv), state.ssm.numpy()  # (b, D), (L, b, E, W − 1), (L, b, E, N)
     parallel = torch.get_num_threads() > 1
     if parallel:
         set_threads()
-    kernel, threads = _LAYER[parallel], (numba.get_num_threads() if parallel else 1)
-    sync = np.zeros((len(layer_args), 2 * PHASES), np.int64)  # the layers' task counters (ops/_tasks.py)
-    for i, (layer, a) in enumerate(zip(model.backbone.layers, layer_args)):
-        norm_w, eps, p_in, b_in, conv_w, conv_b, w_x, p_dt, dt_b, Dv, p_out, b_out = a
-        kernel(rn, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_all[i], w_x, p_dt, dt_b,
-               layer.mixer._decode_A().numpy(), Dv, ssm_all[i], p_out, b_out, *scratch, sync[i], threads)
+    threads = numba.get_num_threads() if parallel else 1
+    sync = np.zeros((c.n_layer, sync_size(PHASES, threads)), np.int64)  # the layers' task counters (ops/_tasks.py)
+    norm_w, eps, panels, offsets, b_in, conv_w, conv_b, w_x, dt_b, A, Dv, b_out = weights
+    _LAYERS[parallel](r.numpy(), norm_w, eps, panels, offsets, b_in, conv_w, conv_b, _np(state.conv), w_x, dt_b, A,
+                      Dv, state.ssm.numpy(), b_out, *scratch, sync, threads)  # states (L, b, E, W − 1), (L, b, E, N)
     h = model.backbone.norm_f(r)  # (b, D)
     return decode_panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as the unfused step

@@ -199,9 +199,11 @@ def pack_into(weight: Tensor, dst: Tensor) -> np.ndarray:
     return d.view(torch.int16).numpy() if d.dtype == torch.bfloat16 else d.numpy()
 
 
-def pack(weights: list[Tensor]) -> list[np.ndarray]:
-    """Each weight packed, all in one buffer in 2 MiB pages where the machine has them (see `hugepages`), in
-    the order given (the order a decode step reads them, so the step reads one stream)."""
+def pack_flat(weights: list[Tensor]) -> tuple[np.ndarray, list[int]]:
+    """Each weight packed, all in one flat buffer in 2 MiB pages where the machine has them (see `hugepages`), in
+    the order given (the order a decode step reads them, so the step reads one stream). Returns the buffer
+    (float32, or int16 bits for bfloat16) and where each weight's panels start in it (elements); weight k is
+    buffer[offsets[k] : offsets[k] + padded(o) · i] as (og, i, 32)."""
     dtype = weights[0].dtype
     sizes = [padded(w.shape[0]) * w.shape[1] for w in weights]
     nbytes = sum(sizes) * weights[0].element_size()
@@ -214,13 +216,21 @@ def pack(weights: list[Tensor]) -> list[np.ndarray]:
             buf = None
     if buf is None:
         buf = torch.empty(sum(sizes), dtype=dtype)
-    out, offset = [], 0
+    offsets, offset = [], 0
     for w, n in zip(weights, sizes):
         if w.dtype != dtype:
             raise ValueError(f"pack: weights of one buffer share a dtype ({w.dtype} vs {dtype})")
-        out.append(pack_into(w, buf[offset : offset + n]))
+        pack_into(w, buf[offset : offset + n])
+        offsets.append(offset)
         offset += n
-    return out
+    return (buf.view(torch.int16) if dtype == torch.bfloat16 else buf).numpy(), offsets
+
+
+def pack(weights: list[Tensor]) -> list[np.ndarray]:
+    """Each weight packed (`pack_flat`), as the kernel's (og, i, 32) arrays, views of one buffer."""
+    flat, offsets = pack_flat(weights)
+    return [flat[at : at + padded(w.shape[0]) * w.shape[1]].reshape(-1, w.shape[1], GROUP)
+            for w, at in zip(weights, offsets)]
 
 
 def linear(x: Tensor, P: np.ndarray, o: int) -> Tensor:

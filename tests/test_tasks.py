@@ -6,37 +6,73 @@ import pytest
 import torch
 from numba import njit, prange
 
-from mambakit.ops._tasks import atomic_add, atomic_load, done, take, wait
+from mambakit.ops._tasks import atomic_add, atomic_load, claim, finish, home, sync_size, wait
 
 
 @njit(parallel=True)
-def _two_phases(first, second, runs, sync, threads):
+def _two_phases(first, second, runs, owner, sync, threads):
     n = first.shape[0]
-    for _ in prange(threads):
-        k = take(sync, 0)
+    for t in prange(threads):
+        k, q = claim(sync, 0, n, t, threads, 0)
+        count = 0
         while k < n:
             first[k] = 2.0 * k
             atomic_add(runs, k, 1)
-            done(sync, 0)
-            k = take(sync, 0)
-        wait(sync, 0, n)
-        k = take(sync, 1)
+            owner[k] = t
+            count += 1
+            k, q = claim(sync, 0, n, t, threads, q)
+        finish(sync, 0, threads, count)
+        wait(sync, 0, threads, n)
+        k, q = claim(sync, 1, n, t, threads, 0)
+        count = 0
         while k < n:
             second[k] = first[k] + first[n - 1 - k]  # written by any thread in phase 0
-            done(sync, 1)
-            k = take(sync, 1)
-        wait(sync, 1, n)
+            count += 1
+            k, q = claim(sync, 1, n, t, threads, q)
+        finish(sync, 1, threads, count)
+        wait(sync, 1, threads, n)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 7])  # 7: more than the pool's threads; the rest run in turn
-def test_phases_run_every_task_once_in_order(threads):
-    n = 500
-    first, second, runs = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
-    sync = np.zeros(4, np.int64)
-    _two_phases(first, second, runs, sync, threads)
-    assert (runs == 1).all()
+@pytest.mark.parametrize("n", [500, 3, 1])  # 3, 1: some threads' ranges are empty
+def test_phases_run_every_task_once_in_order(threads, n):
+    first, second, runs, owner = np.zeros(n), np.zeros(n), np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    sync = np.zeros(sync_size(2, threads), np.int64)
+    _two_phases(first, second, runs, owner, sync, threads)
+    assert (runs == 1).all() and (owner >= 0).all()
     np.testing.assert_array_equal(second, 2.0 * (n - 1) * np.ones(n))
-    assert sync[1] == n and sync[3] == n and sync[0] == n + threads  # each thread's last take found none
+
+
+@njit
+def _interleaved(n, threads, order, sync):
+    """Threads 0 … threads − 1 claiming in turn (one OS thread): [(thread, task), …] until all are done."""
+    q = np.zeros(threads, np.int64)
+    out = []
+    active = threads
+    while active > 0:
+        active = 0
+        for t in order:
+            if q[t] < threads:
+                k, q[t] = claim(sync, 0, n, t, threads, q[t])
+                if k < n:
+                    out.append((t, k))
+                    active += 1
+    return out
+
+
+def test_threads_take_their_own_range_first_then_the_others():
+    # 10 tasks, 2 threads: ranges 0–4 and 5–9; thread 0 claims twice as often, so it steals from range 1's
+    # front once its own range is done
+    got = _interleaved(10, 2, np.array([0, 0, 1]), np.zeros(sync_size(1, 2), np.int64))
+    assert got[:5] == [(0, 0), (0, 1), (1, 5), (0, 2), (0, 3)]
+    assert sorted(k for _, k in got) == list(range(10))
+    mine = [k for t, k in got if t == 0]
+    assert mine[:5] == [0, 1, 2, 3, 4] and all(k >= 5 for k in mine[5:]) and len(mine) > 5
+    assert [k for t, k in got if t == 1] == sorted(k for t, k in got if t == 1)  # range 1 in order by both
+    # three threads: each starts at its own range's front
+    got = _interleaved(9, 3, np.array([0, 1, 2]), np.zeros(sync_size(1, 3), np.int64))
+    assert got[:3] == [(0, 0), (1, 3), (2, 6)]
+    assert [home(9, u, 3) for u in range(3)] == [(0, 3), (3, 6), (6, 9)]
 
 
 def test_atomics():

@@ -1,21 +1,33 @@
-"""Phases of work inside one parallel region: threads take tasks from a shared counter and wait for a phase's
-tasks to be done before the next phase starts (numba intrinsics over LLVM atomics).
+"""Phases of work inside one parallel region: each thread works through its own range of a phase's tasks, then
+takes what is left of the others' ranges, and waits for the phase to be done before the next (numba intrinsics
+over LLVM atomics).
 
-Why: a fused decode step is a chain of dependent loops (in_proj → x_proj → state update → out_proj). As one
-numba `prange` each, every loop is an OpenMP parallel region, and mambakit runs OpenMP with
+Why one region: a fused decode step is a chain of dependent loops (in_proj → x_proj → state update →
+out_proj). As one numba `prange` each, every loop is an OpenMP parallel region, and mambakit runs OpenMP with
 OMP_WAIT_POLICY=PASSIVE (see mambakit/__init__.py): between regions the second thread sleeps, and waking it
-costs tens of microseconds on this VM, 97 times a step (130m: 4 regions a layer, and the head). Here a layer
-is one region. Inside it, each phase's tasks are taken with an atomic fetch-add, so whichever threads are
-running share them. A thread that has run out of tasks waits until the phase's done-counter reaches its task
-count.
+costs tens of microseconds on this VM, 97 times a step (130m: 4 regions a layer, and the head).
+
+Why home ranges: thread t of T first takes tasks t·n/T … (t + 1)·n/T − 1 of every phase, in order, so when two
+phases number their tasks alike (the fused layer's in_proj and state-update tasks cover the same channels), a
+thread reads what it wrote itself, from its own caches. On this VM that matters: in one of its two states
+the vCPUs seem to sit on different dies, with an L3 each (a two-thread ping-pong of one cache line takes
+320–530 ns instead of 58–95), and every line written by the other thread crosses between them. Measured with
+all tasks on one shared counter against fixed halves (130m, batch 8, float32, one process alternating the
+two each round, /work/notes/bench/phase_tsc3.py): in that state 21.0–23.8 ms a step (26 rounds) against
+18.6–21.4 (27), the state-update phase 4.6–5.0 ms against 3.4–3.7 and in_proj 7.7–8.8 against 6.8–7.3; in
+the other state 21.3–31.1 against 19.9–29.2. Fixed halves alone would stall on a thread that is slow or
+descheduled, so a thread that has finished its range goes on to take tasks from the other ranges' counters.
+
+Each range has its own counter on a cache line of its own, so a thread touches the other's line only when
+stealing, and a phase costs each thread one atomic add to the done-counter, not one per task.
 
 No thread ever waits for another thread to *arrive*, only for tasks already taken by a running thread to
 finish. So the scheme cannot deadlock when the region runs with fewer threads than planned (nested
-parallelism, a busy OpenMP pool): one thread then takes every task. A waiter spins briefly, then yields
-the core (sched_yield), so a descheduled worker on a shared machine gets it back.
+parallelism, a busy OpenMP pool): one thread then takes every range's tasks. A waiter spins briefly, then
+yields the core (sched_yield), so a descheduled worker on a shared machine gets it back.
 
-`sync` is an int64 array of 2 counters a phase, zeroed before the region: sync[2k] = next task of phase k,
-sync[2k + 1] = tasks of phase k done.
+`sync` is a flat int64 array of `sync_size(phases, threads)` zeros, made before the region: for phase k, T + 1
+counters a cache line apart: range u's next task (0 … its length, then beyond) and the phase's done tasks.
 """
 
 from __future__ import annotations
@@ -73,31 +85,54 @@ def sched_yield(typingctx):
     return types.void(), codegen
 
 
-def take(sync, phase):
-    """The index of a task of this phase for the calling thread (≥ the phase's task count: none left).
+LINE = 8  # int64s in a 64-byte cache line: one counter a line
 
-    The max with 0 changes nothing (the counter starts at 0 and only grows) but tells LLVM the index is not
+
+def sync_size(phases: int, threads: int) -> int:
+    """The length of a region's `sync` array: per phase, one counter a thread's range and one of done tasks."""
+    return phases * (threads + 1) * LINE
+
+
+def home(n, u, threads):
+    """Range u of a phase's n tasks: tasks lo … hi − 1, as (lo, hi)."""
+    return max(u * n // threads, 0), max((u + 1) * n // threads, 0)
+
+
+def claim(sync, phase, n, t, threads, r):
+    """The next task of the phase for thread t (of `threads`) and where to look next: (task, r). A thread
+    starts with r = 0, its own range, and goes on to range t + 1, t + 2, … (mod threads) as each runs out;
+    task ≥ n: none left anywhere.
+
+    The max with 0 changes nothing (a counter starts at 0 and only grows) but tells LLVM the index is not
     negative, and so neither are the array indices computed from it. Without it numba's negative-index
     wraparound stays on every access, and LLVM leaves the phases' channel loops scalar: the fused layer's
     Δ + state-update phase took 5.1 ms for 24 layers at batch 8 against 3.2 ms with the index known
     non-negative (one thread, 130m; one-off script /work/notes/bench/ssm_situ2.py)."""
-    return max(atomic_add(sync, 2 * phase, 1), 0)
+    while r < threads:
+        u = (t + r) % threads
+        lo, hi = home(n, u, threads)
+        k = lo + max(atomic_add(sync, (phase * (threads + 1) + u) * LINE, 1), 0)
+        if k < hi:
+            return k, r
+        r += 1
+    return n, r
 
 
-def done(sync, phase):
-    """Marks one task of this phase done (after its results are written)."""
-    atomic_add(sync, 2 * phase + 1, 1)
+def finish(sync, phase, threads, count):
+    """Adds the `count` tasks this thread did in the phase to its done tasks (after their results are written)."""
+    atomic_add(sync, (phase * (threads + 1) + threads) * LINE, count)
 
 
-def wait(sync, phase, n):
-    """Returns once n tasks of this phase are done."""
+def wait(sync, phase, threads, n):
+    """Returns once n tasks of the phase are done."""
     spins = 0
-    while atomic_load(sync, 2 * phase + 1) < n:
+    while atomic_load(sync, (phase * (threads + 1) + threads) * LINE) < n:
         spins += 1
         if spins > SPINS_BEFORE_YIELD:
             sched_yield()
 
 
-take = njit(inline="always", **kernel_options(parallel=False))(take)
-done = njit(inline="always", **kernel_options(parallel=False))(done)
+home = njit(inline="always", **kernel_options(parallel=False))(home)
+claim = njit(inline="always", **kernel_options(parallel=False))(claim)
+finish = njit(inline="always", **kernel_options(parallel=False))(finish)
 wait = njit(inline="always", **kernel_options(parallel=False))(wait)
