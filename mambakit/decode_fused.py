@@ -1,16 +1,17 @@
-"""Fused decode step: one compiled call per layer for a batch of sequences (paper §3.3, recurrent mode).
+"""Fused decode step: one compiled call for all layers, for a batch of sequences (paper §3.3, recurrent mode).
 
 Why: a decode step of the 130m model does little arithmetic (one token per sequence), so the unfused step,
 about 25 torch ops and numba calls per layer (norm, in_proj, conv update, x_proj, dt_proj, state update,
-out_proj, residual add, dtype conversions), spends a quarter of its time outside the weight reads. Here each
-layer is one numba call that keeps every intermediate in small scratch buffers and reads each weight matrix
-once, in one parallel region whose threads share each phase's tasks (see `_layer_step`). The large matrices (in_proj,
-dt_proj, out_proj, the LM head) are read from a copy packed in 32-row panels (`decode_panels`: one sequential
-stream, and each weight load shared by the batch's rows), built on the first fused step and rebuilt when a
-weight changes; the small ones through numpy views of the parameters (`_layer_args`).
+out_proj, residual add, dtype conversions), spends a quarter of its time outside the weight reads. Here the
+layers are one numba call, one parallel region (`_layers`), that keeps every intermediate in small scratch
+buffers and reads each weight matrix once, the threads sharing each phase's tasks (`_layer`). The large
+matrices (in_proj, dt_proj, out_proj, the LM head) are read from a copy packed in 32-row panels
+(`decode_panels`: one sequential stream, and each weight load shared by the batch's rows), the small ones from
+a copy stacked by layer; both are built on the first fused step and rebuilt when a weight changes
+(`_layer_args`).
 
 Measured (130m, 2 threads, other processes paused, `benchmarks/decode_step.py`, fused vs unfused ms a step,
-one run): float32 16.3 vs 20.8 at batch 1, 19.9 vs 40.4 at 8, 36.8 vs 57.3 at 16; bfloat16 6.8 vs 15.7,
+one run, when each layer was a region of its own): float32 16.3 vs 20.8 at batch 1, 19.9 vs 40.4 at 8, 36.8 vs 57.3 at 16; bfloat16 6.8 vs 15.7,
 20.8 vs 37.9, 39.0 vs 47.1. (Before the panels: float32 19.0, 38.4, 55.6 ms.)
 
 The reference twin is the unfused `Mamba.step` (model.py), with the same arguments and results: tests compare
@@ -193,8 +194,9 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_w, conv_b, conv_all, w_x
     Why one region for the step, not one a layer: with OMP_WAIT_POLICY=PASSIVE the second thread sleeps
     between regions, and each layer's region also cost a Python loop turn and a numba dispatch of 24 arguments,
     all from caches that the weight stream had just emptied. Measured (130m float32, 2 threads, old and new
-    trees alternated ten times, /work/notes/bench/ab_tree.sh, medians of 5 × 8 steps; the old tree had a
-    region a layer and already the home ranges): batch 1 17.1–18.5 → 16.2–17.1 ms a step, batch 8 21.2–23.1
+    trees alternated ten times, /work/notes/bench/ab_tree.sh, medians of 5 × 8 steps, in the VM state where the
+    threads' ping-pong takes 53–86 ns; the old tree had a region a layer and one shared task counter a phase,
+    the new one also the home ranges, which alone changed nothing in that state): batch 1 17.1–18.5 → 16.2–17.1 ms a step, batch 8 21.2–23.1
     → 19.6–21.1 ms.
     """
     L, D = norm_w.shape
