@@ -11,8 +11,8 @@ a copy stacked by layer; both are built on the first fused step and rebuilt when
 (`_layer_args`).
 
 Measured (130m, 2 threads, other processes paused, `benchmarks/decode_step.py`, fused vs unfused ms a step,
-one run, when each layer was a region of its own): float32 16.3 vs 20.8 at batch 1, 19.9 vs 40.4 at 8, 36.8 vs 57.3 at 16; bfloat16 6.8 vs 15.7,
-20.8 vs 37.9, 39.0 vs 47.1. (Before the panels: float32 19.0, 38.4, 55.6 ms.)
+one run, when each layer was a region of its own): float32 16.3 vs 20.8 at batch 1, 19.9 vs 40.4 at 8, 36.8
+vs 57.3 at 16; bfloat16 6.8 vs 15.7, 20.8 vs 37.9, 39.0 vs 47.1. (Before the panels: float32 19.0, 38.4, 55.6 ms.)
 
 The reference twin is the unfused `Mamba.step` (model.py), with the same arguments and results: tests compare
 the two (logits and both states over many steps, float32 and bfloat16 weights, batch 1 … 9, odd sizes). The
@@ -196,8 +196,8 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_w, conv_b, conv_all, w_x
     all from caches that the weight stream had just emptied. Measured (130m float32, 2 threads, old and new
     trees alternated ten times, /work/notes/bench/ab_tree.sh, medians of 5 × 8 steps, in the VM state where the
     threads' ping-pong takes 53–86 ns; the old tree had a region a layer and one shared task counter a phase,
-    the new one also the home ranges, which alone changed nothing in that state): batch 1 17.1–18.5 → 16.2–17.1 ms a step, batch 8 21.2–23.1
-    → 19.6–21.1 ms.
+    the new one also the home ranges, which alone changed nothing in that state): batch 1 17.1–18.5 →
+    16.2–17.1 ms a step, batch 8 21.2–23.1 → 19.6–21.1 ms.
     """
     L, D = norm_w.shape
     E, N = A.shape[1], A.shape[2]
@@ -242,7 +242,8 @@ def _in_proj_task(k, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
     gx = (E + GROUP - 1) // GROUP  # panels with x channels
     for g in range(k * ROWS // GROUP, min((k + 1) * ROWS // GROUP, gx)):
         _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
-    for g in range(max(gx, (E + k * ROWS + GROUP - 1) // GROUP), min(p_in.shape[0], (E + (k + 1) * ROWS + GROUP - 1) // GROUP)):
+    z0, z1 = (E + k * ROWS + GROUP - 1) // GROUP, (E + (k + 1) * ROWS + GROUP - 1) // GROUP  # z rows E + ROWS·k …
+    for g in range(max(gx, z0), min(p_in.shape[0], z1)):
         _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
 
 
