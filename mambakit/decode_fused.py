@@ -41,8 +41,8 @@ from torch import Tensor
 from . import decode_panels
 from .decode_linear import _rows
 from .decode_panels import GROUP, panel_rows
-from .ops._numba import exp_ir, fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
-from .ops._tasks import claim, finish, sync_size, wait
+from .ops._numba import exp_ir, fexp, kernel_options, narrow, prefetch, set_threads, sigmoid, softplus, widen
+from .ops._tasks import claim, finish, home, sync_size, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
 # Measured (130m, 2 threads, other processes paused, fused vs unfused ms a step, one-off script): float32
@@ -57,6 +57,13 @@ PHASES = 5  # of a layer: norm, in_proj + conv, x_proj, Δ + state update, out_p
 # /work/notes/bench/ab_env.sh, one sample each, in the VM state where a counter's round trip between the
 # threads takes 336–529 ns): 23.7, 21.7 and 21.3 ms a step; in the other state 20.3–21.0 ms for 1, 2 and 4 alike.
 ROWS = 64
+# Cache lines of out_proj's weights a thread asks for (software prefetch) per channel and row of the state update,
+# from its own out_proj panels: the state update computes (vector exps) while memory would idle, and out_proj then
+# finds part of its weights in cache. Measured per phase (130m, batch 8, float32, 2 threads, one process per
+# setting, alternated, /work/notes/bench/phase_new.py, in the VM state where the threads' ping-pong takes
+# 55–91 ns): 0 lines: state update 3.1–3.2 ms a step, out_proj 3.2; 2: 3.4–3.6 and 2.5; 3: 3.8–4.0 and 2.4–2.8;
+# 4: 4.3–4.7 and 2.2–2.7; 8: 4.9–5.4 and 2.1–2.5 (the prefetches then stall the exps). Batch 1 alike at 0 and 2.
+AHEAD_LINES = 2
 assert ROWS % GROUP == 0, "a task computes whole in_proj and dt_proj panels"
 _F32 = np.float32
 
@@ -166,8 +173,13 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w
     wait(sync, 2, threads, n_x)
     k, q = claim(sync, 3, n_ch, t, threads, 0)
     count = 0
+    o0, o1 = home(n_out, t, threads)  # this thread's out_proj panels, fetched while the state update computes
+    ahead = p_out[o0:o1].reshape(-1)
+    s0, s1 = home(n_ch, t, threads)
     while k < n_ch:
-        _delta_state_update(k, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y)
+        j = k - s0  # the j-th of its own tasks fetches the j-th part (none when taking another thread's task)
+        part = ahead[j * ahead.shape[0] // (s1 - s0):(j + 1) * ahead.shape[0] // (s1 - s0)] if q == 0 else ahead[:0]
+        _delta_state_update(k, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y, part)
         count += 1
         k, q = claim(sync, 3, n_ch, t, threads, q)
     finish(sync, 3, threads, count)
@@ -295,21 +307,23 @@ def _z_channels(e0, n, b_in, xz):
             xz[bb, e] = ze * sigmoid(ze)
 
 
-def _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y):
+def _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y, ahead):
     """Channels ROWS·blk …: Δ = softplus(dt_proj(dbc[:, :R]) + dt_bias) (into y), then the selective state
-    update (Section 3.2 discretisation) h ← exp(ΔA) h + Δ B x; y = C·h + D x, gated by SiLU(z)."""
+    update (Section 3.2 discretisation) h ← exp(ΔA) h + Δ B x; y = C·h + D x, gated by SiLU(z). `ahead`: a
+    flat view of out_proj weights to prefetch meanwhile (`_channels`), or empty."""
     E, N = A.shape
     e0, e1 = blk * ROWS, min(E, (blk + 1) * ROWS)
     for g in range(e0 // GROUP, (e1 + GROUP - 1) // GROUP):
         panel_rows(p_dt, g, dbc, y)  # (b, E) = dbc[:, :R] · w_dtᵀ (the kernel reads R of each dbc row)
     if e1 - e0 == ROWS:
-        _channels(e0, ROWS, dbc, p_dt.shape[1], dt_b, A, Dv, ssm_state, xz, xc, y)
+        _channels(e0, ROWS, dbc, p_dt.shape[1], dt_b, A, Dv, ssm_state, xz, xc, y, ahead)
     else:
-        _channels(e0, e1 - e0, dbc, p_dt.shape[1], dt_b, A, Dv, ssm_state, xz, xc, y)
+        _channels(e0, e1 - e0, dbc, p_dt.shape[1], dt_b, A, Dv, ssm_state, xz, xc, y, ahead)
 
 
-def _channels(e0, n, dbc, R, dt_b, A, Dv, ssm_state, xz, xc, y):
-    """The state update of channels e0 … e0 + n − 1 (N states each), Δ's pre-activation already in y."""
+def _channels(e0, n, dbc, R, dt_b, A, Dv, ssm_state, xz, xc, y, ahead):
+    """The state update of channels e0 … e0 + n − 1 (N states each), Δ's pre-activation already in y; meanwhile
+    AHEAD_LINES cache lines of `ahead` (weights the thread reads next) are prefetched per channel and row."""
     b = dbc.shape[0]
     E, N = A.shape
     has_dt_b = dt_b.shape[0] > 0
@@ -317,10 +331,17 @@ def _channels(e0, n, dbc, R, dt_b, A, Dv, ssm_state, xz, xc, y):
         for k in range(n):  # vectorised over channels
             e = e0 + k
             y[bb, e] = softplus(y[bb, e] + widen(dt_b[e]) if has_dt_b else y[bb, e])
+    line = 64 // ahead.itemsize  # elements of `ahead` a cache line
+    per = min(AHEAD_LINES, (ahead.shape[0] // line + b * n - 1) // (b * n))  # lines to fetch a channel
+    at = 0
     for bb in range(b):
         Bv, Cv = dbc[bb, R:R + N], dbc[bb, R + N:R + 2 * N]  # (N,) each
         for k in range(n):
             e = e0 + k
+            for _ in range(per):
+                if at < ahead.shape[0]:
+                    prefetch(ahead, at)
+                at += line
             delta, xe = y[bb, e], xc[bb, e]
             if N == 16:
                 ch = _channel16(ssm_state, Bv, Cv, A, bb, e, delta, delta * xe)
