@@ -482,9 +482,7 @@ def _layer_args(model) -> tuple[tuple, np.ndarray]:
     stacked = {k: _EMPTY.reshape(len(layers), 0) if v[0] is None else _np(torch.stack(v)) for k, v in small.items()}
     args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0:-1:3], np.int64),
             *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")))
-    w_head = model.lm_head.weight
-    head = flat[offsets[-1]:offsets[-1] + decode_panels.padded(w_head.shape[0]) * w_head.shape[1]]
-    result = (args, head.reshape(-1, w_head.shape[1], GROUP))
+    result = (args, decode_panels.panels_at(flat, offsets[-1], packed[-1]))
     model.__dict__["_fused_args"] = (checks, result)
     return result
 

@@ -226,11 +226,16 @@ def pack_flat(weights: list[Tensor]) -> tuple[np.ndarray, list[int]]:
     return (buf.view(torch.int16) if dtype == torch.bfloat16 else buf).numpy(), offsets
 
 
+def panels_at(flat: np.ndarray, offset: int, weight: Tensor) -> np.ndarray:
+    """The packed `weight` (o, i) in a `pack_flat` buffer, from its offset: the kernel's (og, i, 32) view."""
+    o, i = weight.shape
+    return flat[offset : offset + padded(o) * i].reshape(-1, i, GROUP)
+
+
 def pack(weights: list[Tensor]) -> list[np.ndarray]:
     """Each weight packed (`pack_flat`), as the kernel's (og, i, 32) arrays, views of one buffer."""
     flat, offsets = pack_flat(weights)
-    return [flat[at : at + padded(w.shape[0]) * w.shape[1]].reshape(-1, w.shape[1], GROUP)
-            for w, at in zip(weights, offsets)]
+    return [panels_at(flat, at, w) for w, at in zip(weights, offsets)]
 
 
 def linear(x: Tensor, P: np.ndarray, o: int) -> Tensor:
