@@ -64,13 +64,16 @@ ROWS = 64
 # 55–91 ns): 0 lines: state update 3.1–3.2 ms a step, out_proj 3.2; 2: 3.4–3.6 and 2.5; 3: 3.8–4.0 and 2.4–2.8;
 # 4: 4.3–4.7 and 2.2–2.7; 8: 4.9–5.4 and 2.1–2.5 (the prefetches then stall the exps). Batch 1 alike at 0 and 2.
 AHEAD_LINES = 2
+# Channels ahead (in the state update's order: a row's channels, then the next row's) whose state a thread asks
+# for while it updates the current one. XXX
+STATE_AHEAD = 16
 assert ROWS % GROUP == 0, "a task computes whole in_proj and dt_proj panels"
 _F32 = np.float32
 
 
 def _channel(ssm_state, Bv, Cv, A, bb, e, delta, dx):
     """One channel's state update, h ← exp(ΔA) h + Δx B (h = ssm_state[bb, e], N states), returning C·h;
-    Bv, Cv (N,): this row's B and C. The reference for `_channel16`, and the code for N ≠ 16."""
+    Bv, Cv (N,): this row's B and C. The reference for `_channels16`, and the code for N ≠ 16."""
     acc = _F32(0.0)
     for n in range(A.shape[1]):
         h = ssm_state[bb, e, n] * fexp(delta * A[e, n]) + dx * Bv[n]
@@ -83,47 +86,102 @@ _channel = njit(inline="always", **kernel_options(parallel=False))(_channel)
 
 
 @intrinsic
-def _channel16(typingctx, ssm_state, Bv, Cv, A, bb, e, delta, dx):
-    """`_channel` for N = 16 (every preset) as explicit 16-lane vector code: one load of h, A, B and C each, a
-    vector exp (`exp_ir`, fexp's), a tree sum for C·h. Written as a loop over n, LLVM vectorised it or left it
-    as 16 scalar exps depending on the code around it; in the fused layer's Δ + state-update phase it stayed
-    scalar: 24 layers at batch 8 took 5.5–5.9 ms with the loop against 3.2 ms with this (one thread, 130m, one-off
-    script /work/notes/bench/ssm_situ2.py). The caller guarantees N = 16 and the indices (no bounds checks)."""
+def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, per):
+    """`_channel` for N = 16 (every preset) over channels e0 … e0 + n − 1 of row bb, as one loop of explicit
+    16-lane vector code: y[bb, e] holds Δ on entry and C·h on exit; B and C are row bb's, dbc[bb, R : R + 32].
+    Per channel: one load of h and of A, a vector exp (`exp_ir`, fexp's), a tree sum for C·h.
+
+    Why one intrinsic for the loop, not a call per channel: with the loop in numba, each channel also paid
+    for array views, index wrap-around and the arrays' fields reloaded from the stack (LLVM ran out of
+    registers in the inlined layer), 62 cycles a channel and row where the vector work is about 20.
+    Measured (130m, batch 8, 24 layers of the Δ + state-update phase alone, 2 threads, state flushed from the
+    caches, /work/notes/bench/ssm_iso.py): XXX ms with a call per channel, YYY ms with this loop.
+
+    While it computes, the loop asks for memory the thread reads next (`prefetch`): the state of the channel
+    STATE_AHEAD channels on (wrapping to row bb + 1), and `per` cache lines of `ahead` per channel from element
+    `at` on (out_proj's weights; `_channels`). The caller guarantees N = 16 and the shapes (no bounds checks)."""
     f32 = nb_types.float32
-    if not all(isinstance(a, nb_types.Array) and a.dtype == f32 and a.layout == "C" for a in (ssm_state, Bv, Cv, A)):
+    if not all(isinstance(a, nb_types.Array) and a.dtype == f32 and a.layout == "C" for a in (ssm_state, A, dbc, y, xc)):
         return None
-    if not (ssm_state.ndim == 3 and A.ndim == 2 and Bv.ndim == 1 and Cv.ndim == 1):
+    if not (ssm_state.ndim == 3 and A.ndim == 2 and dbc.ndim == 2 and y.ndim == 2 and xc.ndim == 2):
         return None
-    sig = f32(ssm_state, Bv, Cv, A, bb, e, f32, f32)
+    if not (isinstance(ahead, nb_types.Array) and ahead.ndim == 1 and ahead.layout == "C"):
+        return None
+    sig = nb_types.void(ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, per)
 
     def codegen(context, builder, signature, args):
         vec = ir.VectorType(ir.FloatType(), 16)
-        i64 = ir.IntType(64)
-        st, bv, cv, a = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:4], args[:4]))
-        bbv, ev = (context.cast(builder, v, t, nb_types.int64) for v, t in zip(args[4:6], signature.args[4:6]))
-        d, dx = args[6], args[7]
+        i64, i32, i8p = ir.IntType(64), ir.IntType(32), ir.IntType(8).as_pointer()
+        st, a, d, ya, xa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 4, 5))
+        ah = context.make_array(signature.args[9])(context, builder, args[9])
+        Rv, bbv, e0v, nv, atv, perv = (context.cast(builder, args[i], signature.args[i], nb_types.int64)
+                                       for i in (3, 6, 7, 8, 10, 11))
+
+        def c(v):
+            return ir.Constant(i64, v)
 
         def load(ptr):
             return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
 
         def splat(x):
-            v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+            v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [0] * 16))
 
-        E = builder.extract_value(st.shape, 1)
-        h_ptr = builder.gep(st.data, [builder.mul(builder.add(builder.mul(bbv, E), ev), ir.Constant(i64, 16))])
-        a_row = load(builder.gep(a.data, [builder.mul(ev, ir.Constant(i64, 16))]))
         fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
             builder.module, ir.FunctionType(vec, [vec, vec, vec]), name="llvm.fma.v16f32")
-        dA = exp_ir(builder, builder.fmul(splat(d), a_row))  # exp(ΔA)
-        h = builder.call(fma, [load(h_ptr), dA, builder.fmul(splat(dx), load(bv.data))])  # h·exp(ΔA) + Δx·B
-        builder.store(h, builder.bitcast(h_ptr, vec.as_pointer()), align=4)
-        t = builder.fmul(h, load(cv.data))  # then Σ over the 16 lanes, halving
+        pf = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
+
+        def prefetch(ptr):
+            builder.call(pf, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+        b, E = builder.extract_value(st.shape, 0), builder.extract_value(st.shape, 1)
+        d_row = builder.gep(d.data, [builder.add(builder.mul(bbv, builder.extract_value(d.shape, 1)), Rv)])
+        Bv, Cv = load(d_row), load(builder.gep(d_row, [c(16)]))
+        y_row = builder.gep(ya.data, [builder.add(builder.mul(bbv, builder.extract_value(ya.shape, 1)), e0v)])
+        x_row = builder.gep(xa.data, [builder.add(builder.mul(bbv, builder.extract_value(xa.shape, 1)), e0v)])
+        h_row = builder.gep(st.data, [builder.mul(builder.add(builder.mul(bbv, E), e0v), c(16))])
+        h_next = builder.gep(st.data, [builder.mul(builder.add(builder.mul(builder.add(bbv, c(1)), E), e0v), c(16))])
+        a_row = builder.gep(a.data, [builder.mul(e0v, c(16))])
+        n_ahead = builder.extract_value(ah.shape, 0)
+        line = 64 // context.get_abi_sizeof(context.get_data_type(signature.args[9].dtype))
+        has_next = builder.icmp_signed("<", builder.add(bbv, c(1)), b)
+        start = builder.block
+        loop, done = builder.append_basic_block("ch_loop"), builder.append_basic_block("ch_done")
+        builder.cbranch(builder.icmp_signed(">", nv, c(0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(c(0), start)
+        # memory the thread reads next, asked for now
+        for j in range(AHEAD_LINES):
+            idx = builder.add(atv, builder.mul(builder.add(builder.mul(k, perv), c(j)), c(line)))
+            with builder.if_then(builder.and_(builder.icmp_signed("<", c(j), perv),
+                                              builder.icmp_signed("<", idx, n_ahead))):
+                prefetch(builder.gep(ah.data, [idx]))
+        kn = builder.add(k, c(STATE_AHEAD))
+        same = builder.icmp_signed("<", kn, nv)
+        with builder.if_then(builder.or_(same, has_next)):
+            prefetch(builder.select(same, builder.gep(h_row, [builder.mul(kn, c(16))]),
+                                    builder.gep(h_next, [builder.mul(builder.sub(kn, nv), c(16))])))
+        # the state update of channel e0 + k
+        yp = builder.gep(y_row, [k])
+        delta = builder.load(yp)
+        dx = builder.fmul(delta, builder.load(builder.gep(x_row, [k])))
+        hp = builder.gep(h_row, [builder.mul(k, c(16))])
+        dA = exp_ir(builder, builder.fmul(splat(delta), load(builder.gep(a_row, [builder.mul(k, c(16))]))))
+        h = builder.call(fma, [load(hp), dA, builder.fmul(splat(dx), Bv)])  # h·exp(ΔA) + Δx·B
+        builder.store(h, builder.bitcast(hp, vec.as_pointer()), align=4)
+        t = builder.fmul(h, Cv)  # then Σ over the 16 lanes, halving
         for width in (8, 4, 2, 1):
-            hi = builder.shuffle_vector(t, ir.Constant(vec, ir.Undefined),
-                                        ir.Constant(ir.VectorType(ir.IntType(32), 16), [width + i if i < width else 0 for i in range(16)]))
+            hi = builder.shuffle_vector(t, ir.Constant(vec, ir.Undefined), ir.Constant(
+                ir.VectorType(i32, 16), [width + i if i < width else 0 for i in range(16)]))
             t = builder.fadd(t, hi)
-        return builder.extract_element(t, ir.Constant(ir.IntType(32), 0))
+        builder.store(builder.extract_element(t, ir.Constant(i32, 0)), yp)
+        k1 = builder.add(k, c(1))
+        k.add_incoming(k1, builder.block)
+        builder.cbranch(builder.icmp_signed("<", k1, nv), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -244,6 +302,13 @@ def _norm(r, norm_w, eps, hn):
 # scalar: one layer's Δ + state-update phase at batch 8 took 304 µs, against 113 µs with constant counts
 # (one thread, 130m, /work/notes/bench/ssm_bisect.py, a one-off script). B and C are passed as views of
 # their row for the same reason (with dbc[bb, R + n] and R known only at run time: 216 µs).
+#
+# `_views`: why the channel loops index views of a row's channels (y[bb, e0 : e0 + n][k]) and not the arrays
+# (y[bb, e0 + k]). numba wraps negative indices around, and LLVM drops that check, and vectorises the loop,
+# only where it can prove the index is not negative: the loop counter k can be, e0 + k cannot (e0 comes from a
+# task number, and e0 + k could overflow as far as LLVM knows). With array indexing, the softplus and gating
+# loops of the state update stayed scalar: the Δ + state-update phase of 24 layers at batch 8 took 5.3 ms,
+# against 3.5 ms with views (one thread, 130m, /work/notes/bench/ssm_iso.py via /tmp/iso6.py, a one-off script).
 
 
 def _in_proj_task(k, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
@@ -282,29 +347,32 @@ def _x_channels(e0, n, b_in, conv_w, conv_b, conv_state, xz, xc):
     b = xz.shape[0]
     K = conv_w.shape[1]  # the conv width W
     has_b_in, has_cb = b_in.shape[0] > 0, conv_b.shape[0] > 0
+    bi, cw = b_in[e0:e0 + n] if has_b_in else b_in, conv_w[e0:e0 + n]  # (n,), (n, W): see `_views`
+    cb = conv_b[e0:e0 + n] if has_cb else conv_b
     for bb in range(b):
+        xv, cs, out = xz[bb, e0:e0 + n], conv_state[bb, e0:e0 + n], xc[bb, e0:e0 + n]  # (n,), (n, W − 1), (n,)
         for k in range(n):  # vectorised over channels
-            e = e0 + k
-            xe = xz[bb, e] + widen(b_in[e]) if has_b_in else xz[bb, e]
-            acc = widen(conv_w[e, K - 1]) * xe
+            xe = xv[k] + widen(bi[k]) if has_b_in else xv[k]
+            acc = widen(cw[k, K - 1]) * xe
             for t in range(K - 1):
-                acc += widen(conv_w[e, t]) * widen(conv_state[bb, e, t])
+                acc += widen(cw[k, t]) * widen(cs[k, t])
             for t in range(K - 2):
-                conv_state[bb, e, t] = conv_state[bb, e, t + 1]
-            conv_state[bb, e, K - 2] = narrow(xe, conv_state)
-            acc = acc + widen(conv_b[e]) if has_cb else acc
-            xc[bb, e] = acc * sigmoid(acc)
+                cs[k, t] = cs[k, t + 1]
+            cs[k, K - 2] = narrow(xe, cs)
+            acc = acc + widen(cb[k]) if has_cb else acc
+            out[k] = acc * sigmoid(acc)
 
 
 def _z_channels(e0, n, b_in, xz):
     """Channels e0 … e0 + n − 1 of xz (in z, the gate): in_proj's bias, then SiLU, in place."""
     b = xz.shape[0]
     has_b_in = b_in.shape[0] > 0
+    bi = b_in[e0:e0 + n] if has_b_in else b_in
     for bb in range(b):
+        zv = xz[bb, e0:e0 + n]
         for k in range(n):
-            e = e0 + k
-            ze = xz[bb, e] + widen(b_in[e]) if has_b_in else xz[bb, e]
-            xz[bb, e] = ze * sigmoid(ze)
+            ze = zv[k] + widen(bi[k]) if has_b_in else zv[k]
+            zv[k] = ze * sigmoid(ze)
 
 
 def _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y, ahead):
@@ -328,26 +396,22 @@ def _channels(e0, n, dbc, R, dt_b, A, Dv, ssm_state, xz, xc, y, ahead):
     E, N = A.shape
     has_dt_b = dt_b.shape[0] > 0
     for bb in range(b):
+        yv, bv = y[bb, e0:e0 + n], dt_b[e0:e0 + n] if has_dt_b else dt_b  # (n,) views: see `_views`
         for k in range(n):  # vectorised over channels
-            e = e0 + k
-            y[bb, e] = softplus(y[bb, e] + widen(dt_b[e]) if has_dt_b else y[bb, e])
+            yv[k] = softplus(yv[k] + widen(bv[k]) if has_dt_b else yv[k])
     line = 64 // ahead.itemsize  # elements of `ahead` a cache line
     per = min(AHEAD_LINES, (ahead.shape[0] // line + b * n - 1) // (b * n))  # lines to fetch a channel
-    at = 0
     for bb in range(b):
-        Bv, Cv = dbc[bb, R:R + N], dbc[bb, R + N:R + 2 * N]  # (N,) each
-        for k in range(n):
-            e = e0 + k
-            for _ in range(per):
-                if at < ahead.shape[0]:
-                    prefetch(ahead, at)
-                at += line
-            delta, xe = y[bb, e], xc[bb, e]
-            if N == 16:
-                ch = _channel16(ssm_state, Bv, Cv, A, bb, e, delta, delta * xe)
-            else:
-                ch = _channel(ssm_state, Bv, Cv, A, bb, e, delta, delta * xe)
-            y[bb, e] = (ch + widen(Dv[e]) * xe) * xz[bb, E + e]
+        if N == 16:  # y[bb, e]: Δ → C·h
+            _channels16(ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, bb * n * per * line, per)
+        else:
+            Bv, Cv = dbc[bb, R:R + N], dbc[bb, R + N:R + 2 * N]  # (N,) each
+            for k in range(n):
+                e = e0 + k
+                y[bb, e] = _channel(ssm_state, Bv, Cv, A, bb, e, y[bb, e], y[bb, e] * xc[bb, e])
+        yv, dv, xv, zv = y[bb, e0:e0 + n], Dv[e0:e0 + n], xc[bb, e0:e0 + n], xz[bb, E + e0:E + e0 + n]
+        for k in range(n):  # vectorised over channels: y = C·h + D x, gated by SiLU(z) (in xz already)
+            yv[k] = (yv[k] + widen(dv[k]) * xv[k]) * zv[k]
 
 
 def _out_proj_residual(g, y, p_out, b_out, o, r):
@@ -364,10 +428,11 @@ def _out_proj_residual(g, y, p_out, b_out, o, r):
 def _residual(j0, n, o, b_out, r):
     """r[:, j0 : j0 + n] += o (+ out_proj's bias)."""
     has_b_out = b_out.shape[0] > 0
+    bo = b_out[j0:j0 + n] if has_b_out else b_out
     for bb in range(r.shape[0]):
+        rv, ov = r[bb, j0:j0 + n], o[bb, j0:j0 + n]  # (n,) views: see `_views`
         for k in range(n):
-            j = j0 + k
-            r[bb, j] += o[bb, j] + widen(b_out[j]) if has_b_out else o[bb, j]
+            rv[k] += ov[k] + widen(bo[k]) if has_b_out else ov[k]
 
 
 _layer = njit(inline="always", **kernel_options(parallel=False))(_layer)

@@ -40,7 +40,7 @@ def test_fused_step_equals_reference(dtype, batch, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d_state", [16, 5])
 def test_fused_step_odd_sizes(dtype, d_state):
-    """d_state 16 (the vector state update, `_channel16`) and 5 (the loop), d_inner 80: a 64-channel task boundary inside the x
+    """d_state 16 (the vector state update, `_channels16`) and 5 (the loop), d_inner 80: a 64-channel task boundary inside the x
     channels, one inside the z channels, x_proj rows (3 + 32) not a multiple of 4; in_proj's 160 rows, out_proj's
     40 and dt_proj's 80 not whole 32-row panels (the last one padded)."""
     torch.manual_seed(1)
@@ -57,32 +57,41 @@ def test_fused_step_odd_sizes(dtype, d_state):
 
 
 def test_vector_state_update_equals_the_loop():
-    """`_channel16` (explicit vector code) against `_channel` (its reference loop): the new state and C·h, for
-    Δ from tiny to large, so exp(ΔA) runs from 1 down to its underflow clamp (ΔA < −88 gives exactly 0)."""
+    """`_channels16` (explicit vector code, a row's channels) against `_channel` (its reference loop): the new
+    state and C·h, for Δ from tiny to large, so exp(ΔA) runs from 1 down to its underflow clamp (ΔA < −88
+    gives exactly 0); over all channels of a row and over a part of one (e0 > 0, the rest untouched), with
+    prefetches of a weight buffer on and off (they must not change results)."""
     import numba
     import numpy as np
 
+    R = 3
+
     @numba.njit
-    def both(st16, st, B, C, A, deltas, xs, out16, out):
+    def both(st16, st, dbc, A, deltas, xs, y16, out, e0, n, ahead, per):
         for bb in range(st.shape[0]):
-            for e in range(st.shape[1]):
-                d, dx = deltas[bb, e], deltas[bb, e] * xs[bb, e]
-                out16[bb, e] = decode_fused._channel16(st16, B[bb], C[bb], A, bb, e, d, dx)
-                out[bb, e] = decode_fused._channel(st, B[bb], C[bb], A, bb, e, d, dx)
+            for e in range(e0, e0 + n):
+                y16[bb, e] = deltas[bb, e]
+            decode_fused._channels16(st16, A, dbc, R, y16, xs, bb, e0, n, ahead, 5 * bb, per)
+            for e in range(e0, e0 + n):
+                d = deltas[bb, e]
+                out[bb, e] = decode_fused._channel(st, dbc[bb, R:R + 16], dbc[bb, R + 16:], A, bb, e, d, d * xs[bb, e])
 
     rng = np.random.default_rng(0)
     b, E = 3, 40
-    st = rng.standard_normal((b, E, 16)).astype(np.float32)
-    st16 = st.copy()
     A = -np.exp(rng.uniform(-2, 4, (E, 16))).astype(np.float32)  # −0.14 … −55
-    B, C = (rng.standard_normal((b, 16)).astype(np.float32) for _ in range(2))
+    dbc = rng.standard_normal((b, R + 32)).astype(np.float32)
     deltas = np.exp(rng.uniform(-9, 3, (b, E))).astype(np.float32)  # 1e-4 … 20: ΔA down to −1100
     xs = rng.standard_normal((b, E)).astype(np.float32)
-    out16, out = np.zeros((b, E), np.float32), np.zeros((b, E), np.float32)
-    both(st16, st, B, C, A, deltas, xs, out16, out)
-    np.testing.assert_allclose(st16, st, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out16, out, rtol=1e-5, atol=1e-5)
-    assert (st16 != 0).all() and np.isfinite(out16).all()
+    for e0, n, ahead, per in ((0, E, np.zeros(0, np.float32), 0), (7, 20, np.ones(300, np.float32), 2),
+                              (7, 20, np.ones(300, np.int16), 1)):
+        st = rng.standard_normal((b, E, 16)).astype(np.float32)
+        st16 = st.copy()
+        y16, out = np.full((b, E), 7.0, np.float32), np.full((b, E), 7.0, np.float32)
+        both(st16, st, dbc, A, deltas, xs, y16, out, e0, n, ahead, per)
+        np.testing.assert_allclose(st16, st, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y16, out, rtol=1e-5, atol=1e-5)
+        assert (st16[:, e0:e0 + n] != 0).all() and np.isfinite(y16).all()
+        assert (y16[:, :e0] == 7.0).all() and (y16[:, e0 + n:] == 7.0).all()
 
 
 def test_fused_step_follows_weight_changes():
