@@ -63,10 +63,16 @@ ROWS = 64
 # setting, alternated, /work/notes/bench/phase_new.py, in the VM state where the threads' ping-pong takes
 # 55–91 ns): 0 lines: state update 3.1–3.2 ms a step, out_proj 3.2; 2: 3.4–3.6 and 2.5; 3: 3.8–4.0 and 2.4–2.8;
 # 4: 4.3–4.7 and 2.2–2.7; 8: 4.9–5.4 and 2.1–2.5 (the prefetches then stall the exps). Batch 1 alike at 0 and 2.
+# Measured again with the state update as one vector loop (`_channels16`, STATE_AHEAD = 32; two samples each, in
+# the same VM state): 0 lines: 1.96–2.10 and 3.26–3.95; 1: 2.05 and 2.80–2.93; 2: 2.33–2.57 and 2.59–2.74;
+# 4: 3.27–3.80 and 2.33–2.81; 6: 4.05–4.55 and 2.23–2.41: 1 and 2 alike, more is worse.
 AHEAD_LINES = 2
 # Channels ahead (in the state update's order: a row's channels, then the next row's) whose state a thread asks
-# for while it updates the current one. XXX
-STATE_AHEAD = 16
+# for while it updates the current one: the states of 24 layers at batch 8 (19 MB) do not stay in the caches
+# between steps, and a channel's 16 states are one cache line. Measured per phase (as above, two samples each,
+# AHEAD_LINES = 2): 0 channels: state update 2.60–2.63 ms a step; 16: 2.45–2.69; 32: 2.12–2.40 (six samples);
+# 64: 2.35–2.79; 128: 2.39–2.57.
+STATE_AHEAD = 32
 assert ROWS % GROUP == 0, "a task computes whole in_proj and dt_proj panels"
 _F32 = np.float32
 
@@ -91,11 +97,11 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
     16-lane vector code: y[bb, e] holds Δ on entry and C·h on exit; B and C are row bb's, dbc[bb, R : R + 32].
     Per channel: one load of h and of A, a vector exp (`exp_ir`, fexp's), a tree sum for C·h.
 
-    Why one intrinsic for the loop, not a call per channel: with the loop in numba, each channel also paid
-    for array views, index wrap-around and the arrays' fields reloaded from the stack (LLVM ran out of
-    registers in the inlined layer), 62 cycles a channel and row where the vector work is about 20.
-    Measured (130m, batch 8, 24 layers of the Δ + state-update phase alone, 2 threads, state flushed from the
-    caches, /work/notes/bench/ssm_iso.py): XXX ms with a call per channel, YYY ms with this loop.
+    Why one intrinsic for the loop, not a call per channel (the intrinsic `_channel16` before): the per-call
+    code around it (array views of B and C, the loads of y, x and the arrays' fields, kept on the stack once
+    the inlined layer has used up the registers) cost as much as a third of the vector work. Measured (one
+    thread, 24 layers of 1536 channels × 8 rows, states in L3, three samples; /work/notes/bench/ch_old_new.py,
+    a one-off script): 3.30–3.47 ms with a call per channel, 2.48–2.68 ms with this loop.
 
     While it computes, the loop asks for memory the thread reads next (`prefetch`): the state of the channel
     STATE_AHEAD channels on (wrapping to row bb + 1), and `per` cache lines of `ahead` per channel from element
@@ -308,7 +314,7 @@ def _norm(r, norm_w, eps, hn):
 # only where it can prove the index is not negative: the loop counter k can be, e0 + k cannot (e0 comes from a
 # task number, and e0 + k could overflow as far as LLVM knows). With array indexing, the softplus and gating
 # loops of the state update stayed scalar: the Δ + state-update phase of 24 layers at batch 8 took 5.3 ms,
-# against 3.5 ms with views (one thread, 130m, /work/notes/bench/ssm_iso.py via /tmp/iso6.py, a one-off script).
+# against 3.5 ms with views (one thread, 130m, /work/notes/bench/iso6.py, a one-off script).
 
 
 def _in_proj_task(k, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
