@@ -49,7 +49,7 @@ from .ops._tasks import claim, finish, home, sync_size, wait
 # 38 vs 57 at 16 rows, 67 vs 87 at 32, 130 vs 181 at 64; bfloat16 39 vs 43 at 16, but 75 vs 72 at 32 and
 # 147 vs 116 at 64, where torch's bfloat16 GEMM (oneDNN, AVX512-BF16 dot products) wins.
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 16}
-PHASES = 5  # of a layer: norm, in_proj + conv, x_proj, Δ + state update, out_proj
+PHASES = 4  # of a layer: in_proj + conv, x_proj, Δ + state update, out_proj (the norm is each thread's own)
 # Channels a task, in the in_proj phase (their x and z rows: 4 panels) and in the state-update phase, so that
 # task k of both phases covers the same channels and one thread does both (`ops._tasks`: each thread starts
 # with its own range of tasks). Fewer, larger tasks cost fewer atomic operations on counters the threads share:
@@ -201,41 +201,38 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w
     panels (`decode_panels`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
     whole panels; conv_w (E, W) and w_x (R + 2N, E) as they are; vectors norm_w (D,), conv_b (E,), dt_b (E,),
     Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log). conv_state (b, E, W − 1) in
-    the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32 scratch: hn (b, D),
+    the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32 scratch: hn (T, b, D),
     xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed matrices whole panels
     wide.
 
-    Five phases; each thread takes a phase's tasks from its own range first, then from the others', and waits
-    for the phase to be done before the next (ops/_tasks.py; `sync`: this layer's counters, zeroed): the
-    RMSNorm (one task); in_proj for ROWS channels a task, their x and z rows, with the conv and SiLUs of the
-    channels just produced; x_proj in 4-row tasks; dt_proj with the state update, ROWS channels a task (task
+    First each thread computes the RMSNorm of r into its own hn[t]. Then four phases; each thread takes a
+    phase's tasks from its own range first, then from the others', and waits for the phase to be done before
+    the next (ops/_tasks.py; `sync`: this layer's counters, zeroed): in_proj for ROWS channels a task, their x
+    and z rows, with the conv and SiLUs of the channels just produced; x_proj in 4-row tasks; dt_proj with the state update, ROWS channels a task (task
     k of in_proj and of the state update cover the same channels, so the thread that did one usually does the
     other, and reads its x and z from its own caches); out_proj, a panel a task, adding into r.
     """
     E = A.shape[0]
     n_ch, n_x, n_out = (E + ROWS - 1) // ROWS, (w_x.shape[0] + 3) // 4, p_out.shape[0]
-    k, q = claim(sync, 0, 1, t, threads, 0)
-    if k < 1:
-        _norm(r, norm_w, eps, hn)
-        finish(sync, 0, threads, 1)
-    wait(sync, 0, threads, 1)
-    k, q = claim(sync, 1, n_ch, t, threads, 0)
+    h = hn[t]  # (b, D): this thread's own copy of the normed input (see `_layers`)
+    _norm(r, norm_w, eps, h)
+    k, q = claim(sync, 0, n_ch, t, threads, 0)
     count = 0
     while k < n_ch:
-        _in_proj_task(k, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+        _in_proj_task(k, h, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
         count += 1
-        k, q = claim(sync, 1, n_ch, t, threads, q)
-    finish(sync, 1, threads, count)
-    wait(sync, 1, threads, n_ch)
-    k, q = claim(sync, 2, n_x, t, threads, 0)
+        k, q = claim(sync, 0, n_ch, t, threads, q)
+    finish(sync, 0, threads, count)
+    wait(sync, 0, threads, n_ch)
+    k, q = claim(sync, 1, n_x, t, threads, 0)
     count = 0
     while k < n_x:
         _rows(xc, w_x, b_out[:0], dbc, 4 * k, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
         count += 1
-        k, q = claim(sync, 2, n_x, t, threads, q)
-    finish(sync, 2, threads, count)
-    wait(sync, 2, threads, n_x)
-    k, q = claim(sync, 3, n_ch, t, threads, 0)
+        k, q = claim(sync, 1, n_x, t, threads, q)
+    finish(sync, 1, threads, count)
+    wait(sync, 1, threads, n_x)
+    k, q = claim(sync, 2, n_ch, t, threads, 0)
     count = 0
     o0, o1 = home(n_out, t, threads)  # this thread's out_proj panels, fetched while the state update computes
     ahead = p_out[o0:o1].reshape(-1)
@@ -245,18 +242,17 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w
         part = ahead[j * ahead.shape[0] // (s1 - s0):(j + 1) * ahead.shape[0] // (s1 - s0)] if q == 0 else ahead[:0]
         _delta_state_update(k, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y, part)
         count += 1
-        k, q = claim(sync, 3, n_ch, t, threads, q)
-    finish(sync, 3, threads, count)
-    wait(sync, 3, threads, n_ch)
-    k, q = claim(sync, 4, n_out, t, threads, 0)
+        k, q = claim(sync, 2, n_ch, t, threads, q)
+    finish(sync, 2, threads, count)
+    wait(sync, 2, threads, n_ch)
+    k, q = claim(sync, 3, n_out, t, threads, 0)
     count = 0
     while k < n_out:
         _out_proj_residual(k, y, p_out, b_out, o, r)
         count += 1
-        k, q = claim(sync, 4, n_out, t, threads, q)
-    finish(sync, 4, threads, count)
-    wait(sync, 4, threads, n_out)  # the next layer's norm reads all of r
-
+        k, q = claim(sync, 3, n_out, t, threads, q)
+    finish(sync, 3, threads, count)
+    wait(sync, 3, threads, n_out)  # the next layer's norm reads all of r
 
 
 def _layers(r, norm_w, eps, panels, offsets, b_in, conv_w, conv_b, conv_all, w_x, dt_b, A, Dv, ssm_all, b_out,
@@ -274,6 +270,14 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_w, conv_b, conv_all, w_x
     threads' ping-pong takes 53–86 ns; the old tree had a region a layer and one shared task counter a phase,
     the new one also the home ranges, which alone changed nothing in that state): batch 1 17.1–18.5 →
     16.2–17.1 ms a step, batch 8 21.2–23.1 → 19.6–21.1 ms.
+
+    Why each thread norms r itself (into hn[t], (T, b, D)) instead of one thread for all: in_proj reads the
+    whole normed input in every task, so with one copy the other thread read it from the first one's caches,
+    a wait and a transfer a layer (in the VM state where the two vCPUs seem to sit on different dies, 320–570 ns
+    a cache line round trip). The norm is 2·b·D multiply-adds. It needs no wait: a thread's copy is read only
+    by its own in_proj tasks, and r is next written in the out_proj phase, after every in_proj task is done; a
+    thread that norms late, while r is being written, finds every in_proj task taken and never reads its
+    copy. XXX measured.
     """
     L, D = norm_w.shape
     E, N = A.shape[1], A.shape[2]
@@ -573,17 +577,17 @@ def step(model, input_ids: Tensor, state) -> Tensor:
     E, N, R = c.d_inner, c.d_state, c.dt_rank
     weights, p_head = _layer_args(model)
     r = model.backbone.embedding(input_ids).float().contiguous()  # (b, D) the residual stream, float32
+    parallel = torch.get_num_threads() > 1
+    if parallel:
+        set_threads()
+    threads = numba.get_num_threads() if parallel else 1
     f32 = dict(dtype=torch.float32)
-    hn, xc = torch.empty(b, c.d_model, **f32), torch.empty(b, E, **f32)
+    hn, xc = torch.empty(threads, b, c.d_model, **f32), torch.empty(b, E, **f32)  # hn: a normed input a thread
     # outputs of the packed matrices (in_proj, dt_proj, out_proj): whole panels wide (`decode_panels.padded`)
     xz, y = torch.empty(b, decode_panels.padded(2 * E), **f32), torch.empty(b, decode_panels.padded(E), **f32)
     o = torch.empty(b, decode_panels.padded(c.d_model), **f32)
     dbc = torch.empty(b, R + 2 * N, **f32)
     scratch = [t.numpy() for t in (hn, xz, xc, dbc, y, o)]
-    parallel = torch.get_num_threads() > 1
-    if parallel:
-        set_threads()
-    threads = numba.get_num_threads() if parallel else 1
     sync = np.zeros((c.n_layer, sync_size(PHASES, threads)), np.int64)  # the layers' task counters (ops/_tasks.py)
     norm_w, eps, panels, offsets, b_in, conv_w, conv_b, w_x, dt_b, A, Dv, b_out = weights
     _LAYERS[parallel](r.numpy(), norm_w, eps, panels, offsets, b_in, conv_w, conv_b, _np(state.conv), w_x, dt_b, A,
