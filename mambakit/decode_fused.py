@@ -403,7 +403,8 @@ def _delta_state_update(blk, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y, ahead
 
 def _channels(e0, n, dbc, R, dt_b, A, Dv, ssm_state, xz, xc, y, ahead):
     """The state update of channels e0 … e0 + n − 1 (N states each), Δ's pre-activation already in y; meanwhile
-    AHEAD_LINES cache lines of `ahead` (weights the thread reads next) are prefetched per channel and row."""
+    (N = 16, `_channels16`) AHEAD_LINES cache lines of `ahead` (weights the thread reads next) are prefetched per
+    channel and row, and the states STATE_AHEAD channels on."""
     b = dbc.shape[0]
     E, N = A.shape
     has_dt_b = dt_b.shape[0] > 0
