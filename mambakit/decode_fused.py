@@ -41,7 +41,7 @@ from torch import Tensor
 from . import decode_panels
 from .decode_linear import _rows
 from .decode_panels import GROUP, panel_rows
-from .ops._numba import exp_ir, fexp, kernel_options, narrow, prefetch, set_threads, sigmoid, softplus, widen
+from .ops._numba import exp_ir, fexp, kernel_options, narrow, prefetch_ir, set_threads, sigmoid, softplus, widen
 from .ops._tasks import claim, finish, home, sync_size, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
@@ -103,7 +103,7 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
     thread, 24 layers of 1536 channels × 8 rows, states in L3, three samples; /work/notes/bench/ch_old_new.py,
     a one-off script): 3.30–3.47 ms with a call per channel, 2.48–2.68 ms with this loop.
 
-    While it computes, the loop asks for memory the thread reads next (`prefetch`): the state of the channel
+    While it computes, the loop asks for memory the thread reads next (`prefetch_ir`): the state of the channel
     STATE_AHEAD channels on (wrapping to row bb + 1), and `per` cache lines of `ahead` per channel from element
     `at` on (out_proj's weights; `_channels`). The caller guarantees N = 16 and the shapes (no bounds checks)."""
     f32 = nb_types.float32
@@ -117,7 +117,7 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
 
     def codegen(context, builder, signature, args):
         vec = ir.VectorType(ir.FloatType(), 16)
-        i64, i32, i8p = ir.IntType(64), ir.IntType(32), ir.IntType(8).as_pointer()
+        i64, i32 = ir.IntType(64), ir.IntType(32)
         st, a, d, ya, xa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 4, 5))
         ah = context.make_array(signature.args[9])(context, builder, args[9])
         Rv, bbv, e0v, nv, atv, perv = (context.cast(builder, args[i], signature.args[i], nb_types.int64)
@@ -135,12 +135,6 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
 
         fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
             builder.module, ir.FunctionType(vec, [vec, vec, vec]), name="llvm.fma.v16f32")
-        pf = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
-
-        def prefetch(ptr):
-            builder.call(pf, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-
         b, E = builder.extract_value(st.shape, 0), builder.extract_value(st.shape, 1)
         d_row = builder.gep(d.data, [builder.add(builder.mul(bbv, builder.extract_value(d.shape, 1)), Rv)])
         Bv, Cv = load(d_row), load(builder.gep(d_row, [c(16)]))
@@ -163,12 +157,12 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
             idx = builder.add(atv, builder.mul(builder.add(builder.mul(k, perv), c(j)), c(line)))
             with builder.if_then(builder.and_(builder.icmp_signed("<", c(j), perv),
                                               builder.icmp_signed("<", idx, n_ahead))):
-                prefetch(builder.gep(ah.data, [idx]))
+                prefetch_ir(builder, builder.gep(ah.data, [idx]))
         kn = builder.add(k, c(STATE_AHEAD))
         same = builder.icmp_signed("<", kn, nv)
         with builder.if_then(builder.or_(same, has_next)):
-            prefetch(builder.select(same, builder.gep(h_row, [builder.mul(kn, c(16))]),
-                                    builder.gep(h_next, [builder.mul(builder.sub(kn, nv), c(16))])))
+            prefetch_ir(builder, builder.select(same, builder.gep(h_row, [builder.mul(kn, c(16))]),
+                                                builder.gep(h_next, [builder.mul(builder.sub(kn, nv), c(16))])))
         # the state update of channel e0 + k
         yp = builder.gep(y_row, [k])
         delta = builder.load(yp)

@@ -292,22 +292,10 @@ def kernel_options(parallel: bool = True) -> dict:
     )
 
 
-@intrinsic
-def prefetch(typingctx, arr, i):
-    """Asks the CPU to bring the cache line holding arr.flat[i] (a C-contiguous array) into its caches
-    (llvm.prefetch: read, keep), without waiting for it; results never depend on it. The caller keeps i
-    within the array (the address is computed, not checked)."""
-    if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        a = context.make_array(signature.args[0])(context, builder, args[0])
-        idx = context.cast(builder, args[1], signature.args[1], types.int64)
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
-        ptr = builder.bitcast(builder.gep(a.data, [idx]), i8p)
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(arr, i), codegen
+def prefetch_ir(builder, ptr):
+    """Emits a software prefetch of the cache line holding `ptr` (llvm.prefetch: read, keep in all caches), for
+    intrinsics that ask for memory they read next while computing; it never faults and never changes results."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
