@@ -186,15 +186,120 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
     return sig, codegen
 
 
-def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
+@intrinsic
+def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
+    """The causal depthwise conv of `_x_channels` for width W = 4, over channels e0 … e0 + n − 1 of row bb (n a
+    multiple of 16), 16 channels at a time as explicit vector code: xc[bb, e] = w₃·x + w₀·s₀ + w₁·s₁ + w₂·s₂
+    (x = xz[bb, e], in_proj's output with its bias; (s₀, s₁, s₂) = conv_state[bb, e], the last three inputs;
+    wₜ = conv_wt[t, e]), the pre-activation, without the conv bias; then the state shifts by one: (s₁, s₂, x).
+
+    Why: the state (b, E, W − 1) interleaves three taps per channel, and the loop of `_x_channels` over channels
+    has inner loops over the taps, so LLVM left it scalar (it vectorises only innermost loops, and declined the
+    stride-3 accesses with the taps unrolled): measured (one thread, the 24 layers of the 130m at batch 8,
+    states in cache, /tmp/xch.py … xch3.py, one-off scripts) 1.65 ms a step for conv and SiLU, 1.0 ms with
+    the SiLU in a loop of its own. Inside the fused step it cost more (2 ms of the in_proj phase, in the VM state
+    where each vCPU streams on its own link; /work/notes/bench/inproj_situ.py): while a thread computes
+    scalar code it asks memory for no weights. Here a block of 16 channels is three vector loads of the state,
+    deinterleaved by shuffles (in the state's own type: a shifted tap is moved, not converted), four weight loads
+    (conv_wt is the weight transposed, (W, E), by `_layer_args`), four multiply-adds, three stores.
+
+    conv_state (b, E, 3) and conv_wt (4, E) are float32, or bfloat16 bits (int16; x is then stored rounded to
+    nearest even, as `narrow`); xz (b, ≥ e0 + n) and xc (b, ≥ e0 + n) float32, all C-contiguous. The caller
+    guarantees W = 4 and the shapes (no bounds checks)."""
+    if not all(isinstance(a, nb_types.Array) and a.layout == "C" for a in (conv_state, conv_wt, xz, xc)):
+        return None
+    if not (conv_state.ndim == 3 and conv_wt.ndim == 2 and xz.ndim == 2 and xc.ndim == 2):
+        return None
+    if not (conv_state.dtype == conv_wt.dtype and conv_state.dtype in (nb_types.float32, nb_types.int16)
+            and xz.dtype == nb_types.float32 and xc.dtype == nb_types.float32):
+        return None
+    sig = nb_types.void(conv_state, conv_wt, xz, xc, bb, e0, n)
+
+    def codegen(context, builder, signature, args):
+        bf16 = signature.args[0].dtype == nb_types.int16
+        f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        et = i16 if bf16 else f32  # the state's and the weights' element type
+        vec, evec, i32v = ir.VectorType(f32, 16), ir.VectorType(et, 16), ir.VectorType(i32, 16)
+        st, w, xa, oa = (context.make_array(signature.args[i])(context, builder, args[i]) for i in range(4))
+        bbv, e0v, nv = (context.cast(builder, args[i], signature.args[i], nb_types.int64) for i in (4, 5, 6))
+        align = 2 if bf16 else 4
+
+        def c(v):
+            return ir.Constant(i64, v)
+
+        def load(ptr, t):
+            return builder.load(builder.bitcast(ptr, t.as_pointer()), align=align if t is evec else 4)
+
+        def store(v, ptr):
+            builder.store(v, builder.bitcast(ptr, v.type.as_pointer()), align=align if v.type is evec else 4)
+
+        def widen(v):  # bfloat16 bits → float32 (exact): the high half of the float
+            if not bf16:
+                return v
+            return builder.bitcast(builder.shl(builder.zext(v, i32v), ir.Constant(i32v, [16] * 16)), vec)
+
+        def narrow(v):  # float32 → bfloat16 bits, rounded to nearest even; NaN → 0x7FC0 (as `narrow`)
+            if not bf16:
+                return v
+            bits = builder.bitcast(v, i32v)
+            odd = builder.and_(builder.lshr(bits, ir.Constant(i32v, [16] * 16)), ir.Constant(i32v, [1] * 16))
+            up = builder.add(builder.add(bits, ir.Constant(i32v, [0x7FFF] * 16)), odd)
+            rounded = builder.trunc(builder.lshr(up, ir.Constant(i32v, [16] * 16)), evec)
+            return builder.select(builder.fcmp_unordered("uno", v, v), ir.Constant(evec, [0x7FC0] * 16), rounded)
+
+        def mask(idx):
+            return ir.Constant(ir.VectorType(i32, len(idx)), idx)
+
+        def to32(v):
+            return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                                          mask([i if i < 16 else 0 for i in range(32)]))
+
+        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), name="llvm.fma.v16f32")
+        E = builder.extract_value(st.shape, 1)
+        s_row = builder.gep(st.data, [builder.mul(builder.add(builder.mul(bbv, E), e0v), c(3))])
+        x_row = builder.gep(xa.data, [builder.add(builder.mul(bbv, builder.extract_value(xa.shape, 1)), e0v)])
+        o_row = builder.gep(oa.data, [builder.add(builder.mul(bbv, builder.extract_value(oa.shape, 1)), e0v)])
+        w_rows = [builder.gep(w.data, [builder.add(builder.mul(c(t), E), e0v)]) for t in range(4)]
+        start = builder.block
+        loop, done = builder.append_basic_block("conv_loop"), builder.append_basic_block("conv_done")
+        builder.cbranch(builder.icmp_signed(">", nv, c(0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)  # the block's first channel
+        k.add_incoming(c(0), start)
+        sp = builder.gep(s_row, [builder.mul(k, c(3))])
+        v = [load(builder.gep(sp, [c(16 * m)]), evec) for m in range(3)]  # the 48 taps s[e, t] at 3e + t
+        lo, hi = builder.shuffle_vector(v[0], v[1], mask(list(range(32)))), to32(v[2])  # taps 0 … 31, 32 … 47
+        taps = [builder.shuffle_vector(lo, hi, mask([3 * i + t for i in range(16)])) for t in range(3)]  # (16,):
+        # tap t of the 16 channels (indices 32 … 47 of the pair lo, hi are hi's lanes 0 … 15)
+        x = load(builder.gep(x_row, [k]), vec)
+        acc = builder.fmul(widen(load(builder.gep(w_rows[3], [k]), evec)), x)
+        for t in range(3):
+            acc = builder.call(fma, [widen(load(builder.gep(w_rows[t], [k]), evec)), widen(taps[t]), acc])
+        store(acc, builder.gep(o_row, [k]))
+        new = [taps[1], taps[2], narrow(x)]  # the shifted state, channel by channel
+        lo, hi = builder.shuffle_vector(new[0], new[1], mask(list(range(32)))), to32(new[2])
+        for m in range(3):  # element 16m + l of the block is tap (16m + l) % 3 of channel (16m + l) // 3
+            idx = [(16 * m + l) % 3 * 16 + (16 * m + l) // 3 for l in range(16)]  # < 32: from new[0], new[1]
+            store(builder.shuffle_vector(lo, hi, mask(idx)), builder.gep(sp, [c(16 * m)]))
+        k1 = builder.add(k, c(16))
+        k.add_incoming(k1, builder.block)
+        builder.cbranch(builder.icmp_signed("<", k1, nv), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
            p_out, b_out, hn, xz, xc, dbc, y, o, sync):
     """Thread t's part of one layer for b sequences; r (b, D) float32 is the residual stream, updated in place
     (r += mixer(norm(r))).
 
     Weights are float32 arrays or bfloat16 bits (int16). in_proj, dt_proj and out_proj come packed in 32-row
     panels (`decode_panels`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
-    whole panels; conv_w (E, W) and w_x (R + 2N, E) as they are; vectors norm_w (D,), conv_b (E,), dt_b (E,),
-    Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log). conv_state (b, E, W − 1) in
+    whole panels; conv_wt (W, E), the conv weight transposed, and w_x (R + 2N, E) as it is; vectors norm_w
+    (D,), conv_b (E,), dt_b (E,), Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log). conv_state (b, E, W − 1) in
     the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32 scratch: hn (T, b, D),
     xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed matrices whole panels
     wide.
@@ -213,7 +318,7 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w
     k, q = claim(sync, 0, n_ch, t, threads, 0)
     count = 0
     while k < n_ch:
-        _in_proj_task(k, h, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+        _in_proj_task(k, h, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc)
         count += 1
         k, q = claim(sync, 0, n_ch, t, threads, q)
     finish(sync, 0, threads, count)
@@ -249,11 +354,11 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_w, conv_b, conv_state, w
     wait(sync, 3, threads, n_out)  # the next layer's norm reads all of r
 
 
-def _layers(r, norm_w, eps, panels, offsets, b_in, conv_w, conv_b, conv_all, w_x, dt_b, A, Dv, ssm_all, b_out,
+def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, w_x, dt_b, A, Dv, ssm_all, b_out,
             hn, xz, xc, dbc, y, o, sync, threads):
     """All L layers of a step in one parallel region (`threads` iterations of a prange), a thread going through
     the layers one after the other (`_layer`); the phases' waits order them. The small weights come stacked
-    by layer (norm_w (L, D), b_in (L, 2E or 0), conv_w (L, E, W), conv_b, dt_b, Dv (L, E or 0), w_x (L, R + 2N,
+    by layer (norm_w (L, D), b_in (L, 2E or 0), conv_wt (L, W, E), conv_b, dt_b, Dv (L, E or 0), w_x (L, R + 2N,
     E), A (L, E, N), b_out (L, D or 0)), in_proj, dt_proj and out_proj packed in one flat buffer, `panels`,
     layer i's three starting at offsets[i]; the states as (L, b, E, W − 1) and (L, b, E, N); sync (L, …).
 
@@ -286,7 +391,7 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_w, conv_b, conv_all, w_x
             p_in = panels[at:at + s_in].reshape((n_in, D, GROUP))
             p_dt = panels[at + s_in:at + s_in + s_dt].reshape((n_dt, R, GROUP))
             p_out = panels[at + s_in + s_dt:at + s_in + s_dt + s_out].reshape((n_out, E, GROUP))
-            _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_w[i], conv_b[i], conv_all[i], w_x[i], p_dt,
+            _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_wt[i], conv_b[i], conv_all[i], w_x[i], p_dt,
                    dt_b[i], A[i], Dv[i], ssm_all[i], p_out, b_out[i], hn, xz, xc, dbc, y, o, sync[i])
 
 
@@ -317,55 +422,63 @@ def _norm(r, norm_w, eps, hn):
 # against 3.5 ms with views (one thread, 130m, /work/notes/bench/iso6.py, a one-off script).
 
 
-def _in_proj_task(k, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
+def _in_proj_task(k, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc):
     """in_proj for channels ROWS·k … ROWS·(k + 1) − 1: the panels of their x rows, then of their z rows (rows
     E + ROWS·k …), each with its conv and SiLUs. When E is not a multiple of GROUP, one panel holds the last x
     and the first z channels; it belongs to the task of its x channels, so each panel has one task."""
-    E = conv_w.shape[0]
+    E = conv_wt.shape[1]
     gx = (E + GROUP - 1) // GROUP  # panels with x channels
     for g in range(k * ROWS // GROUP, min((k + 1) * ROWS // GROUP, gx)):
-        _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+        _in_proj_conv(g, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc)
     z0, z1 = (E + k * ROWS + GROUP - 1) // GROUP, (E + (k + 1) * ROWS + GROUP - 1) // GROUP  # z rows E + ROWS·k …
     for g in range(max(gx, z0), min(p_in.shape[0], z1)):
-        _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc)
+        _in_proj_conv(g, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc)
 
 
-def _in_proj_conv(g, hn, p_in, b_in, conv_w, conv_b, conv_state, xz, xc):
+def _in_proj_conv(g, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc):
     """in_proj panel g (rows 32g … 32g + 31 of xz (b, 2E): x = xz[:, :E], z = xz[:, E:]), then the conv and
     SiLUs of the channels it has just produced (the conv is depthwise: channel e needs only x_e)."""
-    E = conv_w.shape[0]
+    E = conv_wt.shape[1]
     panel_rows(p_in, g, hn, xz)
     r0, r1 = g * GROUP, min(2 * E, (g + 1) * GROUP)
     x1, z0 = min(r1, E), max(r0, E)  # x channels r0 … x1 − 1, z channels z0 … r1 − 1
     if x1 - r0 == GROUP:
-        _x_channels(r0, GROUP, b_in, conv_w, conv_b, conv_state, xz, xc)
+        _x_channels(r0, GROUP, b_in, conv_wt, conv_b, conv_state, xz, xc)
     elif x1 > r0:
-        _x_channels(r0, x1 - r0, b_in, conv_w, conv_b, conv_state, xz, xc)
+        _x_channels(r0, x1 - r0, b_in, conv_wt, conv_b, conv_state, xz, xc)
     if r1 - z0 == GROUP:
         _z_channels(z0, GROUP, b_in, xz)
     elif r1 > z0:
         _z_channels(z0, r1 - z0, b_in, xz)
 
 
-def _x_channels(e0, n, b_in, conv_w, conv_b, conv_state, xz, xc):
+def _x_channels(e0, n, b_in, conv_wt, conv_b, conv_state, xz, xc):
     """Channels e0 … e0 + n − 1 of x: in_proj's bias, then the causal depthwise conv over the last W inputs
-    (the state holds W − 1 of them; it shifts by one) and SiLU, into xc."""
+    (the state holds W − 1 of them; it shifts by one) and SiLU, into xc. conv_wt (W, E): the conv weight
+    transposed. For W = 4 (every preset) the conv of whole blocks of 16 channels is `_conv16`'s vector code,
+    the loop here does the rest."""
     b = xz.shape[0]
-    K = conv_w.shape[1]  # the conv width W
+    K = conv_wt.shape[0]  # the conv width W
     has_b_in, has_cb = b_in.shape[0] > 0, conv_b.shape[0] > 0
-    bi, cw = b_in[e0:e0 + n] if has_b_in else b_in, conv_w[e0:e0 + n]  # (n,), (n, W): see `_views`
+    bi, cw = b_in[e0:e0 + n] if has_b_in else b_in, conv_wt[:, e0:e0 + n]  # (n,), (W, n): see `_views`
     cb = conv_b[e0:e0 + n] if has_cb else conv_b
+    v = n // 16 * 16 if K == 4 else 0  # channels e0 … e0 + v − 1 go to `_conv16`
     for bb in range(b):
         xv, cs, out = xz[bb, e0:e0 + n], conv_state[bb, e0:e0 + n], xc[bb, e0:e0 + n]  # (n,), (n, W − 1), (n,)
-        for k in range(n):  # vectorised over channels
-            xe = xv[k] + widen(bi[k]) if has_b_in else xv[k]
-            acc = widen(cw[k, K - 1]) * xe
+        if has_b_in:
+            for k in range(n):  # vectorised over channels
+                xv[k] = xv[k] + widen(bi[k])
+        _conv16(conv_state, conv_wt, xz, xc, bb, e0, v)
+        for k in range(v, n):
+            acc = widen(cw[K - 1, k]) * xv[k]
             for t in range(K - 1):
-                acc += widen(cw[k, t]) * widen(cs[k, t])
+                acc += widen(cw[t, k]) * widen(cs[k, t])
             for t in range(K - 2):
                 cs[k, t] = cs[k, t + 1]
-            cs[k, K - 2] = narrow(xe, cs)
-            acc = acc + widen(cb[k]) if has_cb else acc
+            cs[k, K - 2] = narrow(xv[k], cs)
+            out[k] = acc
+        for k in range(n):  # vectorised over channels: the conv's bias and SiLU
+            acc = out[k] + widen(cb[k]) if has_cb else out[k]
             out[k] = acc * sigmoid(acc)
 
 
@@ -543,7 +656,8 @@ def _layer_args(model) -> tuple[tuple, np.ndarray]:
             return None if t is None else t.detach()
 
         for k, t in (("norm_w", p(norm, "weight")), ("b_in", p(in_proj, "bias")),
-                     ("conv_w", p(conv, "weight").reshape(-1, conv.weight.shape[-1])), ("conv_b", p(conv, "bias")),
+                     ("conv_w", p(conv, "weight").reshape(-1, conv.weight.shape[-1]).t()),  # (W, E): `_conv16`
+                     ("conv_b", p(conv, "bias")),
                      ("w_x", p(x_proj, "weight")), ("dt_b", p(dt_proj, "bias")),
                      ("A", -torch.exp(p(m, "A_log").float())), ("Dv", p(m, "D")), ("b_out", p(out_proj, "bias"))):
             small[k].append(t)

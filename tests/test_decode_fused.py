@@ -94,6 +94,38 @@ def test_vector_state_update_equals_the_loop():
         assert (y16[:, :e0] == 7.0).all() and (y16[:, e0 + n:] == 7.0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_vector_conv_equals_the_conv(dtype, bias):
+    """`_x_channels` (in_proj's bias, the conv of whole 16-channel blocks as `_conv16`'s vector code, the rest
+    in its loop, SiLU) against the conv written out in torch: the outputs and the shifted state, over channels
+    7 … 7 + 36 − 1 (two vector blocks and four channels of loop) of a row of 80, the others untouched; in
+    bfloat16 the state holds each new input rounded to nearest even, bit for bit as torch rounds."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    b, E, W, e0, n = 3, 80, 4, 7, 36
+    state = torch.randn(b, E, W - 1, generator=g).to(dtype)
+    w = torch.randn(W, E, generator=g).to(dtype)  # the weight transposed, as `_layer_args` stacks it
+    b_in = torch.randn(2 * E, generator=g).to(dtype) if bias else torch.zeros(0, dtype=dtype)
+    conv_b = torch.randn(E, generator=g).to(dtype) if bias else torch.zeros(0, dtype=dtype)
+    xz = torch.randn(b, 2 * E, generator=g)
+    x = xz[:, e0:e0 + n] + (b_in[e0:e0 + n].float() if bias else 0)  # (b, n)
+    window = torch.cat([state[:, e0:e0 + n].float(), x[..., None]], -1)  # (b, n, W): the last W inputs
+    pre = (window * w[:, e0:e0 + n].float().t()).sum(-1) + (conv_b[e0:e0 + n].float() if bias else 0)
+    new_state = state.clone()
+    new_state[:, e0:e0 + n] = torch.cat([state[:, e0:e0 + n, 1:], x[..., None].to(dtype)], -1)
+
+    xc = np.full((b, E), 7.0, np.float32)
+    st = decode_fused._np(state.clone())
+    decode_fused._x_channels(e0, n, decode_fused._np(b_in), decode_fused._np(w), decode_fused._np(conv_b), st,
+                             xz.numpy().copy(), xc)
+    out = torch.from_numpy(st).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(st)
+    assert torch.equal(out, new_state)
+    torch.testing.assert_close(torch.from_numpy(xc[:, e0:e0 + n]), torch.nn.functional.silu(pre), atol=1e-5, rtol=1e-5)
+    assert (xc[:, :e0] == 7.0).all() and (xc[:, e0 + n:] == 7.0).all()
+
+
 def test_fused_step_follows_weight_changes():
     """The kernel's numpy views of the weights are cached: in-place updates must show through, and a
     replaced parameter or .data must be picked up."""
