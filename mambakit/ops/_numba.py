@@ -300,18 +300,3 @@ def prefetch_ir(builder, ptr):
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
     builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
-
-@intrinsic
-def prefetch(typingctx, arr, i):
-    """Asks for the cache line holding element i of a C-contiguous array in memory order (`prefetch_ir`), from
-    numba code: for memory a kernel reads soon, while it streams or computes something else."""
-    if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        a = context.make_array(signature.args[0])(context, builder, args[0])
-        idx = context.cast(builder, args[1], signature.args[1], types.int64)
-        prefetch_ir(builder, builder.gep(a.data, [idx]))
-        return context.get_dummy_value()
-
-    return types.void(arr, i), codegen
