@@ -41,7 +41,8 @@ from torch import Tensor
 from . import decode_panels
 from .decode_linear import _rows
 from .decode_panels import GROUP, panel_rows
-from .ops._numba import exp_ir, fexp, kernel_options, narrow, prefetch_ir, set_threads, sigmoid, softplus, widen
+from .ops._numba import (exp_ir, fexp, kernel_options, loop_ir, narrow, prefetch_ir, set_threads, sigmoid, softplus,
+                         vector_fn, widen)
 from .ops._tasks import claim, finish, home, sync_size, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
@@ -107,7 +108,8 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
     STATE_AHEAD channels on (wrapping to row bb + 1), and `per` cache lines of `ahead` per channel from element
     `at` on (out_proj's weights; `_channels`). The caller guarantees N = 16 and the shapes (no bounds checks)."""
     f32 = nb_types.float32
-    if not all(isinstance(a, nb_types.Array) and a.dtype == f32 and a.layout == "C" for a in (ssm_state, A, dbc, y, xc)):
+    if not all(isinstance(a, nb_types.Array) and a.dtype == f32 and a.layout == "C"
+               for a in (ssm_state, A, dbc, y, xc)):
         return None
     if not (ssm_state.ndim == 3 and A.ndim == 2 and dbc.ndim == 2 and y.ndim == 2 and xc.ndim == 2):
         return None
@@ -131,10 +133,10 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
 
         def splat(x):
             v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, 16), [0] * 16))
 
-        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
-            builder.module, ir.FunctionType(vec, [vec, vec, vec]), name="llvm.fma.v16f32")
+        fma = vector_fn(builder, "fma", vec, 3)
         b, E = builder.extract_value(st.shape, 0), builder.extract_value(st.shape, 1)
         d_row = builder.gep(d.data, [builder.add(builder.mul(bbv, builder.extract_value(d.shape, 1)), Rv)])
         Bv, Cv = load(d_row), load(builder.gep(d_row, [c(16)]))
@@ -146,41 +148,35 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
         n_ahead = builder.extract_value(ah.shape, 0)
         line = 64 // context.get_abi_sizeof(context.get_data_type(signature.args[9].dtype))
         has_next = builder.icmp_signed("<", builder.add(bbv, c(1)), b)
-        start = builder.block
-        loop, done = builder.append_basic_block("ch_loop"), builder.append_basic_block("ch_done")
-        builder.cbranch(builder.icmp_signed(">", nv, c(0)), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        k.add_incoming(c(0), start)
-        # memory the thread reads next, asked for now
-        for j in range(AHEAD_LINES):
-            idx = builder.add(atv, builder.mul(builder.add(builder.mul(k, perv), c(j)), c(line)))
-            with builder.if_then(builder.and_(builder.icmp_signed("<", c(j), perv),
-                                              builder.icmp_signed("<", idx, n_ahead))):
-                prefetch_ir(builder, builder.gep(ah.data, [idx]))
-        kn = builder.add(k, c(STATE_AHEAD))
-        same = builder.icmp_signed("<", kn, nv)
-        with builder.if_then(builder.or_(same, has_next)):
-            prefetch_ir(builder, builder.select(same, builder.gep(h_row, [builder.mul(kn, c(16))]),
-                                                builder.gep(h_next, [builder.mul(builder.sub(kn, nv), c(16))])))
-        # the state update of channel e0 + k
-        yp = builder.gep(y_row, [k])
-        delta = builder.load(yp)
-        dx = builder.fmul(delta, builder.load(builder.gep(x_row, [k])))
-        hp = builder.gep(h_row, [builder.mul(k, c(16))])
-        dA = exp_ir(builder, builder.fmul(splat(delta), load(builder.gep(a_row, [builder.mul(k, c(16))]))))
-        h = builder.call(fma, [load(hp), dA, builder.fmul(splat(dx), Bv)])  # h·exp(ΔA) + Δx·B
-        builder.store(h, builder.bitcast(hp, vec.as_pointer()), align=4)
-        t = builder.fmul(h, Cv)  # then Σ over the 16 lanes, halving
-        for width in (8, 4, 2, 1):
-            hi = builder.shuffle_vector(t, ir.Constant(vec, ir.Undefined), ir.Constant(
-                ir.VectorType(i32, 16), [width + i if i < width else 0 for i in range(16)]))
-            t = builder.fadd(t, hi)
-        builder.store(builder.extract_element(t, ir.Constant(i32, 0)), yp)
-        k1 = builder.add(k, c(1))
-        k.add_incoming(k1, builder.block)
-        builder.cbranch(builder.icmp_signed("<", k1, nv), loop, done)
-        builder.position_at_end(done)
+
+        def channel(k):  # channel e0 + k
+            # memory the thread reads next, asked for now
+            for j in range(AHEAD_LINES):
+                idx = builder.add(atv, builder.mul(builder.add(builder.mul(k, perv), c(j)), c(line)))
+                with builder.if_then(builder.and_(builder.icmp_signed("<", c(j), perv),
+                                                  builder.icmp_signed("<", idx, n_ahead))):
+                    prefetch_ir(builder, builder.gep(ah.data, [idx]))
+            kn = builder.add(k, c(STATE_AHEAD))
+            same = builder.icmp_signed("<", kn, nv)
+            with builder.if_then(builder.or_(same, has_next)):
+                prefetch_ir(builder, builder.select(same, builder.gep(h_row, [builder.mul(kn, c(16))]),
+                                                    builder.gep(h_next, [builder.mul(builder.sub(kn, nv), c(16))])))
+            # the state update of channel e0 + k
+            yp = builder.gep(y_row, [k])
+            delta = builder.load(yp)
+            dx = builder.fmul(delta, builder.load(builder.gep(x_row, [k])))
+            hp = builder.gep(h_row, [builder.mul(k, c(16))])
+            dA = exp_ir(builder, builder.fmul(splat(delta), load(builder.gep(a_row, [builder.mul(k, c(16))]))))
+            h = builder.call(fma, [load(hp), dA, builder.fmul(splat(dx), Bv)])  # h·exp(ΔA) + Δx·B
+            builder.store(h, builder.bitcast(hp, vec.as_pointer()), align=4)
+            t = builder.fmul(h, Cv)  # then Σ over the 16 lanes, halving
+            for width in (8, 4, 2, 1):
+                hi = builder.shuffle_vector(t, ir.Constant(vec, ir.Undefined), ir.Constant(
+                    ir.VectorType(i32, 16), [width + i if i < width else 0 for i in range(16)]))
+                t = builder.fadd(t, hi)
+            builder.store(builder.extract_element(t, ir.Constant(i32, 0)), yp)
+
+        loop_ir(builder, nv, 1, channel, "ch")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -196,10 +192,11 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
     Why: the state (b, E, W − 1) interleaves three taps per channel, and the loop of `_x_channels` over channels
     has inner loops over the taps, so LLVM left it scalar (it vectorises only innermost loops, and declined the
     stride-3 accesses with the taps unrolled): measured (one thread, the 24 layers of the 130m at batch 8,
-    states in cache, /tmp/xch.py … xch3.py, one-off scripts) 1.65 ms a step for conv and SiLU, 1.0 ms with
-    the SiLU in a loop of its own. Inside the fused step it cost more (2 ms of the in_proj phase, in the VM state
-    where each vCPU streams on its own link; /work/notes/bench/inproj_situ.py): while a thread computes
-    scalar code it asks memory for no weights. Here a block of 16 channels is three vector loads of the state,
+    states in cache, /work/notes/bench/xch.py … xch3.py, one-off scripts) 1.63–1.77 ms a step for conv and
+    SiLU, 1.0 ms with the SiLU in a loop of its own, 0.36–0.54 ms with this intrinsic. Inside the fused step it
+    cost more (1.6–2.0 ms of the in_proj phase, in the VM state where each vCPU streams on its own link;
+    /work/notes/bench/inproj_situ.py): while a thread computes between two panels, it asks memory for no
+    weights. Here a block of 16 channels is three vector loads of the state,
     deinterleaved by shuffles (in the state's own type: a shifted tap is moved, not converted), four weight loads
     (conv_wt is the weight transposed, (W, E), by `_layer_args`), four multiply-adds, three stores.
 
@@ -254,38 +251,31 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
             return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
                                           mask([i if i < 16 else 0 for i in range(32)]))
 
-        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
-            builder.module, ir.FunctionType(vec, [vec, vec, vec]), name="llvm.fma.v16f32")
+        fma = vector_fn(builder, "fma", vec, 3)
         E = builder.extract_value(st.shape, 1)
         s_row = builder.gep(st.data, [builder.mul(builder.add(builder.mul(bbv, E), e0v), c(3))])
         x_row = builder.gep(xa.data, [builder.add(builder.mul(bbv, builder.extract_value(xa.shape, 1)), e0v)])
         o_row = builder.gep(oa.data, [builder.add(builder.mul(bbv, builder.extract_value(oa.shape, 1)), e0v)])
         w_rows = [builder.gep(w.data, [builder.add(builder.mul(c(t), E), e0v)]) for t in range(4)]
-        start = builder.block
-        loop, done = builder.append_basic_block("conv_loop"), builder.append_basic_block("conv_done")
-        builder.cbranch(builder.icmp_signed(">", nv, c(0)), loop, done)
-        builder.position_at_end(loop)
-        k = builder.phi(i64)  # the block's first channel
-        k.add_incoming(c(0), start)
-        sp = builder.gep(s_row, [builder.mul(k, c(3))])
-        v = [load(builder.gep(sp, [c(16 * m)]), evec) for m in range(3)]  # the 48 taps s[e, t] at 3e + t
-        lo, hi = builder.shuffle_vector(v[0], v[1], mask(list(range(32)))), to32(v[2])  # taps 0 … 31, 32 … 47
-        taps = [builder.shuffle_vector(lo, hi, mask([3 * i + t for i in range(16)])) for t in range(3)]  # (16,):
-        # tap t of the 16 channels (indices 32 … 47 of the pair lo, hi are hi's lanes 0 … 15)
-        x = load(builder.gep(x_row, [k]), vec)
-        acc = builder.fmul(widen(load(builder.gep(w_rows[3], [k]), evec)), x)
-        for t in range(3):
-            acc = builder.call(fma, [widen(load(builder.gep(w_rows[t], [k]), evec)), widen(taps[t]), acc])
-        store(acc, builder.gep(o_row, [k]))
-        new = [taps[1], taps[2], narrow(x)]  # the shifted state, channel by channel
-        lo, hi = builder.shuffle_vector(new[0], new[1], mask(list(range(32)))), to32(new[2])
-        for m in range(3):  # element 16m + l of the block is tap (16m + l) % 3 of channel (16m + l) // 3
-            idx = [(16 * m + l) % 3 * 16 + (16 * m + l) // 3 for l in range(16)]  # < 32: from new[0], new[1]
-            store(builder.shuffle_vector(lo, hi, mask(idx)), builder.gep(sp, [c(16 * m)]))
-        k1 = builder.add(k, c(16))
-        k.add_incoming(k1, builder.block)
-        builder.cbranch(builder.icmp_signed("<", k1, nv), loop, done)
-        builder.position_at_end(done)
+
+        def block(k):  # channels e0 + k … e0 + k + 15
+            sp = builder.gep(s_row, [builder.mul(k, c(3))])
+            v = [load(builder.gep(sp, [c(16 * m)]), evec) for m in range(3)]  # the 48 taps s[e, t] at 3e + t
+            lo, hi = builder.shuffle_vector(v[0], v[1], mask(list(range(32)))), to32(v[2])  # taps 0 … 31, 32 … 47
+            taps = [builder.shuffle_vector(lo, hi, mask([3 * i + t for i in range(16)])) for t in range(3)]  # (16,):
+            # tap t of the 16 channels (indices 32 … 47 of the pair lo, hi are hi's lanes 0 … 15)
+            x = load(builder.gep(x_row, [k]), vec)
+            acc = builder.fmul(widen(load(builder.gep(w_rows[3], [k]), evec)), x)
+            for t in range(3):
+                acc = builder.call(fma, [widen(load(builder.gep(w_rows[t], [k]), evec)), widen(taps[t]), acc])
+            store(acc, builder.gep(o_row, [k]))
+            new = [taps[1], taps[2], narrow(x)]  # the shifted state, channel by channel
+            lo, hi = builder.shuffle_vector(new[0], new[1], mask(list(range(32)))), to32(new[2])
+            for m in range(3):  # element 16m + l of the block is tap (16m + l) % 3 of channel (16m + l) // 3
+                idx = [(16 * m + l) % 3 * 16 + (16 * m + l) // 3 for l in range(16)]  # < 32: from new[0], new[1]
+                store(builder.shuffle_vector(lo, hi, mask(idx)), builder.gep(sp, [c(16 * m)]))
+
+        loop_ir(builder, nv, 16, block, "conv")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -299,17 +289,18 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     Weights are float32 arrays or bfloat16 bits (int16). in_proj, dt_proj and out_proj come packed in 32-row
     panels (`decode_panels`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
     whole panels; conv_wt (W, E), the conv weight transposed, and w_x (R + 2N, E) as it is; vectors norm_w
-    (D,), conv_b (E,), dt_b (E,), Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log). conv_state (b, E, W − 1) in
-    the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32 scratch: hn (T, b, D),
-    xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed matrices whole panels
-    wide.
+    (D,), conv_b (E,), dt_b (E,), Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log).
+    conv_state (b, E, W − 1) in the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32
+    scratch: hn (T, b, D), xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed
+    matrices whole panels wide.
 
     First each thread computes the RMSNorm of r into its own hn[t]. Then four phases; each thread takes a
     phase's tasks from its own range first, then from the others', and waits for the phase to be done before
     the next (ops/_tasks.py; `sync`: this layer's counters, zeroed): in_proj for ROWS channels a task, their x
-    and z rows, with the conv and SiLUs of the channels just produced; x_proj in 4-row tasks; dt_proj with the state update, ROWS channels a task (task
-    k of in_proj and of the state update cover the same channels, so the thread that did one usually does the
-    other, and reads its x and z from its own caches); out_proj, a panel a task, adding into r.
+    and z rows, with the conv and SiLUs of the channels just produced; x_proj in 4-row tasks; dt_proj with the
+    state update, ROWS channels a task (task k of in_proj and of the state update cover the same channels, so
+    the thread that did one usually does the other, and reads its x and z from its own caches); out_proj, a
+    panel a task, adding into r.
     """
     E = A.shape[0]
     n_ch, n_x, n_out = (E + ROWS - 1) // ROWS, (w_x.shape[0] + 3) // 4, p_out.shape[0]
@@ -465,7 +456,7 @@ def _x_channels(e0, n, b_in, conv_wt, conv_b, conv_state, xz, xc):
     v = n // 16 * 16 if K == 4 else 0  # channels e0 … e0 + v − 1 go to `_conv16`
     for bb in range(b):
         xv, cs, out = xz[bb, e0:e0 + n], conv_state[bb, e0:e0 + n], xc[bb, e0:e0 + n]  # (n,), (n, W − 1), (n,)
-        if has_b_in:
+        if has_b_in:  # in place: xz's x half is read only here
             for k in range(n):  # vectorised over channels
                 xv[k] = xv[k] + widen(bi[k])
         _conv16(conv_state, conv_wt, xz, xc, bb, e0, v)
@@ -626,9 +617,10 @@ def _layer_args(model) -> tuple[tuple, np.ndarray]:
     packed as 32-row panels in one flat buffer with each layer's offset), and the LM head packed. All are
     copies (`decode_panels.pack_flat` for the panels), built here and reused for as long as every module and
     parameter they came from is still in place, at the same address and version (checked each step by dict
-    lookups: 0.34–0.41 ms a step for the 130m on this VM, 2–3% of a batch-1 step): an optimizer step or load_state_dict bumps the parameters' versions and so rebuilds
-    them; replacing a parameter, a module or a tensor's .data rebuilds them too. (In-place writes through
-    `.data` are invisible to torch's version counter, and so to this check.)"""
+    lookups: 0.34–0.41 ms a step for the 130m on this VM, 2–3% of a batch-1 step): an optimizer step or
+    load_state_dict bumps the parameters' versions and so rebuilds them; replacing a parameter, a module or a
+    tensor's .data rebuilds them too. (In-place writes through `.data` are invisible to torch's version counter,
+    and so to this check.)"""
     cached = model.__dict__.get("_fused_args")
     if cached is not None and all(d.get(k) is v and (p is None or (v.data_ptr(), v._version) == p)
                                   for d, k, v, p in cached[0]):

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import hugepages
 from .decode_linear import _renamed
-from .ops._numba import kernel_options, set_threads
+from .ops._numba import kernel_options, set_threads, vector_fn
 
 LANES = 16  # float32 lanes in an AVX-512 vector
 GROUP = 2 * LANES  # output rows per panel: two vectors, so batch 1 still has two independent FMA chains
@@ -71,9 +71,7 @@ def _panel_kernel(B: int):
             x_stride = builder.extract_value(xa.shape, 1)  # x's rows may be longer than i: only i are read
             n_out = builder.extract_value(oa.shape, 1)
             bf16 = signature.args[0].dtype == types.int16
-            name = f"llvm.fma.v{LANES}f32"
-            fma = builder.module.globals.get(name) or ir.Function(
-                builder.module, ir.FunctionType(vec, [vec, vec, vec]), name=name)
+            fma = vector_fn(builder, "fma", vec, 3)
 
             def const(v):
                 return ir.Constant(i64, v)

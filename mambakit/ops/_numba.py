@@ -156,6 +156,32 @@ def _fexp_overload(x):
     return lambda x: math.exp(x)
 
 
+def vector_fn(builder, name, vt, n_args):
+    """The LLVM intrinsic llvm.<name>.v<lanes>f32 (fma, floor, maxnum, …) on float vectors of type vt, taking
+    n_args of them, declared in the module once."""
+    full = f"llvm.{name}.v{vt.count}f32"
+    return builder.module.globals.get(full) or ir.Function(builder.module, ir.FunctionType(vt, [vt] * n_args),
+                                                          name=full)
+
+
+def loop_ir(builder, n, step, body, name="loop"):
+    """Emits `for k in range(0, n, step): body(k)` for intrinsics that build their loops directly: n an i64
+    value, k an i64 phi handed to body, which emits the loop's code (and may add blocks of its own); nothing
+    runs when n ≤ 0. The builder is left after the loop."""
+    i64 = ir.IntType(64)
+    start = builder.block
+    loop, done = builder.append_basic_block(f"{name}_body"), builder.append_basic_block(f"{name}_done")
+    builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), start)
+    body(k)
+    k_next = builder.add(k, ir.Constant(i64, step))
+    k.add_incoming(k_next, builder.block)
+    builder.cbranch(builder.icmp_signed("<", k_next, n), loop, done)
+    builder.position_at_end(done)
+
+
 def exp_ir(builder, x):
     """Emits fexp's float32 exp (the same clamp, reduction and polynomial, the same constants) on an LLVM
     float vector x, for intrinsics that build vector code directly instead of relying on LLVM to vectorise
@@ -167,13 +193,8 @@ def exp_ir(builder, x):
     def splat(c):
         return ir.Constant(vt, [float(c)] * lanes)
 
-    def intrinsic_fn(name, n_args):
-        full = f"llvm.{name}.v{lanes}f32"
-        return builder.module.globals.get(full) or ir.Function(
-            builder.module, ir.FunctionType(vt, [vt] * n_args), name=full)
-
-    fma, floor = intrinsic_fn("fma", 3), intrinsic_fn("floor", 1)
-    lo, hi = intrinsic_fn("maxnum", 2), intrinsic_fn("minnum", 2)
+    fma, floor = vector_fn(builder, "fma", vt, 3), vector_fn(builder, "floor", vt, 1)
+    lo, hi = vector_fn(builder, "maxnum", vt, 2), vector_fn(builder, "minnum", vt, 2)
     x = builder.call(hi, [builder.call(lo, [x, splat(_EXP_LO)]), splat(_EXP_HI)])
     k = builder.call(floor, [builder.call(fma, [x, splat(_LOG2E), splat(_HALF)])])
     r = builder.call(fma, [k, splat(-_LN2_HI), x])
