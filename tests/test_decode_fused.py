@@ -96,7 +96,8 @@ def test_vector_state_update_equals_the_loop():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_vector_conv_equals_the_conv(dtype, bias):
+@pytest.mark.parametrize("W", [4, 3])  # 3: no preset has it, and every channel takes the loop
+def test_vector_conv_equals_the_conv(dtype, bias, W):
     """`_x_channels` (in_proj's bias, the conv of whole 16-channel blocks as `_conv16`'s vector code, the rest
     in its loop, SiLU) against the conv written out in torch: the outputs and the shifted state, over channels
     7 … 7 + 36 − 1 (two vector blocks and four channels of loop) of a row of 80, the others untouched; in
@@ -104,7 +105,7 @@ def test_vector_conv_equals_the_conv(dtype, bias):
     import numpy as np
 
     g = torch.Generator().manual_seed(3)
-    b, E, W, e0, n = 3, 80, 4, 7, 36
+    b, E, e0, n = 3, 80, 7, 36
     state = torch.randn(b, E, W - 1, generator=g).to(dtype)
     w = torch.randn(W, E, generator=g).to(dtype)  # the weight transposed, as `_layer_args` stacks it
     b_in = torch.randn(2 * E, generator=g).to(dtype) if bias else torch.zeros(0, dtype=dtype)
