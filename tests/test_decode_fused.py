@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _models import random_model
@@ -54,6 +55,33 @@ def test_fused_step_odd_sizes(dtype, d_state):
     out, state = _run(model, ids, fused=True)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     torch.testing.assert_close(state.ssm, ref_state.ssm, **TOL[dtype])
+
+
+def test_scratch_is_reused_and_steps_do_not_share_it():
+    """The step's scratch (`decode_fused._scratch`) is one buffer a Python thread, reused by every step: steps of
+    two models of other sizes and batches, interleaved (a large batch, then smaller ones carved from the same
+    buffer), equal each model's steps alone; two threads stepping at once each get their own buffer."""
+    import threading
+
+    small = random_model(d_model=32, n_layer=3)
+    big = random_model(d_model=48, n_layer=2, seed=1)
+    ids = {b: torch.randint(0, 64, (b, 6), generator=torch.Generator().manual_seed(b)) for b in (2, 7)}
+    alone = {(m, b): _run(model, ids[b], fused=True)[0] for m, model in (("s", small), ("b", big)) for b in ids}
+    states = {(m, b): model.allocate_state(b) for m, model in (("s", small), ("b", big)) for b in ids}
+    out = {k: [] for k in states}
+    for t in range(6):
+        for m, model in (("b", big), ("s", small)):
+            for b in (7, 2):
+                out[m, b].append(model.step(ids[b][:, t], states[m, b], fused=True))
+    for k, v in out.items():
+        torch.testing.assert_close(torch.stack(v, 1), alone[k], atol=0, rtol=0)
+    hn = decode_fused._scratch(2, 2, 32, 64, 2, 16, 3)[0]
+    assert np.shares_memory(hn, decode_fused._scratch(2, 1, 32, 64, 2, 16, 3)[0])  # the same buffer, carved
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(decode_fused._scratch(2, 2, 32, 64, 2, 16, 3)[0]))
+    worker.start()
+    worker.join()
+    assert not np.shares_memory(seen[0], hn)
 
 
 def test_vector_state_update_equals_the_loop():
