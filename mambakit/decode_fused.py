@@ -681,11 +681,13 @@ def _scratch(threads: int, b: int, D: int, E: int, R: int, N: int, L: int) -> tu
     the outputs of packed matrices, whole panels wide (`decode_panels.padded`); xc (b, E); dbc (b, R + 2N)) as
     views of one float32 buffer, and the layers' task counters (L, sync_size), zeroed (ops/_tasks.py).
 
-    Reused from step to step (the issue asks for no allocation per step; it was 0.15 ms a step, ~1% at batch 1):
-    every scratch element is written before it is read within a step, so no step sees another's values. The
-    buffer belongs to the calling Python thread (`threading.local`), so concurrent steps from two threads never
-    share it; it grows to the largest batch seen and is carved into C-contiguous views for smaller ones (a
-    server's batch changes from step to step)."""
+    Reused from step to step, as the issue asks (no allocation per step). Speed is the same: a profile put the
+    allocation at 0.15 ms a step, but an in-process A/B against the tree that allocated (/work/notes/bench/
+    ab_multi.py, 130m float32) gave 1.00–1.02× its step time at batch 1 and 8, as much as two copies of one
+    tree differ there. Every scratch element is written before it is read within a step, so no step sees
+    another's values. The buffer belongs to the calling Python thread (`threading.local`), so concurrent steps
+    from two threads never share it; it grows to the largest batch seen and is carved into C-contiguous views
+    for smaller ones (a server's batch changes from step to step)."""
     P = decode_panels.padded
     shapes = ((threads, b, D), (b, P(2 * E)), (b, E), (b, R + 2 * N), (b, P(E)), (b, P(D)))
     sizes = [-(-int(np.prod(s)) // 16) * 16 for s in shapes]  # each view starts on a cache line

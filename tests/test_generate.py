@@ -291,3 +291,27 @@ def test_request_checks_and_row_output_shared_with_the_server():
     assert row.finish_reason == "stop" and "".join(texts) == "hel" and row.final_text() == "hel"
     short = RowOutput(tok, [])
     assert short.push(ord("a"), False, last_step=True) == "a" and short.finish_reason == "length"
+
+
+def test_generate_benchmark_targets_flag_a_change_of_machine_state():
+    """benchmarks/generate.py's target lines: the floor from the batch-1 cell's own bandwidth, the batch 8 ÷ batch 1
+    ratio, and a warning when the two cells measured copy bandwidths more than STATE_SHIFT apart (this VM moves
+    between two memory states, and a ratio across them compares the states)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    gen = importlib.import_module("generate")
+
+    def cell(ms, bw):
+        b = 8 if ms > 12 else 1
+        return dict(weight_bytes=500e6, copy_bw=bw, ms_per_step=ms, decode_tokens_per_s=b / ms * 1e3,
+                    tokens_per_s=b / ms * 900)
+
+    same = {("float32", 1, "mambakit"): cell(11.0, 50e9), ("float32", 8, "mambakit"): cell(14.0, 48e9)}
+    lines = gen.target_lines(same, "float32")
+    assert "floor 10.0 ms/step" in lines[0] and "= 1.10× the floor" in lines[0]
+    assert "decode 6.3×" in lines[1] and not any("warning" in ln for ln in lines)
+    moved = {**same, ("float32", 8, "mambakit"): cell(14.0, 34e9)}
+    assert any("warning" in ln and "50.0 and 34.0 GB/s" in ln for ln in gen.target_lines(moved, "float32"))
