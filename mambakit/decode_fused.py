@@ -43,7 +43,7 @@ from . import decode_panels
 from .decode_linear import _rows
 from .decode_panels import GROUP, panel_rows
 from .ops._numba import (exp_ir, fexp, kernel_options, loop_ir, narrow, prefetch_ir, set_threads, sigmoid, softplus,
-                         vector_fn, widen)
+                         vector_fn, widen, widen_ir)
 from .ops._tasks import claim, finish, home, sync_size, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
@@ -197,9 +197,9 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
     SiLU, 1.0 ms with the SiLU in a loop of its own, 0.36–0.54 ms with this intrinsic. Inside the fused step it
     cost more (1.6–2.0 ms of the in_proj phase, in the VM state where each vCPU streams on its own link;
     /work/notes/bench/inproj_situ.py): while a thread computes between two panels, it asks memory for no
-    weights. Here a block of 16 channels is three vector loads of the state,
-    deinterleaved by shuffles (in the state's own type: a shifted tap is moved, not converted), four weight loads
-    (conv_wt is the weight transposed, (W, E), by `_layer_args`), four multiply-adds, three stores.
+    weights. Here a block of 16 channels is three vector loads of the state, deinterleaved by shuffles (in the
+    state's own type: a shifted tap is moved, not converted), four weight loads (conv_wt is the weight
+    transposed, (W, E), by `_layer_args`), four multiply-adds, three stores.
 
     conv_state (b, E, 3) and conv_wt (4, E) are float32, or bfloat16 bits (int16; x is then stored rounded to
     nearest even, as `narrow`); xz (b, ≥ e0 + n) and xc (b, ≥ e0 + n) float32, all C-contiguous. The caller
@@ -231,10 +231,8 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
         def store(v, ptr):
             builder.store(v, builder.bitcast(ptr, v.type.as_pointer()), align=align if v.type is evec else 4)
 
-        def widen(v):  # bfloat16 bits → float32 (exact): the high half of the float
-            if not bf16:
-                return v
-            return builder.bitcast(builder.shl(builder.zext(v, i32v), ir.Constant(i32v, [16] * 16)), vec)
+        def widen(v):  # bfloat16 bits → float32
+            return widen_ir(builder, v) if bf16 else v
 
         def narrow(v):  # float32 → bfloat16 bits, rounded to nearest even; NaN → 0x7FC0 (as `narrow`)
             if not bf16:

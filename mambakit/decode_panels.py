@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import hugepages
 from .decode_linear import _renamed
-from .ops._numba import kernel_options, set_threads, vector_fn
+from .ops._numba import kernel_options, set_threads, vector_fn, widen_ir
 
 LANES = 16  # float32 lanes in an AVX-512 vector
 GROUP = 2 * LANES  # output rows per panel: two vectors, so batch 1 still has two independent FMA chains
@@ -92,12 +92,10 @@ def _panel_kernel(B: int):
             w = []
             for h in range(2):
                 ptr = builder.gep(Pa.data, [builder.add(col, const(LANES * h))])
-                if bf16:  # the 16 bits are the high half of the float32: shift up, reinterpret
+                if bf16:
                     bits = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), LANES).as_pointer()),
                                         align=2)
-                    wide = builder.shl(builder.zext(bits, ir.VectorType(ir.IntType(32), LANES)),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), LANES), [16] * LANES))
-                    w.append(builder.bitcast(wide, vec))
+                    w.append(widen_ir(builder, bits))
                 else:
                     w.append(builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4))
             new = []

@@ -164,6 +164,14 @@ def vector_fn(builder, name, vt, n_args):
                                                           name=full)
 
 
+def widen_ir(builder, v):
+    """bfloat16 bits (an i16 vector) → float32 vector, exact (the 16 bits are the float's high half: shift up,
+    reinterpret), as `widen` does for one value; for intrinsics that load bfloat16 weights or states."""
+    i32v = ir.VectorType(ir.IntType(32), v.type.count)
+    wide = builder.shl(builder.zext(v, i32v), ir.Constant(i32v, [16] * v.type.count))
+    return builder.bitcast(wide, ir.VectorType(ir.FloatType(), v.type.count))
+
+
 def loop_ir(builder, n, step, body, name="loop"):
     """Emits `for k in range(0, n, step): body(k)` for intrinsics that build their loops directly: n an i64
     value, k an i64 phi handed to body, which emits the loop's code (and may add blocks of its own); nothing
@@ -320,4 +328,3 @@ def prefetch_ir(builder, ptr):
     fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name="llvm.prefetch.p0")
     builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-
