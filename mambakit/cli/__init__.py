@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-# Library modules that add their own subcommand: each defines `add_cli(subparsers)`, which registers its
+# One module a subcommand (mambakit/cli/<name>.py): each defines `add_parser(subparsers)`, which registers its
 # parser with `set_defaults(func=handler)`; the handler takes the parsed args and returns an exit code.
 _COMMAND_MODULES: tuple[str, ...] = ("generate", "train", "eval", "serve", "forecast")
 
@@ -20,7 +20,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import convert
+    from ..checkpoint import convert
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     src_layout, model = convert(args.src, args.dst, layout=args.layout, dtype=dtype)
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast the weights (default: keep)")
     p.set_defaults(func=_convert)
     for name in _COMMAND_MODULES:
-        importlib.import_module(f"mambakit.{name}").add_cli(sub)
+        importlib.import_module(f"mambakit.cli.{name}").add_parser(sub)
     return parser
 
 
