@@ -1,9 +1,9 @@
-"""One decode step, fused (mambakit/decode_fused.py) against the unfused reference (`MambaLM.step(fused=False)`),
-in one process, interleaved (reference, fused, reference, fused; the faster of each pair of medians), random
-weights of the 130m shape by default. The ratio is what to read; absolute times move with the machine's load.
-A third column runs the fused step on a second copy of the model (same weights) whose parameters
-`mambakit.hugepages.use_huge_pages` moved into 2 MiB pages, as `generate` and the server do, interleaved
-with the other two; without transparent huge pages on this machine it says so and shows "—".
+"""One decode step, fused (`mambakit.engine.FusedDecoder`) against the reference (`MambaLM.step`), in one
+process, interleaved (reference, fused, reference, fused; the faster of each pair of medians), random weights of
+the 130m shape by default. The ratio is what to read; absolute times move with the machine's load. A third
+column runs the fused step on a second copy of the model (same weights) whose parameters
+`mambakit.engine.use_huge_pages` moved into 2 MiB pages, as the `mambakit generate` and `serve` commands do,
+interleaved with the other two; without transparent huge pages on this machine it says so and shows "—".
 
     python benchmarks/decode_step.py                             # 2 threads, batch 1, 2, 4, 8; float32 + bfloat16
     python benchmarks/decode_step.py --threads 1 --batch 1,2
@@ -13,11 +13,15 @@ with the other two; without transparent huge pages on this machine it says so an
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mambakit command sets it (mambakit/cli), before torch
 
-from mambakit import MambaConfig, MambaLM, decode_fused, hugepages
+import torch  # noqa: E402
+
+from mambakit import MambaConfig, MambaLM  # noqa: E402
+from mambakit.engine import MAX_BATCH, FusedDecoder, hugepages  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -42,7 +46,7 @@ def main(argv=None) -> None:
         args.shape, args.batch, args.repeats = "tiny", "1,2", 3
     torch.set_num_threads(args.threads)
     print(f"# decode step, shape {args.shape}, {args.threads} thread(s), median of {args.repeats}; "
-          f"fused for batch <= {decode_fused.MAX_BATCH} (by dtype)")
+          f"fused for batch <= { {str(k)[6:]: v for k, v in MAX_BATCH.items()} } (by dtype)")
     ok, why = hugepages.supported()
     if not ok:
         print(f"# 2 MiB pages: not available ({why})")
@@ -54,15 +58,15 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         huge = MambaLM(MambaConfig.from_preset(args.shape)).to(getattr(torch, dtype)).eval()
         moved = hugepages.use_huge_pages(huge) if ok else 0
+        fused, fused_h = FusedDecoder(model), FusedDecoder(huge)
         for b in map(int, args.batch.split(",")):
             state, state_h = model.allocate_state(b), huge.allocate_state(b)
             ids = torch.randint(0, model.config.vocab_size, (b,))
-            fused_ok = decode_fused.applies(model, ids, state)
-            runs = {"unfused": lambda: model.step(ids, state, fused=False)}
-            if fused_ok:
-                runs["fused"] = lambda: model.step(ids, state, fused=True)
+            runs = {"unfused": lambda: model.step(ids, state)}
+            if fused.supports(ids, state) is None:
+                runs["fused"] = lambda: fused.step(ids, state)
                 if moved:
-                    runs["huge"] = lambda: huge.step(ids, state_h, fused=True)
+                    runs["huge"] = lambda: fused_h.step(ids, state_h)
             best = {k: float("inf") for k in runs}
             for _ in range(2):
                 for k, fn in runs.items():

@@ -2,7 +2,8 @@
 default), mambakit side by side with its peers, in one table, plus the weight-streaming floor.
 
 Implementations (--impls):
-    mambakit          mambakit.generate: parallel prefill, then MambaLM.step (in-place state)
+    mambakit          mambakit.generate: parallel prefill, then the engine's fused decode step (in-place state),
+                      weights in 2 MiB pages as `mambakit generate` puts them
     mambakit-compile  the same with compile=True (torch.compile of the decode step)
     transformers      MambaForCausalLM.generate(do_sample=False) (its CPU fallback path, with its cache)
     mambapy           mambapy.mamba.Mamba.step() for the prompt and the new tokens (it has no parallel
@@ -50,10 +51,12 @@ def run_mambakit(shape, dtype, prompts, new, compile_step=False):
     import torch
 
     from mambakit import MambaConfig, MambaLM, generate
+    from mambakit.engine import use_huge_pages
 
     d_model, n_layer, vocab = SHAPES[shape]
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).eval().to(dtype)
+    use_huge_pages(model)  # as `mambakit generate` does (opt-in in the library)
 
     def run(ps, n):
         t0 = time.perf_counter()

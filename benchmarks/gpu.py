@@ -251,7 +251,7 @@ def time_sdpa(b, l, d, dtype, min_time, grad: bool) -> float:
 def sweep(args, dtype):
     """Forward and forward+backward times for alternative (BLOCK_T, FWD_D, BWD_D, warps), at each batch size of
     --sweep-batch: few channels per program fill the GPU at batch 1, more read fuller sectors at larger batches."""
-    from mambakit.ops import scan_triton
+    from mambakit.ops.triton import scan as scan_triton
 
     l, d, n = args.sweep_len, args.d, args.n
     batches = [int(s) for s in args.sweep_batch.split(",")]
@@ -386,7 +386,7 @@ def compile_kernel(fn, data_ptrs, dtype, constexprs, num_warps, arch):
 def compile_only(args) -> int:
     """Every kernel, with every option on, at the tile sizes the dispatch would pick for the scan table's
     shape (and batch 8): catches what the interpreter does not check (types, layouts, registers)."""
-    from mambakit.ops import conv_triton, scan_triton, step_triton
+    from mambakit.ops.triton import conv as conv_triton, scan as scan_triton, step as step_triton
 
     if type(scan_triton._scan_fwd_kernel).__name__ != "JITFunction":
         print("--compile-only needs TRITON_INTERPRET unset")

@@ -29,6 +29,8 @@ import sys
 import time
 from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a script here runs
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mambakit command sets it (mambakit/cli), before torch
+
 IMPLS = ("mambakit", "mambakit-noscan", "hf-slow", "hf-mambapy", "mambapy")
 SHAPES = {  # name → (d_model, n_layer, vocab); 130m is state-spaces/mamba-130m
     "130m": (768, 24, 50280),

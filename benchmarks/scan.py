@@ -35,6 +35,8 @@ import time
 
 from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a script here runs
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mambakit command sets it (mambakit/cli), before torch
+
 IMPLS = ("fused", "reference", "hf", "mambapy")
 
 

@@ -8,10 +8,11 @@ client (target in issue 9).
 
     python benchmarks/serve_load.py                       # 130m, prompt 32, 128 new tokens, levels 1 8 32
     python benchmarks/serve_load.py --preset tiny --seconds 5 --clients 1 4     # a quick look
-    python benchmarks/serve_load.py --step-cost           # also: MambaLM.step time per batch size (in-process)
+    python benchmarks/serve_load.py --step-cost           # also: the engine's step time per batch size (in-process)
 
 tokens/CPU-s is tokens per CPU-second the server process used: on a shared machine, where the wall-clock
-rates depend on what else runs, it shows the batching gain on its own.
+rates depend on what else runs, it shows the batching gain on its own. "fused steps" is the share of the
+engine's decode steps during the level that took the fused CPU step (the server's /health counters).
 
 --step-cost measures why the engine steps only the active slots (the first k rows of the pool) rather
 than the whole pool: a step of k rows against a step of all max_batch rows.
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mambakit command sets it (mambakit/cli), before torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -122,6 +125,14 @@ async def level(url: str, clients: int, args, vocab: int) -> dict:
                 ttft_p50_s=pct(ttfts, 50), ttft_p99_s=pct(ttfts, 99))
 
 
+def engine_steps(url: str) -> tuple[int, int]:
+    """(decode steps, of which fused) the server's engine has run so far (its /health counters)."""
+    import httpx
+
+    stats = httpx.get(url + "/health", timeout=30).json()
+    return stats.get("steps", 0), stats.get("fused_steps", 0)
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all threads) the process has used: /proc/PID/stat fields 14 and 15."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -129,25 +140,30 @@ def cpu_seconds(pid: int) -> float:
 
 
 def step_cost(args) -> list[dict]:
-    """ms per MambaLM.step for a batch of b rows (the engine steps the active rows only)."""
+    """ms per decode step for b busy slots, as the engine runs it: its step function (the fused step where it
+    applies) on the first b rows of a pool of max_batch slots."""
     import torch
+
+    from mambakit.engine import step_function
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args.preset, args.seed)
+    step = step_function(model)
+    pool = model.allocate_state(args.max_batch)
     rows = []
     with torch.inference_mode():
         for b in sorted({1, 2, 4, 8, 16, args.max_batch}):
-            state = model.allocate_state(b)
+            state = type(pool)(pool.conv[:, :b], pool.ssm[:, :b])  # the engine's view of its first b slots
             ids = torch.zeros(b, dtype=torch.long)
             for _ in range(3):
-                model.step(ids, state)
+                step(ids, state)
             times = []
             for _ in range(args.step_reps):
                 t0 = time.perf_counter()
-                model.step(ids, state)
+                step(ids, state)
                 times.append(time.perf_counter() - t0)
-            rows.append(dict(batch=b, ms_per_step=1000 * statistics.median(times)))
+            rows.append(dict(batch=b, ms_per_step=1000 * statistics.median(times), path=step.last))
     return rows
 
 
@@ -165,7 +181,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32, help="the server's slots")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the server (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--step-cost", action="store_true", help="also time MambaLM.step per batch size")
+    ap.add_argument("--step-cost", action="store_true", help="also time the engine's decode step per batch size")
     ap.add_argument("--step-reps", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
@@ -180,7 +196,7 @@ def main() -> None:
     results = {"args": vars(args), "load": os.getloadavg(), "levels": []}
     if args.step_cost:
         results["step_cost"] = step_cost(args)
-        print("step cost (in-process):", ", ".join(f"b={r['batch']}: {r['ms_per_step']:.1f} ms"
+        print("step cost (in-process):", ", ".join(f"b={r['batch']}: {r['ms_per_step']:.1f} ms ({r['path']})"
                                                     for r in results["step_cost"]))
     with tempfile.TemporaryDirectory() as tmp:
         url_file = os.path.join(tmp, "url")
@@ -201,17 +217,21 @@ def main() -> None:
                   f"{args.prompt_tokens} tokens, {args.max_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
             asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "seconds": 3, "max_requests": 2}), vocab))
             print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} "
-                  f"{'errors':>6} {'tokens/CPU-s':>11}" + (f" {'TTFT p50':>9} {'TTFT p99':>9}" if args.stream else ""))
+                  f"{'errors':>6} {'tokens/CPU-s':>11} {'fused steps':>11}"
+                  + (f" {'TTFT p50':>9} {'TTFT p99':>9}" if args.stream else ""))
             runs: dict[int, list[dict]] = {c: [] for c in args.clients}
             for rep in range(args.repeat):  # levels interleaved: a change in machine load hits all of them
                 for c in args.clients:
-                    cpu0 = cpu_seconds(server.pid)
+                    cpu0, (steps0, fused0) = cpu_seconds(server.pid), engine_steps(url)
                     r = asyncio.run(level(url, c, args, vocab))
                     r["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
+                    steps1, fused1 = engine_steps(url)
+                    r["fused_step_share"] = (fused1 - fused0) / max(steps1 - steps0, 1)  # the engine's fused steps
                     r["tokens_per_cpu_s"] = r["tokens_per_s"] * r["seconds"] / max(r["server_cpu_s"], 1e-9)
                     runs[c].append(r)
                     print(f"{c:>7} {r['requests']:>8} {r['req_per_s']:>7.2f} {r['tokens_per_s']:>9.1f} "
                           f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['errors']:>6} {r['tokens_per_cpu_s']:>11.1f}"
+                          f" {r['fused_step_share']:>10.0%}"
                           + (f" {r['ttft_p50_s']:>9.2f} {r['ttft_p99_s']:>9.2f}" if args.stream else "")
                           + (f"   (round {rep + 1})" if args.repeat > 1 else ""), flush=True)
         finally:

@@ -110,11 +110,11 @@ def estimate_bytes(kind: str, size: str, recipe: str, batch: int, prompt: int, n
             + c.dt_rank * c.d_inner + 2 * c.d_inner * c.d_state + c.d_inner * c.d_model)) * elem
         per_seq = c.n_layer * c.d_inner * (c.d_state + c.d_conv - 1) * 4  # state in float32
         import torch
-        from mambakit import decode_fused, decode_panels
+        from mambakit.engine import MAX_BATCH, panels
 
-        if batch <= decode_fused.MAX_BATCH.get({4: torch.float32, 2: torch.bfloat16}.get(elem), 0):
-            # the fused decode step's packed copy of in_proj, dt_proj, out_proj and the head (decode_panels)
-            pad = decode_panels.padded
+        if batch <= MAX_BATCH.get({4: torch.float32, 2: torch.bfloat16}.get(elem), 0):
+            # the fused decode step's packed copy of in_proj, dt_proj, out_proj and the head (engine.panels)
+            pad = panels.padded
             weights += (pad(c.padded_vocab_size) * c.d_model + c.n_layer * (
                 pad(2 * c.d_inner) * c.d_model + pad(c.d_inner) * c.dt_rank + pad(c.d_model) * c.d_inner)) * elem
         act = tokens * 32 * c.d_inner * 4

@@ -1,20 +1,35 @@
-"""mambakit: Mamba (selective state space models) in PyTorch, exact and fast on CPU."""
+"""mambakit: Mamba (selective state space models) in PyTorch, exact and fast on CPU.
 
-import os
+Importing the package changes nothing in the process (no environment variables, no thread settings, no
+memory moved); the public names below are loaded on first use.
+"""
 
-# torch and numba's kernels share one OpenMP runtime. Its default wait policy keeps idle threads spinning
-# after each parallel region; when the cores are shared (other processes, DDP ranks, CI) a spinning thread
-# starves the thread a region waits for, and steps slow down 10× and more (measured on a 2-core machine).
-# Passive waiting costs nothing measurable on an idle machine. It only takes effect if mambakit is imported
-# before torch (as the `mambakit` command does); a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from __future__ import annotations
 
-from . import ops  # noqa: E402
-from .config import PRESETS, MambaConfig  # noqa: E402
-from .generate import GenerationOutput, generate  # noqa: E402
-from .model import Mamba, MambaLM, MambaOutput, MambaState  # noqa: E402
-from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ops", "MambaConfig", "PRESETS", "MambaLM", "Mamba", "MambaOutput", "MambaState",
-           "generate", "GenerationOutput", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "train_bpe"]
+
+# public name → the module that defines it
+_PUBLIC = {
+    "ops": None,
+    "MambaConfig": "config", "PRESETS": "config",
+    "MambaLM": "model", "Mamba": "model", "MambaOutput": "model", "MambaState": "model",
+    "generate": "generate", "GenerationOutput": "generate",
+    "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_bpe": "tokenizer",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mambakit' has no attribute {name!r}")
+    module = _PUBLIC[name]
+    value = importlib.import_module(f"{__name__}.{name}") if module is None else getattr(
+        importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -23,6 +23,20 @@ Data = Union[bytes, str, Callable[[Path], None]]
 TMP_SUFFIX = ".tmp"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -48,6 +62,7 @@ def atomic_write(path: str | os.PathLike, data: Data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give (mkstemp makes it 0600)
         if callable(data):
             os.close(fd)
             fd = -1
@@ -94,6 +109,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", suffix=TMP_SUFFIX, dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # the mode a plain mkdir would give (mkdtemp makes it 0700)
         yield tmp
         _fsync_tree(tmp)
         if not path.exists():

@@ -16,20 +16,21 @@ Writes go to a temporary file, are fsynced, then renamed, so an interrupted save
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ._io import atomic_write
 from .config import MambaConfig
-from .model import MambaLM
 from .tokenizer import find_tokenizer
+
+if TYPE_CHECKING:  # the model is built through the class its caller passes: this file never imports model.py
+    from .model import MambaLM
 
 LAYOUTS = ("hf", "official")
 CONFIG_NAME = "config.json"
@@ -257,7 +258,7 @@ def to_mambakit_keys(sd: dict[str, Tensor], config: MambaConfig) -> dict[str, Te
     return sd
 
 
-def check_state_dict(sd: dict[str, Tensor], model: MambaLM, source: str) -> None:
+def check_state_dict(sd: dict[str, Tensor], model: "MambaLM", source: str) -> None:
     """Raises CheckpointError naming every missing key, unexpected key and shape mismatch."""
     want = {k: v.shape for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -277,45 +278,34 @@ def check_state_dict(sd: dict[str, Tensor], model: MambaLM, source: str) -> None
         raise CheckpointError(f"{source} does not fit its config.json: " + "; ".join(problems))
 
 
-def load_pretrained(path, dtype: torch.dtype | None = torch.float32, device=None) -> MambaLM:
-    """Builds the model of a checkpoint directory (either layout) and loads its weights, cast to `dtype`
-    (None: the checkpoint's own dtype, that of its embedding); A_log and D stay float32 either way."""
-    directory = _resolve_directory(path)
-    config, layout = load_config(directory)
-    sd = to_mambakit_keys(_read_state_dict(directory), config)
+def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) -> "MambaLM":
+    """cls(config) holding the state dict `sd` (mambakit keys), checked against the model's keys and shapes
+    (CheckpointError naming `source`), without initialising parameters that are replaced anyway."""
     with torch.device("meta"):  # no init work: every parameter is replaced by a loaded tensor
-        model = MambaLM(config)
-    check_state_dict(sd, model, f"{directory} ({layout} layout)")
+        model = cls(config)
+    check_state_dict(sd, model, source)
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     for m in model.modules():
         if hasattr(m, "mark_parameters"):
             m.mark_parameters()  # assign=True made new Parameter objects: restore their flags
+    return model
+
+
+def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device=None) -> "MambaLM":
+    """Builds the model (an instance of cls, MambaLM or a subclass) of a checkpoint directory (either layout) and
+    loads its weights, cast to `dtype` (None: the checkpoint's own dtype, that of its embedding); A_log and D
+    stay float32 either way."""
+    directory = _resolve_directory(path)
+    config, layout = load_config(directory)
+    sd = to_mambakit_keys(_read_state_dict(directory), config)
+    model = build_model(cls, config, sd, f"{directory} ({layout} layout)")
     model.tokenizer = find_tokenizer(directory)  # a tokenizer.json (or mambakit's byte tokenizer) saved alongside
     return model.to(device=device or "cpu", dtype=dtype or model.backbone.embedding.weight.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then fsync and rename over `path`: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def save_pretrained(model: MambaLM, path, layout: str = "hf") -> None:
+def save_pretrained(model: "MambaLM", path, layout: str = "hf") -> None:
     """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin).
     Weights are written first and config.json last, each atomically; weight files of the other layout
     left in the directory are removed so that the loader cannot pick a stale one."""
@@ -333,25 +323,25 @@ def save_pretrained(model: MambaLM, path, layout: str = "hf") -> None:
         from safetensors.torch import save_file
 
         weights_name, config = SAFETENSORS_NAME, config_to_hf(c, dtype)
-        _atomic_write(directory / weights_name, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / weights_name, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     else:
         if c.tie_embeddings:
             sd["lm_head.weight"] = sd[OFFICIAL_EMBEDDING]  # the official file stores the tied head too (shared)
         weights_name, config = PICKLE_NAME, config_to_official(c)
-        _atomic_write(directory / weights_name, lambda tmp: torch.save(sd, tmp))
+        atomic_write(directory / weights_name, lambda tmp: torch.save(sd, tmp))
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(directory)  # from_pretrained picks it up again
     text = json.dumps(config, indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(directory / CONFIG_NAME, text)
     for stale in WEIGHT_FILES:
         if stale != weights_name:
             (directory / stale).unlink(missing_ok=True)
 
 
-def convert(src, dst, layout: str = "hf", dtype: torch.dtype | None = None) -> tuple[str, MambaLM]:
-    """Reads a checkpoint in either layout and writes it in `layout`; returns (source layout, model).
-    dtype None keeps the checkpoint's dtype (that of its embedding)."""
+def convert(cls, src, dst, layout: str = "hf", dtype: torch.dtype | None = None) -> tuple[str, "MambaLM"]:
+    """Reads a checkpoint in either layout as a cls (MambaLM) and writes it in `layout`; returns (source layout,
+    model). dtype None keeps the checkpoint's dtype (that of its embedding)."""
     _, src_layout = load_config(src)
-    model = load_pretrained(src, dtype=dtype)
+    model = load_pretrained(cls, src, dtype=dtype)
     save_pretrained(model, dst, layout=layout)
     return src_layout, model

@@ -27,7 +27,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -210,7 +209,7 @@ def perplexity(
     return out
 
 
-def _progress_printer(label: str, every: float = 1.0):
+def progress_printer(label: str, every: float = 1.0):
     """A progress callback printing `label: done/total tokens (rate, ETA)` on stderr, at most every second."""
     t0 = last = time.perf_counter()
     finished = False
@@ -295,7 +294,7 @@ def register():
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             pairs = [self._encode_pair(*r.args) for r in requests]
             out = score(self.model, pairs, self.batch_size, self.chunk_tokens,
-                        progress=_progress_printer("loglikelihood") if len(pairs) > 100 else None)
+                        progress=progress_printer("loglikelihood") if len(pairs) > 100 else None)
             for r, o in zip(requests, out):
                 self.cache_hook.add_partial("loglikelihood", r.args, o)
             return out
@@ -363,80 +362,3 @@ def evaluate_tasks(model: MambaLM, tasks: list[str], *, include_path: str | None
     return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                            fewshot_random_seed=seed, log_samples=False)
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="perplexity of a text file, or lm-evaluation-harness tasks")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + weights [+ tokenizer.json])")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ppl", metavar="FILE", help="a UTF-8 text file: perplexity, nats/token, bits/byte")
-    what.add_argument("--tasks", help="lm-eval task names, comma-separated (needs the eval extra)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or directory, or 'byte' (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--window", type=int, default=None, help="--ppl: sliding windows of W tokens (default: stateful)")
-    p.add_argument("--stride", type=int, default=None, help="--ppl: tokens between windows (default W // 2)")
-    p.add_argument("--chunk-tokens", type=int, default=2048, help="positions per forward call and row")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--include-path", default=None, help="--tasks: a directory of extra task YAML files")
-    p.add_argument("--only-included", action="store_true",
-                   help="--tasks: all tasks are in --include-path (skip indexing lm_eval's own tasks)")
-    p.add_argument("--limit", type=float, default=None, help="--tasks: examples per task (or a fraction)")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--output", default=None, help="write the results as JSON here")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    from .tokenizer import ByteTokenizer, load_tokenizer
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    for name in ("chunk_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    model = MambaLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    if args.tokenizer == "byte":
-        model.tokenizer = ByteTokenizer()
-    elif args.tokenizer is not None:
-        model.tokenizer = load_tokenizer(args.tokenizer)
-    tok = model.tokenizer
-    if args.ppl is not None:
-        if tok is None:
-            raise ValueError(f"{args.model} has no tokenizer.json: pass --tokenizer PATH (or --tokenizer byte)")
-        path = Path(args.ppl)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
-        if not text:
-            raise ValueError(f"{path} is empty")
-        eos = getattr(tok, "eos_token_id", None)
-        prefix = eos if eos is not None and eos < model.config.vocab_size else None
-        result = perplexity(model, tok.encode(text), prefix_token_id=prefix, window=args.window, stride=args.stride,
-                            chunk_tokens=args.chunk_tokens, batch_size=args.batch_size,
-                            num_bytes=len(text.encode("utf-8")), progress=_progress_printer("perplexity"))
-        result = {"file": str(path), **result}
-        bpb = f", {result['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in result else ""
-        print(f"{path}: {result['tokens']} tokens ({result['mode']}): perplexity {result['perplexity']:.4f}, "
-              f"{result['nats_per_token']:.4f} nats/token{bpb} [{result['seconds']:.1f} s]")
-    else:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if not tasks:
-            raise ValueError("--tasks needs at least one task name")
-        out = evaluate_tasks(model, tasks, include_path=args.include_path, include_defaults=not args.only_included,
-                             limit=args.limit,
-                             num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
-        result = {"tasks": out["results"], "n_samples": out.get("n-samples"), "config": {
-            k: v for k, v in out.get("config", {}).items() if isinstance(v, (int, float, str, type(None)))}}
-        for task, metrics in out["results"].items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"{task}: {shown}")
-    if args.output:
-        tmp = Path(args.output).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(args.output)
-    return 0

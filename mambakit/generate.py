@@ -18,7 +18,6 @@ Logit processing, in this order (that of transformers): repetition penalty → (
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -26,7 +25,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .hugepages import use_huge_pages
+from . import engine
 from .model import MambaLM, MambaState
 from .tokenizer import DecodeStream
 
@@ -428,6 +427,7 @@ def generate(
     stream: bool = False,
     tokenizer=None,
     pad_token_id: int | None = None,
+    fused: bool | None = None,
     compile: bool = False,
 ) -> GenerationOutput | GenerationStream:
     """Generates up to max_new_tokens tokens after each prompt.
@@ -438,9 +438,10 @@ def generate(
     padded with pad_token_id (default: the tokenizer's pad, else its eos, else 0) in `tokens`. seed: row i
     samples with a generator seeded by seed + i (or seed[i]). stream=True returns a GenerationStream,
     which yields a GenerationStep per decode step. tokenizer defaults to `model.tokenizer` (set by
-    from_pretrained). compile=True runs the decode step through torch.compile; on CPU it is currently
-    slower than eager (the numba kernels split the graph; measured 7 ms vs 0.5 ms per step on a tiny
-    model, after 25 s of compilation), so it is off by default.
+    from_pretrained). fused: the decode step (`mambakit.engine.step_function`): None takes the fused CPU step
+    wherever it applies and MambaLM.step elsewhere (logged once), False always MambaLM.step, True requires the
+    fused step. compile=True runs MambaLM.step through torch.compile instead (slower than eager on CPU today,
+    docs/engine.md), so it is off by default.
     """
     if not isinstance(model, MambaLM):
         raise TypeError(f"generate needs a MambaLM, got {type(model).__name__}")
@@ -450,8 +451,9 @@ def generate(
     stop = check_stop(stop, tokenizer)
     eos = eos_ids(eos_token_id, tokenizer)
     pad_token_id = pad_id(pad_token_id, tokenizer, eos, model.config.vocab_size)
-    use_huge_pages(model)  # decoding streams every weight each step: 2 MiB pages read faster (hugepages.py)
-    step_fn = compiled_step(model) if compile else model.step
+    if compile and fused:
+        raise ValueError("compile=True compiles MambaLM.step; it cannot be combined with fused=True")
+    step_fn = torch.compile(model.step, dynamic=True) if compile else engine.step_function(model, fused)
     # (a Mamba has no dropout or batch norm: train and eval modes compute the same, nothing to switch)
     decoder = _Decoder(model, ids, max_new_tokens, params, eos, stop, row_generators(seed, len(ids)), tokenizer,
                        pad_token_id, step_fn)
@@ -460,82 +462,3 @@ def generate(
     for _ in decoder.steps():
         pass
     return decoder.output()
-
-
-_COMPILED: dict[int, object] = {}
-
-
-def compiled_step(model: MambaLM):
-    """model.step through torch.compile (compiled once per model; dynamic batch size)."""
-    key = id(model)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(model.step, dynamic=True)
-    return _COMPILED[key]
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a checkpoint (streams to the terminal)")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + weights [+ tokenizer.json])")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="the prompt text (a literal \\n is a newline)")
-    src.add_argument("--prompt-file", help="a file with one prompt per line (generated as one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or directory (default: the checkpoint's; 'byte' for the byte tokenizer)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    from .tokenizer import ByteTokenizer, load_tokenizer
-
-    model = MambaLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    if args.tokenizer == "byte":
-        model.tokenizer = ByteTokenizer()
-    elif args.tokenizer is not None:
-        model.tokenizer = load_tokenizer(args.tokenizer)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json: pass --tokenizer PATH (or --tokenizer byte)")
-    if args.prompt is not None:
-        prompts = [args.prompt.replace("\\n", "\n")]
-    else:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-        if not prompts:
-            raise ValueError(f"{args.prompt_file} has no prompts (one per line)")
-    gen = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-                   seed=args.seed, stream=True, compile=args.compile)
-    out = sys.stdout
-    single = len(prompts) == 1
-    if single:
-        out.write(prompts[0])
-        out.flush()
-    texts = [""] * len(prompts)
-    for step in gen:
-        for i, piece in enumerate(step.texts):
-            if single:  # stream the text as it comes
-                out.write(piece)
-                out.flush()
-                continue
-            texts[i] += piece  # a batch: print each row whole when it ends
-            if step.finished[i] and step.token_ids[i] is not None:
-                out.write(f"--- [{i}]\n{prompts[i]}{texts[i]}\n")
-                out.flush()
-    result = gen.output
-    out.write("\n" if single else "")
-    n = sum(len(s) for s in result.sequences)
-    rate = result.decode_steps * len(prompts) / result.decode_seconds if result.decode_seconds > 0 else float("nan")
-    print(f"[{n} tokens; prefill {result.prefill_seconds:.2f} s; decode {result.decode_steps} steps in "
-          f"{result.decode_seconds:.2f} s ({rate:.1f} tok/s); finish: {', '.join(result.finish_reasons)}]",
-          file=sys.stderr)
-    return 0

@@ -25,11 +25,41 @@ from torch import Tensor
 
 from . import ops
 from .config import MambaConfig
-from . import decode_fused
-from .decode_linear import linear
-from .lm_inputs import check_lm_inputs
 
 _HALF = (torch.float16, torch.bfloat16)
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def check_lm_inputs(input_ids, labels, num_last_tokens, vocab_size: int, padded_vocab_size: int) -> None:
+    """input_ids: an integer tensor (b, l), b, l ≥ 1, ids in [0, vocab_size); labels: None or integer (b, l) in
+    [0, padded_vocab_size) or −100 (ignored); num_last_tokens: an int ≥ 0, and 0 when labels are given."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids (b, l), got {type(input_ids).__name__}")
+    if input_ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"input_ids must hold integer token ids (e.g. torch.long), got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        hint = " (use input_ids[None] for a single sequence)" if input_ids.dim() == 1 else ""
+        raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}{hint}")
+    if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+    if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
+        raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError("labels must be an integer tensor of shape (batch, length), like input_ids")
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    valid = (labels == -100) | ((labels >= 0) & (labels < padded_vocab_size))
+    if not bool(valid.all()):
+        raise ValueError(f"labels must be in [0, {padded_vocab_size}) or -100 (ignored)")
+    if num_last_tokens > 0:
+        raise ValueError("num_last_tokens > 0 keeps only some logits; it cannot be combined with labels")
 
 
 # ------------------------------------------------------------------------------------------------- state
@@ -198,31 +228,21 @@ class Mamba(nn.Module):
 
         conv_state (b, E·D, W−1) and ssm_state (b, E·D, N) are updated IN PLACE, so a decoder allocates its
         state once; the stages are those of forward, with the single-step ops."""
-        # decode_linear.linear is F.linear with a weight-streaming kernel for a few rows (see its docstring)
-        x, z = linear(u, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, E·D) each
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, E·D) each
         # the ops run in float32 internally and turn autocast off themselves
         x = ops.causal_conv1d_update(conv_state, x, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
         y = self.ssm_step(x, z, ssm_state)  # (b, E·D)
-        return linear(y, self.out_proj.weight, self.out_proj.bias)
+        return self.out_proj(y)
 
     def ssm_step(self, x: Tensor, z: Tensor, ssm_state: Tensor) -> Tensor:
         """`ssm` for one token: x, z (b, E·D) → y (b, E·D); ssm_state (b, E·D, N) updated in place."""
         c = self.config
-        dbc = linear(x, self.x_proj.weight)
+        dbc = self.x_proj(x)
         dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)  # (b, R), (b, N), (b, N)
-        delta = linear(dt, self.dt_proj.weight)  # (b, E·D)
-        return ops.selective_state_update(ssm_state, x, delta, self._decode_A(), B, C, D=self.D.float(), z=z,
+        delta = F.linear(dt, self.dt_proj.weight)  # (b, E·D); the bias goes to the update as delta_bias
+        A = -torch.exp(self.A_log.float())  # (E·D, N)
+        return ops.selective_state_update(ssm_state, x, delta, A, B, C, D=self.D.float(), z=z,
                                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-
-    def _decode_A(self) -> Tensor:
-        """A = −exp(A_log) (E·D, N), computed once and reused across decode steps until A_log changes (its
-        in-place version counter or its storage)."""
-        key = (self.A_log.data_ptr(), self.A_log._version)
-        cached = self.__dict__.get("_A_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = self.__dict__["_A_cache"] = (key, -torch.exp(self.A_log.detach().float()))
-        return cached[1]
 
 
 # ---------------------------------------------------------------------------------------- residual block
@@ -348,31 +368,34 @@ class MambaLM(nn.Module):
         return MambaOutput(logits=logits, loss=loss, state=new_state)
 
     @torch.no_grad()
-    def step(self, input_ids: Tensor, state: MambaState, fused: bool | None = None) -> Tensor:
+    def step(self, input_ids: Tensor, state: MambaState) -> Tensor:
         """One decoding step for a batch: input_ids (b,) → logits (b, V), float in the model's dtype.
 
         `state` (from `allocate_state` or a `forward(..., return_state=True)`) is updated IN PLACE: nothing
-        of size proportional to the sequence is kept, and no state is re-allocated per step. The ids are
-        not range-checked here (a decoder produces them; `generate` checks the prompts).
-
-        fused: None (default) runs the fused per-layer kernel of decode_fused.py where it applies (CPU,
-        float32/bfloat16, small batches) and the layer-by-layer reference otherwise; False always runs the
-        reference; True requires the fused kernel (ValueError where it does not apply)."""
-        if input_ids.dim() != 1 or input_ids.shape[0] != state.ssm.shape[1]:
-            raise ValueError(f"step takes input_ids of shape (batch,) = ({state.ssm.shape[1]},) matching the "
-                             f"state, got {tuple(input_ids.shape)}")
-        if fused is not False:
-            if decode_fused.applies(self, input_ids, state):
-                return decode_fused.step(self, input_ids, state)
-            if fused:
-                raise ValueError("fused=True: the fused decode step needs a CPU model in float32 or bfloat16 with "
-                                 "RMSNorm, a float32 residual stream, Mamba mixers and a batch of at most "
-                                 + ", ".join(f"{n} ({str(d)[6:]})" for d, n in decode_fused.MAX_BATCH.items()))
+        of size proportional to the sequence is kept, and no state is re-allocated per step. This is the
+        reference step, plain torch + ops; `mambakit.engine` applies a fused CPU step from outside."""
+        self.check_step_inputs(input_ids, state)
         h = self.backbone.embedding(input_ids)  # (b, D)
         residual = h.float() if self.config.residual_in_fp32 else h
         for layer, conv_state, ssm_state in zip(self.backbone.layers, state.conv, state.ssm):
             residual = residual + layer.mixer.step(layer.norm(residual), conv_state, ssm_state)
-        return linear(self.backbone.norm_f(residual), self.lm_head.weight)  # (b, V)
+        return self.lm_head(self.backbone.norm_f(residual))  # (b, V)
+
+    def check_step_inputs(self, input_ids: Tensor, state: MambaState) -> None:
+        """What a decode step relies on: input_ids an integer tensor (b,), ids in [0, padded_vocab_size), and
+        a MambaState of this model's shapes for b rows (ValueError / TypeError naming what does not fit). The ids'
+        range is checked by the embedding itself (IndexError), at no cost here."""
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in _ID_DTYPES:
+            raise TypeError(f"step takes input_ids as an integer tensor (batch,), got {type(input_ids).__name__}"
+                            + (f" of dtype {input_ids.dtype}" if isinstance(input_ids, Tensor) else ""))
+        if not isinstance(state, MambaState):
+            raise TypeError(f"state must be a MambaState (from allocate_state or a forward with return_state), got "
+                            f"{type(state).__name__}")
+        b = state.ssm.shape[1] if state.ssm.dim() == 4 else -1
+        if input_ids.dim() != 1 or input_ids.shape[0] != b:
+            raise ValueError(f"step takes input_ids of shape (batch,) = ({b},) matching the state, got "
+                             f"{tuple(input_ids.shape)}")
+        self._check_state(state, b)
 
     def allocate_state(self, batch_size: int) -> MambaState:
         """A zero state (the state before any token) on the model's device, conv state in its dtype."""
@@ -387,23 +410,34 @@ class MambaLM(nn.Module):
                 raise TypeError(
                     f"state must be a MambaState (the .state of a previous call), got {type(state).__name__}"
                 )
-            want_conv = (c.n_layer, input_ids.shape[0], c.d_inner, c.d_conv - 1)
-            want_ssm = (c.n_layer, input_ids.shape[0], c.d_inner, c.d_state)
-            if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
-                raise ValueError(
-                    f"state does not fit this model and batch: conv {tuple(state.conv.shape)} (want {want_conv}), "
-                    f"ssm {tuple(state.ssm.shape)} (want {want_ssm})"
-                )
+            self._check_state(state, input_ids.shape[0])
+
+    def _check_state(self, state: MambaState, b: int) -> None:
+        """The state's shapes and device against this model, for b rows (the ops check the dtypes they take)."""
+        c = self.config
+        want_conv = (c.n_layer, b, c.d_inner, c.d_conv - 1)
+        want_ssm = (c.n_layer, b, c.d_inner, c.d_state)
+        if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
+            raise ValueError(
+                f"state does not fit this model and batch: conv {tuple(state.conv.shape)} (want {want_conv}), "
+                f"ssm {tuple(state.ssm.shape)} (want {want_ssm})"
+            )
+        if not (state.ssm.dtype.is_floating_point and state.conv.dtype.is_floating_point):
+            raise ValueError(f"state must hold floating-point tensors, got conv {state.conv.dtype}, ssm {state.ssm.dtype}")
+        device = self.lm_head.weight.device
+        if state.conv.device != device or state.ssm.device != device:
+            raise ValueError(f"state is on {state.ssm.device}/{state.conv.device}, the model on {device}")
 
     # ---------------------------------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device=None) -> "MambaLM":
         """Loads a checkpoint directory in the official (state-spaces/mamba) or transformers layout;
         the layout is detected from config.json. A tokenizer saved alongside (tokenizer.json, or
-        mambakit's byte tokenizer) becomes `model.tokenizer`. See mambakit/checkpoint.py."""
+        mambakit's byte tokenizer) becomes `model.tokenizer`. See mambakit/checkpoint.py (which builds the model
+        through `cls` and never imports this file)."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path, layout: str = "hf") -> None:
         """Writes config.json + weights atomically: layout "hf" (model.safetensors, transformers'

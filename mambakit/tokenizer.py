@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ._io import atomic_write
+
 TOKENIZER_JSON = "tokenizer.json"
 MAMBAKIT_JSON = "mambakit_tokenizer.json"
 
@@ -148,7 +150,7 @@ class HFTokenizer:
     def save(self, directory) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_text(d / TOKENIZER_JSON, self._tok.to_str())
+        atomic_write(d / TOKENIZER_JSON, self._tok.to_str())
         _write_json(d / MAMBAKIT_JSON, {"type": "tokenizer.json", "version": 1, "eos_token": self.eos_token,
                                         "pad_token": self.pad_token})
 
@@ -276,11 +278,5 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"cannot read {path}: {e}") from e
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_text(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")

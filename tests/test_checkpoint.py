@@ -95,7 +95,7 @@ def test_hf_to_official_to_hf_is_identical(hf_dirs, tmp_path, name):
     cfg = json.loads((tmp_path / "official" / "config.json").read_text())
     assert {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32",
             "pad_vocab_size_multiple", "tie_embeddings"} <= set(cfg)
-    checkpoint.convert(tmp_path / "official", tmp_path / "back", layout="hf")
+    checkpoint.convert(MambaLM, tmp_path / "official", tmp_path / "back", layout="hf")
     a, b = tensors(src), tensors(tmp_path / "back")
     assert set(a) == set(b)
     for k in a:
@@ -156,7 +156,7 @@ def test_load_in_bfloat16_keeps_A_and_D_in_float32(hf_dirs, tmp_path):
     sd = tensors(tmp_path)
     assert sd["backbone.embeddings.weight"].dtype == torch.bfloat16
     assert sd["backbone.layers.0.mixer.A_log"].dtype == torch.float32
-    assert checkpoint.convert(tmp_path, tmp_path / "same")[1].backbone.embedding.weight.dtype == torch.bfloat16
+    assert checkpoint.convert(MambaLM, tmp_path, tmp_path / "same")[1].backbone.embedding.weight.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------ atomic saves

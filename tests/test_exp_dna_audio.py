@@ -108,7 +108,7 @@ def test_audio_waveform_tiny(tmp_path):
 
 
 def test_seq_len_warmup_schedule():
-    from experiments.dna.loop import Stage, seq_len_warmup, stage_at
+    from experiments._common import Stage, seq_len_warmup, stage_at
 
     st = seq_len_warmup(2**16, 2**16, 100, start=2**10, stage_frac=0.08)
     assert [s.length for s in st] == [2**k for k in range(10, 17)]  # every power of two from the start
@@ -134,7 +134,7 @@ def test_seq_len_warmup_schedule():
 def test_position_buckets():
     import torch
 
-    from experiments.dna.loop import merge_tail, position_buckets
+    from experiments._common import merge_tail, position_buckets
 
     # loss 1.0 after 1 token, 2.0 after 2–3, 3.0 after 4–7, 4.0 after 8–10 (a cut last bucket); 2 rows
     row = [1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0]
@@ -163,7 +163,7 @@ def test_eval_lm_by_position():
     import torch
     import torch.nn.functional as F
 
-    from experiments.dna.loop import eval_lm
+    from experiments._common import eval_lm
     from mambakit.config import MambaConfig
     from mambakit.model import MambaLM
 
@@ -239,7 +239,7 @@ def test_run_budgeted_scales_the_lr_of_chosen_parameters():
     0.1 moves it less than the rest; the others train at the full rate."""
     import torch
 
-    from experiments.dna.loop import run_budgeted
+    from experiments._common import run_budgeted
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))

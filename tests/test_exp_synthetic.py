@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 
 from experiments.induction_heads import run as ih  # noqa: E402
 from experiments.selective_copying import run as sc  # noqa: E402
-from experiments.selective_copying.train import scored_loss, train  # noqa: E402
+from experiments._common import scored_loss, split_models, train  # noqa: E402
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.data.synthetic import induction_heads  # noqa: E402
 
@@ -45,7 +45,7 @@ def test_jobs_train_the_models_in_processes_and_merge(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["--seq-len", "40", "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--val-size", "8",
               "--test-size", "8", "--d-model", "16"]
-    assert sc.split_models(["mamba", "mamba_s4d", "s4d"], 2, sc.COST) == [["mamba_s4d"], ["mamba", "s4d"]]
+    assert split_models(["mamba", "mamba_s4d", "s4d"], 2, sc.COST) == [["mamba_s4d"], ["mamba", "s4d"]]
     assert sc.main([*common, "--out", str(tmp_path / "two")]) == 0
     assert sc.main([*common, "--jobs", "1", "--out", str(tmp_path / "one")]) == 0
     two = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -109,7 +109,7 @@ def test_induction_heads_jobs_merge_into_one_results_file(tmp_path, monkeypatch)
             "--eval-every", "2", "--val-size", "64", "--min-log-len", "5", "--max-log-len", "6",
             "--attn-max-log-len", "6", "--eval-tokens", "256", "--attn-eval-tokens", "256", "--min-samples", "2",
             "--chunk", "64", "--mamba-d-model", "16", "--attn-d-model", "32", "--out", str(tmp_path)]
-    assert ih.split_models(list(ih.MODELS), 2, ih.COST) == [["mamba"], ["mha_abs", "mha_rope"]]
+    assert split_models(list(ih.MODELS), 2, ih.COST) == [["mamba"], ["mha_abs", "mha_rope"]]
     assert ih.main(argv) == 0  # --jobs 2 by default
     saved = json.loads((tmp_path / "results.json").read_text())
     assert list(saved["models"]) == ["mamba", "mha_abs", "mha_rope"]
@@ -138,7 +138,7 @@ def test_training_lowers_the_scored_loss():
 
 
 def test_lr_schedule_warms_up_then_stays_or_decays():
-    from experiments.selective_copying.train import lr_factor
+    from experiments._common import lr_factor
 
     const = [lr_factor(s, warmup=4, steps=20) for s in range(20)]
     assert const[:4] == [0.25, 0.5, 0.75, 1.0] and all(f == 1.0 for f in const[4:])
@@ -150,7 +150,7 @@ def test_lr_schedule_warms_up_then_stays_or_decays():
 
 
 def test_regenerated_readme_keeps_the_hand_written_notes(tmp_path):
-    from experiments.selective_copying.train import NOTES_MARKER, write_readme_keeping_notes
+    from experiments._common import NOTES_MARKER, write_readme_keeping_notes
 
     path = tmp_path / "README.md"
     write_readme_keeping_notes(path, "# generated 1\n")

@@ -3,11 +3,17 @@ gradcheck, chunking with state carry, single steps, bad input."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from mambakit import ops
-from mambakit.ops.conv import causal_conv1d_cpu, causal_conv1d_ref
+from mambakit.ops.reference import causal_conv1d_ref, causal_conv1d_update_ref
+
+# the fused kernels, through the checked entry point (the only way in)
+conv_cpu = partial(ops.causal_conv1d, backend="cpu")
+conv_update_cpu = partial(ops.causal_conv1d_update, backend="cpu")
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -39,7 +45,7 @@ def run(fn, inputs, activation):
 )
 def test_fused_matches_reference(shape, bias, h0, activation, dtype):
     inputs = make(*shape, dtype, bias=bias, h0=h0)
-    y1, f1, g1 = run(causal_conv1d_cpu, inputs, activation)
+    y1, f1, g1 = run(conv_cpu, inputs, activation)
     y2, f2, g2 = run(causal_conv1d_ref, inputs, activation)
     b, l, d, w = shape
     assert y1.shape == (b, l, d) and f1.shape == (b, d, w - 1) and y1.dtype == dtype
@@ -59,7 +65,7 @@ def test_reference_is_causal_and_matches_the_definition():
     torch.testing.assert_close(y[0], want)
     x2 = inputs["x"].clone()
     x2[:, 5:] += 1.0  # changing the future leaves the past unchanged
-    torch.testing.assert_close(causal_conv1d_cpu(**{**inputs, "x": x2})[:, :5], causal_conv1d_cpu(**inputs)[:, :5])
+    torch.testing.assert_close(conv_cpu(**{**inputs, "x": x2})[:, :5], conv_cpu(**inputs)[:, :5])
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])
@@ -69,7 +75,7 @@ def test_gradcheck_float64(activation):
     leaves = [inputs[k].clone().requires_grad_() for k in names]
 
     def f(*xs):
-        return causal_conv1d_cpu(**dict(zip(names, xs)), return_final_state=True, activation=activation)
+        return conv_cpu(**dict(zip(names, xs)), return_final_state=True, activation=activation)
 
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -109,8 +115,8 @@ def test_bfloat16_read_as_bits_equals_float32_rounded():
     inputs = make(2, 70, 40, 4, torch.bfloat16)
     as32 = {k: v.float() for k, v in inputs.items()}
     with torch.no_grad():
-        y16, s16 = causal_conv1d_cpu(**inputs, activation="silu", return_final_state=True)
-        y32, s32 = causal_conv1d_cpu(**as32, activation="silu", return_final_state=True)
+        y16, s16 = conv_cpu(**inputs, activation="silu", return_final_state=True)
+        y32, s32 = conv_cpu(**as32, activation="silu", return_final_state=True)
     assert y16.dtype == torch.bfloat16 and s16.dtype == torch.bfloat16
     assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))
     assert torch.equal(s16.float(), s32)
@@ -135,11 +141,9 @@ def test_bad_input(change, match):
 
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_fused_update_matches_reference(activation):
-    from mambakit.ops.conv import causal_conv1d_update_cpu, causal_conv1d_update_ref
-
     inputs = make(3, 1, 11, 4)
     s1, s2 = inputs["initial_state"].clone(), inputs["initial_state"].clone()
-    y1 = causal_conv1d_update_cpu(s1, inputs["x"][:, 0], inputs["weight"], inputs["bias"], activation)
+    y1 = conv_update_cpu(s1, inputs["x"][:, 0], inputs["weight"], inputs["bias"], activation)
     y2 = causal_conv1d_update_ref(s2, inputs["x"][:, 0], inputs["weight"], inputs["bias"], activation)
     torch.testing.assert_close(y1, y2)
     torch.testing.assert_close(s1, s2)

@@ -8,14 +8,18 @@ import json
 import logging
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mambakit import ops
-from mambakit.ops.scan_cpu import selective_scan_cpu
-from mambakit.ops.scan_ref import selective_scan_ref
+from mambakit.ops.reference import selective_scan_ref, selective_state_update_ref
+
+# the fused kernels, through the checked entry point (the only way in)
+scan_cpu = partial(ops.selective_scan, backend="cpu")
+state_update_cpu = partial(ops.selective_state_update, backend="cpu")
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}  # max |a − b| / max(1, max |b|)
 
@@ -76,7 +80,7 @@ def test_fused_matches_reference(case, dtype):
     inputs = make_inputs(b, l, d, n, dtype, D=D, z=z, bias=bias, h0=h0, softplus=softplus)
     if not softplus and bias:
         inputs["delta_bias"] = inputs["delta_bias"].abs()
-    y1, h1, g1 = run_with_grads(selective_scan_cpu, inputs, softplus)
+    y1, h1, g1 = run_with_grads(scan_cpu, inputs, softplus)
     y2, h2, g2 = run_with_grads(selective_scan_ref, inputs, softplus)
     assert y1.dtype == dtype and y1.shape == (b, l, d) and h1.shape == (b, d, n)
     assert_close(y1, y2, TOL[dtype], "y")
@@ -90,7 +94,7 @@ def test_fused_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_against_float32_reference(dtype):
     inputs = make_inputs(2, 40, 48, 8, dtype)
-    y1, h1, g1 = run_with_grads(selective_scan_cpu, inputs, True)
+    y1, h1, g1 = run_with_grads(scan_cpu, inputs, True)
     as32 = {k: None if v is None else v.float() for k, v in inputs.items()}  # the same rounded values
     y2, h2, g2 = run_with_grads(selective_scan_ref, as32, True)
     assert y1.dtype == dtype and h1.dtype == torch.float32  # float32 state, as the accumulation
@@ -110,8 +114,8 @@ def test_bfloat16_inputs_read_as_bits_equal_float32_rounded(with_z):
         inputs["z"] = None
     as32 = {k: None if v is None else v.float() for k, v in inputs.items()}
     with torch.no_grad():
-        y16, h16 = selective_scan_cpu(**inputs, delta_softplus=True, return_final_state=True)
-        y32, h32 = selective_scan_cpu(**as32, delta_softplus=True, return_final_state=True)
+        y16, h16 = scan_cpu(**inputs, delta_softplus=True, return_final_state=True)
+        y32, h32 = scan_cpu(**as32, delta_softplus=True, return_final_state=True)
     assert y16.dtype == torch.bfloat16 and h16.dtype == torch.float32
     assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))
     assert torch.equal(h16, h32)
@@ -128,12 +132,12 @@ def test_bfloat16_rounding_in_kernel_matches_torch():
     D[10] = 2.0  # y = 6e38: overflows to inf in float32
     # Δ = 0 makes y = D·u (with u = inf, Δ·u = NaN: y is NaN), so the kernel's output is its rounding of D·u.
     args = dict(delta=torch.zeros(1, 1, d), B=torch.zeros(1, 1, 1), C=torch.zeros(1, 1, 1))
-    y32 = selective_scan_cpu(u=u.view(1, 1, d), A=-torch.ones(d, 1), D=D, **args).view(-1)
+    y32 = scan_cpu(u=u.view(1, 1, d), A=-torch.ones(d, 1), D=D, **args).view(-1)
     assert torch.isinf(y32[10]) and torch.isnan(y32[11])
     as16 = {k: v.to(torch.bfloat16) for k, v in args.items()}
-    y16 = selective_scan_cpu(u=u.view(1, 1, d).to(torch.bfloat16), A=-torch.ones(d, 1), D=D, **as16).view(-1)
+    y16 = scan_cpu(u=u.view(1, 1, d).to(torch.bfloat16), A=-torch.ones(d, 1), D=D, **as16).view(-1)
     # what the float32 kernel computes on the same (widened) values, rounded by torch
-    want = selective_scan_cpu(u=u.view(1, 1, d).to(torch.bfloat16).float(), A=-torch.ones(d, 1), D=D, **args)
+    want = scan_cpu(u=u.view(1, 1, d).to(torch.bfloat16).float(), A=-torch.ones(d, 1), D=D, **args)
     want = want.view(-1).to(torch.bfloat16)
     finite = ~torch.isnan(want)
     assert torch.isinf(want[10]) and not finite[11]
@@ -158,7 +162,7 @@ def test_reference_equals_closed_form_lti():
     torch.testing.assert_close(y[0], want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("fn", [selective_scan_cpu, selective_scan_ref], ids=["cpu", "reference"])
+@pytest.mark.parametrize("fn", [scan_cpu, selective_scan_ref], ids=["cpu", "reference"])
 def test_gradcheck_float64(fn):
     inputs = make_inputs(2, 6, 5, 3, torch.float64)
     names = list(inputs)
@@ -228,7 +232,7 @@ def test_numerically_safe_extremes():
     inputs["delta"] = torch.full((b, l, d), 20.0)
     inputs["A"] = torch.full((d, n), -1e4)
     inputs["A"][:, 0] = -1e-4
-    y1, h1, g1 = run_with_grads(selective_scan_cpu, inputs, True)
+    y1, h1, g1 = run_with_grads(scan_cpu, inputs, True)
     y2, h2, _ = run_with_grads(selective_scan_ref, inputs, True)
     for x in [y1, h1, *g1.values()]:
         assert torch.isfinite(x).all()
@@ -348,14 +352,11 @@ def test_state_update_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("b", [1, 16], ids=["serial", "parallel"])  # 16·70·130 states take the parallel kernel
 def test_fused_state_update_matches_reference(dtype, b):
-    from mambakit.ops.scan_cpu import selective_state_update_cpu
-    from mambakit.ops.scan_ref import selective_state_update_ref
-
     inputs = make_inputs(b, 1, 70, 130, dtype)
     step = {k: inputs[k][:, 0] for k in ("u", "delta", "B", "C", "z")}
     rest = dict(A=inputs["A"], D=inputs["D"], delta_bias=inputs["delta_bias"], delta_softplus=True)
     s1, s2 = inputs["initial_state"].clone(), inputs["initial_state"].clone()
-    y1 = selective_state_update_cpu(s1, **step, **rest)
+    y1 = state_update_cpu(s1, **step, **rest)
     y2 = selective_state_update_ref(s2, **step, **rest)
     assert_close(y1, y2, TOL[dtype], "y")
     assert_close(s1, s2, TOL[dtype], "state")

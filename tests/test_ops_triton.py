@@ -3,7 +3,7 @@ every gradient), the causal conv (forward, backward, states), the single decodin
 
 On a machine without a CUDA GPU they run under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors: the
 same kernel code, executed op by op in numpy. Triton reads the variable when it decorates a function: its own
-library (tl.sum, …) when triton is first imported, our kernels when mambakit.ops.*_triton is imported. This
+library (tl.sum, …) when triton is first imported, our kernels when mambakit.ops.triton.* is imported. This
 module sets it around those imports and during its tests only, so other tests are unaffected. If triton was
 already imported without it (another test module imported it first), this module's tests run instead in one
 pytest subprocess with the variable set (test_in_fresh_interpreter_process).
@@ -18,14 +18,19 @@ import importlib
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
 from mambakit import ops
-from mambakit.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref
-from mambakit.ops.scan_ref import selective_scan_ref, selective_state_update_ref
+from mambakit.ops.reference import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -54,9 +59,16 @@ with interpreting():
     INTERPRETED = CUDA or type(triton.language.standard.sum).__name__ == "InterpretedFunction"
     if INTERPRETED:
         scan_triton, conv_triton, step_triton = (
-            importlib.import_module(f"mambakit.ops.{m}") for m in ("scan_triton", "conv_triton", "step_triton")
+            importlib.import_module(f"mambakit.ops.triton.{m}") for m in ("scan", "conv", "step")
         )
         INTERPRETED = CUDA or type(scan_triton._scan_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# the kernels, through the checked entry point (the only way in); the modules above are for their tile sizes
+scan_tri = partial(ops.selective_scan, backend="triton")
+conv_tri = partial(ops.causal_conv1d, backend="triton")
+state_update_tri = partial(ops.selective_state_update, backend="triton")
+conv_update_tri = partial(ops.causal_conv1d_update, backend="triton")
 
 
 def _interpreter_runs_loops() -> bool:
@@ -207,7 +219,7 @@ SCAN_CASES = [  # (b, l, d, n, D, z, bias, h0, softplus)
 def test_scan_matches_reference(case, small_tiles):
     b, l, d, n, D, z, bias, h0, softplus = case
     inputs = make_inputs(b, l, d, n, torch.float32, D=D, z=z, bias=bias, h0=h0, softplus=softplus)
-    y1, h1, g1 = scan_with_grads(scan_triton.selective_scan_triton, inputs, softplus)
+    y1, h1, g1 = scan_with_grads(scan_tri, inputs, softplus)
     y2, h2, g2 = scan_with_grads(selective_scan_ref, inputs, softplus)
     assert_close(y1, y2, TOL[torch.float32], "y")
     assert_close(h1, h2, TOL[torch.float32], "final state")
@@ -221,7 +233,7 @@ def test_scan_matches_reference(case, small_tiles):
 def test_scan_default_tiles():
     """The tile sizes the GPU uses (one tile per 32 steps here, n = 16)."""
     inputs = make_inputs(1, 40, 20, 16, torch.float32)
-    y1, h1, g1 = scan_with_grads(scan_triton.selective_scan_triton, inputs, True)
+    y1, h1, g1 = scan_with_grads(scan_tri, inputs, True)
     y2, h2, g2 = scan_with_grads(selective_scan_ref, inputs, True)
     assert_close(y1, y2, TOL[torch.float32], "y")
     assert_close(h1, h2, TOL[torch.float32], "final state")
@@ -234,7 +246,7 @@ def test_scan_half_precision(dtype, small_tiles):
     """bf16/fp16 inputs: float32 inside, outputs and gradients in the inputs' dtypes; compared with the
     reference on the same (rounded) inputs, which also computes in float32."""
     inputs = make_inputs(2, 11, 10, 4, dtype)
-    y1, h1, g1 = scan_with_grads(scan_triton.selective_scan_triton, inputs, True)
+    y1, h1, g1 = scan_with_grads(scan_tri, inputs, True)
     y2, h2, g2 = scan_with_grads(selective_scan_ref, inputs, True)
     assert y1.dtype == dtype and h1.dtype == torch.float32
     assert_close(y1, y2, TOL[dtype], "y")
@@ -247,7 +259,7 @@ def test_scan_half_precision(dtype, small_tiles):
 def test_scan_gradient_from_final_state_only(small_tiles):
     """Only the final state is used (y gets no gradient): the backward starts from d(final state) alone."""
     inputs = make_inputs(2, 7, 9, 3, torch.float32)
-    _, _, g1 = scan_with_grads(scan_triton.selective_scan_triton, inputs, True, use_y=False)
+    _, _, g1 = scan_with_grads(scan_tri, inputs, True, use_y=False)
     _, _, g2 = scan_with_grads(selective_scan_ref, inputs, True, use_y=False)
     for k in g2:
         assert_close(g1[k], g2[k], TOL[torch.float32], f"d{k}")
@@ -256,7 +268,7 @@ def test_scan_gradient_from_final_state_only(small_tiles):
 def test_scan_in_pieces_equals_one_call(small_tiles):
     """A sequence scanned in two calls, the first's final state passed as the second's initial state."""
     x = make_inputs(2, 14, 6, 3, torch.float32, h0=False)
-    f = scan_triton.selective_scan_triton
+    f = scan_tri
     common = dict(A=x["A"], D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
     y, h = f(x["u"], x["delta"], B=x["B"], C=x["C"], z=x["z"], return_final_state=True, **common)
     cut = 5
@@ -280,7 +292,7 @@ def test_scan_and_conv_read_views(small_tiles):
         views[k] = torch.cat([v, torch.randn_like(v)], dim=-1)[..., : v.shape[-1]]  # time stride 2·width
         assert not views[k].is_contiguous() and views[k].stride(-1) == 1
     views["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)  # channel stride l
-    y1, h1, g1 = scan_with_grads(scan_triton.selective_scan_triton, views, True)
+    y1, h1, g1 = scan_with_grads(scan_tri, views, True)
     y2, h2, g2 = scan_with_grads(selective_scan_ref, x, True)
     assert_close(y1, y2, TOL[torch.float32], "y")
     assert_close(h1, h2, TOL[torch.float32], "final state")
@@ -290,7 +302,7 @@ def test_scan_and_conv_read_views(small_tiles):
     wc, bc = torch.randn(6, 4, device=DEVICE), torch.randn(6, device=DEVICE)
     half = xc[..., :6].clone().requires_grad_()
     view = xc.clone().requires_grad_()
-    y1, f1 = conv_triton.causal_conv1d_triton(view[..., :6], wc, bc, return_final_state=True, activation="silu")
+    y1, f1 = conv_tri(view[..., :6], wc, bc, return_final_state=True, activation="silu")
     y2, f2 = causal_conv1d_ref(half, wc, bc, return_final_state=True, activation="silu")
     assert_close(y1, y2, TOL[torch.float32], "conv y")
     assert_close(f1, f2, 0, "conv final state")
@@ -307,12 +319,12 @@ def test_scan_saves_checkpoint_states_only(ckpt_tiles, small_tiles):
     step, whatever the interval (the backward recomputes each interval's tile starts: gradients unchanged)."""
     scan_triton.TILES["CKPT_TILES"] = ckpt_tiles
     inputs = make_inputs(1, 17, 4, 2, torch.float32)
-    y1, _, g1 = scan_with_grads(scan_triton.selective_scan_triton, inputs, True)
+    y1, _, g1 = scan_with_grads(scan_tri, inputs, True)
     _, _, g2 = scan_with_grads(selective_scan_ref, inputs, True)
     for k in g2:
         assert_close(g1[k], g2[k], TOL[torch.float32], f"d{k}")
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
-    y = scan_triton.selective_scan_triton(**leaves, delta_softplus=True)
+    y = scan_tri(**leaves, delta_softplus=True)
     saved = [t for t in y.grad_fn.saved_tensors if t.dim() == 4]
     assert [tuple(t.shape) for t in saved] == [(1, -(-17 // (4 * ckpt_tiles)), 4, 2)]
 
@@ -328,9 +340,9 @@ def test_scan_in_inference_saves_nothing(monkeypatch, small_tiles):
     inputs = make_inputs(1, 17, 4, 2, torch.float32)
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
     with torch.no_grad():
-        y0 = scan_triton.selective_scan_triton(**leaves, delta_softplus=True)
+        y0 = scan_tri(**leaves, delta_softplus=True)
     assert saved == []
-    y1 = scan_triton.selective_scan_triton(**leaves, delta_softplus=True)
+    y1 = scan_tri(**leaves, delta_softplus=True)
     assert len(saved) == 1 and torch.equal(y0, y1.detach())
 
 
@@ -419,7 +431,7 @@ def test_conv_matches_reference(case, dtype, small_tiles):
     )  # fmt: skip
     act = "silu" if silu else None
     results = []
-    for fn in (conv_triton.causal_conv1d_triton, causal_conv1d_ref):
+    for fn in (conv_tri, causal_conv1d_ref):
         leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
         y, fin = fn(**{k: leaves.get(k) for k in inputs}, return_final_state=True, activation=act)
         gg = torch.Generator().manual_seed(1)
@@ -447,7 +459,7 @@ def test_state_update_matches_reference_and_scan(state_dtype):
     common = dict(A=x["A"], D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
     for t in range(steps):
         step = {k: x[k][:, t] for k in ("u", "delta", "B", "C", "z")}
-        y1 = step_triton.selective_state_update_triton(s1, **step, **common)
+        y1 = state_update_tri(s1, **step, **common)
         y2 = selective_state_update_ref(s2, **step, **common)
         assert_close(y1, y2, TOL[state_dtype], f"y at step {t}")
         assert_close(s1, s2, TOL[state_dtype], f"state at step {t}")
@@ -464,7 +476,7 @@ def test_state_update_without_options_and_strided_state():
     s1 = big[..., :n]  # a non-contiguous view: updated in place through a copy
     s2 = s1.clone()
     step = {k: x[k][:, 0] for k in ("u", "delta", "B", "C")}
-    y1 = step_triton.selective_state_update_triton(s1, A=x["A"], **step)
+    y1 = state_update_tri(s1, A=x["A"], **step)
     y2 = selective_state_update_ref(s2, A=x["A"], **step)
     assert_close(y1, y2, TOL[torch.float32], "y")
     assert_close(big[..., :n], s2, TOL[torch.float32], "state")
@@ -479,7 +491,7 @@ def test_conv_update_matches_reference(w):
     s2 = s1.clone()
     for t in range(3):
         x = torch.randn(b, d, generator=g)
-        y1 = step_triton.causal_conv1d_update_triton(s1, x, weight, bias, "silu")
+        y1 = conv_update_tri(s1, x, weight, bias, "silu")
         y2 = causal_conv1d_update_ref(s2, x, weight, bias, "silu")
         assert_close(y1, y2, TOL[torch.float32], f"y at step {t}")
         assert torch.equal(s1, s2), f"state at step {t}"

@@ -1,4 +1,4 @@
-"""Phases of tasks inside one parallel region (mambakit/ops/_tasks.py): every task runs once, a phase sees all
+"""Phases of tasks inside one parallel region (mambakit/ops/cpu/tasks.py): every task runs once, a phase sees all
 of the previous phase's results, and more planned threads than the pool has cannot deadlock."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from numba import njit, prange
 
-from mambakit.ops._tasks import atomic_add, atomic_load, claim, finish, home, sync_size, wait
+from mambakit.ops.cpu.tasks import atomic_add, atomic_load, claim, finish, home, sync_size, wait
 
 
 @njit(parallel=True)
@@ -89,17 +89,18 @@ def test_fused_step_planned_for_more_threads_than_run():
     """The fused decode step's layer region planned for 5 threads on a pool of 2 gives the same logits."""
     from _models import random_model
 
-    from mambakit import decode_fused
+    from mambakit.engine import FusedDecoder
+    from mambakit.engine import fused as decode_fused
 
     model = random_model(d_model=32, n_layer=2)
     ids = torch.tensor([3, 7, 1])
-    want = model.step(ids, model.allocate_state(3), fused=False)
+    want = model.step(ids, model.allocate_state(3))
     real = decode_fused.numba.get_num_threads
     try:
         decode_fused.numba.get_num_threads = lambda: 5
         before = torch.get_num_threads()
         torch.set_num_threads(2)
-        got = model.step(ids, model.allocate_state(3), fused=True)
+        got = FusedDecoder(model).step(ids, model.allocate_state(3))
     finally:
         decode_fused.numba.get_num_threads = real
         torch.set_num_threads(before)

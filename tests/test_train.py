@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from mambakit import cli
-from mambakit.train import NonFiniteLossError, build_model, lr_at, param_groups, train
-from mambakit.train_checkpoint import CheckpointCorruptError, latest_checkpoint, verify_checkpoint
-from mambakit.train_config import TrainConfig, parse_overrides
+from mambakit.train import (CheckpointCorruptError, NonFiniteLossError, TrainConfig, build_model, latest_checkpoint,
+                            lr_at, param_groups, parse_overrides, train, verify_checkpoint, warmup_cosine)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +118,20 @@ def test_warmup_then_cosine():
     assert lr_at(110, cfg, 110) == pytest.approx(0.1) and lr_at(500, cfg, 110) == pytest.approx(0.1)
 
 
+def test_warmup_cosine_in_steps_and_in_budget_fractions():
+    # steps (t = step + 1): warmup over 4 steps, cosine to 0.1 at step 20; min_ratio=None holds the peak
+    assert [warmup_cosine(s + 1, warmup=4, total=20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(12, warmup=4, total=20) == pytest.approx(0.55)
+    assert warmup_cosine(25, warmup=4, total=20) == pytest.approx(0.1)
+    assert warmup_cosine(12, warmup=4, total=20, min_ratio=None) == 1.0
+    # a fraction of a time budget (total=1), with a floor under the warmup's first steps
+    assert warmup_cosine(0.0, warmup=0.1, total=1.0, peak=2.0, floor=0.02) == pytest.approx(0.04)
+    assert warmup_cosine(0.05, warmup=0.1, total=1.0, peak=2.0, floor=0.02) == pytest.approx(1.0)
+    assert warmup_cosine(0.55, warmup=0.1, total=1.0, peak=2.0, min_ratio=0.0) == pytest.approx(1.0)
+    # hold: at the peak between the warmup and the decay
+    assert warmup_cosine(5, warmup=4, total=20, hold=2) == 1.0 and warmup_cosine(0, warmup=0, total=20) == 1.0
+
+
 # ----------------------------------------------------------------------------------------- training
 def test_loss_goes_down_within_seconds(corpus, tmp_path, capsys):
     final = train(tiny(corpus, tmp_path / "run", max_steps=60, eval_every=30, sample_tokens=20,
@@ -146,8 +159,7 @@ def test_bpe_and_bf16(corpus, tmp_path):
 
 RUN = textwrap.dedent("""
     import json, os, signal, sys
-    from mambakit.train import train
-    from mambakit.train_config import TrainConfig
+    from mambakit.train import TrainConfig, train
 
     def die(step, model):
         if step == 7:  # between checkpoints (every 3 steps): step 7 is lost and redone on resume

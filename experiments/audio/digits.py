@@ -31,8 +31,9 @@ from mambakit.data.audio import log_mel_spectrogram, mu_law_decode, mu_law_encod
 from mambakit.generate import generate
 from mambakit.heads import SequenceClassifier
 from mambakit.model import MambaLM
+from mambakit.train import next_token_loss
 
-from ..dna.loop import eval_lm, lm_loss, run_budgeted
+from experiments._common import eval_lm, pyplot, run_budgeted, save_figure
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ALLISON_DIGITS = Path("/usr/share/asterisk/sounds/en_US_f_Allison/digits")
@@ -170,7 +171,7 @@ def train_generator(args, clips: np.ndarray) -> MambaLM:
 
     def loss_fn(step):
         idx = rng.integers(0, len(tokens), args.gen_batch)
-        return lm_loss(model, tokens[idx]), args.gen_batch * CLIP
+        return next_token_loss(model, tokens[idx]), args.gen_batch * CLIP
 
     print(f"[digits] generator: {model.num_parameters():,} params, batch {args.gen_batch} clips",
           file=sys.stderr, flush=True)
@@ -190,13 +191,9 @@ def sample_clips(model: MambaLM, prompts: list[list[int]], n_total: int, seed: i
 
 
 def spectrogram_grid(rows: list[tuple[str, np.ndarray]], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from mambakit.data.audio import spectrogram
 
+    plt = pyplot()
     cols = 4
     fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 2.2 * len(rows)), squeeze=False)
     for r, (title, clips) in enumerate(rows):
@@ -209,8 +206,7 @@ def spectrogram_grid(rows: list[tuple[str, np.ndarray]], png: Path) -> None:
             ax.set_xticks([]) if r < len(rows) - 1 else ax.set_xlabel("s")
             ax.set_yticks([]) if c else ax.set_ylabel(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, dpi=100)
 
 
 def run(args, out: Path) -> dict:

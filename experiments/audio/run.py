@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from mambakit._io import atomic_write
+
+from experiments._common import check_contexts, choices, cli_args, position_table, settings
 
 from . import digits, waveform
 
@@ -58,17 +61,9 @@ def table(res: dict) -> str:
                 f"{c}: " + " → ".join(f"{s['length']}×{s['batch']} ({s['steps']})" for s in plans[c]) for c in sorted(plans))]
         rows = [v for v in sorted(wf["results"].values(), key=lambda v: (v["model"], v["context"])) if "position_buckets" in v]
         if rows:
-            longest = waveform.merge_tail(max(rows, key=lambda v: v["context"])["position_buckets"])
             name = {"mamba": "Mamba", "s4d": "S4D-Lin"}
-            lines += ["", "### Held-out loss (bits/sample) by position in the context window", "",
-                      "Each model at its own context; column t = the targets predicted after reading t samples of the "
-                      "window (powers-of-two buckets; a row's last bucket runs to its own context). Lower at later positions = the "
-                  "model uses that much context.", "",
-                      "| model | context | " + " | ".join(str(b["lo"]) if b["lo"] == b["hi"] else f"{b['lo']}–{b['hi']}"
-                                                       for b in longest) + " |", "|---|---|" + "---|" * len(longest)]
-            for v in rows:
-                cells = {b["lo"]: f"{b['bits']:.3f}" for b in waveform.merge_tail(v["position_buckets"])}
-                lines.append(f"| {name[v['model']]} | {v['context']} | " + " | ".join(cells.get(b["lo"], "") for b in longest) + " |")
+            lines += position_table([([name[v["model"]], str(v["context"])], v["context"], v["position_buckets"])
+                                     for v in rows], ["model", "context"], "sample", 3)
     dg = res.get("digits")
     if dg:
         lines += ["", "### Spoken digits: classifier scores (IS ↑, AM ↓, accuracy where labels exist)", "",
@@ -139,23 +134,9 @@ def parse_args(argv=None):
     g.add_argument("--n_samples", type=int, default=16, help="unconditional samples to score")
     g.add_argument("--prompt_s", type=float, default=0.1, help="seconds of speech in a continuation prompt")
     a = p.parse_args(argv)
-    a.parts = [x for x in a.parts.split(",") if x]
-    a.models = [x for x in a.models.split(",") if x]
-    a.contexts = [int(x) for x in a.contexts.split(",") if x]
-    if not a.contexts or any(c < 1 or c & (c - 1) for c in a.contexts):
-        p.error(f"--contexts must be powers of two, got {a.contexts}")
-    a.tokens_per_step = a.tokens_per_step or max(a.contexts)
-    if a.tokens_per_step % max(a.contexts):
-        p.error(f"--tokens_per_step {a.tokens_per_step} must be a multiple of the longest context {max(a.contexts)}")
-    a.warmup_start = a.warmup_start or min(a.contexts)
-    if a.warmup_start & (a.warmup_start - 1):
-        p.error(f"--warmup_start must be a power of two, got {a.warmup_start}")
-    for part in a.parts:
-        if part not in ("waveform", "digits"):
-            p.error(f"unknown part {part!r} (waveform, digits)")
-    for m in a.models:
-        if m not in ("mamba", "s4d"):
-            p.error(f"unknown model {m!r} (mamba, s4d)")
+    check_contexts(p, a)
+    a.parts = choices(p, a.parts, ("waveform", "digits"), "part")
+    a.models = choices(p, a.models, ("mamba", "s4d"), "model")
     return a
 
 
@@ -164,8 +145,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    res = {"command": "python -m experiments.audio " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    res = {"command": "python -m experiments.audio " + " ".join(cli_args(argv)), "settings": settings(args)}
     if "waveform" in args.parts:
         res["waveform"] = waveform.run(args)
         waveform.plot(res["waveform"], args.out / "bits_vs_context.png")
@@ -173,11 +153,9 @@ def main(argv=None) -> int:
     if "digits" in args.parts:
         res["digits"] = digits.run(args, args.out)
     res["seconds"] = time.time() - t0
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, args.out / "results.json")
+    atomic_write(args.out / "results.json", json.dumps(res, indent=1) + "\n")
     md = table(res)
-    (args.out / "results.md").write_text(md)
+    atomic_write(args.out / "results.md", md)
     print(md)
     print(f"total {time.time() - t0:.0f} s; wrote {args.out}")
     return 0

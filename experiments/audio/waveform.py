@@ -21,8 +21,8 @@ from mambakit.config import MambaConfig
 from mambakit.data.audio import AudioWindows, mu_law_encode, read_wav, resample
 from mambakit.model import MambaLM
 
-from ..dna.loop import (eval_lm, lm_loss, merge_tail, plot_position_buckets, position_buckets, run_budgeted,
-                        seq_len_warmup, stage_at)
+from experiments._common import (eval_at_context, log2_axes, merge_tail, plan_text, plot_loss_by_position, pyplot,
+                                 save_figure, seq_len_warmup, train_stages)
 
 MOH = Path("/usr/share/asterisk/moh")
 HELD_OUT_TRACK = "manolo_camp-morning_coffee"
@@ -77,24 +77,16 @@ def run(args) -> dict:
             stages = seq_len_warmup(L, args.tokens_per_step, total_steps, args.warmup_start, args.warmup_stage_frac)
             windows = {st.length: AudioWindows(train, st.length) for st in stages}
             rng = np.random.default_rng(args.seed)
-
-            def loss_fn(step):
-                st = stage_at(stages, step)
-                return lm_loss(model, windows[st.length].sample(st.batch, rng)), st.batch * st.length
-
-            plan = " → ".join(f"{st.length}×{st.batch} ({st.steps} st)" for st in stages)
             print(f"[waveform] {kind} (d_model {widths[kind]}, {model.num_parameters():,} params), context {L}: "
-                  f"{total_steps} steps; length × batch: {plan}", file=sys.stderr, flush=True)
-            r = run_budgeted(model, loss_fn, args.waveform_s, args.lr, max_steps=total_steps, label=f"{kind} L={L}")
-            wins = torch.from_numpy(np.concatenate([np.stack([s[i:i + L + 1] for i in range(0, len(s) - L, L)])
-                                                    for s in segs]))
-            nll, per_pos = eval_lm(model, wins, max(1, args.eval_batch_tokens // L), by_position=True)
-            buckets = position_buckets(per_pos)
+                  f"{total_steps} steps; length × batch: {plan_text(stages)}", file=sys.stderr, flush=True)
+            r = train_stages(model, stages, lambda st: windows[st.length].sample(st.batch, rng), args.waveform_s,
+                             args.lr, label=f"{kind} L={L}")
+            nll, buckets, n_tokens = eval_at_context(model, segs, L, args.eval_batch_tokens)
             results[f"{kind}/{L}"] = {"model": kind, "context": L, "d_model": widths[kind],
                                       "params": model.num_parameters(), "batch": stages[-1].batch,
                                       "stages": [vars(st) for st in stages],
                                       "val_bits_per_sample": nll / math.log(2), "val_nats": nll,
-                                      "val_tokens": int(wins[:, 1:].numel()), "position_buckets": buckets,
+                                      "val_tokens": n_tokens, "position_buckets": buckets,
                                       **{k: v for k, v in r.items() if k != "loss_curve"}}
             print(f"[waveform] {kind} L={L}: {r['steps']} steps, held-out {nll / math.log(2):.4f} bits/sample; by "
                   "position: " + ", ".join(f"{b['lo']}: {b['bits']:.3f}" for b in buckets), file=sys.stderr, flush=True)
@@ -102,11 +94,7 @@ def run(args) -> dict:
 
 
 def plot(res: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for kind, style in (("mamba", "o-"), ("s4d", "s--")):
         pts = sorted((v["context"], v["val_bits_per_sample"], v["params"]) for v in res["results"].values()
@@ -114,33 +102,19 @@ def plot(res: dict, png: Path) -> None:
         if pts:
             label = {"mamba": "Mamba (S6)", "s4d": "Mamba block with S4D-Lin"}[kind]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{label}, {pts[0][2] / 1e3:.0f}K")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training context (samples)")
-    ax.set_ylabel("bits per sample, held-out track")
-    ax.set_title(f"μ-law waveform modelling at {res['rate']} Hz (cf. paper Fig. 7)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    log2_axes(ax, "training context (samples)", "bits per sample, held-out track",
+              f"μ-law waveform modelling at {res['rate']} Hz (cf. paper Fig. 7)")
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def plot_positions(res: dict, png: Path) -> None:
     """Held-out loss by position in the window, every (model, context)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     name = {"mamba": "Mamba", "s4d": "S4D-Lin"}
     rows = sorted(res["results"].values(), key=lambda v: (v["model"], v["context"]))
     series = {f"{name[v['model']]}, context {v['context']}": merge_tail(v["position_buckets"])
               for v in rows if "position_buckets" in v}
     if not series:
         return
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    plot_position_buckets(a1, a2, series, "bits/sample", zoom_from=min(64, min(v["context"] for v in rows)))
-    fig.suptitle(f"Held-out track: loss by position in the window ({res['rate']} Hz μ-law)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    plot_loss_by_position(series, "bits/sample", min(64, min(v["context"] for v in rows)),
+                          f"Held-out track: loss by position in the window ({res['rate']} Hz μ-law)", png)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mambakit._io import atomic_write
+
 from .run import HERE, RAGOUT, VAL_STRAINS, eval_segments, load_genomes
 
 
@@ -67,8 +69,8 @@ def main(argv=None) -> int:
         b = fit_and_score(recs, segs, k)
         rows[k] = {"bits_per_base": b, "perplexity": 2 ** b}
         print(f"order {k}: {b:.4f} bits/base, perplexity {2 ** b:.4f}", flush=True)
-    a.out.write_text(json.dumps({"segments": f"{a.eval_segments} × {a.segment} per held-out genome",
-                                 "orders": rows}, indent=1) + "\n")
+    atomic_write(a.out, json.dumps({"segments": f"{a.eval_segments} × {a.segment} per held-out genome",
+                                    "orders": rows}, indent=1) + "\n")
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,13 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mambakit._io import atomic_write
 from mambakit.config import MambaConfig
 from mambakit.data.dna import Genome, GenomeWindows, NucleotideTokenizer, load_genome
 from mambakit.heads import SequenceClassifier
 from mambakit.model import MambaLM
 
-from .loop import (eval_lm, lm_loss, merge_tail, plot_position_buckets, position_buckets, run_budgeted,
-                   seq_len_warmup, stage_at)
+from experiments._common import (check_contexts, choices, cli_args, eval_at_context, log2_axes, merge_tail, plan_text,
+                                 plot_loss_by_position, position_table, pyplot, run_budgeted, save_figure,
+                                 seq_len_warmup, settings, train_stages)
 
 HERE = Path(__file__).resolve().parent
 RAGOUT = Path("/usr/share/doc/ragout/examples")
@@ -139,23 +140,14 @@ def pretrain(args, train_g, val_g) -> tuple[dict, dict]:
         stages = seq_len_warmup(L, args.tokens_per_step, total_steps, args.warmup_start, args.warmup_stage_frac)
         windows = {st.length: GenomeWindows(train_g, st.length + 1, rc_prob=0.5) for st in stages}
         rng = np.random.default_rng(args.seed)
-
-        def loss_fn(step):
-            st = stage_at(stages, step)
-            ids, _ = windows[st.length].sample(st.batch, rng)
-            return lm_loss(model, ids), st.batch * st.length
-
-        plan = " → ".join(f"{st.length}×{st.batch} ({st.steps} st)" for st in stages)
         print(f"[pretrain] context 2^{int(math.log2(L))} = {L}: {total_steps} steps of {args.tokens_per_step:,} "
-              f"tokens; length × batch: {plan}", file=sys.stderr, flush=True)
-        run = run_budgeted(model, loss_fn, args.pretrain_s, args.lr, max_steps=total_steps, label=f"L={L}")
-        # held-out strains: every segment cut into L-long windows (+1 for the target), each scored once
-        wins = torch.from_numpy(np.concatenate([
-            np.stack([s[i:i + L + 1] for i in range(0, len(s) - L, L)]) for s in segs]))
-        nll, per_pos = eval_lm(model, wins, max(1, args.eval_tokens // L), by_position=True)
+              f"tokens; length × batch: {plan_text(stages)}", file=sys.stderr, flush=True)
+        run = train_stages(model, stages, lambda st: windows[st.length].sample(st.batch, rng)[0], args.pretrain_s,
+                           args.lr, label=f"L={L}")
+        nll, buckets, n_tokens = eval_at_context(model, segs, L, args.eval_tokens)  # the held-out strains
         results[L] = {"context": L, "batch": stages[-1].batch, "val_nats": nll, "val_ppl": math.exp(nll),
-                      "val_bits_per_base": nll / math.log(2), "val_tokens": int(wins[:, 1:].numel()),
-                      "stages": [vars(st) for st in stages], "position_buckets": position_buckets(per_pos),
+                      "val_bits_per_base": nll / math.log(2), "val_tokens": n_tokens,
+                      "stages": [vars(st) for st in stages], "position_buckets": buckets,
                       **{k: v for k, v in run.items() if k != "loss_curve"}, "loss_curve": run["loss_curve"]}
         print(f"[pretrain] L={L}: {run['steps']} steps, {run['tokens']:,} tokens, held-out perplexity "
               f"{math.exp(nll):.4f} ({nll / math.log(2):.4f} bits/base); by position: "
@@ -237,35 +229,23 @@ def classify(args, train_g, val_g, species, models) -> dict:
 
 # ----------------------------------------------------------------------------------------------- report
 def plots(res: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     made = []
     pre = res["pretrain"]
     if pre:
         Ls = sorted(int(k) for k in pre)
         fig, ax = plt.subplots(figsize=(5.5, 4))
         ax.plot(Ls, [pre[str(L)]["val_ppl"] for L in Ls], "o-", label=f"Mamba {res['params']['lm'] / 1e3:.0f}K")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length (bases)")
-        ax.set_ylabel("perplexity (held-out strains)")
-        ax.set_title("Next-base pretraining vs context (cf. paper Fig. 5 right)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        log2_axes(ax, "sequence length (bases)", "perplexity (held-out strains)",
+                  "Next-base pretraining vs context (cf. paper Fig. 5 right)")
         fig.tight_layout()
-        fig.savefig(out / "ppl_vs_context.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "ppl_vs_context.png")
         made.append("ppl_vs_context.png")
         if all("position_buckets" in pre[str(L)] for L in Ls):
-            fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-            plot_position_buckets(a1, a2, {f"Mamba, context 2^{int(math.log2(L))}": merge_tail(pre[str(L)]["position_buckets"])
-                                           for L in Ls}, "bits/base", zoom_from=min(64, min(Ls)))
-            fig.suptitle("Held-out strains: loss by position in the window (does the model use its context?)")
-            fig.tight_layout()
-            fig.savefig(out / "loss_by_position.png", dpi=120)
-            plt.close(fig)
+            series = {f"Mamba, context 2^{int(math.log2(L))}": merge_tail(pre[str(L)]["position_buckets"]) for L in Ls}
+            plot_loss_by_position(series, "bits/base", min(64, min(Ls)),
+                                  "Held-out strains: loss by position in the window (does the model use its context?)",
+                                  out / "loss_by_position.png")
             made.append("loss_by_position.png")
     cls = res["classify"]
     if cls:
@@ -278,21 +258,11 @@ def plots(res: dict, out: Path) -> list[str]:
                     ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=init)
             chance = next(v["chance"] for v in cls.values() if v["task"] == task)
             ax.axhline(100 * chance, color="gray", lw=0.8, ls=":", label="chance")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("window length (bases)")
-            ax.set_ylabel("accuracy on held-out strains (%)")
-            ax.set_title(f"{task} classification")
-            ax.grid(alpha=0.3)
-            ax.legend()
+            log2_axes(ax, "window length (bases)", "accuracy on held-out strains (%)", f"{task} classification")
         fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_window.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "accuracy_vs_window.png")
         made.append("accuracy_vs_window.png")
     return made
-
-
-def _bucket_name(b: dict) -> str:
-    return str(b["lo"]) if b["hi"] == b["lo"] else f"{b['lo']}–{b['hi']}"
 
 
 def _plan(r: dict) -> str:
@@ -311,16 +281,8 @@ def table(res: dict) -> str:
                      f"{r['train_loss']:.4f} | {r['val_ppl']:.4f} | {r['val_bits_per_base']:.4f} |")
     pre = [res["pretrain"][k] for k in sorted(res["pretrain"], key=int) if "position_buckets" in res["pretrain"][k]]
     if pre:
-        longest = merge_tail(max(pre, key=lambda r: r["context"])["position_buckets"])
-        lines += ["", "### Held-out loss (bits/base) by position in the context window", "",
-                  "Each model at its own context; column t = the targets predicted after reading t bases of the "
-                  "window (powers-of-two buckets; a row's last bucket runs to its own context). Lower at later positions = the "
-                  "model uses that much context.", "",
-                  "| context | " + " | ".join(_bucket_name(b) for b in longest) + " |",
-                  "|---|" + "---|" * len(longest)]
-        for r in pre:
-            cells = {b["lo"]: f"{b['bits']:.4f}" for b in merge_tail(r["position_buckets"])}
-            lines.append(f"| 2^{int(math.log2(r['context']))} | " + " | ".join(cells.get(b["lo"], "") for b in longest) + " |")
+        lines += position_table([([f"2^{int(math.log2(r['context']))}"], r["context"], r["position_buckets"])
+                                 for r in pre], ["context"], "base", 4)
     cls = res["classify"]
     for task in sorted({v["task"] for v in cls.values()}):
         Ls = sorted({v["window"] for v in cls.values() if v["task"] == task})
@@ -396,26 +358,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    a.contexts = [int(x) for x in a.contexts.split(",") if x]
-    if not a.contexts or any(c < 1 or c & (c - 1) for c in a.contexts):
-        p.error(f"--contexts must be powers of two, got {a.contexts}")
-    a.tokens_per_step = a.tokens_per_step or max(a.contexts)
-    if a.tokens_per_step % max(a.contexts):
-        p.error(f"--tokens_per_step {a.tokens_per_step} must be a multiple of the longest context {max(a.contexts)} "
-                "(else the long context would see more tokens per step than the short ones)")
-    a.warmup_start = a.warmup_start or min(a.contexts)
-    if a.warmup_start & (a.warmup_start - 1):
-        p.error(f"--warmup_start must be a power of two, got {a.warmup_start}")
+    check_contexts(p, a)
     a.windows = [int(x) for x in a.windows.split(",") if x]
-    a.tasks = [t for t in a.tasks.split(",") if t]
-    a.inits = [t for t in a.inits.split(",") if t]
-    for t in a.inits:
-        if t not in ("pretrained", "scratch"):
-            p.error(f"unknown init {t!r} (pretrained, scratch)")
+    a.inits = choices(p, a.inits, ("pretrained", "scratch"), "init")
     a.val_strains = tuple(s for s in a.val_strains.split(",") if s)
-    for t in a.tasks:
-        if t not in ("species", "strand"):
-            p.error(f"unknown task {t!r} (species, strand)")
+    a.tasks = choices(p, a.tasks, ("species", "strand"), "task")
     return a
 
 
@@ -433,25 +380,22 @@ def main(argv=None) -> int:
     else:
         pre, models = pretrain(args, train_g, val_g)
         # the pretraining results on disk before the (longer) classification sweep starts
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results_pretrain.json").write_text(json.dumps({str(k): v for k, v in pre.items()}, indent=1) + "\n")
+        atomic_write(args.out / "results_pretrain.json",
+                     json.dumps({str(k): v for k, v in pre.items()}, indent=1) + "\n")
     cls = classify(args, train_g, val_g, species, models)
     lm_params = MambaLM(model_config(args)).num_parameters()
     res = {
-        "command": "python -m experiments.dna " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.dna " + " ".join(cli_args(argv)),
         "params": {"lm": lm_params, "d_model": args.d_model, "n_layer": args.n_layer},
         "data": {"train": [f"{g.species}/{g.strain}" for g in train_g], "held_out": [f"{g.species}/{g.strain}" for g in val_g],
                  "gc": {f"{g.species}/{g.strain}": round(g.gc_content(), 4) for g in train_g + val_g}},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "pretrain": {str(k): v for k, v in pre.items()}, "classify": cls,
         "seconds": time.time() - t0, "threads": args.threads,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, args.out / "results.json")
+    atomic_write(args.out / "results.json", json.dumps(res, indent=1) + "\n")
     md = table(res)
-    (args.out / "results.md").write_text(md)
+    atomic_write(args.out / "results.md", md)
     res["plots"] = plots(res, args.out)
     print(md)
     print(f"total {time.time() - t0:.0f} s; wrote {args.out}/results.json, results.md, {', '.join(res['plots'])}")

@@ -28,16 +28,17 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 
+from mambakit._io import atomic_write
 from mambakit.data.timeseries import load_statsmodels
 from mambakit.forecast import ForecastConfig
 from mambakit.forecast.backtest import METRICS, MambaMethod, backtest
 from mambakit.forecast.baselines import ARIMA, ETS, Naive, SeasonalNaive
+from mambakit.forecast.config import parse_overrides
 from mambakit.forecast.ensemble import MULTI_VARIANTS, STANDARD_VARIANTS
 from mambakit.forecast.metrics import point_metrics
 from mambakit.forecast.plot import plot_backtest
@@ -140,13 +141,6 @@ def verdict(results: list[dict]) -> dict:
     return {"rows": rows, "beats_snaive_everywhere": a, "within_10pct_on_half": b, "met": a and b}
 
 
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: float, tiny: bool,
                  merged: bool = False) -> None:
     mamba_args = ", ".join(f"{k}={x!r}" for k, x in MAMBA.items())
@@ -233,7 +227,7 @@ def write_readme(out: str, results: list[dict], v: dict, command: str, total_s: 
     if os.path.exists(notes):
         with open(notes) as f:
             L += [f.read().rstrip(), ""]
-    _atomic_write(os.path.join(out, "README.md"), "\n".join(L) + "\n")
+    atomic_write(os.path.join(out, "README.md"), "\n".join(L) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(r["seconds"] for r in results)
         command = "python -m experiments.forecasting"
         return _report(args, results, seeds, command, total, args.tiny or results[0].get("tiny", False))
-    from mambakit.forecast.cli import _parse_sets
-
-    overrides = _parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     t0 = time.perf_counter()
     results = []
     for i, name in enumerate(names):
@@ -282,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                                      classical=not args.no_classical)
         res["tiny"], res["overrides"] = args.tiny, {k: str(v) for k, v in overrides.items()}
         results.append(res)
-        _atomic_write(os.path.join(args.out, f"{name}.json"), json.dumps(res, indent=1, default=float))
+        atomic_write(os.path.join(args.out, f"{name}.json"), json.dumps(res, indent=1, default=float))
         show = [k for k in ("seasonal naive", "ETS", "ARIMA", "Mamba") if k in r.forecasts]
         plot_backtest(series, r, os.path.join(args.out, f"{name}.png"), methods=show,
                       title=f"{name} ({series.names[0]}): {r.horizon}-step forecasts from {len(r.origins)} origins")
@@ -297,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(args, results, seeds, command, total, tiny) -> int:
     v = verdict(results)
-    _atomic_write(os.path.join(args.out, "results.json"), json.dumps(
+    atomic_write(os.path.join(args.out, "results.json"), json.dumps(
         {"command": command, "total_seconds": total, "mamba_config": {**MAMBA, "quantiles": list(MAMBA["quantiles"])},
          "seeds": list(seeds), "verdict": v, "datasets": results}, indent=1, default=float))
     write_readme(args.out, results, v, command, total, tiny, merged=args.report_only)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,11 +31,12 @@ from pathlib import Path
 import torch
 
 from mambakit import MambaConfig, MambaLM
+from mambakit._io import atomic_write
 from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.data.synthetic import induction_heads, scored_accuracy
 
-from ..selective_copying.train import (TrainResult, report_from_file, run_experiment, save_results, split_models,
-                                      train, write_text_atomic)
+from experiments._common import (Report, TrainResult, budget_seconds, choices, command_line, fresh_models, new_results,
+                                 pyplot, require_positive, run_experiment, save_figure, save_results, train)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -137,11 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no training: rebuild the table, accuracy.png and README.md from --out/results.json")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args(argv)
-    args.command = " ".join(["python -m experiments.induction_heads", *(sys.argv[1:] if argv is None else argv)])
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in args.models:
-        if m not in MODELS:
-            p.error(f"unknown model {m!r}; models: {', '.join(MODELS)}")
+    args.command = command_line("python -m experiments.induction_heads", argv)
+    args.models = choices(p, args.models, MODELS, "model")
     try:
         args.curriculum = [int(x) for x in args.curriculum.split(",") if x.strip()]
     except ValueError:
@@ -150,10 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--curriculum lengths must increase, each >= 3 and < --train-len")
     if not 3 <= args.min_log_len <= args.max_log_len <= 24:
         p.error("need 3 <= --min-log-len <= --max-log-len <= 24")
-    for name in ("batch_size", "mamba_steps", "attn_steps", "eval_every", "val_size", "eval_tokens", "stop_patience",
-                 "attn_eval_tokens", "min_samples", "max_samples", "chunk", "train_len", "stage_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    require_positive(p, args, ("batch_size", "mamba_steps", "attn_steps", "eval_every", "val_size", "eval_tokens",
+                               "stop_patience", "attn_eval_tokens", "min_samples", "max_samples", "chunk", "train_len",
+                               "stage_steps"))
     return args
 
 
@@ -238,18 +234,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
     lengths = [2**k for k in range(args.min_log_len, args.max_log_len + 1)]
     log(f"Induction Heads: vocab {VOCAB}, train length {args.train_len}, batch {args.batch_size}, "
         f"test lengths 2^{args.min_log_len}..2^{args.max_log_len}, threads {args.threads}")
-    results = {"task": "induction_heads",
-               "command": args.command,
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
-               "models": {}}
-    budget = args.time_budget_min * 60 if args.time_budget_min > 0 else float("inf")
-    for name in args.models:
-        torch.manual_seed(args.seed)
-        model = build_model(name, args)
-        n_params = sum(p.numel() for p in model.parameters())
+    results = new_results("induction_heads", args)
+    budget = budget_seconds(args.time_budget_min)
+    for name, model, n_params in fresh_models(args, lambda m: build_model(m, args)):
         is_mamba = name == "mamba"
         steps, lr = (args.mamba_steps, args.mamba_lr) if is_mamba else (args.attn_steps, args.attn_lr)
-        (args.out / f"STOP_{name}").unlink(missing_ok=True)  # a stale stop file must not end this run
         log(f"{MODELS[name]} ({name}): {n_params:,} parameters; {steps} steps at lr {lr}")
         res = train_curriculum(model, name, steps, lr, args, val_sets, budget, log,
                                stop_at=args.stop_at if is_mamba else args.attn_stop_at,
@@ -282,12 +271,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                    "curve": res.curve}
         # after each model, so a long run shows progress; merged with other processes' models
         merged = save_results(args.out / "results.json", results, list(MODELS), log)
-    results = merged
-    print_table(results, log)
-    plot(results, args.out / "accuracy.png")
-    if not args.no_readme:
-        write_readme(results, args.out / "README.md")
-    return results
+    return REPORT.write(args, merged, log)
 
 
 def _cell(v) -> str:
@@ -312,21 +296,12 @@ def paper_rows() -> list[str]:
     return rows
 
 
-def print_table(results: dict, log=print) -> None:
-    log("")
-    log("test accuracy (%) by test length (✗: not evaluated, see notes in results.json)")
-    for row in table_rows(results):
-        log(row)
+def log_table(results: dict) -> list[str]:
+    return ["test accuracy (%) by test length (✗: not evaluated, see notes in results.json)", *table_rows(results)]
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError("the accuracy plot needs matplotlib: pip install mambakit[plot]") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
     for r in results["models"].values():
         pts = sorted((int(L), a) for L, a in r["accuracy"].items() if a is not None)
@@ -344,11 +319,7 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    # a name of this process's own: the training processes of one run (--jobs) each plot into the same path
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def verdict(results: dict) -> str:
@@ -489,12 +460,10 @@ no longer extrapolates even to 2^11 (80.9%; 2^12 53.9%). Those channels write al
 
 Raw numbers, training curves and sample counts: `results.json`.
 """
-    write_text_atomic(path, text)
+    atomic_write(path, text)
 
 
-def report(args: argparse.Namespace, log=print) -> dict:
-    """The table, plot and README of a finished run, from its results.json."""
-    return report_from_file(args, print_table, plot, write_readme, log)
+REPORT = Report(log_table, plot, write_readme)
 
 
 # Relative training + evaluation cost of each model (minutes in the default run, under load): the split into
@@ -504,7 +473,7 @@ COST = {"mamba": 19.6, "mha_abs": 14.6, "mha_rope": 3.6}
 
 def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they are printed
-    return run_experiment(parse_args(argv), argv, "experiments.induction_heads", COST, run, report)
+    return run_experiment(parse_args(argv), argv, "experiments.induction_heads", COST, run, REPORT)
 
 
 if __name__ == "__main__":

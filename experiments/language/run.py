@@ -36,13 +36,14 @@ from pathlib import Path
 
 import torch
 
+from mambakit._io import atomic_write
 from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.config import MambaConfig
 from mambakit.data.text import TokenWindows
 from mambakit.model import MambaLM
-from mambakit.train import Dist, evaluate, lr_at, next_token_loss, param_groups, prepare_data
-from mambakit.train_config import TrainConfig
-from mambakit.train_report import hms
+from mambakit.train import Dist, TrainConfig, evaluate, hms, lr_at, next_token_loss, param_groups, prepare_data
+
+from experiments._common import cli_args, command_line, pyplot, save_figure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -135,13 +136,7 @@ def train_one(name: str, model: torch.nn.Module, cfg: TrainConfig, lr: float, st
 
 # ------------------------------------------------------------------------------------------------ report
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise SystemExit("the plot needs matplotlib: pip install mambakit[plot]") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = {"mamba": ["tab:blue", "tab:cyan", "navy"], "transformer": ["tab:red", "tab:orange", "darkred"]}
     for key, r in results["runs"].items():
@@ -160,10 +155,7 @@ def plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"Shakespeare (held-out plays), byte level, seq {results['seq_len']}, same batches", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(results: dict) -> str:
@@ -252,7 +244,7 @@ def main(argv=None) -> int:
     if args.worker:
         model_name, lr, path = args.worker
         part = one(model_name, float(lr))
-        Path(path).write_text(json.dumps(part))
+        atomic_write(path, json.dumps(part))
         return 0
     chars_per_token = data.val.n_chars / len(data.val)
     print(f"# Shakespeare, {data.tokenizer!r}: {len(data.train):,} train / {len(data.val):,} held-out tokens; "
@@ -264,7 +256,7 @@ def main(argv=None) -> int:
                    recipe={k: getattr(cfg, k) for k in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1",
                                                         "beta2", "grad_clip", "seed", "eval_windows")},
                    final_windows=args.final_windows, load_average_start=os.getloadavg()[0],
-                   command=" ".join(["python -m experiments.language", *(argv if argv is not None else sys.argv[1:])]),
+                   command=command_line("python -m experiments.language", argv),
                    runs={})
     t0 = time.perf_counter()
     if args.parallel and len(runs) > 1:
@@ -282,10 +274,7 @@ def main(argv=None) -> int:
         m, t = (results["runs"][best[k]]["final"]["val_bpc"] for k in ("mamba", "transformer"))
         results["bpc_difference_mamba_minus_transformer"] = m - t
         print(f"# best Mamba − best Transformer: {m - t:+.4f} bits/char on the held-out plays")
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, args.out / "results.json")
+    atomic_write(args.out / "results.json", json.dumps(results, indent=1))
     plot(results, args.out / "val_loss.png")
     print(f"# wrote {args.out / 'results.json'} and {args.out / 'val_loss.png'} ({hms(results['wall_s'])})")
     return 0
@@ -296,7 +285,7 @@ def run_parallel(args, argv, runs) -> dict:
     import subprocess
     import tempfile
 
-    base = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--parallel"]
+    base = [a for a in cli_args(argv) if a != "--parallel"]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         procs = []

@@ -16,8 +16,6 @@ Writes results.json, accuracy.png (validation accuracy vs step) and README.md in
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -27,8 +25,9 @@ from mambakit import MambaConfig, MambaLM
 from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
-from .train import (evaluate, report_from_file, run_experiment, save_results, split_models, train,
-                    write_readme_keeping_notes, write_text_atomic)
+from experiments._common import (Report, budget_seconds, choices, command_line, evaluate, fresh_models, new_results,
+                                 pyplot, require_positive, run_experiment, save_figure, save_results, train,
+                                 write_readme_keeping_notes)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -90,18 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no training: rebuild the table, accuracy.png and README.md from --out/results.json")
     p.add_argument("--no-readme", action="store_true", help="do not write README.md")
     args = p.parse_args(argv)
-    args.command = " ".join(["python -m experiments.selective_copying", *(sys.argv[1:] if argv is None else argv)])
+    args.command = command_line("python -m experiments.selective_copying", argv)
     if args.full:
         args.seq_len = SELECTIVE_COPYING_FULL_LEN
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in args.models:
-        if m not in MODELS:
-            p.error(f"unknown model {m!r}; models: {', '.join(MODELS)}")
+    args.models = choices(p, args.models, MODELS, "model")
     if args.seq_len < 2 * N_MEMORIZE:
         p.error(f"--seq-len must be >= {2 * N_MEMORIZE} (16 data tokens + 16 markers)")
-    for name in ("steps", "batch_size", "eval_every", "val_size", "test_size", "d_model", "n_layer", "d_state"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    require_positive(p, args, ("steps", "batch_size", "eval_every", "val_size", "test_size", "d_model", "n_layer",
+                               "d_state"))
     return args
 
 
@@ -124,15 +119,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     log(f"Selective Copying: seq_len {args.seq_len}, vocab {VOCAB}, {N_MEMORIZE} tokens to copy; "
         f"{args.steps} steps × batch {args.batch_size}, lr {args.lr}, threads {args.threads}")
-    results = {"task": "selective_copying", "command": args.command,
-               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
-               "models": {}}
-    budget = args.time_budget_min * 60 if args.time_budget_min > 0 else float("inf")
-    for name in args.models:
-        torch.manual_seed(args.seed)
-        model = build_model(name, args.d_model, args.n_layer, args.d_state)
-        n_params = sum(p.numel() for p in model.parameters())
-        (args.out / f"STOP_{name}").unlink(missing_ok=True)  # a stale stop file must not end this run
+    results = new_results("selective_copying", args)
+    budget = budget_seconds(args.time_budget_min)
+    for name, model, n_params in fresh_models(args, lambda m: build_model(m, args.d_model, args.n_layer, args.d_state)):
         log(f"{MODELS[name][0]} ({name}): {n_params:,} parameters")
         res = train(model, batch_fn, val, VOCAB, steps=args.steps, lr=args.lr, warmup=args.warmup,
                     eval_every=args.eval_every, time_budget_s=budget, stop_at=args.stop_at, name=name,
@@ -147,11 +136,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                    "steps": res.steps, "train_seconds": round(res.seconds, 1),
                                    "stopped": res.stopped, "curve": res.curve}
     results = save_results(args.out / "results.json", results, list(MODELS), log)
-    print_table(results, log)
-    plot(results, args.out / "accuracy.png")
-    if not args.no_readme:
-        write_readme(results, args.out / "README.md")
-    return results
+    return REPORT.write(args, results, log)
 
 
 def table_rows(results: dict) -> list[str]:
@@ -164,20 +149,8 @@ def table_rows(results: dict) -> list[str]:
     return rows
 
 
-def print_table(results: dict, log=print) -> None:
-    log("")
-    for row in table_rows(results):
-        log(row)
-
-
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError as e:  # optional dependency
-        raise ImportError("the accuracy plot needs matplotlib: pip install mambakit[plot]") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for r in results["models"].values():
         steps = [c["step"] for c in r["curve"]]
@@ -189,11 +162,7 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    # a name of this process's own: the training processes of one run (--jobs) each plot into the same path
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def verdict(results: dict) -> str:
@@ -259,15 +228,13 @@ Rows in our table map to the paper's "Mamba | Mamba | S6", "– | Mamba | S4" an
 the LTI S4D-Lin (`MambaS4D`): the same in_proj, conv, SiLU gate and out_proj. S4D alone has fewer
 parameters at the same width (no expansion, no input projection). "train time" is wall-clock time, which
 depends on the machine's load at the time of the run. The paper's generator, loss
-positions and accuracy definition were not published (see `shared/paper.md`); ours follows the S4
+positions and accuracy definition were not published; ours follows the S4
 repository's variable-spacing copying generator. Raw numbers and curves: `results.json`.
 """
     write_readme_keeping_notes(path, text)
 
 
-def report(args: argparse.Namespace, log=print) -> dict:
-    """The table, plot and README of a finished run, from its results.json."""
-    return report_from_file(args, print_table, plot, write_readme, log)
+REPORT = Report(table_rows, plot, write_readme)
 
 
 # Relative training cost of each model (minutes of one run on a shared core, README): the split into --jobs
@@ -276,7 +243,7 @@ COST = {"mamba": 15.4, "mamba_s4d": 16.0, "s4d": 9.0}
 
 
 def main(argv=None) -> int:
-    return run_experiment(parse_args(argv), argv, "experiments.selective_copying", COST, run, report)
+    return run_experiment(parse_args(argv), argv, "experiments.selective_copying", COST, run, REPORT)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..lm_inputs import check_lm_inputs
-from ..model import LayerNorm, RMSNorm
+from ..model import LayerNorm, RMSNorm, check_lm_inputs
 
 
 # ------------------------------------------------------------------------------------------------ config

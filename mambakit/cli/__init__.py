@@ -1,45 +1,31 @@
-"""The `mambakit` command line: thin wrappers over the library (the library is the source of truth).
+"""The `mambakit` command line: argparse only, thin wrappers over the library (the library is the source of truth).
 
-    mambakit convert SRC DST --layout hf|official [--dtype float32|bfloat16|float16]
-    mambakit generate | train | eval | serve | forecast ...   (registered by their modules, see below)
+    mambakit convert | generate | train | eval | serve | forecast ...   (one module a subcommand, mambakit/cli/)
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import sys
+import os
+
+# torch and numba's kernels share one OpenMP runtime. Its default wait policy keeps idle threads spinning after
+# each parallel region; when the cores are shared (other processes, DDP ranks, CI) a spinning thread starves the
+# thread a region waits for, and steps slow down 10× and more (measured on a 2-core machine, docs/engine.md).
+# The command line opts in to passive waiting, before torch is imported (the runtime reads it once, at load);
+# a value the user set is kept. Importing the library changes nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
 
 # One module a subcommand (mambakit/cli/<name>.py): each defines `add_parser(subparsers)`, which registers its
 # parser with `set_defaults(func=handler)`; the handler takes the parsed args and returns an exit code.
-_COMMAND_MODULES: tuple[str, ...] = ("generate", "train", "eval", "serve", "forecast")
-
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _convert(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..checkpoint import convert
-
-    dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    src_layout, model = convert(args.src, args.dst, layout=args.layout, dtype=dtype)
-    dtype_name = str(model.backbone.embedding.weight.dtype).removeprefix("torch.")
-    print(f"converted {args.src} ({src_layout} layout) -> {args.dst} ({args.layout} layout, {dtype_name}, "
-          f"{model.num_parameters():,} parameters)")
-    return 0
+_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "eval", "serve", "forecast")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambakit", description="Mamba language models in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="convert a checkpoint between the official and transformers layouts")
-    p.add_argument("src", help="checkpoint directory (either layout; detected from config.json)")
-    p.add_argument("dst", help="output directory")
-    p.add_argument("--layout", choices=("hf", "official"), default="hf",
-                   help="hf: config.json + model.safetensors; official: config.json + pytorch_model.bin")
-    p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast the weights (default: keep)")
-    p.set_defaults(func=_convert)
     for name in _COMMAND_MODULES:
         importlib.import_module(f"mambakit.cli.{name}").add_parser(sub)
     return parser

@@ -1,3 +1,132 @@
-"""`mambakit forecast`: argparse only (transitional: the parser still lives in mambakit.forecast)."""
+"""`mambakit forecast` (argparse only; see mambakit.forecast): CSV in (a timestamp column + value columns), forecasts CSV out (+ plot, + backtest).
 
-from ..forecast import add_cli as add_parser  # noqa: F401
+    mambakit forecast data.csv --horizon 12 --out forecast.csv --plot forecast.png
+    mambakit forecast data.csv --time-col date --columns sales,visits --horizon 24 --quantiles 0.1,0.5,0.9
+    mambakit forecast data.csv --horizon 12 --backtest 4 --classical    # score against naive/ETS/ARIMA first
+    mambakit forecast data.csv --horizon 12 --set d_model=64 --set max_steps=2000 --save model_dir
+    mambakit forecast data.csv --horizon 12 --select --seeds 5   # variant chosen on validation, median of 5 seeds
+
+Data handling (gaps, irregular timestamps) is mambakit.data.timeseries'; every other ForecastConfig field is
+set with --set key=value (validated by ForecastConfig).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..data.timeseries import TimeSeries, read_csv
+from ..forecast.config import ForecastConfig, default_context, parse_overrides
+from ..forecast.io import write_forecast_csv
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("forecast", help="forecast the next steps of time series in a CSV with a Mamba model",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("csv", help="CSV with a header: a timestamp column and numeric value columns")
+    p.add_argument("--horizon", type=int, required=True, help="steps to forecast (H)")
+    p.add_argument("--time-col", default=None, help="timestamp column (default: the first column)")
+    p.add_argument("--columns", default=None, help="comma-separated value columns (default: all others)")
+    p.add_argument("--context", type=int, default=None,
+                   help="past steps the model reads (default: 3 seasons or 4 horizons, fitted to the length)")
+    p.add_argument("--quantiles", default=None, help="comma-separated levels, must include 0.5 (e.g. 0.1,0.5,0.9)")
+    p.add_argument("--max-gap", type=int, default=5, help="interpolate interior gaps up to this many steps (5)")
+    p.add_argument("--resample", action="store_true",
+                   help="average irregular timestamps onto a regular grid (else they are an error)")
+    p.add_argument("--out", default=None, help="forecasts CSV (default: <csv>.forecast.csv)")
+    p.add_argument("--plot", default=None, help="also write a PNG of history and forecast")
+    p.add_argument("--save", default=None, help="also save the fitted model to this directory")
+    p.add_argument("--backtest", type=int, default=0, metavar="N",
+                   help="first score the model on N rolling-origin windows at the end of the series")
+    p.add_argument("--classical", action="store_true", help="with --backtest: add ETS and ARIMA (statsmodels)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ForecastConfig field, e.g. --set d_model=64 --set max_steps=2000")
+    p.add_argument("--select", action="store_true",
+                   help="train one model per variant (base forecast: seasonal / last value / none; linear skip on or "
+                        "off; for several series also joint or per-series encoding) and keep the one with the lowest "
+                        "validation loss (mambakit.forecast.ensemble)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="forecast with the median of K models that differ in their seed (default 1)")
+    p.add_argument("--verbose", action="store_true", help="print training progress")
+    p.set_defaults(func=_cli)
+
+
+def _variants(args, n_channels: int):
+    """The candidate variants --select asks for (None without it)."""
+    if not args.select:
+        return None
+    from ..forecast.ensemble import MULTI_VARIANTS, STANDARD_VARIANTS
+
+    return MULTI_VARIANTS if n_channels > 1 else STANDARD_VARIANTS
+
+
+def _make(config: ForecastConfig, args, n_channels: int):
+    """A Forecaster, or an EnsembleForecaster when --select or --seeds > 1 asks for one."""
+    from ..forecast.ensemble import EnsembleForecaster
+    from ..forecast.forecaster import Forecaster
+
+    if not args.select and args.seeds == 1:
+        return Forecaster(config)
+    return EnsembleForecaster(config, _variants(args, n_channels), seeds=args.seeds)
+
+
+def _cli(args) -> int:
+    import torch
+
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    series = read_csv(args.csv, time_col=args.time_col, value_cols=columns, max_gap=args.max_gap,
+                      resample=args.resample)
+    gaps = {k: v for k, v in series.meta.get("gaps", {}).items()}
+    print(f"{args.csv}: {len(series)} steps ({series.freq.name}), series {series.names}"
+          + (f"; interpolated {gaps}" if gaps else ""), file=sys.stderr)
+    quantiles = tuple(float(q) for q in args.quantiles.split(",")) if args.quantiles else ()
+    sets = parse_overrides(args.set)
+    context = args.context or default_context(len(series), args.horizon, series.season,
+                                              sets.get("val_fraction", 0.2))
+    config = ForecastConfig(horizon=args.horizon, context=context, quantiles=quantiles, **sets)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.backtest:
+        _backtest(series, config, args)
+    torch.manual_seed(config.seed)
+    forecaster = _make(config, args, series.n_channels).fit(series, verbose=args.verbose)
+    h = forecaster.history
+    for m in h.get("members", [h]):
+        print(f"trained {m['steps']} steps in {m['seconds']:.1f} s (best validation loss {m['best_val_loss']:.4f} at "
+              f"step {m['best_step']}; {m['train_windows']} training / {m['val_windows']} validation windows)",
+              file=sys.stderr)
+    if "chosen" in h:
+        val = h["validation_mase"]
+        print(f"variant chosen on validation: {h['chosen']} (validation MASE {val[h['chosen']]:.3f}; {len(val)} "
+              "candidates)", file=sys.stderr)
+    fc = forecaster.predict(series)
+    out = args.out or os.path.splitext(args.csv)[0] + ".forecast.csv"
+    write_forecast_csv(out, fc)
+    print(f"wrote {out}", file=sys.stderr)
+    if args.plot:
+        from ..forecast.plot import plot_forecast
+
+        plot_forecast(series, fc, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.save:
+        forecaster.save(args.save)
+        print(f"saved the model to {args.save}", file=sys.stderr)
+    return 0
+
+
+def _backtest(series: TimeSeries, config: ForecastConfig, args) -> None:
+    from ..forecast.backtest import METRICS, MambaMethod, backtest
+    from ..forecast.baselines import ARIMA, ETS, Naive, SeasonalNaive
+
+    m = series.season
+    methods = {"naive": Naive(), "seasonal naive": SeasonalNaive(m)}
+    if args.classical:
+        methods.update({"ETS": ETS(m, config.horizon, config.val_fraction),
+                        "ARIMA": ARIMA(m, config.horizon, config.val_fraction)})
+    methods["Mamba"] = MambaMethod(config, verbose=args.verbose, variants=_variants(args, series.n_channels),
+                                   seeds=args.seeds)
+    r = backtest(series, methods, config.horizon, args.backtest, verbose=args.verbose)
+    print(f"backtest: {args.backtest} windows of {config.horizon} steps, origins {r.origins.tolist()}, MASE lag {m}")
+    print(f"{'method':16s}" + "".join(f"{k:>10s}" for k in METRICS))
+    for name, met in r.metrics.items():
+        print(f"{name:16s}" + "".join(f"{met[k]:10.4g}" for k in METRICS))

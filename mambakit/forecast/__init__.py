@@ -10,6 +10,3 @@ from .forecaster import Forecast, Forecaster
 from .model import MambaForecastNet
 
 __all__ = ["Forecast", "ForecastConfig", "Forecaster", "MambaForecastNet"]
-from .cli import add_cli  # noqa: E402  (the `mambakit forecast` subcommand)
-
-__all__ += ["add_cli"]

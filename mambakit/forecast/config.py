@@ -114,3 +114,38 @@ def _check_season(base: str, m: int, context: int) -> None:
     if m < 2 or m > context:
         raise ValueError(f"base={base!r} needs a seasonal period between 2 and the context ({context}), got {m} "
                          "(set season=..., a longer context, or base='last')")
+
+
+def default_context(n: int, horizon: int, season: int, val_fraction: float = 0.2) -> int:
+    """Three seasons (or four horizons without a season), at least two horizons, shortened so that a series of
+    n steps still leaves training and validation windows."""
+    want = max(2 * horizon, 3 * season if season > 1 else 4 * horizon)
+    room = int(n * (1 - val_fraction)) - 2 * horizon  # leave ≥ H training windows before the validation part
+    return max(2, min(want, room))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings (the CLI's --set) → ForecastConfig field values, each converted to its field's type;
+    ValueError naming an unknown field or a value of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(ForecastConfig)}
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in fields or key in ("horizon", "context", "quantiles"):
+            known = sorted(set(fields) - {"horizon", "context", "quantiles"})
+            raise ValueError(f"--set: unknown ForecastConfig field {key!r} (horizon, context and quantiles have "
+                             f"their own options); fields: {known}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = type(default)(value)
+        except ValueError:
+            raise ValueError(f"--set {key}: {value!r} is not a {type(default).__name__}") from None
+    return out

@@ -34,7 +34,8 @@ import sys
 import numpy as np
 
 from .config import ForecastConfig
-from .forecaster import Forecast, Forecaster, _as_series, read_json, write_atomic
+from .._io import atomic_write
+from .forecaster import Forecast, Forecaster, _as_series, read_json
 
 # the structural choices validation makes per series: base forecast × linear skip (seasonal variants are
 # dropped for a series whose season does not fit the context; duplicates after resolving are dropped)
@@ -142,7 +143,7 @@ class EnsembleForecaster:
             m.save(os.path.join(directory, f"member{i}"))
         meta = {"chosen": self.chosen, "seeds": list(self.seeds), "n_members": len(self.members),
                 **{k: self.history[k] for k in ("validation_mase", "validation_loss")}}
-        write_atomic(directory, "ensemble.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(os.path.join(directory, "ensemble.json"), json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "EnsembleForecaster":

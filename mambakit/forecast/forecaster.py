@@ -17,13 +17,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ..data.timeseries import TimeSeries, calendar_features
 from .config import ForecastConfig
 from .metrics import mase_scale, pinball_loss
@@ -53,20 +53,6 @@ def _as_series(data) -> TimeSeries:
         raise ValueError("the series has missing or non-finite values: fill them first (see "
                          "mambakit.data.timeseries.fill_gaps, or read_csv's max_gap)")
     return series
-
-
-def write_atomic(directory, name: str, write) -> None:
-    """Writes directory/name through write(binary file) into a temporary file, then renames it into place: an
-    interrupted save leaves the previous file, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_json(directory, name: str, what: str) -> dict:
@@ -264,8 +250,8 @@ class Forecaster:
         meta = {"config": self.config.to_dict(), "names": self.names, "n_channels": self.net.n_channels,
                 "n_covariates": self.net.n_covariates, "history": {k: v for k, v in self.history.items()
                                                                     if k != "record"}}
-        write_atomic(directory, "forecast_config.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        write_atomic(directory, "forecast_model.pt", lambda f: torch.save(self.net.state_dict(), f))
+        atomic_write(os.path.join(directory, "forecast_config.json"), json.dumps(meta, indent=2))
+        atomic_write(os.path.join(directory, "forecast_model.pt"), lambda tmp: torch.save(self.net.state_dict(), tmp))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Forecaster":

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from ..data.timeseries import TimeSeries
+from .._io import atomic_write
 
 PLOT_INSTALL = "pip install mambakit[plot]  (or: pip install matplotlib)"
 
@@ -28,13 +28,7 @@ def _x(timestamps: np.ndarray):
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".plot.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def plot_forecast(series: TimeSeries, forecast, path: str | os.PathLike, tail: int | None = None) -> None:

@@ -1,23 +1,27 @@
 """The public ops of mambakit: the selective scan, the causal depthwise conv, and their single-step updates.
 
-Each op validates its arguments once (shapes, dtypes, devices, finiteness of A) with messages that name the
-argument and the expected shape, then dispatches to a backend:
+Each op validates its arguments once (types, shapes, dtypes, devices, memory layout, finiteness of A) with
+messages that name the argument and the expected shape, then dispatches to a backend (the table _IMPLEMENTATIONS):
 
-- "reference": the specification in plain PyTorch (scan_ref.py, conv.py); any device, any float dtype.
-- "cpu": fused numba kernels (scan_cpu.py, conv.py) for CPU tensors in float16 / bfloat16 / float32 / float64.
-- "triton": Triton kernels (scan_triton.py, conv_triton.py, step_triton.py) for CUDA tensors in float16 /
-  bfloat16 / float32 (CPU tensors too under Triton's interpreter, TRITON_INTERPRET=1: how the tests run them).
+- "reference": the specification in plain PyTorch (reference.py); any device, any float dtype.
+- "cpu": fused numba kernels (cpu/) for CPU tensors in float16 / bfloat16 / float32 / float64.
+- "triton": Triton kernels (triton/) for CUDA tensors in float16 / bfloat16 / float32 (CPU tensors too under
+  Triton's interpreter, TRITON_INTERPRET=1: how the tests run them).
 - None: "cpu" for CPU tensors; for CUDA tensors "triton" when Triton is installed (float64 goes to
   "reference", which computes in float64), else "reference" with a one-time warning. The choice is logged
   once per op at debug level.
 
-Layouts are time-major (shared/design.md): activations (b, l, d), B and C (b, l, n), states (b, d, n),
-conv states (b, d, w − 1).
+The ops here are the only callers of the backends: the kernels index memory by the shapes they are given and
+check nothing themselves, so every argument goes through the checks below first. Every backend's function
+takes the reference twin's arguments, all of them, in its order.
+
+Layouts are time-major: activations (b, l, d), B and C (b, l, n), states (b, d, n), conv states (b, d, w − 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -25,13 +29,12 @@ import os
 import torch
 from torch import Tensor
 
-from .conv import (
-    causal_conv1d_cpu,
+from .reference import (  # noqa: F401  (public: the specification, importable as mambakit.ops.*_ref)
     causal_conv1d_ref,
-    causal_conv1d_update_cpu,
     causal_conv1d_update_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
 )
-from .scan_ref import selective_scan_ref, selective_state_update_ref
 
 __all__ = [
     "selective_scan",
@@ -47,12 +50,41 @@ BACKENDS = ("reference", "cpu", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _logged: set[tuple[str, str]] = set()
 
+# The dispatch: op → backend → (module, function), the module relative to this package. Every function takes
+# the reference twin's arguments, all of them, in its order. Kernel modules are imported at their first call:
+# numba loads (or compiles) its kernels then, and Triton is optional.
+_IMPLEMENTATIONS = {
+    "selective_scan": {
+        "reference": (".reference", "selective_scan_ref"),
+        "cpu": (".cpu.scan", "selective_scan_cpu"),
+        "triton": (".triton.scan", "selective_scan_triton"),
+    },
+    "selective_state_update": {
+        "reference": (".reference", "selective_state_update_ref"),
+        "cpu": (".cpu.scan", "selective_state_update_cpu"),
+        "triton": (".triton.step", "selective_state_update_triton"),
+    },
+    "causal_conv1d": {
+        "reference": (".reference", "causal_conv1d_ref"),
+        "cpu": (".cpu.conv", "causal_conv1d_cpu"),
+        "triton": (".triton.conv", "causal_conv1d_triton"),
+    },
+    "causal_conv1d_update": {
+        "reference": (".reference", "causal_conv1d_update_ref"),
+        "cpu": (".cpu.conv", "causal_conv1d_update_cpu"),
+        "triton": (".triton.step", "causal_conv1d_update_triton"),
+    },
+}
+
 
 # --------------------------------------------------------------------------------------------- validation
 def _check_tensor(name: str, x, shape: tuple, names: str, device: torch.device | None = None) -> None:
-    """x must be a floating tensor of `shape` (ints; None matches anything) on `device`."""
+    """x must be a dense floating tensor of `shape` (ints; None matches anything) on `device`. Strides are free:
+    every backend copies what it cannot read in place."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {names}, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() != len(shape) or any(s is not None and s != xs for s, xs in zip(shape, x.shape)):
@@ -139,6 +171,12 @@ def _check_triton(x: Tensor) -> None:
                          "(backend='reference' computes float64 in float64)")
 
 
+def _implementation(op: str, backend: str | None, x: Tensor):
+    """The function that runs `op` on this call's backend (see _resolve_backend)."""
+    module, name = _IMPLEMENTATIONS[op][_resolve_backend(op, backend, x)]
+    return getattr(importlib.import_module(module, __name__), name)
+
+
 def _resolve_backend(op: str, backend: str | None, x: Tensor) -> str:
     """The backend for this call: the explicit one (checked it can run) or the default for x's device."""
     if backend is None:
@@ -202,18 +240,9 @@ def selective_scan(
     tensor input, initial_state included, and from final_state.
     """
     _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, step=False)
-    args = (u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, bool(return_final_state))
     with _no_autocast(u):
-        chosen = _resolve_backend("selective_scan", backend, u)
-        if chosen == "cpu":
-            from .scan_cpu import selective_scan_cpu  # numba loads its kernels lazily: import when used
-
-            return selective_scan_cpu(*args)
-        if chosen == "triton":
-            from .scan_triton import selective_scan_triton  # Triton is optional: import when used
-
-            return selective_scan_triton(*args)
-        return selective_scan_ref(*args)
+        run = _implementation("selective_scan", backend, u)
+        return run(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, bool(return_final_state))
 
 
 def selective_state_update(
@@ -237,18 +266,9 @@ def selective_state_update(
     """
     b, _, d, n = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, None, step=True)
     _check_tensor("state", state, (b, d, n), "(b, d, n)", u.device)
-    args = (state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     with _no_autocast(u):
-        chosen = _resolve_backend("selective_state_update", backend, u)
-        if chosen == "cpu":
-            from .scan_cpu import selective_state_update_cpu
-
-            return selective_state_update_cpu(*args)
-        if chosen == "triton":
-            from .step_triton import selective_state_update_triton
-
-            return selective_state_update_triton(*args)
-        return selective_state_update_ref(*args)
+        run = _implementation("selective_state_update", backend, u)
+        return run(state, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
 
 
 def causal_conv1d(
@@ -268,16 +288,9 @@ def causal_conv1d(
     """
     _check_conv_args(x, weight, bias, initial_state, step=False)
     _check_activation(activation)
-    args = (x, weight, bias, initial_state, bool(return_final_state), activation)
     with _no_autocast(x):
-        chosen = _resolve_backend("causal_conv1d", backend, x)
-        if chosen == "cpu":
-            return causal_conv1d_cpu(*args)
-        if chosen == "triton":
-            from .conv_triton import causal_conv1d_triton
-
-            return causal_conv1d_triton(*args)
-        return causal_conv1d_ref(*args)
+        run = _implementation("causal_conv1d", backend, x)
+        return run(x, weight, bias, initial_state, bool(return_final_state), activation)
 
 
 def causal_conv1d_update(
@@ -294,11 +307,5 @@ def causal_conv1d_update(
     _check_conv_args(x, weight, bias, conv_state, step=True)
     _check_activation(activation)
     with _no_autocast(x):
-        chosen = _resolve_backend("causal_conv1d_update", backend, x)
-        if chosen == "cpu":
-            return causal_conv1d_update_cpu(conv_state, x, weight, bias, activation)
-        if chosen == "triton":
-            from .step_triton import causal_conv1d_update_triton
-
-            return causal_conv1d_update_triton(conv_state, x, weight, bias, activation)
-        return causal_conv1d_update_ref(conv_state, x, weight, bias, activation)
+        run = _implementation("causal_conv1d_update", backend, x)
+        return run(conv_state, x, weight, bias, activation)

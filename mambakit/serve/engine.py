@@ -8,7 +8,8 @@ rows once (the pool) and gives each running sequence a row (a slot).
     request arrives → waits in a bounded queue → prefilled with the parallel scan (generate.prefill; the
     prompts admitted at one step boundary share the call, equal lengths batched) → its state copied into a
     free slot (n slots for n choices: one prefill) → first token sampled
-    → every step: the active slots decode together (MambaLM.step, state updated in place) → sample
+    → every step: the active slots decode together (the engine's step: the fused CPU step where it applies,
+      MambaLM.step elsewhere, `mambakit.engine.step_function`; the state updated in place) → sample
     → a sequence that ends (eos, stop string, max_tokens) or is cancelled frees its slot at once
 
 A prompt longer than `prefill_chunk` tokens would stall every running stream for its whole prefill;
@@ -16,9 +17,9 @@ it is instead prefilled in chunks of `prefill_chunk` tokens, one chunk between t
 state carried (its n slots reserved meanwhile). Shorter prompts, the usual case, take one call.
 
 The active slots are kept in the pool's first k rows: a freed slot is filled by moving the last active
-row into it (two row copies per layer), so each step runs `MambaLM.step` on a view of the first k rows
-and costs what a batch of k costs, not a batch of max_batch (measured on the 130m shape, one thread:
-see benchmarks/serve_load.py --step-cost).
+row into it (two row copies per layer), so each step runs on a view of the first k rows and costs what a
+batch of k costs, not a batch of max_batch (benchmarks/serve_load.py --step-cost). That view is not contiguous
+(the layers' blocks keep the pool's stride); the fused step reads it in place (`engine.fused._layer_view`).
 
 Sampling is generate's own (`next_tokens`, per-row generators seeded seed + i, `RowOutput` for eos /
 stop strings / streamed text), so a sequence gives what `generate([prompt], seed=seed + i)` gives alone
@@ -44,8 +45,8 @@ from typing import Callable
 
 import torch
 
+from .. import engine as cpu_engine
 from ..generate import RowOutput, SamplingParams, next_tokens, prefill, row_generators, sampling_vocab
-from ..hugepages import use_huge_pages
 from ..model import MambaLM, MambaState
 
 log = logging.getLogger("mambakit.serve")
@@ -132,13 +133,14 @@ class Engine:
     only). eos: ids that end a sequence. max_queue: jobs that may wait for slots; `submit` raises
     EngineBusy beyond. Start with `start()` (or use as a context manager); `close()` stops the thread."""
 
-    def __init__(self, model: MambaLM, tokenizer=None, eos: set[int] | None = None, max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512):
+    def __init__(self, model: MambaLM, tokenizer=None, eos: set[int] | None = None, max_batch: int = 32,
+                 max_queue: int = 64, prefill_chunk: int = 512, fused: bool | None = None):
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, {max_queue}, "
                              f"{prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model, tokenizer
-        use_huge_pages(model)  # the engine decodes every step: weights in 2 MiB pages (hugepages.py)
+        self.step_fn = cpu_engine.step_function(model, fused)  # fused where it applies (logged once)
         self.eos = set(eos or ())
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab = sampling_vocab(model, tokenizer)
@@ -151,7 +153,8 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards the counters read by stats()
-        self.counters = dict(jobs=0, sequences=0, tokens=0, steps=0, cancelled=0, errors=0, rejected=0)
+        # fused_steps: decode steps that took the fused CPU step (the rest took MambaLM.step; the log says why once)
+        self.counters = dict(jobs=0, sequences=0, tokens=0, steps=0, fused_steps=0, cancelled=0, errors=0, rejected=0)
         self.last_error: str | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -323,9 +326,10 @@ class Engine:
             if s.seen is not None:
                 s.seen[0, t] = True
         view = MambaState(self._pool.conv[:, :k], self._pool.ssm[:, :k])  # the first k rows, updated in place
-        logits = self.model.step(tokens.to(self._pool.ssm.device), view)[:, : self.vocab]  # (k, V)
+        logits = self.step_fn(tokens.to(self._pool.ssm.device), view)[:, : self.vocab]  # (k, V)
         with self._lock:
             self.counters["steps"] += 1
+            self.counters["fused_steps"] += getattr(self.step_fn, "last", None) == "fused"
         self._sample_and_emit(list(self._active), logits)
 
     def _sample_and_emit(self, seqs: list[_Sequence], logits) -> None:

@@ -1,70 +1,30 @@
-"""Causal depthwise conv1d: the reference (F.conv1d), the fused CPU kernel, and the decoding step.
+"""Causal depthwise conv1d on CPU: the fused numba kernels (forward, backward), and the decoding step.
 
 The Mamba block runs a short (w = 4) depthwise causal convolution over time before the scan (paper §3.4,
-Figure 3). In the time-major layout (b, l, d) the fused kernel vectorises over contiguous channels and
-parallelises over (sequence × time chunks); the bias and the SiLU are fused. The w − 1 inputs before t = 0
-come from initial_state, so a long sequence can be processed in pieces: the kernel runs on the padded input
-[initial_state, x], and autograd splits its gradient between the two.
+Figure 3; the specification is reference.causal_conv1d_ref). In the time-major layout (b, l, d) the fused
+kernel vectorises over contiguous channels and parallelises over (sequence × time chunks); the bias and the
+SiLU are fused. The w − 1 inputs before t = 0 come from initial_state, so a long sequence can be processed in
+pieces: the kernel runs on the padded input [initial_state, x], and autograd splits its gradient between the
+two. The entry points trust their arguments: only mambakit.ops calls them, after checking.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit, prange
-from torch import Tensor
 
-from ._numba import compute_dtype, kernel_options, narrow, owned, records_grad, set_threads, sigmoid, widen
+from ..reference import compute_dtype, conv_final_state
+from .primitives import kernel_options, kernel_tensor, narrow, owned, records_grad, set_threads, sigmoid, widen
 
 TIME_CHUNK = 64  # time steps per task
-
-
-def causal_conv1d_ref(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    initial_state: Tensor | None = None,
-    return_final_state: bool = False,
-    activation: str | None = None,
-):
-    """Reference: x (b, l, d), weight (d, w), bias (d,), initial_state (b, d, w−1). y (b, l, d) in x's dtype;
-    final_state (b, d, w−1) in x's dtype: the last w−1 inputs of [initial_state, x]."""
-    b, l, d = x.shape
-    w = weight.shape[1]
-    acc = compute_dtype(x)
-    init = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
-    xp = torch.cat([init.to(acc), x.to(acc).transpose(1, 2)], dim=-1)  # (b, d, w−1+l)
-    y = F.conv1d(xp, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=d)  # (b, d, l)
-    if activation in ("silu", "swish"):
-        y = F.silu(y)
-    y = y.transpose(1, 2).to(x.dtype)  # (b, l, d)
-    if not return_final_state:
-        return y
-    final = xp[..., xp.shape[-1] - (w - 1) :].to(x.dtype)  # (b, d, w−1)
-    return y, final
-
-
-def causal_conv1d_update_ref(
-    conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
-) -> Tensor:
-    """One step: conv_state (b, d, w−1) holds the previous inputs and is shifted in place; x, y: (b, d)."""
-    acc = compute_dtype(x)
-    window = torch.cat([conv_state.to(acc), x.to(acc).unsqueeze(-1)], dim=-1)  # (b, d, w)
-    y = (window * weight.to(acc)).sum(-1)
-    if bias is not None:
-        y = y + bias.to(acc)
-    if activation in ("silu", "swish"):
-        y = F.silu(y)
-    conv_state.copy_(window[..., 1:])
-    return y.to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------ fused kernels
 @njit(**kernel_options())
 def _conv_fwd_kernel(xp, Wt, bias, silu, y):
     """xp: (b, l + w − 1, d) the padded input; Wt: (w, d); bias: (d,); y: (b, l, d). Wt and bias in the
-    compute dtype; xp and y in it too, or both bfloat16 bits (int16; see _numba.widen/narrow)."""
+    compute dtype; xp and y in it too, or both bfloat16 bits (int16; see primitives.widen/narrow)."""
     b, l, d = y.shape
     w = Wt.shape[0]
     nt = (l + TIME_CHUNK - 1) // TIME_CHUNK
@@ -190,23 +150,14 @@ class _CausalConv1dCPU(torch.autograd.Function):
         )
 
 
-def causal_conv1d_cpu(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    initial_state: Tensor | None = None,
-    return_final_state: bool = False,
-    activation: str | None = None,
-):
-    """The fused CPU conv; same signature and results as `causal_conv1d_ref`."""
+def causal_conv1d_cpu(x, weight, bias, initial_state, return_final_state, activation):
+    """The fused CPU conv of checked arguments (mambakit.ops.causal_conv1d); results as causal_conv1d_ref."""
     b, l, d = x.shape
     w = weight.shape[1]
     init = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
     xp = torch.cat([init.to(x.dtype).transpose(1, 2), x], dim=1)  # (b, w − 1 + l, d): [initial_state, x]
     y = _CausalConv1dCPU.apply(xp, weight, bias, activation in ("silu", "swish"), records_grad(xp, weight, bias))
-    if not return_final_state:
-        return y
-    return y, xp[:, l:, :].transpose(1, 2)  # (b, d, w − 1): the last w − 1 inputs
+    return (y, conv_final_state(x, initial_state, w)) if return_final_state else y
 
 
 # ---------------------------------------------------------------------------------------- the decoding step
@@ -230,23 +181,19 @@ def _conv_update_kernel(conv_state, x, weight, bias, silu, y):
                 y[bi, j] = y[bi, j] * sigmoid(y[bi, j])
 
 
-def causal_conv1d_update_cpu(
-    conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
-) -> Tensor:
-    """The fused decoding step; same signature and results as `causal_conv1d_update_ref`."""
+def causal_conv1d_update_cpu(conv_state, x, weight, bias, activation):
+    """The fused decoding step of checked arguments (mambakit.ops.causal_conv1d_update); results as
+    causal_conv1d_update_ref. conv_state is updated in place when it is already in the compute dtype and
+    contiguous, else through a copy."""
     kd = compute_dtype(x)
-    b, d = x.shape
-
-    def prep(t):
-        t = t.detach()
-        return t if t.dtype == kd and t.is_contiguous() else t.to(kd).contiguous()
-
-    cs = prep(conv_state)  # updated in place when already float32 (float64) and contiguous, else via a copy
-    x_ = prep(x)
+    d = x.shape[1]
+    cs = kernel_tensor(conv_state, kd)
+    x_ = kernel_tensor(x, kd)
     y = torch.empty_like(x_)
     _conv_update_kernel(
-        cs.numpy(), x_.numpy(), prep(weight).numpy(), (prep(bias) if bias is not None else x_.new_zeros(d)).numpy(),
-        activation in ("silu", "swish"), y.numpy(),
+        cs.numpy(), x_.numpy(), kernel_tensor(weight, kd).numpy(),
+        (kernel_tensor(bias, kd) if bias is not None else x_.new_zeros(d)).numpy(), activation in ("silu", "swish"),
+        y.numpy(),
     )  # fmt: skip
     if cs.data_ptr() != conv_state.data_ptr():
         conv_state.copy_(cs)

@@ -1,21 +1,16 @@
 """Phases of work inside one parallel region: each thread works through its own range of a phase's tasks, then
 takes what is left of the others' ranges, and waits for the phase to be done before the next (numba intrinsics
-over LLVM atomics).
+over LLVM atomics). Used by the fused decode step (mambakit/engine); measurements in docs/kernels.md.
 
 Why one region: a fused decode step is a chain of dependent loops (in_proj → x_proj → state update →
 out_proj). As one numba `prange` each, every loop is an OpenMP parallel region, and mambakit runs OpenMP with
-OMP_WAIT_POLICY=PASSIVE (see mambakit/__init__.py): between regions the second thread sleeps, and waking it
-costs tens of microseconds on this VM, 97 times a step (130m: 4 regions a layer, and the head).
+OMP_WAIT_POLICY=PASSIVE (see mambakit/__init__.py): between regions the other threads sleep, and waking them
+at every region of every layer costs more than the work of a small step.
 
 Why home ranges: thread t of T first takes tasks t·n/T … (t + 1)·n/T − 1 of every phase, in order, so when two
 phases number their tasks alike (the fused layer's in_proj and state-update tasks cover the same channels), a
-thread reads what it wrote itself, from its own caches. On this VM that matters: in one of its two states
-the vCPUs seem to sit on different dies, with an L3 each (a two-thread ping-pong of one cache line takes
-320–530 ns instead of 58–95), and every line written by the other thread crosses between them. Measured with
-all tasks on one shared counter against fixed halves (130m, batch 8, float32, one process alternating the
-two each round, /work/notes/bench/phase_tsc3.py): in that state 21.0–23.8 ms a step (26 rounds) against
-18.6–21.4 (27), the state-update phase 4.6–5.0 ms against 3.4–3.7 and in_proj 7.7–8.8 against 6.8–7.3; in
-the other state 21.3–31.1 against 19.9–29.2. Fixed halves alone would stall on a thread that is slow or
+thread reads what it wrote itself, from its own caches; where cores do not share a cache, every line written by
+another thread has to cross between them. Fixed ranges alone would stall on a thread that is slow or
 descheduled, so a thread that has finished its range goes on to take tasks from the other ranges' counters.
 
 Each range has its own counter on a cache line of its own, so a thread touches the other's line only when
@@ -36,7 +31,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._numba import kernel_options
+from .primitives import kernel_options
 
 SPINS_BEFORE_YIELD = 256
 
@@ -105,9 +100,7 @@ def claim(sync, phase, n, t, threads, r):
 
     The max with 0 changes nothing (a counter starts at 0 and only grows) but tells LLVM the index is not
     negative, and so neither are the array indices computed from it. Without it numba's negative-index
-    wraparound stays on every access, and LLVM leaves the phases' channel loops scalar: the fused layer's
-    Δ + state-update phase took 5.1 ms for 24 layers at batch 8 against 3.2 ms with the index known
-    non-negative (one thread, 130m; one-off script /work/notes/bench/ssm_situ2.py)."""
+    wraparound stays on every access, and LLVM leaves the phases' channel loops scalar (docs/kernels.md)."""
     while r < threads:
         u = (t + r) % threads
         lo, hi = home(n, u, threads)

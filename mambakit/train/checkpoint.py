@@ -7,36 +7,31 @@
         train_config.json                the TrainConfig of the run
         manifest.json                    size and sha256 of every other file, written last
 
-A checkpoint is built in a hidden temporary directory; every file is fsynced, the manifest is written, and
-the directory is renamed into place (then the parent is fsynced). A directory without a manifest, or whose
-files do not match it, is refused on resume with a message that says what is wrong.
+A checkpoint is filled in a temporary directory, the manifest last, and swapped in whole by
+mambakit._io.atomic_directory: saving the same step again never leaves a moment without a complete checkpoint.
+A directory without a manifest, or whose files do not match it, is refused on resume with a message that says
+what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from .._io import atomic_directory
+
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+CONFIG_FILE = "train_config.json"  # the TrainConfig, in the run directory and in each checkpoint
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
 class CheckpointCorruptError(ValueError):
     """A training checkpoint that is partial or damaged (missing manifest, missing or altered files)."""
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -60,33 +55,15 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], keep: int) -> Path:
-    """write_files(tmp_dir) fills a temporary directory, which becomes root/step_XXXXXXX atomically;
-    then all but the newest `keep` checkpoints are deleted."""
-    root.mkdir(parents=True, exist_ok=True)
+    """write_files(tmp_dir) fills a temporary directory, which becomes root/step_XXXXXXX atomically (replacing
+    a checkpoint of the same step, e.g. the final save right after a periodic one); then all but the newest
+    `keep` checkpoints are deleted."""
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(final) as tmp:
         write_files(tmp)
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            if f.is_file():
-                _fsync_path(f)
-                files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-        manifest = json.dumps({"step": step, "files": files}, indent=1) + "\n"
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            f.write(manifest)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(tmp)
-        if final.exists():  # the same step saved again (e.g. the final save right after a periodic one)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())
+                 if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n", encoding="utf-8")
     for _, old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -26,6 +26,8 @@ the 2 × 8 accumulators would live in memory (LLVM cannot keep array elements in
 
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 import torch
 from llvmlite import ir
@@ -34,8 +36,15 @@ from numba.extending import intrinsic
 from torch import Tensor
 
 from . import hugepages
-from .decode_linear import _renamed
-from .ops._numba import kernel_options, set_threads, vector_fn, widen_ir
+from ..ops.cpu.primitives import kernel_options, set_threads, vector_fn, widen_ir
+
+def renamed(fn, suffix: str):
+    """fn under another name. numba's disk cache files a compiled function under its name and bytecode, not
+    its options: a serial and a parallel build of one function would load each other's cached code."""
+    g = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    g.__qualname__ = fn.__qualname__ + suffix
+    return g
+
 
 LANES = 16  # float32 lanes in an AVX-512 vector
 GROUP = 2 * LANES  # output rows per panel: two vectors, so batch 1 still has two independent FMA chains
@@ -171,7 +180,7 @@ def _linear_panels(x, P, out):
 
 _LINEAR = {
     True: njit(**kernel_options(parallel=True))(_linear_panels),
-    False: njit(**kernel_options(parallel=False))(_renamed(_linear_panels, "_serial")),
+    False: njit(**kernel_options(parallel=False))(renamed(_linear_panels, "_serial")),
 }
 
 
@@ -237,9 +246,9 @@ def pack(weights: list[Tensor]) -> list[np.ndarray]:
 def linear(x: Tensor, P: np.ndarray, o: int) -> Tensor:
     """x (b, i) · Wᵀ → (b, o) float32, W given packed (`pack`); the decode counterpart of F.linear(x, W)."""
     if x.dim() != 2 or x.shape[1] != P.shape[1]:
-        raise ValueError(f"decode_panels.linear: x {tuple(x.shape)} does not match packed weight of {P.shape[1]} inputs")
+        raise ValueError(f"panels.linear: x {tuple(x.shape)} does not match packed weight of {P.shape[1]} inputs")
     if not 0 < o <= P.shape[0] * GROUP:
-        raise ValueError(f"decode_panels.linear: o = {o} outside the packed weight's 1 … {P.shape[0] * GROUP} rows")
+        raise ValueError(f"panels.linear: o = {o} outside the packed weight's 1 … {P.shape[0] * GROUP} rows")
     parallel = torch.get_num_threads() > 1
     if parallel:
         set_threads()

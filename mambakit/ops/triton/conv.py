@@ -1,14 +1,15 @@
 """Causal depthwise conv1d on GPU: Triton kernels for forward and backward, and their autograd Function.
 
-The Mamba block's short (w = 4) causal conv over time (paper §3.4, Figure 3), as in conv.py, in the time-major
-layout (b, l, d): one program per (sequence, tile of BLOCK_T steps, block of BLOCK_D channels), rows of
-contiguous channels, bias and SiLU fused. The w − 1 inputs before t = 0 are read from initial_state (b, d, w − 1)
-directly, so no padded copy [initial_state, x] is made.
+The Mamba block's short (w = 4) causal conv over time (paper §3.4, Figure 3), as in cpu/conv.py, in the
+time-major layout (b, l, d): one program per (sequence, tile of BLOCK_T steps, block of BLOCK_D channels), rows
+of contiguous channels, bias and SiLU fused. The w − 1 inputs before t = 0 are read from initial_state
+(b, d, w − 1) directly, so no padded copy [initial_state, x] is made.
 
 Backward, in two kernels as on CPU: the first recomputes the pre-activation, writes its gradient dpre (float32)
 and adds the tile's weight and bias partial sums atomically; the second gathers dx_s = Σ_k W_k · dpre_{s+w−1−k}
 over the padded positions s ∈ [−(w − 1), l), the first w − 1 of which are d(initial_state). Gathering instead
-of scattering means no two programs write one element.
+of scattering means no two programs write one element. The entry points trust their arguments: only
+mambakit.ops calls them, after checking.
 """
 
 from __future__ import annotations
@@ -16,20 +17,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from .scan_triton import _rows, _rowwise
+from ..reference import conv_final_state
+from .common import row_ptrs, rowwise, sigmoid
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-# 16 steps × 64 channels per program: compiled for sm_90 the three kernels take 64-186 registers without spills
-# (64 × 64 spilled in the backward); 64 bf16 channels are a 128-byte row.
+# 16 steps × 64 channels per program: 64 bf16 channels are a 128-byte row, and the three kernels compile for
+# sm_90 without spilling registers (64 × 64 spilled in the backward; docs/kernels.md).
 BLOCK_T = 16
 BLOCK_D = 64
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp2(-x * _LOG2E))
 
 
 @triton.jit
@@ -44,7 +39,7 @@ def _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, 
         s = t - (W - 1) + k  # the input this tap reads; s < 0 is in initial_state
         wk = tl.load(w_ptr + offs_d * W + k, mask=mask_d, other=0.0).to(tl.float32)
         m = ((s >= 0) & (s < l))[:, None] & mask_d[None, :]
-        xs = tl.load(_rows(x_ptr, pid_b, s, offs_d, s_x_b, s_x_l), mask=m, other=0.0)
+        xs = tl.load(row_ptrs(x_ptr, pid_b, s, offs_d, s_x_b, s_x_l), mask=m, other=0.0)
         if HAS_INIT:  # init[b, j, (W − 1) + s] for −(W − 1) ≤ s < 0
             mi = ((s < 0) & (s >= -(W - 1)))[:, None] & mask_d[None, :]
             off = (pid_b.to(tl.int64) * d + offs_d)[None, :] * (W - 1) + (W - 1 + s)[:, None]
@@ -66,7 +61,7 @@ def _conv_fwd_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, y_ptr, l, d, s_x_b, s_x_l
     acc = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, s_x_b, s_x_l,
                     W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)  # fmt: skip
     if SILU:
-        acc = acc * _sigmoid(acc)
+        acc = acc * sigmoid(acc)
     m = (t < l)[:, None] & mask_d[None, :]
     rows = (pid_b.to(tl.int64) * l + t)[:, None] * d + offs_d[None, :]
     tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=m)
@@ -87,7 +82,7 @@ def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_
     if SILU:  # silu'(a) = σ(a)(1 + a(1 − σ(a))), with a recomputed
         pre = _conv_pre(x_ptr, init_ptr, w_ptr, bias_ptr, pid_b, t, offs_d, mask_d, l, d, s_x_b, s_x_l,
                         W, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D)  # fmt: skip
-        sg = _sigmoid(pre)
+        sg = sigmoid(pre)
         g = g * sg * (1.0 + pre * (1.0 - sg))
     g = tl.where(m, g, 0.0)
     tl.store(dpre_ptr + rows, g, mask=m)
@@ -96,7 +91,7 @@ def _conv_bwd_pre_kernel(x_ptr, init_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_
     for k in tl.static_range(W):  # dW_k = Σ_t dpre_t · x_{t−(W−1)+k}
         s = t - (W - 1) + k
         ms = ((s >= 0) & (s < l))[:, None] & mask_d[None, :]
-        xs = tl.load(_rows(x_ptr, pid_b, s, offs_d, s_x_b, s_x_l), mask=ms, other=0.0)
+        xs = tl.load(row_ptrs(x_ptr, pid_b, s, offs_d, s_x_b, s_x_l), mask=ms, other=0.0)
         if HAS_INIT:
             mi = ((s < 0) & (s >= -(W - 1)))[:, None] & mask_d[None, :]
             off = (pid_b.to(tl.int64) * d + offs_d)[None, :] * (W - 1) + (W - 1 + s)[:, None]
@@ -136,7 +131,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_state, silu):
         b, l, d = x.shape
         w = weight.shape[1]
-        x_ = _rowwise(x)
+        x_ = rowwise(x)
         w_ = weight.detach().contiguous()
         bias_ = bias.detach().contiguous() if bias is not None else w_
         init_ = initial_state.detach().contiguous() if initial_state is not None and w > 1 else x_
@@ -189,24 +184,8 @@ class _CausalConv1dTriton(torch.autograd.Function):
         )
 
 
-def causal_conv1d_triton(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    initial_state: Tensor | None = None,
-    return_final_state: bool = False,
-    activation: str | None = None,
-):
-    """The Triton conv; same signature and results as `causal_conv1d_ref` (float16, bfloat16, float32)."""
-    b, l, d = x.shape
-    w = weight.shape[1]
+def causal_conv1d_triton(x, weight, bias, initial_state, return_final_state, activation):
+    """The Triton conv of checked arguments (mambakit.ops.causal_conv1d); results as causal_conv1d_ref
+    (float16, bfloat16, float32)."""
     y = _CausalConv1dTriton.apply(x, weight, bias, initial_state, activation in ("silu", "swish"))
-    if not return_final_state:
-        return y
-    # the last w − 1 inputs of [initial_state, x], in x's dtype; small, so plain torch (and autograd) does it
-    if l >= w - 1:
-        final = x[:, l - (w - 1) :, :].transpose(1, 2)
-    else:
-        init = initial_state.to(x.dtype) if initial_state is not None else x.new_zeros(b, d, w - 1)
-        final = torch.cat([init, x.transpose(1, 2)], dim=-1)[..., l:]
-    return y, final.contiguous()
+    return (y, conv_final_state(x, initial_state, weight.shape[1])) if return_final_state else y

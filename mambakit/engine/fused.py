@@ -27,7 +27,7 @@ unfused step otherwise.
 from __future__ import annotations
 
 import threading
-import types
+import weakref
 
 import numba
 import numpy as np
@@ -39,12 +39,12 @@ from numba import types as nb_types
 from numba.extending import intrinsic
 from torch import Tensor
 
-from . import decode_panels
-from .decode_linear import _rows
-from .decode_panels import GROUP, panel_rows
-from .ops._numba import (exp_ir, fexp, kernel_options, loop_ir, narrow, prefetch_ir, set_threads, sigmoid, softplus,
+from ..model import Mamba, MambaLM, MambaState
+from . import panels
+from .panels import GROUP, panel_rows, renamed
+from ..ops.cpu.primitives import (exp_ir, fexp, kernel_options, loop_ir, narrow, prefetch_ir, set_threads, sigmoid, softplus,
                          vector_fn, widen, widen_ir)
-from .ops._tasks import claim, finish, home, sync_size, wait
+from ..ops.cpu.tasks import claim, finish, home, sync_size, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
 # Measured (130m, 2 threads, other processes paused, fused vs unfused ms a step, one-off script): float32
@@ -53,7 +53,7 @@ from .ops._tasks import claim, finish, home, sync_size, wait
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 16}
 PHASES = 4  # of a layer: in_proj + conv, x_proj, Δ + state update, out_proj (the norm is each thread's own)
 # Channels a task, in the in_proj phase (their x and z rows: 4 panels) and in the state-update phase, so that
-# task k of both phases covers the same channels and one thread does both (`ops._tasks`: each thread starts
+# task k of both phases covers the same channels and one thread does both (`ops.cpu.tasks`: each thread starts
 # with its own range of tasks). Fewer, larger tasks cost fewer atomic operations on counters the threads share:
 # measured with one panel a task (192 tasks a layer), 2 panels and 4 (130m, batch 8, alternated processes,
 # /work/notes/bench/ab_env.sh, one sample each, in the VM state where a counter's round trip between the
@@ -280,6 +280,57 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
     return sig, codegen
 
 
+def _put(y, bb, r, v0, v1, v2, v3, bias, has_bias, add):
+    """y[bb … bb + 3, r] = v0 … v3 (+ bias[r]), or += when add."""
+    bv = widen(bias[r]) if has_bias else np.float32(0.0)
+    if add:
+        y[bb, r] += v0 + bv; y[bb + 1, r] += v1 + bv; y[bb + 2, r] += v2 + bv; y[bb + 3, r] += v3 + bv  # noqa: E702
+    else:
+        y[bb, r] = v0 + bv; y[bb + 1, r] = v1 + bv; y[bb + 2, r] = v2 + bv; y[bb + 3, r] = v3 + bv  # noqa: E702
+
+
+def _rows(x, W, bias, y, r, add):
+    """Rows r … r + 3 (fewer at the end of W) of y (b, o) = x[:, :i] · Wᵀ (+ bias), or y += that when add.
+
+    W (o, i) float32 or bfloat16 bits, read row after row in memory order (one sequential stream, which DRAM
+    serves fastest; measured: streaming 4 rows side by side cost batch 1 a third more time). Below 4 input
+    rows each weight row is dotted with the b inputs while it sits in L1. From 4 inputs on, the decode is
+    compute-bound and a block of 4 weight rows × 4 inputs shares each load among 16 multiply-adds (8 loads for
+    16 FMAs instead of 2 for 1)."""
+    b = x.shape[0]
+    o, i = W.shape  # x may have more columns than W (dt_proj reads the first R of x_proj's output)
+    has_bias = bias.shape[0] > 0
+    r_end = min(o, r + 4)
+    b4 = b - b % 4 if r_end - r == 4 else 0  # inputs taken 4 at a time by the blocked kernel
+    for bb in range(0, b4, 4):
+        a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.float32(0.0)
+        d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = np.float32(0.0)
+        for j in range(i):  # vectorised by LLVM (fast-math reassociates the sums): 16 vector accumulators
+            w0, w1, w2, w3 = widen(W[r, j]), widen(W[r + 1, j]), widen(W[r + 2, j]), widen(W[r + 3, j])
+            x0, x1, x2, x3 = x[bb, j], x[bb + 1, j], x[bb + 2, j], x[bb + 3, j]
+            a0 += w0 * x0; a1 += w0 * x1; a2 += w0 * x2; a3 += w0 * x3  # noqa: E702
+            c0 += w1 * x0; c1 += w1 * x1; c2 += w1 * x2; c3 += w1 * x3  # noqa: E702
+            d0 += w2 * x0; d1 += w2 * x1; d2 += w2 * x2; d3 += w2 * x3  # noqa: E702
+            e0 += w3 * x0; e1 += w3 * x1; e2 += w3 * x2; e3 += w3 * x3  # noqa: E702
+        _put(y, bb, r, a0, a1, a2, a3, bias, has_bias, add)
+        _put(y, bb, r + 1, c0, c1, c2, c3, bias, has_bias, add)
+        _put(y, bb, r + 2, d0, d1, d2, d3, bias, has_bias, add)
+        _put(y, bb, r + 3, e0, e1, e2, e3, bias, has_bias, add)
+    for rr in range(r, r_end):  # one dot product per (row, input) for the inputs left
+        for bb in range(b4, b):
+            acc = np.float32(0.0)
+            for j in range(i):  # vectorised by LLVM
+                acc += widen(W[rr, j]) * x[bb, j]
+            if has_bias:
+                acc += widen(bias[rr])
+            y[bb, rr] = y[bb, rr] + acc if add else acc
+
+
+_put = njit(inline="always", **kernel_options(parallel=False))(_put)
+_rows = njit(**kernel_options(parallel=False))(_rows)
+
+
+
 def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
            p_out, b_out, hn, xz, xc, dbc, y, o, sync):
     """Thread t's part of one layer for b sequences; r (b, D) float32 is the residual stream, updated in place
@@ -295,7 +346,7 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
 
     First each thread computes the RMSNorm of r into its own hn[t]. Then four phases; each thread takes a
     phase's tasks from its own range first, then from the others', and waits for the phase to be done before
-    the next (ops/_tasks.py; `sync`: this layer's counters, zeroed): in_proj for ROWS channels a task, their x
+    the next (ops/cpu/tasks.py; `sync`: this layer's counters, zeroed): in_proj for ROWS channels a task, their x
     and z rows, with the conv and SiLUs of the channels just produced; x_proj in 4-row tasks; dt_proj with the
     state update, ROWS channels a task (task k of in_proj and of the state update cover the same channels, so
     the thread that did one usually does the other, and reads its x and z from its own caches); out_proj, a
@@ -557,18 +608,10 @@ _channels = njit(inline="always", **kernel_options(parallel=False))(_channels)
 _residual = njit(inline="always", **kernel_options(parallel=False))(_residual)
 
 
-def _renamed(fn, suffix: str):
-    """fn under another name: numba's disk cache files compiled code by name and bytecode, not by options, so
-    a serial and a parallel build of one function would load each other's cached code."""
-    g = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
-    g.__qualname__ = fn.__qualname__ + suffix
-    return g
-
-
 # parallel over torch's thread count, or serial for one thread (a parallel launch wakes pool threads)
 _LAYERS = {
     True: njit(**kernel_options(parallel=True))(_layers),
-    False: njit(**kernel_options(parallel=False))(_renamed(_layers, "_serial")),
+    False: njit(**kernel_options(parallel=False))(renamed(_layers, "_serial")),
 }
 
 
@@ -581,94 +624,179 @@ def _np(t: Tensor) -> np.ndarray:
 _EMPTY = np.zeros(0, np.float32)
 
 
-def _model_applies(model) -> bool:
-    """The per-model half of `applies`, cached (walking every parameter costs 0.4 ms, 2% of a step) under a
-    key that changes when the weights are replaced or converted (.to() changes the dtype, FSDP the objects)."""
-    from .model import Mamba
-
+def unsupported(model) -> str | None:
+    """Why the fused step cannot run this model (None when it can): it covers CPU MambaLMs in float32 or bfloat16
+    with RMSNorm, a float32 residual stream (or float32 weights) and plain Mamba mixers (not subclasses such as
+    the S4D baseline, whose SSM differs)."""
+    if not isinstance(model, MambaLM):
+        return f"not a MambaLM ({type(model).__name__})"
     c = model.config
-    layers = model.backbone.layers
     w = model.lm_head.weight
-    key = (id(w), w.dtype, w.device, id(layers[0].mixer.in_proj.weight), id(layers[-1].mixer.out_proj.weight))
-    cached = model.__dict__.get("_fused_applies")
-    if cached is None or cached[0] != key:
-        ok = (
-            w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-            and c.rms_norm and (c.residual_in_fp32 or w.dtype == torch.float32)
-            and all(type(layer.mixer) is Mamba for layer in layers)
-            and all(p.dtype in (torch.float32, torch.bfloat16) and p.device.type == "cpu" for p in model.parameters())
-        )
-        cached = model.__dict__["_fused_applies"] = (key, ok)
-    return cached[1]
+    if w.device.type != "cpu":
+        return f"weights on {w.device.type}, not the CPU"
+    if w.dtype not in MAX_BATCH:
+        return f"weights in {w.dtype}; the fused step covers float32 and bfloat16"
+    if not c.rms_norm:
+        return "LayerNorm model (rms_norm=False)"
+    if not (c.residual_in_fp32 or w.dtype == torch.float32):
+        return "a bfloat16 residual stream (residual_in_fp32=False)"
+    other = {type(layer.mixer).__name__ for layer in model.backbone.layers if type(layer.mixer) is not Mamba}
+    if other:
+        return f"mixers other than Mamba ({', '.join(sorted(other))})"
+    if any(p.dtype not in MAX_BATCH or p.device.type != "cpu" for p in model.parameters()):
+        return "parameters of other dtypes or devices than the head's"
+    return None
 
 
-def applies(model, input_ids: Tensor, state) -> bool:
-    """Whether `step` runs fused for this model and batch (else MambaLM.step takes the unfused path)."""
-    return (
-        input_ids.shape[0] <= MAX_BATCH.get(model.lm_head.weight.dtype, 0) and _model_applies(model)
-        and state.ssm.dtype == torch.float32 and state.conv.dtype == model.lm_head.weight.dtype
-        and state.conv.is_contiguous() and state.ssm.is_contiguous()
-    )
+def _layer_view(t: Tensor, b: int) -> Tensor | None:
+    """The state tensor t (L, b, E, K) as the kernel reads it: a C-contiguous (L, M, E, K) tensor, M ≥ b, of
+    which rows < b are t. t itself when contiguous; for the first b rows of a larger contiguous pool (the
+    server's `pool[:, :b]`) the pool's layers, rows ≥ b untouched (the kernel writes rows < b only). None for
+    any other layout."""
+    if t.is_contiguous():
+        return t
+    L, _, E, K = t.shape
+    inner = E * K
+    s = t.stride()
+    if s[1:] != (inner, K, 1) or s[0] % inner or s[0] < b * inner:
+        return None
+    M = s[0] // inner
+    if t.storage_offset() + L * s[0] > t.untyped_storage().nbytes() // t.element_size():
+        return None  # the pool's rows after the last layer's b-th are not all in memory
+    return t.as_strided((L, M, E, K), (s[0], inner, K, 1))
 
 
-def _layer_args(model) -> tuple[tuple, np.ndarray]:
-    """The kernel's weight arguments (`_layers`: the small weights stacked by layer, in_proj, dt_proj and out_proj
-    packed as 32-row panels in one flat buffer with each layer's offset), and the LM head packed. All are
-    copies (`decode_panels.pack_flat` for the panels), built here and reused for as long as every module and
-    parameter they came from is still in place, at the same address and version (checked each step by dict
-    lookups: 0.34–0.41 ms a step for the 130m on this VM, 2–3% of a batch-1 step): an optimizer step or
-    load_state_dict bumps the parameters' versions and so rebuilds them; replacing a parameter, a module or a
-    tensor's .data rebuilds them too. (In-place writes through `.data` are invisible to torch's version counter,
-    and so to this check.)"""
-    cached = model.__dict__.get("_fused_args")
-    if cached is not None and all(d.get(k) is v and (p is None or (v.data_ptr(), v._version) == p)
-                                  for d, k, v, p in cached[0]):
-        return cached[1]
-    model.__dict__.pop("_fused_args", None)  # free the old packed copy before building the new one
-    checks = []
+class FusedDecoder:
+    """`MambaLM.step` for CPU decoding as one compiled call for all layers (see the module docstring), applied to
+    a model from outside: it owns a packed copy of the model's weights (about their size again), built on the
+    first step and rebuilt when a weight changes; `release()` frees it.
 
-    def watch(module, kind: str, name: str):  # module._modules[name] or ._parameters[name], recorded
-        d = getattr(module, kind)
-        v = d[name]
-        checks.append((d, name, v, (v.data_ptr(), v._version) if isinstance(v, Tensor) else None))
-        return v
+        decoder = FusedDecoder(model)             # ValueError naming the reason if the model is not covered
+        logits = decoder.step(input_ids, state)   # (b, V); state updated in place, as MambaLM.step
+        decoder.supports(input_ids, state)        # None, or why this batch must take MambaLM.step instead
 
-    layers = watch(watch(model, "_modules", "backbone"), "_modules", "layers")
-    small = {k: [] for k in ("norm_w", "b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")}
-    packed = []
-    for i in range(len(layers)):
-        layer = watch(layers, "_modules", str(i))
-        norm, m = watch(layer, "_modules", "norm"), watch(layer, "_modules", "mixer")
-        in_proj, conv, x_proj, dt_proj, out_proj = (
-            watch(m, "_modules", k) for k in ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"))
+    The decoder holds the model weakly (a cache of decoders keyed by model frees them with the model)."""
 
-        def p(module, name):
-            t = watch(module, "_parameters", name)
-            return None if t is None else t.detach()
+    def __init__(self, model: MambaLM):
+        why = unsupported(model)
+        if why is not None:
+            raise ValueError(f"FusedDecoder: the fused decode step does not cover this model: {why}")
+        self._model = weakref.ref(model)
+        self._packed = None  # (checks, (weights, packed head)): see `_weights`
+        self._checked = None  # (key, reason): `unsupported` for the model as it was at key
 
-        for k, t in (("norm_w", p(norm, "weight")), ("b_in", p(in_proj, "bias")),
-                     ("conv_w", p(conv, "weight").reshape(-1, conv.weight.shape[-1]).t()),  # (W, E): `_conv16`
-                     ("conv_b", p(conv, "bias")),
-                     ("w_x", p(x_proj, "weight")), ("dt_b", p(dt_proj, "bias")),
-                     ("A", -torch.exp(p(m, "A_log").float())), ("Dv", p(m, "D")), ("b_out", p(out_proj, "bias"))):
-            small[k].append(t)
-        packed += [watch(module, "_parameters", "weight") for module in (in_proj, dt_proj, out_proj)]
-    packed.append(watch(watch(model, "_modules", "lm_head"), "_parameters", "weight"))
-    # one buffer in the order a step reads them: layer 0's in_proj, dt_proj, out_proj, layer 1's, …, the head
-    flat, offsets = decode_panels.pack_flat([t.detach() for t in packed])
-    stacked = {k: _EMPTY.reshape(len(layers), 0) if v[0] is None else _np(torch.stack(v)) for k, v in small.items()}
-    args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0:-1:3], np.int64),
-            *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")))
-    result = (args, decode_panels.panels_at(flat, offsets[-1], packed[-1]))
-    model.__dict__["_fused_args"] = (checks, result)
-    return result
+    @property
+    def model(self) -> MambaLM:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("FusedDecoder: its model has been freed")
+        return model
 
+    def release(self) -> None:
+        """Frees the packed copy of the weights; the next step builds it again."""
+        self._packed = None
 
-def release(model) -> None:
-    """Frees the fused step's cached weight arguments, including the packed copy of the large matrices (about
-    the size of the weights). The next fused step builds them again. For a model that goes back to training
-    after decoding (the trainer's samples), where the copy would go stale and only hold memory."""
-    model.__dict__.pop("_fused_args", None)
+    def supports(self, input_ids: Tensor, state: MambaState) -> str | None:
+        """Why `step` cannot take this batch (None when it can). The per-model part is cached under a key that
+        changes when the weights are replaced or converted (walking every parameter costs 0.4 ms a step)."""
+        model = self.model
+        w, layers = model.lm_head.weight, model.backbone.layers
+        key = (id(w), w.dtype, w.device, id(layers[0].mixer.in_proj.weight), id(layers[-1].mixer.out_proj.weight))
+        if self._checked is None or self._checked[0] != key:
+            self._checked = (key, unsupported(model))
+        if self._checked[1] is not None:
+            return self._checked[1]
+        b = input_ids.shape[0] if isinstance(input_ids, Tensor) and input_ids.dim() == 1 else 0
+        limit = MAX_BATCH[w.dtype]
+        if b > limit:
+            return f"batch above {limit} rows, the fused limit for {str(w.dtype)[6:]} (torch's GEMMs are faster beyond)"
+        if not isinstance(state, MambaState):
+            return "state is not a MambaState"
+        if state.ssm.dtype != torch.float32 or state.conv.dtype != w.dtype:
+            return f"state dtypes conv {state.conv.dtype}, ssm {state.ssm.dtype} (want {w.dtype}, float32)"
+        if state.conv.device.type != "cpu" or state.ssm.device.type != "cpu":
+            return "state not on the CPU"
+        if _layer_view(state.conv, b) is None or _layer_view(state.ssm, b) is None:
+            return "state layout: neither contiguous nor the first rows of a contiguous pool"
+        return None
+
+    def _weights(self, model: MambaLM) -> tuple[tuple, np.ndarray]:
+        """The kernel's weight arguments (`_layers`: the small weights stacked by layer, in_proj, dt_proj and
+        out_proj packed as 32-row panels in one flat buffer with each layer's offset), and the LM head packed.
+        All are copies (`panels.pack_flat`), reused for as long as every module and parameter they came from is
+        still in place, at the same address and version (checked each step by dict lookups, 2–3% of a batch-1
+        step of the 130m): an optimizer step or load_state_dict bumps the parameters' versions and so rebuilds
+        them; replacing a parameter, a module or a tensor's .data rebuilds them too. (In-place writes through
+        `.data` are invisible to torch's version counter, and so to this check.)"""
+        cached = self._packed
+        if cached is not None and all(d.get(k) is v and (p is None or (v.data_ptr(), v._version) == p)
+                                      for d, k, v, p in cached[0]):
+            return cached[1]
+        self._packed = None  # free the old packed copy before building the new one
+        checks = []
+
+        def watch(module, kind: str, name: str):  # module._modules[name] or ._parameters[name], recorded
+            d = getattr(module, kind)
+            v = d[name]
+            checks.append((d, name, v, (v.data_ptr(), v._version) if isinstance(v, Tensor) else None))
+            return v
+
+        layers = watch(watch(model, "_modules", "backbone"), "_modules", "layers")
+        small = {k: [] for k in ("norm_w", "b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")}
+        packed = []
+        for i in range(len(layers)):
+            layer = watch(layers, "_modules", str(i))
+            norm, m = watch(layer, "_modules", "norm"), watch(layer, "_modules", "mixer")
+            in_proj, conv, x_proj, dt_proj, out_proj = (
+                watch(m, "_modules", k) for k in ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"))
+
+            def p(module, name):
+                t = watch(module, "_parameters", name)
+                return None if t is None else t.detach()
+
+            for k, t in (("norm_w", p(norm, "weight")), ("b_in", p(in_proj, "bias")),
+                         ("conv_w", p(conv, "weight").reshape(-1, conv.weight.shape[-1]).t()),  # (W, E): `_conv16`
+                         ("conv_b", p(conv, "bias")),
+                         ("w_x", p(x_proj, "weight")), ("dt_b", p(dt_proj, "bias")),
+                         ("A", -torch.exp(p(m, "A_log").float())), ("Dv", p(m, "D")), ("b_out", p(out_proj, "bias"))):
+                small[k].append(t)
+            packed += [watch(module, "_parameters", "weight") for module in (in_proj, dt_proj, out_proj)]
+        packed.append(watch(watch(model, "_modules", "lm_head"), "_parameters", "weight"))
+        # one buffer in the order a step reads them: layer 0's in_proj, dt_proj, out_proj, layer 1's, …, the head
+        flat, offsets = panels.pack_flat([t.detach() for t in packed])
+        stacked = {k: _EMPTY.reshape(len(layers), 0) if v[0] is None else _np(torch.stack(v)) for k, v in small.items()}
+        args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0:-1:3], np.int64),
+                *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")))
+        result = (args, panels.panels_at(flat, offsets[-1], packed[-1]))
+        self._packed = (checks, result)
+        return result
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, state: MambaState) -> Tensor:
+        """`MambaLM.step` fused: input_ids (b,) → logits (b, V) in the model's dtype; state updated in place.
+        Checks everything the kernel relies on first (the state's shapes against the model, dtypes, layout):
+        ValueError naming what does not fit."""
+        model = self.model
+        model.check_step_inputs(input_ids, state)  # shapes against the model: the kernel does not bounds-check
+        why = self.supports(input_ids, state)
+        if why is not None:
+            raise ValueError(f"FusedDecoder.step: the fused step cannot take this batch of {input_ids.shape[0]}: {why}")
+        c = model.config
+        b = input_ids.shape[0]
+        E, N, R = c.d_inner, c.d_state, c.dt_rank
+        weights, p_head = self._weights(model)
+        conv, ssm = _layer_view(state.conv, b), _layer_view(state.ssm, b)  # (L, M ≥ b, E, W − 1), (L, M, E, N)
+        r = model.backbone.embedding(input_ids).float().contiguous()  # (b, D) the residual stream, float32
+        parallel = torch.get_num_threads() > 1
+        if parallel:
+            set_threads()
+        threads = numba.get_num_threads() if parallel else 1
+        hn, xz, xc, dbc, y, o, sync = _scratch(threads, b, c.d_model, E, R, N, c.n_layer)
+        norm_w, eps, flat, offsets, b_in, conv_w, conv_b, w_x, dt_b, A, Dv, b_out = weights
+        _LAYERS[parallel](r.numpy(), norm_w, eps, flat, offsets, b_in, conv_w, conv_b, _np(conv), w_x, dt_b, A,
+                          Dv, ssm.numpy(), b_out, hn, xz, xc, dbc, y, o, sync, threads)
+        h = model.backbone.norm_f(r)  # (b, D)
+        return panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as MambaLM.step
 
 
 _SCRATCH = threading.local()  # a thread's float32 scratch buffer and task counters, reused across steps
@@ -676,17 +804,14 @@ _SCRATCH = threading.local()  # a thread's float32 scratch buffer and task count
 
 def _scratch(threads: int, b: int, D: int, E: int, R: int, N: int, L: int) -> tuple[np.ndarray, ...]:
     """The step's scratch arrays (`_layer`: hn (T, b, D), a normed input a thread; xz (b, 2E), y (b, E), o (b, D),
-    the outputs of packed matrices, whole panels wide (`decode_panels.padded`); xc (b, E); dbc (b, R + 2N)) as
-    views of one float32 buffer, and the layers' task counters (L, sync_size), zeroed (ops/_tasks.py).
+    the outputs of packed matrices, whole panels wide (`panels.padded`); xc (b, E); dbc (b, R + 2N)) as views
+    of one float32 buffer, and the layers' task counters (L, sync_size), zeroed (ops/cpu/tasks.py).
 
-    Reused from step to step, as the issue asks (no allocation per step). Speed is the same: a profile put the
-    allocation at 0.15 ms a step, but an in-process A/B against the tree that allocated (/work/notes/bench/
-    ab_multi.py, 130m float32) gave 1.00–1.02× its step time at batch 1 and 8, as much as two copies of one
-    tree differ there. Every scratch element is written before it is read within a step, so no step sees
-    another's values. The buffer belongs to the calling Python thread (`threading.local`), so concurrent steps
-    from two threads never share it; it grows to the largest batch seen and is carved into C-contiguous views
-    for smaller ones (a server's batch changes from step to step)."""
-    P = decode_panels.padded
+    Reused from step to step (no allocation per step). Every scratch element is written before it is read
+    within a step, so no step sees another's values. The buffer belongs to the calling Python thread
+    (`threading.local`), so concurrent steps from two threads never share it; it grows to the largest batch
+    seen and is carved into C-contiguous views for smaller ones (a server's batch changes from step to step)."""
+    P = panels.padded
     shapes = ((threads, b, D), (b, P(2 * E)), (b, E), (b, R + 2 * N), (b, P(E)), (b, P(D)))
     sizes = [-(-int(np.prod(s)) // 16) * 16 for s in shapes]  # each view starts on a cache line
     n_sync = sync_size(PHASES, threads)
@@ -704,24 +829,3 @@ def _scratch(threads: int, b: int, D: int, E: int, R: int, N: int, L: int) -> tu
     counters = sync[:L * n_sync].reshape(L, n_sync)
     counters.fill(0)
     return (*views, counters)
-
-
-@torch.no_grad()
-def step(model, input_ids: Tensor, state) -> Tensor:
-    """`MambaLM.step` fused: input_ids (b,) → logits (b, V) in the model's dtype; state updated in place."""
-    c = model.config
-    b = input_ids.shape[0]
-    E, N, R = c.d_inner, c.d_state, c.dt_rank
-    weights, p_head = _layer_args(model)
-    r = model.backbone.embedding(input_ids).float().contiguous()  # (b, D) the residual stream, float32
-    parallel = torch.get_num_threads() > 1
-    if parallel:
-        set_threads()
-    threads = numba.get_num_threads() if parallel else 1
-    hn, xz, xc, dbc, y, o, sync = _scratch(threads, b, c.d_model, E, R, N, c.n_layer)
-    norm_w, eps, panels, offsets, b_in, conv_w, conv_b, w_x, dt_b, A, Dv, b_out = weights
-    # the states: (L, b, E, W − 1) and (L, b, E, N)
-    _LAYERS[parallel](r.numpy(), norm_w, eps, panels, offsets, b_in, conv_w, conv_b, _np(state.conv), w_x, dt_b, A,
-                      Dv, state.ssm.numpy(), b_out, hn, xz, xc, dbc, y, o, sync, threads)
-    h = model.backbone.norm_f(r)  # (b, D)
-    return decode_panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as the unfused step

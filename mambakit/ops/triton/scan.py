@@ -6,8 +6,8 @@ expanded state (b, l, d, n) never exists in HBM; the backward recomputes it.
 
 - One program per (sequence, block of BLOCK_D channels). The recurrence is diagonal in d, so programs are
   independent. A program walks its sequence in tiles of BLOCK_T steps, carrying the state block h
-  (BLOCK_D, n) in registers from tile to tile. Tile sizes: scan_config (untuned: no GPU was at hand when
-  they were chosen; benchmarks/gpu.py --sweep measures alternatives).
+  (BLOCK_D, n) in registers from tile to tile. Tile sizes: scan_config (benchmarks/gpu.py --sweep times
+  alternatives).
 - Inside a tile the recurrence h_t = Ā_t h_{t−1} + B̄_t u_t runs as a parallel associative scan over time
   (`tl.associative_scan`) on the pairs (Ā_t, B̄_t u_t), composed as affine maps x ↦ a·x + b. The paper's
   kernel uses the same parallel scan (Section 3.3.2, "work-efficient parallel scan algorithm"); it turns a
@@ -33,14 +33,10 @@ expanded state (b, l, d, n) never exists in HBM; the backward recomputes it.
 Everything is computed in float32; u, delta, z, B, C are read in their own dtype (float32, bfloat16, float16)
 and y, du, dΔ, dz are written in it, so no converted copies are made; views whose channels are contiguous
 (the model's z, B, C are column slices of its projections) are read through their strides. The decoding step
-is in step_triton.py.
+is in step.py. The entry point trusts its arguments: only mambakit.ops calls it, after checking.
 
-Cost, for the record: each state update costs one exp2, and the special-function units do 16 per clock per
-SM (an eighth of the FMA rate). With bf16 inputs and n = 16 a forward moves 8 bytes and needs 16 exps per
-(b, l, d) element: at an H200's measured ~4.3 TB/s copy rate that is 530 G elements/s, or 8.5 T exps/s,
-against 132 SMs x 16 x 1.98 GHz = 4.2 T/s. The exps alone take about 2x the bandwidth floor, so a bf16
-forward within 2x of the floor would need part of the exps computed on the FMA units (a polynomial), which
-these kernels do not do; float32 inputs (twice the bytes) halve the ratio.
+Every state update costs one exp2 on the special-function units (an eighth of the FMA rate): with bf16 inputs
+the exps, not memory, bound the forward (the arithmetic is in docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -50,11 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._numba import records_grad
-
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)  # the kernels' copies (a @triton.jit function reads only constexpr globals)
-_LN2 = tl.constexpr(0.6931471805599453)
+from ..cpu.primitives import records_grad
+from .common import LN2, LOG2E, row_ptrs, rowwise, sigmoid, softplus
 
 
 # ------------------------------------------------------------------------------------ tile sizes (tunable)
@@ -72,10 +65,8 @@ def scan_config(b: int, l: int, d: int, n: int) -> dict:
     while there would be fewer than PROGRAMS programs, so a single sequence still fills the GPU (the official
     kernel runs one channel per thread block for the same reason). A program holds (BLOCK_T, BLOCK_D,
     BLOCK_N) tiles in registers: BLOCK_T is chosen for about 2048 elements in the forward, and no longer than
-    the sequence; the backward keeps more such tiles alive and takes half the channels.
-    Compiled for sm_90 (benchmarks/gpu.py --compile-only, bf16, n = 16) the forward takes 80-96 registers per
-    thread at these sizes (about 170 with 4096-element tiles, which then fit fewer programs per SM), the
-    backward 160-240, without spills. Untimed: no GPU was at hand; --sweep times alternatives."""
+    the sequence; the backward keeps more such tiles alive and takes half the channels. Both compile for sm_90
+    without spilling registers (docs/kernels.md); benchmarks/gpu.py --sweep times alternatives."""
     block_n = triton.next_power_of_2(n)
     block_d = 16
     while block_d > 2 and b * triton.cdiv(d, block_d) < PROGRAMS:
@@ -93,22 +84,7 @@ def scan_config(b: int, l: int, d: int, n: int) -> dict:
     )
 
 
-# -------------------------------------------------------------------------------------- scalar helpers
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp2(-x * _LOG2E))
-
-
-@triton.jit
-def _softplus(x):
-    """log(1 + e^x), as F.softplus (x itself above 20). log1p by Goldberg's correction: log(w)·e/(w − 1) with
-    w = 1 + e is accurate to a few ulps even where e = e^x is far below float32's epsilon relative to 1."""
-    e = tl.exp2(tl.minimum(x, 20.0) * _LOG2E)
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log2(w) * _LN2 * e / (w - 1.0))
-    return tl.where(x > 20.0, x, log1p)
-
-
+# ---------------------------------------------------------------------------------------- scan helpers
 @triton.jit
 def _compose(a1, b1, a2, b2):
     """The affine map x ↦ a1·x + b1 followed by x ↦ a2·x + b2 (the earlier step is the left argument)."""
@@ -124,10 +100,14 @@ def _compose_excl(a1, b1, ea1, eb1, a2, b2, ea2, eb2):
 
 
 @triton.jit
-def _rows(ptr, pid_b, t, offs, stride_b, stride_l):
-    """Pointers to the (t, offs) elements of sequence pid_b in a (b, l, ·) tensor whose last dimension is
-    contiguous: the op reads views (the model's z, B, C are slices of wider projections) without copies."""
-    return ptr + pid_b.to(tl.int64) * stride_b + t.to(tl.int64)[:, None] * stride_l + offs[None, :]
+def _block(d, n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels (block program_id(1) of BLOCK_D) and the states: their offsets and masks, and
+    the (BLOCK_D, BLOCK_N) offsets of the block in a (d, n) matrix with their mask."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d
+    mask_n = offs_n < n
+    return offs_d, offs_n, mask_d, mask_n, offs_d[:, None] * n + offs_n[None, :], mask_d[:, None] & mask_n[None, :]
 
 
 @triton.jit
@@ -136,16 +116,16 @@ def _tile(u_ptr, delta_ptr, B_ptr, A2, bias, pid_b, t, offs_d, offs_n, m_td, m_t
     """One tile's inputs, discretised: x = delta + bias (BLOCK_T, BLOCK_D), Δ, u, B (BLOCK_T, BLOCK_N), and
     Ā = 2^(Δ·A·log2 e), B̄u = Δ·B·u (BLOCK_T, BLOCK_D, BLOCK_N). Steps past l get Δ = 0, so Ā = 1 and
     B̄u = 0: the identity map, which leaves the scan's carry as it is."""
-    x = tl.load(_rows(delta_ptr, pid_b, t, offs_d, s_dt_b, s_dt_l), mask=m_td, other=0.0).to(tl.float32)
+    x = tl.load(row_ptrs(delta_ptr, pid_b, t, offs_d, s_dt_b, s_dt_l), mask=m_td, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x = x + bias[None, :]
     if SOFTPLUS:
-        dt = _softplus(x)
+        dt = softplus(x)
     else:
         dt = x
     dt = tl.where(m_td, dt, 0.0)
-    uv = tl.load(_rows(u_ptr, pid_b, t, offs_d, s_u_b, s_u_l), mask=m_td, other=0.0).to(tl.float32)
-    Bt = tl.load(_rows(B_ptr, pid_b, t, offs_n, s_B_b, s_B_l), mask=m_tn, other=0.0).to(tl.float32)
+    uv = tl.load(row_ptrs(u_ptr, pid_b, t, offs_d, s_u_b, s_u_l), mask=m_td, other=0.0).to(tl.float32)
+    Bt = tl.load(row_ptrs(B_ptr, pid_b, t, offs_n, s_B_b, s_B_l), mask=m_tn, other=0.0).to(tl.float32)
     a = tl.exp2(dt[:, :, None] * A2[None, :, :])  # (BLOCK_T, BLOCK_D, BLOCK_N): Ā_t
     bu = (dt * uv)[:, :, None] * Bt[:, None, :]  # B̄_t u_t = Δ_t B_t u_t
     return x, dt, uv, Bt, a, bu
@@ -167,14 +147,8 @@ def _scan_fwd_kernel(
     SAVE). y, the states and A2 are contiguous; u, delta, z, B, C have the given (batch, time) strides and a
     contiguous last dimension."""
     pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d
-    mask_n = offs_n < n
-    dn = offs_d[:, None] * n + offs_n[None, :]  # (BLOCK_D, BLOCK_N) offsets in a (d, n) matrix
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, dn, mask_dn = _block(d, n, BLOCK_D, BLOCK_N)
     A2 = tl.load(A2_ptr + dn, mask=mask_dn, other=0.0)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
@@ -201,15 +175,15 @@ def _scan_fwd_kernel(
         m_tn = mask_t[:, None] & mask_n[None, :]
         _, dt, uv, Bt, a, bu = _tile(u_ptr, delta_ptr, B_ptr, A2, bias, pid_b, t, offs_d, offs_n, m_td, m_tn,
                                      s_u_b, s_u_l, s_dt_b, s_dt_l, s_B_b, s_B_l, HAS_BIAS, SOFTPLUS)  # fmt: skip
-        Ct = tl.load(_rows(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
+        Ct = tl.load(row_ptrs(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
         a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)  # steps t0..t composed
         hs = a_cum * h[None, :, :] + b_cum  # h_t for every step of the tile
         yv = tl.sum(hs * Ct[:, None, :], axis=2)  # (BLOCK_T, BLOCK_D): C_t · h_t
         if HAS_D:
             yv = yv + Dv[None, :] * uv
         if HAS_Z:
-            zv = tl.load(_rows(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
-            yv = yv * zv * _sigmoid(zv)
+            zv = tl.load(row_ptrs(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
+            yv = yv * zv * sigmoid(zv)
         tl.store(y_ptr + row_d, yv.to(y_ptr.dtype.element_ty), mask=m_td)
         h = tl.sum(tl.where(is_last, hs, 0.0), axis=0)  # the tile's last state (padding steps keep it)
     tl.store(hT_ptr + state_off, h, mask=mask_dn)
@@ -241,17 +215,17 @@ def _tile_backward(
         h0 = h_ckpt
     x, dt, uv, Bt, a, bu = _tile(u_ptr, delta_ptr, B_ptr, A2, bias, pid_b, t, offs_d, offs_n, m_td, m_tn,
                                  s_u_b, s_u_l, s_dt_b, s_dt_l, s_B_b, s_B_l, HAS_BIAS, SOFTPLUS)  # fmt: skip
-    Ct = tl.load(_rows(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
+    Ct = tl.load(row_ptrs(C_ptr, pid_b, t, offs_n, s_C_b, s_C_l), mask=m_tn, other=0.0).to(tl.float32)
     a_cum, b_cum = tl.associative_scan((a, bu), 0, _compose)
     hs = a_cum * h0[None, :, :] + b_cum  # h_t
     # the output's gradient through the gate
     dyv = tl.load(dy_ptr + row_d, mask=m_td, other=0.0).to(tl.float32)
     if HAS_Z:
-        zv = tl.load(_rows(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
+        zv = tl.load(row_ptrs(z_ptr, pid_b, t, offs_d, s_z_b, s_z_l), mask=m_td, other=0.0).to(tl.float32)
         ypre = tl.sum(hs * Ct[:, None, :], axis=2)  # y before the gate
         if HAS_D:
             ypre = ypre + Dv[None, :] * uv
-        sg = _sigmoid(zv)
+        sg = sigmoid(zv)
         dzv = dyv * ypre * sg * (1.0 + zv * (1.0 - sg))  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
         tl.store(dz_ptr + row_d, dzv.to(dz_ptr.dtype.element_ty), mask=m_td)
         dyv = dyv * zv * sg
@@ -274,7 +248,7 @@ def _tile_backward(
     ddt = tl.sum(g * (A[None, :, :] * ah + Bt[:, None, :] * uv[:, :, None]), axis=2)
     gA += tl.sum(gdt * ah, axis=0)
     if SOFTPLUS:
-        ddt = ddt * _sigmoid(x)  # softplus'(x) = σ(x)
+        ddt = ddt * sigmoid(x)  # softplus'(x) = σ(x)
     ddt = tl.where(m_td, ddt, 0.0)
     gbias += tl.sum(ddt, axis=0)
     tl.store(ddelta_ptr + row_d, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_td)
@@ -296,16 +270,10 @@ def _scan_bwd_kernel(
     dD_part, dbias_part: (b, d); scratch: (b, CKPT_TILES, d, n) float32, the tile start states of the
     current checkpoint interval. The inputs' strides as in the forward; dy and the outputs are contiguous."""
     pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d
-    mask_n = offs_n < n
-    dn = offs_d[:, None] * n + offs_n[None, :]
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    offs_d, offs_n, mask_d, mask_n, dn, mask_dn = _block(d, n, BLOCK_D, BLOCK_N)
     A2 = tl.load(A2_ptr + dn, mask=mask_dn, other=0.0)
-    A = A2 * _LN2  # ∂Ā/∂Δ = A·Ā
+    A = A2 * LN2  # ∂Ā/∂Δ = A·Ā
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     else:
@@ -363,12 +331,6 @@ def _scan_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------- the wrappers
-def _rowwise(x: Tensor) -> Tensor:
-    """x itself when its last dimension is contiguous (the kernels take the other strides), else a copy."""
-    x = x.detach()
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def _strides(*xs: Tensor) -> list[int]:
     """(batch, time) strides of each (b, l, ·) tensor."""
     return [s for x in xs for s in (x.stride(0), x.stride(1))]
@@ -382,12 +344,12 @@ class _SelectiveScanTriton(torch.autograd.Function):
         b, l, d = u.shape
         n = A.shape[1]
         f32 = torch.float32
-        u_, delta_, B_, C_ = _rowwise(u), _rowwise(delta), _rowwise(B), _rowwise(C)
+        u_, delta_, B_, C_ = rowwise(u), rowwise(delta), rowwise(B), rowwise(C)
         A2 = (A.detach().to(f32) * LOG2E).contiguous()  # exp(Δ·A) = 2^(Δ·A·log2 e)
         dummy = u_.new_empty(1, dtype=f32)
         D_ = D.detach().to(f32).contiguous() if D is not None else dummy
         bias_ = delta_bias.detach().to(f32).contiguous() if delta_bias is not None else dummy
-        z_ = _rowwise(z) if z is not None else u_
+        z_ = rowwise(z) if z is not None else u_
         h0 = initial_state.detach().to(f32).contiguous() if initial_state is not None else dummy
         cfg = scan_config(b, l, d, n)
         n_tiles = triton.cdiv(l, cfg["BLOCK_T"])
@@ -413,7 +375,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dhT):
         u_, delta_, A2, B_, C_, D_, z_, bias_, ckpt = ctx.saved_tensors
-        cfg, has_z, softplus, has_D, has_bias = ctx.meta
+        cfg, has_z, use_softplus, has_D, has_bias = ctx.meta
         t_A, t_B, t_C, t_D, t_bias, t_h0 = ctx.dtypes
         b, l, d = u_.shape
         n = A2.shape[1]
@@ -436,7 +398,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
                 u_, delta_, A2, B_, C_, D_, z_, bias_, ckpt, scratch, dy_, dhT_,
                 du, ddelta, dz, dB, dC, dA, dD, dbias, dh0, l, d, n, triton.cdiv(l, cfg["BLOCK_T"]),
                 *_strides(u_, delta_, z_, B_, C_),
-                HAS_D=has_D, HAS_Z=has_z, HAS_BIAS=has_bias, HAS_DHT=dhT is not None, SOFTPLUS=softplus,
+                HAS_D=has_D, HAS_Z=has_z, HAS_BIAS=has_bias, HAS_DHT=dhT is not None, SOFTPLUS=use_softplus,
                 CKPT_TILES=cfg["CKPT_TILES"],
                 BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BWD_D"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["BWD_WARPS"],
             )  # fmt: skip
@@ -456,21 +418,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         )
 
 
-def selective_scan_triton(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: Tensor | None = None,
-    return_final_state: bool = False,
-):
-    """The Triton selective scan; same signature and results as `selective_scan_ref` (float16, bfloat16 and
-    float32 inputs; float32 state and accumulation)."""
+def selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state):
+    """The Triton selective scan of checked arguments (mambakit.ops.selective_scan); results as
+    selective_scan_ref (float16, bfloat16 and float32 inputs; float32 state and accumulation)."""
     save = records_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
     y, h = _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save)
     return (y, h) if return_final_state else y

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS
+from ..config import PRESETS
 
 
 @dataclass
@@ -126,6 +126,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"config file {p} must hold a table of key = value pairs")
     return values
+
+
+def config_from_args(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's TrainConfig: the defaults, then the file (if any), then the command line's overrides."""
+    values = read_config_file(config_file) if config_file else {}
+    base = TrainConfig.from_dict(values, source=config_file or "config")
+    return TrainConfig.from_dict({**base.to_dict(), **overrides}, source="command line")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

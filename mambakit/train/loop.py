@@ -6,35 +6,33 @@
 One optimizer step consumes `batch_size` windows of seq_len + 1 tokens, drawn from (seed, step) alone and
 split as (accumulation step, rank, micro-batch): N ranks with the same batch_size see the same global batch
 as one process, and a resumed run draws exactly the batches the uninterrupted one would have. Parallelism
-(DDP, or FSDP's fully_shard) is applied to the model from outside; the model code stays single-device.
+(DDP, or FSDP's fully_shard) is applied to the model from outside (distributed.py); the model code stays
+single-device.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import math
-import os
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import MambaConfig
-from .data.text import (SHAKESPEARE_VAL_PLAYS, TokenArray, TokenWindows, read_corpus, shakespeare_plays,
-                        split_documents, tokenize_cached)
-from .model import MambaLM
-from .train_checkpoint import TRAINER_STATE, latest_checkpoint, save_checkpoint, verify_checkpoint
-from .train_config import TrainConfig, read_config_file
-from .train_report import Progress, hms, plot_losses
+from .._io import clean_stale
+from ..config import MambaConfig
+from ..data.text import TokenArray, TokenWindows
+from ..model import MambaLM
+from .checkpoint import CONFIG_FILE, TRAINER_STATE, latest_checkpoint, save_checkpoint, verify_checkpoint
+from .config import TrainConfig
+from .data import prepare_data
+from .distributed import Dist, full_state, load_full_state, parallelize, setup_processes, sharded, whole_model
+from .report import Progress, hms, plot_losses
+from .schedule import lr_at
 
 LN2 = math.log(2)
 
@@ -43,122 +41,10 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is left as it was."""
 
 
-# ------------------------------------------------------------------------------------------ processes
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-            x /= self.world
-        return x
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-        return x
-
-
-def setup_processes(cfg: TrainConfig) -> Dist:
-    """Joins the torchrun process group when launched by torchrun (WORLD_SIZE > 1); sets the thread count."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
-    if world == 1:
-        return Dist()
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
-
-
-# ----------------------------------------------------------------------------------------------- data
-@dataclass
-class Data:
-    tokenizer: object
-    train: TokenArray
-    val: TokenArray
-
-
-def make_tokenizer(cfg: TrainConfig, train_docs: dict[str, str], resume_dir: Path | None):
-    """The run's tokenizer: bytes, a BPE trained on the training split (or, when resuming, the BPE the run
-    was trained with), or a tokenizer.json."""
-    from .tokenizer import ByteTokenizer, load_tokenizer, train_bpe
-
-    if cfg.tokenizer == "byte":
-        return ByteTokenizer()
-    if cfg.tokenizer == "bpe":
-        return load_tokenizer(resume_dir) if resume_dir is not None else train_bpe(list(train_docs.values()),
-                                                                                  cfg.bpe_vocab_size)
-    return load_tokenizer(cfg.tokenizer)
-
-
-def prepare_data(cfg: TrainConfig, d: Dist, out_dir: Path, resume_dir: Path | None) -> Data:
-    """Corpus → train/val split by document → tokenizer → cached token arrays. Rank 0 goes first (it trains
-    a BPE and fills the token cache); the other ranks then load its tokenizer and read the cache."""
-    from .tokenizer import load_tokenizer
-
-    if cfg.data == "shakespeare":
-        docs, val_names = shakespeare_plays(), cfg.val_docs or list(SHAKESPEARE_VAL_PLAYS)
-    else:
-        docs, val_names = read_corpus([p for p in cfg.data.split(",") if p]), cfg.val_docs
-    train_docs, val_docs = split_documents(docs, val_names, cfg.val_fraction)
-    bpe_dir = out_dir / "tokenizer"
-    if d.main:
-        tok = make_tokenizer(cfg, train_docs, resume_dir)
-        if cfg.tokenizer == "bpe":
-            tok.save(bpe_dir)
-    d.barrier()
-    if not d.main:
-        tok = load_tokenizer(bpe_dir) if cfg.tokenizer == "bpe" else make_tokenizer(cfg, train_docs, resume_dir)
-    for turn in (True, False):  # rank 0 tokenizes (or reads the cache) first, then the others read the cache
-        if turn == d.main:
-            data = Data(tok, tokenize_cached(train_docs, tok, cfg.cache_dir),
-                        tokenize_cached(val_docs, tok, cfg.cache_dir))
-        d.barrier()
-    return data
-
-
 # ---------------------------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, vocab_size: int) -> MambaLM:
     overrides = {k: getattr(cfg, k) for k in ("d_model", "n_layer", "d_state") if getattr(cfg, k)}
     return MambaLM(MambaConfig.from_preset(cfg.model, vocab_size=vocab_size, **overrides))
-
-
-def parallelize(model: MambaLM, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
-    """The model as the training step calls it: itself, DDP-wrapped, or sharded with fully_shard."""
-    model.to(d.device)
-    if d.world == 1:
-        return model
-    if cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # bf16: FSDP gathers bf16 copies of the float32 shards and reduces gradients in float32.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
-                                  reduce_dtype=torch.float32)
-        for layer in model.backbone.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
 def param_groups(model: MambaLM, weight_decay: float) -> list[dict]:
@@ -168,14 +54,6 @@ def param_groups(model: MambaLM, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         (no_decay if getattr(p, "_no_weight_decay", False) or p.dim() < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to lr · min_lr_ratio at total_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -218,8 +96,8 @@ def evaluate(model, windows: TokenWindows, val: TokenArray, cfg: TrainConfig, d:
 def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperature: float = 0.8) -> str:
     """A short continuation of `prompt` (mambakit.generate with its own seeded generator, so the training
     RNG stream is untouched)."""
-    from .decode_fused import release
-    from .generate import generate
+    from ..engine import release
+    from ..generate import generate
 
     out = generate(model, [prompt or tokenizer.decode([tokenizer.eos_token_id or 0], skip_special_tokens=False)],
                    n, temperature=temperature, seed=seed, tokenizer=tokenizer)
@@ -229,38 +107,6 @@ def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperatur
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def _full_model_state(model: torch.nn.Module, raw: MambaLM, optimizer, cfg: TrainConfig, d: Dist):
-    """(model state dict, optimizer state dict), full and on CPU (collective under FSDP)."""
-    if d.world > 1 and cfg.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in raw.state_dict().items()}, optimizer.state_dict()
-
-
-def _load_full_state(raw: MambaLM, optimizer, model_sd, optim_sd, cfg: TrainConfig, d: Dist) -> None:
-    if d.world > 1 and cfg.distributed == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(raw, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                       options=StateDictOptions(full_state_dict=True))
-        return
-    raw.load_state_dict(model_sd)
-    optimizer.load_state_dict(optim_sd)
-
-
-def _cpu_copy(config: MambaConfig, model_sd: dict) -> MambaLM:
-    """A plain CPU MambaLM holding model_sd (what save_pretrained writes)."""
-    with torch.device("meta"):
-        m = MambaLM(config)
-    m.load_state_dict(model_sd, assign=True)
-    m.tie_weights()
-    for mod in m.modules():
-        if hasattr(mod, "mark_parameters"):
-            mod.mark_parameters()
-    return m
-
-
 def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = None) -> dict:
     """Runs (or resumes) a training run; returns the final metrics. on_step(step, model) is called after
     every optimizer step (and after that step's checkpoint, if any): a hook for tests and experiments."""
@@ -278,6 +124,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
                          f"another --out_dir (or delete {ckpt_root})")
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # what a killed save left behind (temporary files and directories); no other process writes here yet
+        for directory in (out_dir, ckpt_root):
+            clean_stale(directory)
     d.barrier()
     data = prepare_data(cfg, d, out_dir, resume_dir)
     tok = data.tokenizer
@@ -287,20 +136,19 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
     raw = build_model(cfg, tok.vocab_size)
     model = parallelize(raw, cfg, d)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  foreach=d.world == 1 or cfg.distributed != "fsdp" or None)
+                                  foreach=not sharded(cfg, d) or None)
     micro = cfg.micro_batch_size or cfg.batch_size // d.world
     if cfg.batch_size % (micro * d.world):
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size × ranks "
                          f"({micro} × {d.world})")
     accum = cfg.batch_size // (micro * d.world)
 
+    config_json = json.dumps(cfg.to_dict(), indent=1) + "\n"
     step, elapsed, total_steps = 0, 0.0, cfg.max_steps
     if resume_dir is not None:
-        from .checkpoint import load_pretrained
-
         state = torch.load(resume_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
-        model_sd = load_pretrained(resume_dir).state_dict()
-        _load_full_state(raw, optimizer, model_sd, state["optimizer"], cfg, d)
+        model_sd = MambaLM.from_pretrained(resume_dir).state_dict()
+        load_full_state(raw, optimizer, model_sd, state["optimizer"], cfg, d)
         step, elapsed = state["step"], state["elapsed_s"]
         if cfg.time_budget_min:  # the schedule was fitted to the budget: keep it (a larger max_steps extends)
             total_steps = state["schedule"]["total_steps"]
@@ -311,7 +159,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
         print(f"model: {raw.config.d_model}×{raw.config.n_layer} ({cfg.model} preset), {raw.num_parameters():,} "
               f"parameters | data: {len(data.train):,} train / {len(data.val):,} val tokens ({tok!r}) | "
               f"{d.world} process(es), {torch.get_num_threads()} threads each, {cfg.precision}", flush=True)
-        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        (out_dir / CONFIG_FILE).write_text(config_json)
 
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -321,11 +169,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(at_step: int) -> None:
-        model_sd, optim_sd = _full_model_state(model, raw, optimizer, cfg, d)
+        model_sd, optim_sd = full_state(raw, optimizer, cfg, d)
         if not d.main:
             d.barrier()
             return
-        copy = raw if (d.world == 1 or cfg.distributed != "fsdp") else _cpu_copy(raw.config, model_sd)
+        copy = whole_model(raw, model_sd, cfg, d)
         state = {"step": at_step, "elapsed_s": elapsed, "optimizer": optim_sd,
                  "schedule": {"total_steps": total_steps, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr},
                  "rng": {"torch": torch.get_rng_state()}, "data": {"seed": cfg.seed, "next_step": at_step}}
@@ -334,7 +182,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
             copy.save_pretrained(tmp)
             tok.save(tmp)
             torch.save(state, tmp / TRAINER_STATE)
-            (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+            (tmp / CONFIG_FILE).write_text(config_json)
 
         save_checkpoint(ckpt_root, at_step, write, cfg.keep_checkpoints)
         copy.save_pretrained(out_dir)  # the run directory itself loads: `mambakit generate --model <out_dir>`
@@ -343,7 +191,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
 
     progress = Progress(total_steps, cfg.progress and d.main)
     # Samples come from rank 0's copy; a sharded (FSDP) model has no whole copy to decode with.
-    can_sample = cfg.sample_tokens > 0 and d.main and (d.world == 1 or cfg.distributed != "fsdp")
+    can_sample = cfg.sample_tokens > 0 and d.main and not sharded(cfg, d)
     budget_s = cfg.time_budget_min * 60
     # With a time budget the cosine schedule is fitted to the time left: first from 10 steps of this process,
     # then again at every log from the mean rate since (evaluations and checkpoints included), so a run on a
@@ -449,50 +297,3 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
             plot_losses(metrics_path, out_dir / "loss.png")
     d.barrier()  # no rank leaves (and tears down the process group) while another still works
     return final
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def config_from_args(config_file: str | None, overrides: dict) -> TrainConfig:
-    values = read_config_file(config_file) if config_file else {}
-    base = TrainConfig.from_dict(values, source=config_file or "config")
-    return TrainConfig.from_dict({**base.to_dict(), **overrides}, source="command line")
-
-
-def _run(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-    try:
-        cfg = config_from_args(args.config, overrides)
-        train(cfg)
-    except (TypeError, NonFiniteLossError) as e:
-        print(f"mambakit train: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a Mamba language model (torchrun --nproc_per_node=N for several processes)",
-        description="Train a Mamba LM. Every TrainConfig field is an option --key=value; a TOML/JSON file "
-                    "(--config) sets many at once; the command line wins.", allow_abbrev=False)
-    p.add_argument("--config", help="a .toml or .json file of TrainConfig fields")
-    for name, f in TrainConfig.__dataclass_fields__.items():
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        bool_field = f.type in (bool, "bool")
-        p.add_argument(f"--{name}", default=None, nargs="?" if bool_field else None,
-                       const="true" if bool_field else None, metavar="VALUE", help=f"(default: {default!r})")
-    p.set_defaults(func=_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mambakit.train --key=value …` (same as `mambakit train`)."""
-    parser = argparse.ArgumentParser(prog="mambakit")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

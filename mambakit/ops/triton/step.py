@@ -3,7 +3,8 @@
 Generation (paper §3.4: a Mamba decodes in constant time per token with a fixed-size state) calls these once
 per layer and token. Each is one pass over its state, updated in place: one program per (sequence, block of
 channels) loads the state block, updates it, reads out y and writes the state back, so a step costs one read
-and one write of the state. Same semantics as selective_state_update_ref / causal_conv1d_update_ref.
+and one write of the state. Same semantics as selective_state_update_ref / causal_conv1d_update_ref. The
+entry points trust their arguments: only mambakit.ops calls them, after checking.
 """
 
 from __future__ import annotations
@@ -13,22 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp2(-x * _LOG2E))
-
-
-@triton.jit
-def _softplus(x):
-    """log(1 + e^x) as F.softplus (see scan_triton._softplus)."""
-    e = tl.exp2(tl.minimum(x, 20.0) * _LOG2E)
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log2(w) * _LN2 * e / (w - 1.0))
-    return tl.where(x > 20.0, x, log1p)
+from .common import exp, sigmoid, softplus
 
 
 @triton.jit
@@ -50,21 +36,21 @@ def _state_update_kernel(
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     uv = tl.load(u_ptr + row, mask=mask_d, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + dn, mask=mask_dn, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + pid_b.to(tl.int64) * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + pid_b.to(tl.int64) * n + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     sp = state_ptr + pid_b.to(tl.int64) * d * n + dn
     h = tl.load(sp, mask=mask_dn, other=0.0).to(tl.float32)
-    h = tl.exp2(dt[:, None] * A * _LOG2E) * h + (dt * uv)[:, None] * Bv[None, :]  # Ā h + B̄ u
+    h = exp(dt[:, None] * A) * h + (dt * uv)[:, None] * Bv[None, :]  # Ā h + B̄ u
     tl.store(sp, h.to(state_ptr.dtype.element_ty), mask=mask_dn)
     yv = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
         yv += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * uv
     if HAS_Z:
         zv = tl.load(z_ptr + row, mask=mask_d, other=0.0).to(tl.float32)
-        yv = yv * zv * _sigmoid(zv)
+        yv = yv * zv * sigmoid(zv)
     tl.store(y_ptr + row, yv.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -72,21 +58,10 @@ def _own(x: Tensor) -> Tensor:
     return x.detach().contiguous()
 
 
-def selective_state_update_triton(
-    state: Tensor,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """The Triton decoding step; same signature and results as `selective_state_update_ref`. The state is
-    updated in place (through a copy when it is not contiguous); it is computed in float32 and stored back in
-    its own dtype."""
+def selective_state_update_triton(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The Triton decoding step of checked arguments (mambakit.ops.selective_state_update); results as
+    selective_state_update_ref. The state is updated in place (through a copy when it is not contiguous); it
+    is computed in float32 and stored back in its own dtype."""
     b, d, n = state.shape
     st = state if state.is_contiguous() else state.contiguous()
     u_ = _own(u)
@@ -125,7 +100,7 @@ def _conv_update_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, d,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SILU:
-        acc = acc * _sigmoid(acc)
+        acc = acc * sigmoid(acc)
     # the shift: new state[k] = old state[k + 1] (k < W − 2), new state[W − 2] = x (taps 1 … W − 1)
     shifted = tl.load(sp + 1, mask=mask_d[:, None] & (offs_k < W - 2)[None, :], other=0.0)
     shifted = tl.where((offs_k == W - 2)[None, :], xv[:, None].to(shifted.dtype), shifted)
@@ -134,10 +109,9 @@ def _conv_update_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, y_ptr, d,
     tl.store(y_ptr + row, acc.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
-def causal_conv1d_update_triton(
-    conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
-) -> Tensor:
-    """The Triton conv decoding step; same signature and results as `causal_conv1d_update_ref`."""
+def causal_conv1d_update_triton(conv_state, x, weight, bias, activation):
+    """The Triton conv decoding step of checked arguments (mambakit.ops.causal_conv1d_update); results as
+    causal_conv1d_update_ref."""
     b, d = x.shape
     w = weight.shape[1]
     cs = conv_state if conv_state.is_contiguous() else conv_state.contiguous()

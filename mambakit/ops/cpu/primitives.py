@@ -1,4 +1,6 @@
-"""Numba building blocks shared by the fused CPU kernels: vectorisable exp, 2^x, sigmoid, softplus; options.
+"""Numba building blocks shared by the fused CPU kernels (the ops' and the decode engine's): vectorisable exp,
+2^x, sigmoid, softplus; bfloat16 read and written as bits; LLVM IR emitters for intrinsics that write vector
+code directly; kernel options, threads, and the tensor → array hand-over.
 
 Why our own exp: without Intel SVML (not installed with numba's wheels), LLVM cannot vectorise calls to libm's
 expf, and the scan evaluates exp(Δ·A) b·l·d·n times. A range reduction plus a polynomial is plain arithmetic
@@ -9,7 +11,8 @@ x = k·ln2 + r with |r| ≤ ln2/2, k an integer: exp(x) = 2^k · exp(r), exp(r) 
 (truncation error r^8/8! < 5e-9 relative), 2^k built directly in the exponent bits.
 
 Numba's on-disk cache is keyed on the source file of each kernel: after editing this file, clear the kernels'
-caches (`__pycache__/*.nbi, *.nbc` under mambakit/ops) or set MAMBAKIT_NO_CACHE=1 while developing.
+caches (`__pycache__/*.nbi, *.nbc` under mambakit/ops/cpu and mambakit/engine) or set MAMBAKIT_NO_CACHE=1
+while developing.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ _SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: softplus(x) = x b
 
 
 @intrinsic
-def _i32_bits_to_f32(typingctx, x):
+def i32_bits_to_f32(typingctx, x):
     """Reinterpret the low 32 bits of an integer as a float32 (an LLVM bitcast, which vectorises). Numba
     widens int32 arithmetic to int64, so any integer is accepted and truncated."""
     if not isinstance(x, types.Integer):
@@ -56,7 +59,7 @@ def _i32_bits_to_f32(typingctx, x):
 
 
 @intrinsic
-def _f32_to_i32_bits(typingctx, x):
+def f32_to_i32_bits(typingctx, x):
     """The 32 bits of a float32 as an int32 (an LLVM bitcast, which vectorises)."""
     if x != types.float32:
         return None
@@ -77,7 +80,7 @@ def widen(x):
 @overload(widen, inline="always")
 def _widen_overload(x):
     if isinstance(x, types.Integer):  # bfloat16 bits: the high half of a float32
-        return lambda x: _i32_bits_to_f32((np.int32(x) & np.int32(0xFFFF)) << np.int32(16))
+        return lambda x: i32_bits_to_f32((np.int32(x) & np.int32(0xFFFF)) << np.int32(16))
     return lambda x: x
 
 
@@ -92,7 +95,7 @@ def _narrow_overload(x, out):
     if isinstance(out.dtype, types.Integer):
 
         def impl(x, out):
-            bits = np.int64(_f32_to_i32_bits(np.float32(x))) & np.int64(0xFFFFFFFF)
+            bits = np.int64(f32_to_i32_bits(np.float32(x))) & np.int64(0xFFFFFFFF)
             rounded = (bits + np.int64(0x7FFF) + ((bits >> np.int64(16)) & np.int64(1))) >> np.int64(16)
             return np.int16(np.int64(0x7FC0) if x != x else rounded)
 
@@ -127,7 +130,7 @@ def _fexp2_overload(x):
             p = p * f + p2
             p = p * f + p1
             p = p * f + p0
-            return p * _i32_bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))  # · 2^k
+            return p * i32_bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))  # · 2^k
 
         return impl
     ln2 = math.log(2.0)
@@ -149,7 +152,7 @@ def _fexp_overload(x):
             p = p * r + _C3
             p = p * r + _C2
             p = (p * r) * r + r + _ONE
-            scale = _i32_bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k
+            scale = i32_bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k
             return p * scale
 
         return impl
@@ -268,14 +271,6 @@ def _softplus_overload(x):
     return impl
 
 
-def compute_dtype(x):
-    """The dtype the ops compute in: float64 for float64 inputs, float32 otherwise (bf16/fp16 accumulate in
-    float32, as the official kernels do)."""
-    import torch
-
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def records_grad(*tensors) -> bool:
     """Whether autograd will record an op on these tensors: grad mode on and one of them requires grad.
 
@@ -290,9 +285,15 @@ def records_grad(*tensors) -> bool:
 def owned(x, dtype):
     """x (detached) in `dtype`, contiguous, in memory of its own. For parameters handed to kernels: a numpy
     view pins a tensor's storage (makes it non-resizable), and FSDP frees gathered parameters by resizing
-    their storage to 0. Parameters are small next to activations, so the copy costs nothing measurable."""
+    their storage to 0. Parameters are small next to activations, so the copy is cheap."""
     y = x.detach().to(dtype).contiguous()
     return y.clone() if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else y
+
+
+def kernel_tensor(x, dtype):
+    """x detached, in `dtype`, contiguous: x's own memory when it already is (so a kernel given a state updates
+    it in place), else a copy."""
+    return x.detach().to(dtype).contiguous()
 
 
 def set_threads() -> None:

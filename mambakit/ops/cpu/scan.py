@@ -1,4 +1,5 @@
-"""The fused selective scan on CPU: numba kernels for forward and backward, and their autograd Function.
+"""The fused selective scan on CPU: numba kernels for forward and backward, their autograd Function, and the
+decoding step. The entry points trust their arguments: only mambakit.ops calls them, after checking.
 
 The paper's hardware-aware algorithm (Section 3.3.2) keeps the expanded state (b, l, d, n) out of slow memory:
 it loads Δ, A, B, C, discretises, scans and reads out y in fast memory, and recomputes states in the backward
@@ -9,7 +10,7 @@ pass. On a CPU "fast memory" is registers and L1/L2, and the same plan reads:
 - A task keeps its state block h (n, BLOCK) in L1 and walks the sequence once. It gathers delta/u/z for its
   channels (contiguous in the time-major layout) TILE steps at a time, so the strided rows' cache misses
   overlap, and every inner loop runs over contiguous channels, which LLVM vectorises (16 float32 lanes with
-  AVX-512). Ā = exp(ΔA) is 2^(Δ·A·log2 e) by a polynomial (see _numba.py), so it vectorises too. softplus,
+  AVX-512). Ā = exp(ΔA) is 2^(Δ·A·log2 e) by a polynomial (see primitives.py), so it vectorises too. softplus,
   the D skip and the SiLU(z) gate are fused into the same pass: the only tensors written are y (b, l, d) and
   the final state.
 - For the backward, the forward also writes the state at every CHUNK-th step (b, l/CHUNK, n, d): 1/CHUNK of
@@ -31,8 +32,9 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ._numba import (compute_dtype, fexp, fexp2, kernel_options, narrow, owned, records_grad, set_threads, sigmoid,
-                     softplus, widen)
+from ..reference import compute_dtype
+from .primitives import (fexp, fexp2, kernel_options, kernel_tensor, narrow, owned, records_grad, set_threads, sigmoid,
+                         softplus, widen)
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
 LOG2E = 1.4426950408889634
@@ -53,7 +55,7 @@ def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, c
     B, C: (b, l, n); D, bias: (d,);
     h0, hT: (b, n, d); ckpt: (b, ceil(l/chunk), n, d) or empty (then no checkpoints are written).
     At2, D, bias, h0, hT, ckpt are in the compute dtype (float32/64); u, delta, B, C, z, y either in it too or
-    all bfloat16 bits (int16), widened on load and rounded on store (see _numba.widen/narrow)."""
+    all bfloat16 bits (int16), widened on load and rounded on store (see primitives.widen/narrow)."""
     b, l, d = u.shape
     n = At2.shape[0]
     kd = At2.dtype
@@ -276,7 +278,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         n = A.shape[1]
 
         def prep(x):  # the kernel's dtype, contiguous
-            return x.detach().to(kd).contiguous()
+            return kernel_tensor(x, kd)
 
         # All-bfloat16 inputs (a bf16 model) go to the kernel as their bits, read and written in place of a
         # float32 copy of u, Δ, z, B, C and of y (one pass over memory each way fewer); anything else is
@@ -368,20 +370,9 @@ class _SelectiveScanCPU(torch.autograd.Function):
         )
 
 
-def selective_scan_cpu(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    initial_state: Tensor | None = None,
-    return_final_state: bool = False,
-):
-    """The fused CPU selective scan; same signature and results as `selective_scan_ref`."""
+def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state):
+    """The fused CPU selective scan of checked arguments (mambakit.ops.selective_scan); results as
+    selective_scan_ref."""
     need_grad = records_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
     y, h = _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, need_grad)
     return (y, h) if return_final_state else y
@@ -427,38 +418,27 @@ def _state_update_kernel_serial(state, u, delta, A, B, C, D, z, bias, has_z, use
         _state_update_row(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus, y, bi)
 
 
-def selective_state_update_cpu(
-    state: Tensor,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-) -> Tensor:
-    """The fused decoding step; same signature and results as `selective_state_update_ref`. Called once per
-    layer and token: tensors already in the kernel's dtype and layout are passed without a copy."""
+def selective_state_update_cpu(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The fused decoding step of checked arguments (mambakit.ops.selective_state_update); results as
+    selective_state_update_ref. Called once per layer and token: tensors already in the kernel's dtype and
+    layout are passed without a copy, and a float32 (float64) contiguous state is updated in place; any other
+    state goes through a copy."""
     kd = compute_dtype(state)
     b, d, n = state.shape
 
     def prep(x):
-        x = x.detach()
-        return x if x.dtype == kd and x.is_contiguous() else x.to(kd).contiguous()
+        return _np(kernel_tensor(x, kd))
 
-    # the kernel updates a float32 (float64) contiguous state in place; any other state goes through a copy
-    st = prep(state)
-    u_ = prep(u)
+    st = kernel_tensor(state, kd)
+    u_ = kernel_tensor(u, kd)
     zeros = u_.new_zeros(d) if D is None or delta_bias is None else None
     y = torch.empty_like(u_)
     kernel = _state_update_kernel if b * d * n >= PARALLEL_STEP_UPDATES else _state_update_kernel_serial
     set_threads()
     kernel(
-        _np(st), _np(u_), _np(prep(delta)), _np(prep(A)), _np(prep(B)), _np(prep(C)),
-        _np(prep(D) if D is not None else zeros), _np(prep(z) if z is not None else u_),
-        _np(prep(delta_bias) if delta_bias is not None else zeros), z is not None, bool(delta_softplus), _np(y),
+        _np(st), _np(u_), prep(delta), prep(A), prep(B), prep(C), prep(D) if D is not None else _np(zeros),
+        prep(z) if z is not None else _np(u_), prep(delta_bias) if delta_bias is not None else _np(zeros),
+        z is not None, bool(delta_softplus), _np(y),
     )  # fmt: skip
     if st.data_ptr() != state.data_ptr():
         state.copy_(st)

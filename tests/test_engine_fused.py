@@ -1,4 +1,5 @@
-"""The fused decode step (mambakit/decode_fused.py) against its reference twin, the unfused MambaLM.step."""
+"""The fused decode step (mambakit/engine/fused.py) against its reference twin, the unfused MambaLM.step, and the
+engine's step function (fused where it applies, logged; never reachable with a state that does not fit)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from _models import random_model
 
-from mambakit import MambaConfig, MambaLM, decode_fused
+from mambakit import MambaConfig, MambaLM, engine
+from mambakit.engine import FusedDecoder, fused as decode_fused, step_function
 
 # float32: both paths compute in float32 (sums in another order); bfloat16: the unfused step rounds x, z and the
 # projections to bfloat16 where the fused one keeps float32, so they differ by a few bf16 ulps of the logits
@@ -16,7 +18,8 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=0.05
 
 def _run(model, ids, fused):
     state = model.allocate_state(ids.shape[0])
-    logits = [model.step(ids[:, t], state, fused=fused).float() for t in range(ids.shape[1])]
+    step = FusedDecoder(model).step if fused else model.step
+    logits = [step(ids[:, t], state).float() for t in range(ids.shape[1])]
     return torch.stack(logits, 1), state
 
 
@@ -58,7 +61,7 @@ def test_fused_step_odd_sizes(dtype, d_state):
 
 
 def test_scratch_is_reused_and_steps_do_not_share_it():
-    """The step's scratch (`decode_fused._scratch`) is one buffer a Python thread, reused by every step: steps of
+    """The step's scratch (`engine.fused._scratch`) is one buffer a Python thread, reused by every step: steps of
     two models of other sizes and batches, interleaved (a large batch, then smaller ones carved from the same
     buffer), equal each model's steps alone; two threads stepping at once each get their own buffer."""
     import threading
@@ -69,10 +72,11 @@ def test_scratch_is_reused_and_steps_do_not_share_it():
     alone = {(m, b): _run(model, ids[b], fused=True)[0] for m, model in (("s", small), ("b", big)) for b in ids}
     states = {(m, b): model.allocate_state(b) for m, model in (("s", small), ("b", big)) for b in ids}
     out = {k: [] for k in states}
+    decoders = {"s": FusedDecoder(small), "b": FusedDecoder(big)}
     for t in range(6):
-        for m, model in (("b", big), ("s", small)):
+        for m in ("b", "s"):
             for b in (7, 2):
-                out[m, b].append(model.step(ids[b][:, t], states[m, b], fused=True))
+                out[m, b].append(decoders[m].step(ids[b][:, t], states[m, b]))
     for k, v in out.items():
         torch.testing.assert_close(torch.stack(v, 1), alone[k], atol=0, rtol=0)
     hn = decode_fused._scratch(2, 2, 32, 64, 2, 16, 3)[0]
@@ -161,9 +165,10 @@ def test_fused_step_follows_weight_changes():
     model = random_model()
     ids = torch.tensor([3, 5])
 
+    decoder = FusedDecoder(model)
+
     def both():
-        return (model.step(ids, model.allocate_state(2), fused=True),
-                model.step(ids, model.allocate_state(2), fused=False))
+        return decoder.step(ids, model.allocate_state(2)), model.step(ids, model.allocate_state(2))
 
     both()
     mixer = model.backbone.layers[1].mixer
@@ -190,40 +195,98 @@ def test_fused_step_continues_a_prefill():
     full = model(ids).logits
     out = model(ids[:, :30], return_state=True)
     state = out.state
+    decoder = FusedDecoder(model)
     for t in range(30, 40):
-        logits = model.step(ids[:, t], state, fused=True)
+        logits = decoder.step(ids[:, t], state)
         torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
 
 
-def test_default_uses_fused_kernel_where_it_applies(monkeypatch):
+def test_step_function_uses_fused_kernel_where_it_applies(monkeypatch, caplog):
     model = random_model()
     calls = []
-    real = decode_fused.step
-    monkeypatch.setattr(decode_fused, "step", lambda *a: calls.append(1) or real(*a))
-    model.step(torch.tensor([1]), model.allocate_state(1))
-    assert calls == [1]
-    big = decode_fused.MAX_BATCH[torch.float32] + 1
-    model.step(torch.arange(big) % 64, model.allocate_state(big))  # unfused: larger batches gain nothing
-    assert calls == [1]
+    real = FusedDecoder.step
+    monkeypatch.setattr(FusedDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    step = step_function(model)
+    with caplog.at_level("INFO", logger="mambakit.engine"):
+        step(torch.tensor([1]), model.allocate_state(1))
+        assert calls == [1]
+        big = decode_fused.MAX_BATCH[torch.float32] + 1
+        step(torch.arange(big) % 64, model.allocate_state(big))  # unfused: larger batches gain nothing
+        assert calls == [1]
+        step(torch.arange(big) % 64, model.allocate_state(big))
+    said = [r.getMessage() for r in caplog.records]
+    assert any("fused CPU step" in m for m in said) and sum("batch above" in m for m in said) <= 1  # once
 
 
 def test_fused_true_raises_where_it_does_not_apply():
     model = random_model(rms_norm=False)
     state = model.allocate_state(1)
-    assert not decode_fused.applies(model, torch.tensor([1]), state)
-    with pytest.raises(ValueError, match="fused=True"):
-        model.step(torch.tensor([1]), state, fused=True)
-    model.step(torch.tensor([1]), state)  # the default falls back to the reference
+    assert "LayerNorm" in engine.unsupported(model)
+    with pytest.raises(ValueError, match="fused=True.*LayerNorm"):
+        step_function(model, fused=True)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        FusedDecoder(model)
+    step_function(model)(torch.tensor([1]), state)  # the default falls back to the reference
     bf16 = random_model(residual_in_fp32=False).to(torch.bfloat16)
-    assert not decode_fused.applies(bf16, torch.tensor([1]), bf16.allocate_state(1))
+    assert "residual" in engine.unsupported(bf16)
+    big = decode_fused.MAX_BATCH[torch.float32] + 1
+    with pytest.raises(ValueError, match="batch"):
+        step_function(random_model(), fused=True)(torch.arange(big) % 64, random_model().allocate_state(big))
 
 
-def test_applies_follows_a_dtype_change():
+def test_supports_follows_a_dtype_change():
     model = random_model()
     ids = torch.tensor([1])
-    assert decode_fused.applies(model, ids, model.allocate_state(1))
+    decoder = FusedDecoder(model)
+    assert decoder.supports(ids, model.allocate_state(1)) is None
     model.half()
-    assert not decode_fused.applies(model, ids, model.allocate_state(1))
+    assert "float16" in decoder.supports(ids, model.allocate_state(1))
+
+
+@pytest.mark.parametrize("bad", ["layers", "d_state", "d_inner", "conv_width", "batch", "conv_dtype", "ids_shape"])
+def test_a_state_that_does_not_fit_is_refused_before_any_kernel_runs(bad):
+    """A state of another model (fewer layers, another d_state, d_inner or conv width), batch or dtype: a
+    ValueError/TypeError naming it from the fused step and from the reference alike, never a crash."""
+    model = MambaLM(MambaConfig(d_model=32, n_layer=3, vocab_size=64, d_state=16)).eval()
+    other = {"layers": dict(n_layer=2), "d_state": dict(d_state=8), "d_inner": dict(d_model=16),
+             "conv_width": dict(d_conv=3)}.get(bad, {})
+    state = MambaLM(MambaConfig(**{**dict(d_model=32, n_layer=3, vocab_size=64, d_state=16), **other})
+                    ).allocate_state(2)
+    ids = {"batch": torch.tensor([1, 2, 3]), "ids_shape": torch.tensor([[1, 2]])}.get(bad, torch.tensor([1, 2]))
+    if bad == "conv_dtype":
+        state = type(state)(state.conv.double(), state.ssm)
+    for step in (FusedDecoder(model).step, step_function(model), model.step):
+        if bad == "conv_dtype" and step is not FusedDecoder.step and step == model.step:
+            continue  # the reference computes in the state's dtype (the ops check what they take)
+        if bad == "conv_dtype" and step is not model.step and not isinstance(step, type(model.step)):
+            step(ids, state)  # the step function falls back to the reference for a state the kernel cannot read
+            continue
+        with pytest.raises((ValueError, TypeError), match="state|input_ids|batch"):
+            step(ids, state)
+
+
+def test_fused_step_reads_the_first_rows_of_a_pool_in_place():
+    """The server decodes the first k rows of its pool of slots, a view that is not contiguous: the fused step
+    takes it as it is, updates those rows only, and equals the reference on a contiguous copy."""
+    model = random_model(d_model=32, n_layer=2)
+    pool = model.allocate_state(6)
+    torch.nn.init.normal_(pool.ssm)
+    torch.nn.init.normal_(pool.conv)
+    before = pool.ssm.clone(), pool.conv.clone()
+    k = 3
+    view = type(pool)(pool.conv[:, :k], pool.ssm[:, :k])
+    assert not view.ssm.is_contiguous()
+    ref_state = type(pool)(before[1][:, :k].clone(), before[0][:, :k].clone())
+    ids = torch.tensor([4, 7, 9])
+    decoder = FusedDecoder(model)
+    assert decoder.supports(ids, view) is None
+    torch.testing.assert_close(decoder.step(ids, view), model.step(ids, ref_state), **TOL[torch.float32])
+    torch.testing.assert_close(pool.ssm[:, :k], ref_state.ssm, **TOL[torch.float32])
+    torch.testing.assert_close(pool.conv[:, :k], ref_state.conv, **TOL[torch.float32])
+    assert torch.equal(pool.ssm[:, k:], before[0][:, k:]) and torch.equal(pool.conv[:, k:], before[1][:, k:])
+    # a view with another layout is not read in place: the step function takes the reference instead
+    odd = type(pool)(pool.conv[:, ::2], pool.ssm[:, ::2])
+    assert "layout" in decoder.supports(torch.tensor([1, 2, 3]), odd)
 
 
 def test_decode_step_benchmark_quick_runs():
@@ -241,17 +304,27 @@ def test_decode_step_benchmark_quick_runs():
 
 
 def test_release_frees_the_packed_copy_and_training_samples_release_it():
-    """The packed weights live on the model after a fused step; `release` drops them (the next step rebuilds
-    them), and the trainer's sample() releases them before training resumes."""
+    """The engine owns the packed weights (nothing is cached on the model); `release` drops them (the next step
+    rebuilds them), and the trainer's sample() releases them before training resumes."""
+    import gc
+
     from mambakit.tokenizer import ByteTokenizer
     from mambakit.train import sample
 
     model = random_model(vocab_size=260)
     ids, state = torch.tensor([3]), model.allocate_state(1)
-    first = model.step(ids, state, fused=True)
-    assert "_fused_args" in model.__dict__
-    decode_fused.release(model)
-    assert "_fused_args" not in model.__dict__
-    torch.testing.assert_close(model.step(ids, model.allocate_state(1), fused=True), first)
+    step = step_function(model)
+    first = step(ids, state)
+    assert step.decoder._packed is not None and not any(k.startswith("_fused") for k in model.__dict__)
+    engine.release(model)
+    assert step.decoder._packed is None and model not in engine._DECODERS
+    torch.testing.assert_close(step_function(model)(ids, model.allocate_state(1)), first)
     sample(model, ByteTokenizer(), "ab", 3, seed=0)
-    assert "_fused_args" not in model.__dict__ and model.training
+    assert model not in engine._DECODERS and model.training
+    # the shared decoder goes with its model
+    step_function(model)(ids, model.allocate_state(1))
+    assert len(engine._DECODERS) >= 1
+    n = len(engine._DECODERS)
+    del model, step
+    gc.collect()
+    assert len(engine._DECODERS) == n - 1

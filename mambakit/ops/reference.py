@@ -1,0 +1,167 @@
+"""Every op in plain PyTorch, as the paper writes it: the readable specification the kernels are tested against.
+
+These twins trust their arguments: `mambakit.ops` checks them (shapes, dtypes, devices) before dispatching here
+or to a kernel. Any device, any float dtype (float64 included), differentiated by autograd. Results come back
+in the input's dtype; everything is computed in `compute_dtype` (float32, float64 for float64 inputs), as the
+kernels accumulate.
+
+The selective scan: Mamba (Gu & Dao, 2023), Section 3.2, Algorithm 2, with the official discretisation
+(Section 2, eq. 4 for Ā; the simplified Euler step B̄ = Δ·B used by the official kernels):
+
+    Δ_t = softplus(delta_t + delta_bias)              (or delta_t + delta_bias without softplus)
+    h_t = exp(Δ_t · A) ⊙ h_{t−1} + Δ_t · B_t · u_t    h: (b, d, n)
+    y_t = C_t · h_t + D · u_t                          (contracting n)
+    y_t ← y_t · silu(z_t)                              (the block's output gate, fused here as in the kernels)
+
+Sequential over time. The time loop iterates over `unbind` views rather than indexing one step per iteration:
+indexing makes autograd zero-fill a full-size gradient per step, which turns the backward quadratic in length.
+
+The causal conv: the Mamba block's short (w = 4) depthwise causal convolution over time (paper §3.4, Figure 3),
+y_t = bias + Σ_k weight[:, k]·x_{t−w+1+k}, the w − 1 inputs before t = 0 taken from a state, then SiLU.
+
+The single steps (`*_update`) are one time step of each, for decoding: they update the state in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the ops compute in: float64 for float64 inputs, float32 otherwise (bf16/fp16 accumulate in
+    float32, as the official kernels do)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def conv_final_state(x: Tensor, initial_state: Tensor | None, w: int) -> Tensor:
+    """The conv's state for the next call: the last w − 1 inputs of [initial_state, x], (b, d, w − 1) in x's
+    dtype, in memory of its own (a decoding step shifts it in place; it must not write into x). Every backend
+    returns this one (small, and differentiable by autograd)."""
+    b, l, d = x.shape
+    if l >= w - 1:
+        tail = x[:, l - (w - 1) :, :].transpose(1, 2)
+    else:
+        init = initial_state.to(x.dtype) if initial_state is not None else x.new_zeros(b, d, w - 1)
+        tail = torch.cat([init, x.transpose(1, 2)], dim=-1)[..., l:]
+    return tail.clone(memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------------------------------ the scan
+def _discretize_dt(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    """Δ (…, d) in float32 or wider: the step size of paper eq. 4, after the optional bias and softplus."""
+    dt = delta.float() if delta.dtype in (torch.float16, torch.bfloat16) else delta
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """Reference selective scan. u, delta, z: (b, l, d); A: (d, n); B, C: (b, l, n); D, delta_bias: (d,);
+    initial_state: (b, d, n). Returns y (b, l, d) in u's dtype, and the final state (b, d, n) in float32
+    (or float64 for float64 inputs) when `return_final_state`."""
+    out_dtype = u.dtype
+    acc = compute_dtype(u)
+    b, l, d = u.shape
+    n = A.shape[1]
+    dt = _discretize_dt(delta, delta_bias, delta_softplus).to(acc)  # (b, l, d)
+    u_, A_, B_, C_ = u.to(acc), A.to(acc), B.to(acc), C.to(acc)
+
+    h = (
+        initial_state.to(acc)
+        if initial_state is not None
+        else torch.zeros(b, d, n, dtype=acc, device=u.device)
+    )
+    ys = []
+    for dt_t, u_t, B_t, C_t in zip(dt.unbind(1), u_.unbind(1), B_.unbind(1), C_.unbind(1)):
+        dA_t = torch.exp(dt_t.unsqueeze(-1) * A_)  # (b, d, n): Ā_t
+        dBu_t = (dt_t * u_t).unsqueeze(-1) * B_t.unsqueeze(1)  # (b, d, n): B̄_t u_t = Δ_t B_t u_t
+        h = dA_t * h + dBu_t
+        ys.append(torch.einsum("bdn,bn->bd", h, C_t))
+    y = torch.stack(ys, dim=1) if ys else u_.new_zeros(b, 0, d)  # (b, l, d)
+    if D is not None:
+        y = y + u_ * D.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    y = y.to(out_dtype)
+    return (y, h) if return_final_state else y
+
+
+def selective_state_update_ref(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """One step of the scan for decoding. state (b, d, n) is updated in place; u, delta, z: (b, d);
+    B, C: (b, n). Returns y (b, d) in u's dtype."""
+    acc = compute_dtype(state)
+    dt = _discretize_dt(delta, delta_bias, delta_softplus).to(acc)  # (b, d)
+    u_ = u.to(acc)
+    dA = torch.exp(dt.unsqueeze(-1) * A.to(acc))  # (b, d, n)
+    dBu = (dt * u_).unsqueeze(-1) * B.to(acc).unsqueeze(1)  # (b, d, n)
+    h = dA * state.to(acc) + dBu
+    state.copy_(h)
+    y = torch.einsum("bdn,bn->bd", h, C.to(acc))
+    if D is not None:
+        y = y + u_ * D.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype)
+
+
+# ------------------------------------------------------------------------------------------ the conv
+def causal_conv1d_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    activation: str | None = None,
+):
+    """Reference conv: x (b, l, d), weight (d, w), bias (d,), initial_state (b, d, w−1). y (b, l, d) in x's
+    dtype; with `return_final_state` also the state for the next call (`conv_final_state`)."""
+    b, l, d = x.shape
+    w = weight.shape[1]
+    acc = compute_dtype(x)
+    init = initial_state if initial_state is not None else x.new_zeros(b, d, w - 1)
+    xp = torch.cat([init.to(acc), x.to(acc).transpose(1, 2)], dim=-1)  # (b, d, w−1+l)
+    y = F.conv1d(xp, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=d)  # (b, d, l)
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    y = y.transpose(1, 2).to(x.dtype)  # (b, l, d)
+    return (y, conv_final_state(x, initial_state, w)) if return_final_state else y
+
+
+def causal_conv1d_update_ref(
+    conv_state: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
+) -> Tensor:
+    """One step: conv_state (b, d, w−1) holds the previous inputs and is shifted in place; x, y: (b, d)."""
+    acc = compute_dtype(x)
+    window = torch.cat([conv_state.to(acc), x.to(acc).unsqueeze(-1)], dim=-1)  # (b, d, w)
+    y = (window * weight.to(acc)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(acc)
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    conv_state.copy_(window[..., 1:])
+    return y.to(x.dtype)
