@@ -1,10 +1,11 @@
-"""Weights in 2 MiB pages (mambakit/hugepages.py): values, ties and training unchanged; the memory really is
+"""Weights in 2 MiB pages (mambakit/engine/hugepages.py): values, ties and training unchanged; the memory really is
 backed by huge pages where the kernel offers them; switched off cleanly."""
 
 import pytest
 import torch
 
-from mambakit import MambaConfig, MambaLM, hugepages
+from mambakit import MambaConfig, MambaLM
+from mambakit.engine import hugepages
 from mambakit.generate import generate
 
 

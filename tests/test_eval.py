@@ -12,7 +12,8 @@ import torch
 
 from _models import random_model as _random_model
 from mambakit import ByteTokenizer, MambaLM
-from mambakit.eval import add_cli, perplexity, score
+from mambakit.cli.eval import add_parser as add_cli
+from mambakit.eval import perplexity, score
 
 
 def random_model(vocab_size=258, seed=0) -> MambaLM:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mambakit.data.timeseries import TimeSeries, regularize
-from mambakit.forecast import ForecastConfig, Forecaster, MambaForecastNet, add_cli
+from mambakit.cli.forecast import add_parser as add_cli
+from mambakit.forecast import ForecastConfig, Forecaster, MambaForecastNet
 from mambakit.forecast.backtest import MambaMethod, backtest, rolling_origins
 from mambakit.forecast.ensemble import MULTI_VARIANTS, STANDARD_VARIANTS, EnsembleForecaster
 from mambakit.forecast.baselines import Naive, SeasonalNaive

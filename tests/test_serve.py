@@ -18,7 +18,8 @@ pytest.importorskip("uvicorn")
 
 from _models import random_model as _random_model
 from mambakit import ByteTokenizer, MambaLM, generate  # noqa: E402
-from mambakit.serve import Limits, add_cli, start_server  # noqa: E402
+from mambakit.cli.serve import add_parser as add_cli  # noqa: E402
+from mambakit.serve import Limits, start_server  # noqa: E402
 
 
 def random_model(seed=0) -> MambaLM:
@@ -254,7 +255,7 @@ def test_full_queue_answers_429_and_cancelled_waiters_leave(model):
 def test_a_failing_step_fails_its_requests_not_the_server(model):
     fresh = random_model()
     with start_server(fresh, max_batch=4) as h, httpx.Client(base_url=h.url, timeout=30) as c:
-        real_step, calls = fresh.step, []
+        real_step, calls = h.engine.step_fn, []
 
         def broken(*a, **kw):
             calls.append(1)
@@ -262,7 +263,7 @@ def test_a_failing_step_fails_its_requests_not_the_server(model):
                 raise RuntimeError("boom")
             return real_step(*a, **kw)
 
-        fresh.step = broken
+        h.engine.step_fn = broken  # the engine's decode step (fused or not) fails once
         r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5})
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
         r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5, "seed": 3})
@@ -280,7 +281,7 @@ def test_cli_serves_a_checkpoint(tmp_path, model):
     add_cli(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", str(tmp_path), "--port", "0"])
     assert args.max_batch == 32 and args.host == "127.0.0.1"
-    code = ("import argparse,sys; from mambakit.serve import add_cli; p=argparse.ArgumentParser(); "
+    code = ("import argparse,sys; from mambakit.cli.serve import add_parser as add_cli; p=argparse.ArgumentParser(); "
             "add_cli(p.add_subparsers()); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(tmp_path / "tiny-ckpt"), "--port",
                              "0", "--max-batch", "4", "--log-level", "warning"],
@@ -339,6 +340,32 @@ def test_engine_batched_prefill_and_decode_equal_generate_alone(model):
     for c in range(2):  # n = 2 choices of one prompt: seeds 500, 501
         assert out["n2", c] == generate(model, [prompts[-1]], 9, seed=500 + c, temperature=1.1, top_k=50, top_p=0.9,
                                        eos_token_id=256).sequences[0]
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_engine_takes_the_fused_step_on_its_pool_of_slots(model, fused):
+    """With 3 of 8 slots busy the engine steps a view of its pool's first rows, which is not contiguous; the fused
+    CPU step reads it in place (every step fused, counted in stats), and each sequence still equals generate on its
+    prompt alone. fused=False keeps the reference step throughout."""
+    from mambakit.generate import check_sampling
+    from mambakit.serve import Engine, Job
+
+    engine = Engine(model, model.tokenizer, {256}, max_batch=8, fused=fused)
+    params = check_sampling(7, 0.0, None, None, None, 1.0)
+    prompts = [[5, 6, 7], [40, 41], [100, 3, 9, 27]]
+    out: dict = {}
+    jobs = [Job([p], 1, 7, params, [], 0, lambda ev, i=i: [out.setdefault(i, []).append(e.token_id) for e in ev])
+            for i, p in enumerate(prompts)]
+    for j in jobs:
+        engine.submit(j)
+    with engine:
+        t0 = time.monotonic()
+        while engine.stats()["tokens"] < 7 * 3 and time.monotonic() - t0 < 30:
+            time.sleep(0.01)
+    stats = engine.stats()
+    assert stats["steps"] > 0 and stats["fused_steps"] == (stats["steps"] if fused is None else 0)
+    for i, p in enumerate(prompts):
+        assert out[i] == generate(model, [p], 7, temperature=0, eos_token_id=256).sequences[0]
 
 
 def test_engine_close_tells_running_and_waiting_jobs(model):

@@ -5,18 +5,10 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
-
-# torch and numba's kernels share one OpenMP runtime. Its default wait policy keeps idle threads spinning after
-# each parallel region; when the cores are shared (other processes, DDP ranks, CI) a spinning thread starves the
-# thread a region waits for, and steps slow down 10× and more (measured on a 2-core machine, docs/engine.md).
-# The command line opts in to passive waiting, before torch is imported (the runtime reads it once, at load);
-# a value the user set is kept. Importing the library changes nothing.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import sys  # noqa: E402
+import sys
 
 # One module a subcommand (mambakit/cli/<name>.py): each defines `add_parser(subparsers)`, which registers its
 # parser with `set_defaults(func=handler)`; the handler takes the parsed args and returns an exit code.
@@ -32,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch and numba's kernels share one OpenMP runtime. Its default wait policy keeps idle threads spinning after
+    # each parallel region; when the cores are shared (other processes, DDP ranks, CI) a spinning thread starves
+    # the thread a region waits for, and steps slow down 10× and more (docs/engine.md). The command line opts in
+    # to passive waiting before torch is first imported (the runtime reads it once, at load); a value the user
+    # set is kept. Importing the library (or this module) changes nothing.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
