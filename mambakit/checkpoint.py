@@ -279,8 +279,10 @@ def check_state_dict(sd: dict[str, Tensor], model: "MambaLM", source: str) -> No
 
 
 def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) -> "MambaLM":
-    """cls(config) holding the state dict `sd` (mambakit keys), checked against the model's keys and shapes
-    (CheckpointError naming `source`), without initialising parameters that are replaced anyway."""
+    """cls(config) holding the state dict `sd` (either layout's keys; a tied head's copy is dropped), checked
+    against the model's keys and shapes (CheckpointError naming `source`), without initialising parameters that
+    are replaced anyway."""
+    sd = to_mambakit_keys(sd, config)
     with torch.device("meta"):  # no init work: every parameter is replaced by a loaded tensor
         model = cls(config)
     check_state_dict(sd, model, source)
@@ -298,8 +300,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device
     stay float32 either way."""
     directory = _resolve_directory(path)
     config, layout = load_config(directory)
-    sd = to_mambakit_keys(_read_state_dict(directory), config)
-    model = build_model(cls, config, sd, f"{directory} ({layout} layout)")
+    model = build_model(cls, config, _read_state_dict(directory), f"{directory} ({layout} layout)")
     model.tokenizer = find_tokenizer(directory)  # a tokenizer.json (or mambakit's byte tokenizer) saved alongside
     return model.to(device=device or "cpu", dtype=dtype or model.backbone.embedding.weight.dtype)
 

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .generate import extend
 from .model import MambaLM, MambaState
 
 
@@ -42,16 +43,6 @@ def _check_ids(ids: Sequence[int], vocab: int, what: str) -> list[int]:
     if bad:
         raise ValueError(f"{what} has token id {bad[0]!r}, outside the model's vocabulary [0, {vocab})")
     return ids
-
-
-@torch.inference_mode()
-def _prefill_chunked(model: MambaLM, ids: Tensor, chunk_tokens: int) -> tuple[MambaState, Tensor]:
-    """ids (b, l) → (state after the l tokens, hidden state (b, D) at the last token), `chunk_tokens`
-    positions at a time (per row) with the state carried over."""
-    state, h = None, None
-    for s in range(0, ids.shape[1], chunk_tokens):
-        h, state = model.backbone(ids[:, s: s + chunk_tokens], state, True)  # (b, c, D)
-    return state, h[:, -1]
 
 
 def _log_probs(model: MambaLM, h: Tensor, targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
@@ -108,7 +99,7 @@ def score(
             by_len.setdefault(len(ctx), []).append(j)
         for rows in by_len.values():
             ids = torch.tensor([block[j] for j in rows], dtype=torch.long, device=device)  # (g, l)
-            st, h = _prefill_chunked(model, ids, chunk_tokens)
+            st, h = extend(model, ids, chunk_tokens=chunk_tokens)
             for r, j in enumerate(rows):
                 states[j] = MambaState(st.conv[:, r: r + 1], st.ssm[:, r: r + 1])
                 last_h[j] = h[r]

@@ -151,6 +151,20 @@ def next_tokens(logits: Tensor, seen: Tensor | None, params: "SamplingParams", g
 
 # --------------------------------------------------------------------------------------------- prefill
 @torch.inference_mode()
+def extend(model: MambaLM, ids: Tensor, state: MambaState | None = None,
+           chunk_tokens: int | None = None) -> tuple[MambaState, Tensor]:
+    """Runs ids (b, l) through the parallel forward after `state` (None: from the start), `chunk_tokens`
+    positions a call (None: one call) with the state carried: returns the state after the l tokens and the
+    final-normed hidden state at the last position (b, D) (model.lm_head of it: the next token's logits). The
+    one prefill of mambakit: generate, the server and eval all go through it. Ids are not range-checked here."""
+    step = ids.shape[1] if chunk_tokens is None else chunk_tokens
+    h = None
+    for s in range(0, ids.shape[1], step):
+        h, state = model.backbone(ids[:, s: s + step], state, True)  # (b, c, D)
+    return state, h[:, -1]
+
+
+@torch.inference_mode()
 def prefill(model: MambaLM, prompts: list[list[int]], max_tokens_per_call: int = 16384) -> tuple[MambaState, Tensor]:
     """Runs every prompt through the parallel forward and returns (state, last_logits): the batch state
     (n_layer, b, …) after each prompt, and the logits (b, V) at each prompt's last token.
@@ -169,13 +183,14 @@ def prefill(model: MambaLM, prompts: list[list[int]], max_tokens_per_call: int =
         for k in range(0, len(rows), per_call):
             chunk = rows[k:k + per_call]
             ids = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)  # (g, length)
-            out = model(ids, return_state=True, num_last_tokens=1)
+            row_state, h = extend(model, ids)
+            logits = model.lm_head(h)  # (g, V)
             if last_logits is None:
-                last_logits = out.logits.new_empty(b, out.logits.shape[-1])
+                last_logits = logits.new_empty(b, logits.shape[-1])
             index = torch.tensor(chunk, device=device)
-            last_logits[index] = out.logits[:, -1]
-            state.conv[:, index] = out.state.conv.to(state.conv.dtype)
-            state.ssm[:, index] = out.state.ssm
+            last_logits[index] = logits
+            state.conv[:, index] = row_state.conv.to(state.conv.dtype)
+            state.ssm[:, index] = row_state.ssm
     return state, last_logits
 
 

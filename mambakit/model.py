@@ -62,6 +62,13 @@ def check_lm_inputs(input_ids, labels, num_last_tokens, vocab_size: int, padded_
         raise ValueError("num_last_tokens > 0 keeps only some logits; it cannot be combined with labels")
 
 
+def next_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy in float32: position t of logits (b, l, V) predicts labels[:, t + 1];
+    labels of −100 are ignored."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
 # ------------------------------------------------------------------------------------------------- state
 @dataclass
 class MambaState:
@@ -359,12 +366,7 @@ class MambaLM(nn.Module):
         if num_last_tokens > 0:
             h = h[:, -num_last_tokens:]
         logits = self.lm_head(h)  # (b, l, V)
-        loss = None
-        if labels is not None:
-            # next-token prediction: position t predicts labels[t + 1]
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+        loss = None if labels is None else next_token_cross_entropy(logits, labels)
         return MambaOutput(logits=logits, loss=loss, state=new_state)
 
     @torch.no_grad()

@@ -42,9 +42,15 @@ def test_moving_keeps_values_ties_and_training(enabled):
     assert not torch.equal(model.backbone.layers[0].mixer.in_proj.weight, ref.backbone.layers[0].mixer.in_proj.weight)
 
 
-def test_generate_moves_weights_into_huge_pages(enabled):
+def test_generate_leaves_the_weights_where_they_are_and_huge_pages_are_opt_in(enabled):
+    """generate moves nothing (no side effect on the caller's model); use_huge_pages does, and generation from
+    the moved weights is the same."""
     model, ref = _model(), _model()
+    ptrs = [p.data_ptr() for p in model.parameters()]
     out = generate(model, [[1, 2, 3]], 8, temperature=0)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert hugepages.use_huge_pages(model) >= hugepages.MIN_BYTES
+    assert torch.equal(out.tokens, generate(model, [[1, 2, 3]], 8, temperature=0).tokens)
     assert torch.equal(out.tokens, generate(ref, [[1, 2, 3]], 8, temperature=0).tokens)
     w = model.lm_head.weight
     assert w.untyped_storage().nbytes() > w.numel() * w.element_size()  # now a slice of the arena

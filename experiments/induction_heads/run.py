@@ -433,7 +433,7 @@ memory). Random guessing is 1/15 ≈ 6.7%.
 
 Mamba can carry the answer over a gap of g tokens only in a state that barely decays on the ordinary tokens in
 between: exp(−Δ·|A|) per token, i.e. a memory horizon of about 1/(Δ·|A|) tokens. A model trained with the
-default settings (4900 steps, seed 0; measured by a one-off probe script, not in the repo) has,
+default settings (4900 steps, seed 0; measured by a one-off probe script, not in the repository) has,
 in its second layer, mean Δ on ordinary tokens of 4.4e-5 in its longest-memory channel (|A| 0.96). That is a
 horizon of 23.6K tokens (2^14.5); the next channels reach 12.8K and 11.7K, and the median is 91. Accuracy
 falls off past 2^13, where the gap (the pair sits uniformly in the sequence) starts to exceed those horizons.

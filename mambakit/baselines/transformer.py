@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import LayerNorm, RMSNorm, check_lm_inputs
+from ..model import LayerNorm, RMSNorm, check_lm_inputs, next_token_cross_entropy
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -320,11 +320,7 @@ class TransformerLM(nn.Module):
         if num_last_tokens > 0:
             h = h[:, -num_last_tokens:]
         logits = self.lm_head(h)  # (b, l, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+        loss = None if labels is None else next_token_cross_entropy(logits, labels)
         return TransformerOutput(logits=logits, loss=loss, cache=cache)
 
     def _backbone(self, input_ids: Tensor, cache: KVCache | None) -> Tensor:

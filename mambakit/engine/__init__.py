@@ -10,7 +10,8 @@ the model (mambakit.model) is pure torch + ops and knows nothing of this package
     use_huge_pages(model)                  # opt-in: the model's parameters into 2 MiB pages (hugepages.py)
 
 Pieces: fused.py (one compiled call a step for all layers), panels.py (weights packed in 32-row panels and the
-kernel that streams them), hugepages.py (2 MiB pages for weight streaming).
+kernel that streams them), hugepages.py (2 MiB pages for weight streaming). How a step runs, and the measurements
+behind its choices: docs/engine.md.
 """
 
 from __future__ import annotations

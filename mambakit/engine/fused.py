@@ -2,26 +2,22 @@
 
 Why: a decode step of the 130m model does little arithmetic (one token per sequence), so the unfused step,
 about 25 torch ops and numba calls per layer (norm, in_proj, conv update, x_proj, dt_proj, state update,
-out_proj, residual add, dtype conversions), spends a quarter of its time outside the weight reads. Here the
+out_proj, residual add, dtype conversions), spends a good part of its time outside the weight reads. Here the
 layers are one numba call, one parallel region (`_layers`), that keeps every intermediate in small scratch
 buffers and reads each weight matrix once, the threads sharing each phase's tasks (`_layer`). The large
 matrices (in_proj, dt_proj, out_proj, the LM head) are read from a copy packed in 32-row panels
-(`decode_panels`: one sequential stream, and each weight load shared by the batch's rows), the small ones from
+(`panels.py`: one sequential stream, and each weight load shared by the batch's rows), the small ones from
 a copy stacked by layer; both are built on the first fused step and rebuilt when a weight changes
-(`_layer_args`).
-
-Measured (130m, 2 threads, other processes paused, `benchmarks/decode_step.py`, fused vs unfused ms a step,
-one run, when each layer was a region of its own): float32 16.3 vs 20.8 at batch 1, 19.9 vs 40.4 at 8, 36.8
-vs 57.3 at 16; bfloat16 6.8 vs 15.7, 20.8 vs 37.9, 39.0 vs 47.1. (Before the panels: float32 19.0, 38.4, 55.6 ms.)
+(`FusedDecoder._weights`). How a step runs, and what it gains over the unfused step: docs/engine.md.
 
 The reference twin is the unfused `Mamba.step` (model.py), with the same arguments and results: tests compare
 the two (logits and both states over many steps, float32 and bfloat16 weights, batch 1 … 9, odd sizes). The
 stages and their order are those of `Mamba.step`; what differs is rounding: intermediates stay float32 here,
 where a bfloat16 model's unfused step rounds x, z and the projections' outputs to bfloat16.
 
-`applies(model, ...)` says when the fused path runs (CPU, inference, float32 or bfloat16 weights, RMSNorm,
-a float32 residual stream, the plain Mamba mixer, batch ≤ MAX_BATCH[dtype]); `MambaLM.step` falls back to the
-unfused step otherwise.
+`unsupported(model)` and `FusedDecoder.supports(input_ids, state)` say when the fused path runs (CPU, float32 or
+bfloat16 weights, RMSNorm, a float32 residual stream, the plain Mamba mixer, batch ≤ MAX_BATCH[dtype], a state
+layout the kernel reads); `mambakit.engine.step_function` takes the unfused `MambaLM.step` otherwise.
 """
 
 from __future__ import annotations
@@ -46,34 +42,23 @@ from ..ops.cpu.primitives import (exp_ir, fexp, kernel_options, loop_ir, narrow,
                          vector_fn, widen, widen_ir)
 from ..ops.cpu.tasks import claim, finish, home, sync_size, wait
 
-# The fused step runs for batches up to MAX_BATCH[dtype] (see `applies`); larger ones take the unfused step.
-# Measured (130m, 2 threads, other processes paused, fused vs unfused ms a step, one-off script): float32
-# 38 vs 57 at 16 rows, 67 vs 87 at 32, 130 vs 181 at 64; bfloat16 39 vs 43 at 16, but 75 vs 72 at 32 and
-# 147 vs 116 at 64, where torch's bfloat16 GEMM (oneDNN, AVX512-BF16 dot products) wins.
+# The fused step runs for batches up to MAX_BATCH[dtype] (see `FusedDecoder.supports`); larger ones take the
+# unfused step. bfloat16 stops where torch's GEMM (oneDNN, AVX512-BF16 dot products) starts to win; float32 goes
+# as far as it was measured to win (docs/engine.md).
 MAX_BATCH = {torch.float32: 64, torch.bfloat16: 16}
 PHASES = 4  # of a layer: in_proj + conv, x_proj, Δ + state update, out_proj (the norm is each thread's own)
 # Channels a task, in the in_proj phase (their x and z rows: 4 panels) and in the state-update phase, so that
 # task k of both phases covers the same channels and one thread does both (`ops.cpu.tasks`: each thread starts
-# with its own range of tasks). Fewer, larger tasks cost fewer atomic operations on counters the threads share:
-# measured with one panel a task (192 tasks a layer), 2 panels and 4 (130m, batch 8, alternated processes,
-# /work/notes/bench/ab_env.sh, one sample each, in the VM state where a counter's round trip between the
-# threads takes 336–529 ns): 23.7, 21.7 and 21.3 ms a step; in the other state 20.3–21.0 ms for 1, 2 and 4 alike.
+# with its own range of tasks). Fewer, larger tasks cost fewer atomic operations on counters the threads share,
+# which counts where a round trip between the two vCPUs is slow (docs/engine.md).
 ROWS = 64
 # Cache lines of out_proj's weights a thread asks for (software prefetch) per channel and row of the state update,
 # from its own out_proj panels: the state update computes (vector exps) while memory would idle, and out_proj then
-# finds part of its weights in cache. Measured per phase (130m, batch 8, float32, 2 threads, one process per
-# setting, alternated, /work/notes/bench/phase_new.py, in the VM state where the threads' ping-pong takes
-# 55–91 ns): 0 lines: state update 3.1–3.2 ms a step, out_proj 3.2; 2: 3.4–3.6 and 2.5; 3: 3.8–4.0 and 2.4–2.8;
-# 4: 4.3–4.7 and 2.2–2.7; 8: 4.9–5.4 and 2.1–2.5 (the prefetches then stall the exps). Batch 1 alike at 0 and 2.
-# Measured again with the state update as one vector loop (`_channels16`, STATE_AHEAD = 32; two samples each, in
-# the same VM state): 0 lines: 1.96–2.10 and 3.26–3.95; 1: 2.05 and 2.80–2.93; 2: 2.33–2.57 and 2.59–2.74;
-# 4: 3.27–3.80 and 2.33–2.81; 6: 4.05–4.55 and 2.23–2.41: 1 and 2 alike, more is worse.
+# finds part of its weights in cache. More lines a channel stall the exps (docs/engine.md).
 AHEAD_LINES = 2
 # Channels ahead (in the state update's order: a row's channels, then the next row's) whose state a thread asks
 # for while it updates the current one: the states of 24 layers at batch 8 (19 MB) do not stay in the caches
-# between steps, and a channel's 16 states are one cache line. Measured per phase (as above, two samples each,
-# AHEAD_LINES = 2): 0 channels: state update 2.60–2.63 ms a step; 16: 2.45–2.69; 32: 2.12–2.40 (six samples);
-# 64: 2.35–2.79; 128: 2.39–2.57.
+# between steps, and a channel's 16 states are one cache line. 32: the best of 0 … 128 (docs/engine.md).
 STATE_AHEAD = 32
 assert ROWS % GROUP == 0, "a task computes whole in_proj and dt_proj panels"
 _F32 = np.float32
@@ -101,9 +86,7 @@ def _channels16(typingctx, ssm_state, A, dbc, R, y, xc, bb, e0, n, ahead, at, pe
 
     Why one intrinsic for the loop, not a call per channel (the intrinsic `_channel16` before): the per-call
     code around it (array views of B and C, the loads of y, x and the arrays' fields, kept on the stack once
-    the inlined layer has used up the registers) cost as much as a third of the vector work. Measured (one
-    thread, 24 layers of 1536 channels × 8 rows, states in L3, three samples; /work/notes/bench/ch_old_new.py,
-    a one-off script): 3.30–3.47 ms with a call per channel, 2.48–2.68 ms with this loop.
+    the inlined layer has used up the registers) was a sizeable cost next to the vector work (docs/engine.md).
 
     While it computes, the loop asks for memory the thread reads next (`prefetch_ir`): the state of the channel
     STATE_AHEAD channels on (wrapping to row bb + 1), and `per` cache lines of `ahead` per channel from element
@@ -192,14 +175,11 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
 
     Why: the state (b, E, W − 1) interleaves three taps per channel, and the loop of `_x_channels` over channels
     has inner loops over the taps, so LLVM left it scalar (it vectorises only innermost loops, and declined the
-    stride-3 accesses with the taps unrolled): measured (one thread, the 24 layers of the 130m at batch 8,
-    states in cache, /work/notes/bench/xch.py … xch3.py, one-off scripts) 1.63–1.77 ms a step for conv and
-    SiLU, 1.0 ms with the SiLU in a loop of its own, 0.36–0.54 ms with this intrinsic. Inside the fused step it
-    cost more (1.6–2.0 ms of the in_proj phase, in the VM state where each vCPU streams on its own link;
-    /work/notes/bench/inproj_situ.py): while a thread computes between two panels, it asks memory for no
-    weights. Here a block of 16 channels is three vector loads of the state, deinterleaved by shuffles (in the
-    state's own type: a shifted tap is moved, not converted), four weight loads (conv_wt is the weight
-    transposed, (W, E), by `_layer_args`), four multiply-adds, three stores.
+    stride-3 accesses with the taps unrolled); and inside the step that time is not hidden under the weight
+    stream: while a thread computes between two panels, it asks memory for no weights (docs/engine.md). Here a
+    block of 16 channels is three vector loads of the state, deinterleaved by shuffles (in the state's own type:
+    a shifted tap is moved, not converted), four weight loads (conv_wt is the weight transposed, (W, E), by
+    `FusedDecoder._weights`), four multiply-adds, three stores.
 
     conv_state (b, E, 3) and conv_wt (4, E) are float32, or bfloat16 bits (int16; x is then stored rounded to
     nearest even, as `narrow`); xz (b, ≥ e0 + n) and xc (b, ≥ e0 + n) float32, all C-contiguous. The caller
@@ -293,7 +273,7 @@ def _rows(x, W, bias, y, r, add):
     """Rows r … r + 3 (fewer at the end of W) of y (b, o) = x[:, :i] · Wᵀ (+ bias), or y += that when add.
 
     W (o, i) float32 or bfloat16 bits, read row after row in memory order (one sequential stream, which DRAM
-    serves fastest; measured: streaming 4 rows side by side cost batch 1 a third more time). Below 4 input
+    serves fastest; streaming 4 rows side by side was slower: docs/engine.md). Below 4 input
     rows each weight row is dotted with the b inputs while it sits in L1. From 4 inputs on, the decode is
     compute-bound and a block of 4 weight rows × 4 inputs shares each load among 16 multiply-adds (8 loads for
     16 FMAs instead of 2 for 1)."""
@@ -337,7 +317,7 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     (r += mixer(norm(r))).
 
     Weights are float32 arrays or bfloat16 bits (int16). in_proj, dt_proj and out_proj come packed in 32-row
-    panels (`decode_panels`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
+    panels (`panels.py`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
     whole panels; conv_wt (W, E), the conv weight transposed, and w_x (R + 2N, E) as it is; vectors norm_w
     (D,), conv_b (E,), dt_b (E,), Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log).
     conv_state (b, E, W − 1) in the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32
@@ -405,21 +385,15 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, w_
 
     Why one region for the step, not one a layer: with OMP_WAIT_POLICY=PASSIVE the second thread sleeps
     between regions, and each layer's region also cost a Python loop turn and a numba dispatch of 24 arguments,
-    all from caches that the weight stream had just emptied. Measured (130m float32, 2 threads, old and new
-    trees alternated ten times, /work/notes/bench/ab_tree.sh, medians of 5 × 8 steps, in the VM state where the
-    threads' ping-pong takes 53–86 ns; the old tree had a region a layer and one shared task counter a phase,
-    the new one also the home ranges, which alone changed nothing in that state): batch 1 17.1–18.5 →
-    16.2–17.1 ms a step, batch 8 21.2–23.1 → 19.6–21.1 ms.
+    all from caches that the weight stream had just emptied (docs/engine.md).
 
     Why each thread norms r itself (into hn[t], (T, b, D)) instead of one thread for all: in_proj reads the
     whole normed input in every task, so with one copy the other thread read it from the first one's caches,
-    a wait and a transfer a layer (in the VM state where the two vCPUs seem to sit on different dies, 320–570 ns
-    a cache line round trip). The norm is 2·b·D multiply-adds. It needs no wait: a thread's copy is read only
-    by its own in_proj tasks, and r is next written in the out_proj phase, after every in_proj task is done; a
-    thread that norms late, while r is being written, finds every in_proj task taken and never reads its
-    copy. Measured against one shared copy (old and new trees alternated ten times, `ab_tree.sh`, batch 8): in
-    the state where ping-pong takes 55–86 ns, 18.9–19.7 ms a step against 18.8–20.0; in the other, 17.4–18.3
-    (two samples) against 16.7–18.4 (four): no change beyond the noise, and one wait a layer less.
+    a wait and a transfer a layer, slow where the two vCPUs do not share a cache. The norm is 2·b·D
+    multiply-adds. It needs no wait: a thread's copy is read only by its own in_proj tasks, and r is next
+    written in the out_proj phase, after every in_proj task is done; a thread that norms late, while r is being
+    written, finds every in_proj task taken and never reads its copy. Not measurably faster, but one wait a
+    layer less (docs/engine.md).
     """
     L, D = norm_w.shape
     E, N = A.shape[1], A.shape[2]
@@ -451,16 +425,14 @@ def _norm(r, norm_w, eps, hn):
 # Why the phases below pass channel counts as arguments: each is called with the literal GROUP or ROWS when
 # its channels fill a whole task (always, for the presets), and numba inlines it, so LLVM sees a constant trip
 # count. With the bound computed at run time (min(E, …)) LLVM left the softplus, SiLU and state-update loops
-# scalar: one layer's Δ + state-update phase at batch 8 took 304 µs, against 113 µs with constant counts
-# (one thread, 130m, /work/notes/bench/ssm_bisect.py, a one-off script). B and C are passed as views of
-# their row for the same reason (with dbc[bb, R + n] and R known only at run time: 216 µs).
+# scalar (docs/engine.md). B and C are passed as views of their row for the same reason (indexed as
+# dbc[bb, R + n], with R known only at run time, the phase was slower).
 #
 # `_views`: why the channel loops index views of a row's channels (y[bb, e0 : e0 + n][k]) and not the arrays
 # (y[bb, e0 + k]). numba wraps negative indices around, and LLVM drops that check, and vectorises the loop,
 # only where it can prove the index is not negative: the loop counter k can be, e0 + k cannot (e0 comes from a
 # task number, and e0 + k could overflow as far as LLVM knows). With array indexing, the softplus and gating
-# loops of the state update stayed scalar: the Δ + state-update phase of 24 layers at batch 8 took 5.3 ms,
-# against 3.5 ms with views (one thread, 130m, /work/notes/bench/iso6.py, a one-off script).
+# loops of the state update stayed scalar (docs/engine.md).
 
 
 def _in_proj_task(k, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc):
@@ -698,7 +670,8 @@ class FusedDecoder:
 
     def supports(self, input_ids: Tensor, state: MambaState) -> str | None:
         """Why `step` cannot take this batch (None when it can). The per-model part is cached under a key that
-        changes when the weights are replaced or converted (walking every parameter costs 0.4 ms a step)."""
+        changes when the weights are replaced or converted (walking every parameter each step would cost a
+        noticeable part of a step: docs/engine.md)."""
         model = self.model
         w, layers = model.lm_head.weight, model.backbone.layers
         key = (id(w), w.dtype, w.device, id(layers[0].mixer.in_proj.weight), id(layers[-1].mixer.out_proj.weight))
@@ -724,8 +697,8 @@ class FusedDecoder:
         """The kernel's weight arguments (`_layers`: the small weights stacked by layer, in_proj, dt_proj and
         out_proj packed as 32-row panels in one flat buffer with each layer's offset), and the LM head packed.
         All are copies (`panels.pack_flat`), reused for as long as every module and parameter they came from is
-        still in place, at the same address and version (checked each step by dict lookups, 2–3% of a batch-1
-        step of the 130m): an optimizer step or load_state_dict bumps the parameters' versions and so rebuilds
+        still in place, at the same address and version (checked each step by dict lookups, a small part of a
+        step: docs/engine.md): an optimizer step or load_state_dict bumps the parameters' versions and so rebuilds
         them; replacing a parameter, a module or a tensor's .data rebuilds them too. (In-place writes through
         `.data` are invisible to torch's version counter, and so to this check.)"""
         cached = self._packed

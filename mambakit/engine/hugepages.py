@@ -3,9 +3,7 @@
 Why: a decode step reads every weight once (paper §3.3: the recurrent mode's cost is the weights, not the
 state), so its speed is the speed of streaming the weights from DRAM. With 4 KiB pages, 517 MB of float32
 weights span 126K pages, far more than the TLB holds: the stream takes a page walk every 4 KiB. In 2 MiB pages
-it takes one every 2 MiB. Measured on this machine (a one-off A/B script alternating two 512 MiB buffers,
-/work/notes/bench/thp3.py, 3 runs, all other processes paused): the decode kernel (`decode_linear.linear`,
-batch 1) read 35–36 GB/s from 4 KiB pages and 45–46 GB/s from 2 MiB pages; torch.sum 48–50 vs 63–64 GB/s.
+it takes one every 2 MiB, and reads faster (docs/engine.md).
 
 How: Linux backs an anonymous mapping with huge pages when asked (madvise MADV_HUGEPAGE) if
 /sys/kernel/mm/transparent_hugepage/enabled is "always" or "madvise" (most distributions). torch allocates a
@@ -13,10 +11,11 @@ parameter wherever malloc puts it, 4 KiB pages in "madvise" mode, so `use_huge_p
 into one 2 MiB-aligned mapping advised before its first touch, and points each parameter's `.data` at its
 slice. Values, dtypes, shapes, tied parameters and `requires_grad` are unchanged; the old memory is freed.
 
-It is applied from outside the model (as compile or precision are): `mambakit.generate` and the server call
-it once per model; MAMBAKIT_HUGE_PAGES=0 turns it off. Where the kernel has no transparent huge pages, or on
-another OS, it does nothing and says so once in the log. The parameters' storage then lives in a mapping the
-tensors hold: it cannot be resized (FSDP resizes storages; do this for inference only).
+It is applied from outside the model (as compile or precision are): the `mambakit generate` and `mambakit serve`
+commands call it once per model (unless --no-huge-pages); MAMBAKIT_HUGE_PAGES=0 turns it off. Where the kernel
+has no transparent huge pages, or on another OS, it does nothing and says so once in the log. The parameters'
+storage then lives in a mapping the tensors hold: it cannot be resized (FSDP resizes storages; do this for
+inference only).
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def huge_page_arena(nbytes: int) -> torch.Tensor:
 def use_huge_pages(model: torch.nn.Module) -> int:
     """Moves the model's CPU parameters into 2 MiB pages (see the module docstring). Returns the bytes moved
     (0 if unsupported, too small, or already done for these parameters). Call it outside autograd (it
-    reassigns `.data`); decoding calls it for you."""
+    reassigns `.data`); the `mambakit generate` and `serve` commands call it for you."""
     params = list(model.parameters())  # unique Parameters: tied weights appear once
     if model in _done and _done[model] == _key(params):
         return 0

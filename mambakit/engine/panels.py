@@ -6,14 +6,11 @@ each weight load among several batch rows has to walk several weight rows side b
 streams 3 KiB apart for the 130m in_proj), and DRAM serves that well below one sequential stream. Packed
 as panels, P[g, j, k] = W[32g + k, j], one panel (32 output rows) is read front to back, and so is the whole
 matrix: for every input column j the kernel loads the panel's 32 weights (two 16-lane vectors) and adds
-x[bb, j] · them into 2 × (batch rows) vector accumulators, an outer product (no horizontal sums).
-Measured on this machine against the natural-layout kernels of `decode_linear` (2 threads, the 24 in_proj
-matrices of the 130m model, 226 MB, other processes paused; /work/notes/bench/panel.py, a one-off script):
-batch 1 6.5 vs 7.3 ms, batch 4 6.5 vs 7.0, batch 8 6.5 vs 11.6, batch 16 9.2 vs 15.8. At batch 8 that is
-139 GFLOP/s instead of 78, reading 35 GB/s (the machine's read rate at the time) instead of 19.5.
+x[bb, j] · them into 2 × (batch rows) vector accumulators, an outer product (no horizontal sums). Against the
+natural-layout kernel it replaced: docs/engine.md.
 
 The cost is memory: the decode path keeps this packed copy next to the parameters (which training and the
-parallel forward read), i.e. the weights twice. `decode_fused` builds it on the first fused step.
+parallel forward read), i.e. the weights twice. `FusedDecoder` (fused.py) builds it on the first fused step.
 
 Numerics: each output is one chain of fused multiply-adds over j = 0 … i − 1, in that order, whatever the
 batch size, so a row's result never depends on the other rows of the batch (a batch of prompts decodes

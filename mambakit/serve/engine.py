@@ -46,7 +46,7 @@ from typing import Callable
 import torch
 
 from .. import engine as cpu_engine
-from ..generate import RowOutput, SamplingParams, next_tokens, prefill, row_generators, sampling_vocab
+from ..generate import RowOutput, SamplingParams, extend, next_tokens, prefill, row_generators, sampling_vocab
 from ..model import MambaLM, MambaState
 
 log = logging.getLogger("mambakit.serve")
@@ -277,8 +277,8 @@ class Engine:
         if not done:
             try:
                 ids = torch.tensor([prompt[pf.pos: pf.pos + self.prefill_chunk]], device=self._pool.ssm.device)
-                out = self.model(ids, state=pf.state, return_state=True, num_last_tokens=1)  # ids (1, c)
-                pf.state, pf.logits, pf.pos = out.state, out.logits[:, -1], pf.pos + ids.shape[1]
+                pf.state, h = extend(self.model, ids, pf.state)  # ids (1, c)
+                pf.logits, pf.pos = self.model.lm_head(h), pf.pos + ids.shape[1]
             except Exception as e:
                 log.error("prefill failed\n%s", traceback.format_exc())
                 self._fail_job(pf.job, f"{type(e).__name__}: {e}")

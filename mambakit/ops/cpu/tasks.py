@@ -4,7 +4,7 @@ over LLVM atomics). Used by the fused decode step (mambakit/engine); measurement
 
 Why one region: a fused decode step is a chain of dependent loops (in_proj → x_proj → state update →
 out_proj). As one numba `prange` each, every loop is an OpenMP parallel region, and mambakit runs OpenMP with
-OMP_WAIT_POLICY=PASSIVE (see mambakit/__init__.py): between regions the other threads sleep, and waking them
+OMP_WAIT_POLICY=PASSIVE (the `mambakit` command sets it; mambakit/cli): between regions the other threads sleep, and waking them
 at every region of every layer costs more than the work of a small step.
 
 Why home ranges: thread t of T first takes tasks t·n/T … (t + 1)·n/T − 1 of every phase, in order, so when two
