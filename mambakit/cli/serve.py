@@ -31,9 +31,9 @@ def add_parser(subparsers) -> None:
 
 def _cli(args) -> int:
     from ..engine import use_huge_pages
-    from ..serve import Limits, _import_uvicorn, serve_forever
+    from ..serve import Limits, require_server_extra, serve_forever
 
-    _import_uvicorn()  # a missing extra fails before the model is loaded
+    require_server_extra()  # a missing extra fails before the model is loaded
     set_threads(args)
     limits = Limits(**{k: getattr(args, k) if getattr(args, k) is not None else getattr(Limits, k)
                        for k in ("max_prompt_tokens", "max_tokens", "max_n", "max_body_bytes")})

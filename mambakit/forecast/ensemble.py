@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import ForecastConfig
 from .._io import atomic_write
-from .forecaster import Forecast, Forecaster, _as_series, read_json
+from .forecaster import Forecast, Forecaster, as_series, read_json
 
 # the structural choices validation makes per series: base forecast × linear skip (seasonal variants are
 # dropped for a series whose season does not fit the context; duplicates after resolving are dropped)
@@ -82,7 +82,7 @@ class EnsembleForecaster:
     def fit(self, data, verbose: bool | None = None) -> "EnsembleForecaster":
         if verbose is not None:
             self.verbose = verbose
-        series = _as_series(data)
+        series = as_series(data)
         season = self.config.season or series.season
         first = self.seeds[0]
         self.candidates, configs = {}, {}

@@ -44,7 +44,7 @@ class Forecast:
     members: np.ndarray | None = None
 
 
-def _as_series(data) -> TimeSeries:
+def as_series(data) -> TimeSeries:
     if isinstance(data, TimeSeries):
         series = data
     else:
@@ -105,7 +105,7 @@ class Forecaster:
 
     # ---------------------------------------------------------------------------------------------- fit
     def fit(self, data, verbose: bool = False) -> "Forecaster":
-        series = _as_series(data)
+        series = as_series(data)
         self.names, self.freq = list(series.names), series.freq
         # fix the season and base for this series (config.season = 0 / base = "auto" depend on it), so that the
         # saved config rebuilds the same network
@@ -220,7 +220,7 @@ class Forecaster:
         if self.net is None:
             raise RuntimeError("Forecaster.predict before fit (or load)")
         c = self.config
-        series = _as_series(history)
+        series = as_series(history)
         if series.n_channels != self.net.n_channels:
             raise ValueError(f"history has {series.n_channels} columns, the forecaster was fitted on "
                              f"{self.net.n_channels} ({self.names})")

@@ -27,7 +27,8 @@ __all__ = ["Engine", "EngineBusy", "EngineClosed", "Event", "Job", "Limits", "cr
            "start_server", "ServerHandle", "serve_forever"]
 
 
-def _import_uvicorn():
+def require_server_extra():
+    """uvicorn (and FastAPI), or an ImportError saying which extra to install."""
     try:
         import uvicorn
     except ImportError as e:
@@ -85,7 +86,7 @@ def start_server(model: MambaLM, host: str = "127.0.0.1", port: int = 0, *, mode
                  tokenizer=None, max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512,
                  limits: Limits | None = None, log_level: str = "warning") -> ServerHandle:
     """Starts the server in a daemon thread and returns once it accepts connections."""
-    uvicorn = _import_uvicorn()
+    uvicorn = require_server_extra()
     engine = make_engine(model, tokenizer, max_batch, max_queue, prefill_chunk)
     app = create_app(engine, model_name, limits)
     sock = _bind(host, port)
@@ -106,7 +107,7 @@ def serve_forever(model: MambaLM, host: str = "127.0.0.1", port: int = 8000, *, 
                   max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512, limits: Limits | None = None,
                   log_level: str = "info") -> None:
     """Serves `model` in this thread until interrupted (what `mambakit serve` runs)."""
-    uvicorn = _import_uvicorn()
+    uvicorn = require_server_extra()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = make_engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     app = create_app(engine, model_name, limits)
