@@ -186,19 +186,46 @@ def test_initial_states_feed_seq_idx_zero_only():
         assert_close(fn(**inp, chunk_size=4, seq_idx=seq_idx), fn(**without, chunk_size=4), 1e-12, "y")
 
 
+def test_non_contiguous_inputs():
+    """x, B, C as the Mamba-2 block makes them: slices of one (b, l, h·p + 2·g·n) tensor; dt a transposed view."""
+    b, l, h, p, g, n = 2, 10, 4, 2, 2, 3
+    gen = torch.Generator().manual_seed(3)
+    xBC = torch.randn(b, l, h * p + 2 * g * n, generator=gen)
+    x, B, C = torch.split(xBC, [h * p, g * n, g * n], dim=-1)
+    x, B, C = x.view(b, l, h, p), B.view(b, l, g, n), C.view(b, l, g, n)
+    dt = torch.randn(h, b, l, generator=gen).permute(1, 2, 0)  # (b, l, h), not contiguous
+    A = -torch.rand(h, generator=gen)
+    for kw in (dict(), dict(dt_softplus=True)):
+        want = ssd_ref(x.contiguous(), dt.abs().contiguous(), A, B.contiguous(), C.contiguous(), **kw)
+        for backend in ("cpu", "reference"):
+            got = ops.ssd(x, dt.abs(), A, B, C, chunk_size=5, backend=backend, **kw)
+            assert_close(got, want, 1e-5, backend)
+
+
+def test_float16_inputs_compute_in_float32():
+    inputs = make_inputs(1, 20, 4, 4, 2, 4, torch.float16)
+    y1, s1, _ = run_with_grads(ssd_cpu, inputs, chunk_size=8, dt_softplus=True)
+    as32 = {k: None if v is None else v.float() for k, v in inputs.items()}
+    y2, s2, _ = run_with_grads(ssd_reference, as32, chunk_size=8, dt_softplus=True)
+    assert y1.dtype == torch.float16 and s1.dtype == torch.float32
+    assert_close(y1.float(), y2, 2e-3, "y")  # only the output is rounded (2^-11)
+    assert_close(s1, s2, 1e-4, "final states")
+
+
 def test_bfloat16_inputs_against_float32_reference():
-    """bf16 runs the GEMMs in bf16 with their outputs widened to float32: within 3e-2 of the float32
-    reference on the same rounded values (outputs rounded to bf16, 2^-8), states and gradients likewise."""
+    """bf16 runs the GEMMs in bf16 with their outputs widened to float32: within 1.5e-2 (relative to the largest
+    value) of the float32 reference on the same rounded values, for outputs, states and gradients (measured
+    2e-3 to 7e-3 here: Δ·x, the scores and the GEMM outputs are rounded to bf16, 2^-9 relative each)."""
     inputs = make_inputs(2, 40, 4, 8, 2, 8, torch.bfloat16, D="channel")
     y1, s1, g1 = run_with_grads(ssd_cpu, inputs, chunk_size=16, dt_softplus=True)
     as32 = {k: None if v is None else v.float() for k, v in inputs.items()}
     y2, s2, g2 = run_with_grads(ssd_reference, as32, chunk_size=16, dt_softplus=True)
     assert y1.dtype == torch.bfloat16 and s1.dtype == torch.float32
-    assert_close(y1.float(), y2, 3e-2, "y")
-    assert_close(s1, s2, 3e-2, "final states")
+    assert_close(y1.float(), y2, 1.5e-2, "y")
+    assert_close(s1, s2, 1.5e-2, "final states")
     for k in g1:
         assert g1[k].dtype == torch.bfloat16
-        assert_close(g1[k].float(), g2[k], 3e-2, f"grad {k}")
+        assert_close(g1[k].float(), g2[k], 1.5e-2, f"grad {k}")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

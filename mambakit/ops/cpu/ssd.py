@@ -80,14 +80,14 @@ def ssd_cpu(
 
     # 0. Discretise; pad time to whole chunks; chunk-major views.
     delta = _pad_time(ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc), pad)  # (b, L, h)
-    acs = (delta * A.to(acc)).view(b, c, Q, h).cumsum(2).transpose(2, 3)  # (b, c, h, Q): log-decay from chunk start
+    acs = (delta * A.to(acc)).reshape(b, c, Q, h).cumsum(2).transpose(2, 3)  # (b, c, h, Q): log-decay from chunk start
     xbar = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
-    xbar = xbar.view(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
-    Bc = _pad_time(B, pad).view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
-    Cc = _pad_time(C, pad).view(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    xbar = xbar.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
+    Bc = _pad_time(B, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    Cc = _pad_time(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     if seq_idx is not None:
         # padded steps continue the row's last sequence, so they keep its state
-        s = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).view(b, c, Q)  # (b, c, Q)
+        s = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).reshape(b, c, Q)  # (b, c, Q)
         last = s[:, :, -1]  # (b, c): the sequence each chunk ends in
         before = torch.cat([last.new_zeros(b, 1), last[:, :-1]], dim=1)  # (b, c): the carried state's sequence
 
@@ -97,7 +97,7 @@ def ssd_cpu(
     if seq_idx is not None:
         mask = (mask & (s.unsqueeze(-1) == s.unsqueeze(-2))).unsqueeze(2)  # (b, c, 1, Q_t, Q_s)
     seg = acs.unsqueeze(-1) - acs.unsqueeze(-2)  # (b, c, h, Q_t, Q_s)
-    decay = torch.exp(seg.masked_fill(~mask, float("-inf")))  # (b, c, h, Q_t, Q_s)
+    decay = torch.exp(torch.where(mask, seg, float("-inf")))  # (b, c, h, Q_t, Q_s)
     CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s): once per group
     scores = decay.view(b, c, g, hg, Q, Q) * CB.unsqueeze(3)  # (b, c, g, hg, Q_t, Q_s)
     y = _gemm(scores, xbar, gemm, acc)  # (b, c, g, hg, Q, p)
@@ -164,7 +164,7 @@ def ssd_state_update_cpu(
     x_ = x.to(acc)
     work = state if state.dtype == acc and state.is_contiguous() else state.to(acc).contiguous()
     work.mul_(torch.exp(delta * A.to(acc))[..., None, None])
-    dx = (delta.unsqueeze(-1) * x_).view(b, g, hg * p, 1)  # (b, g, hg·p, 1): Δ·x
+    dx = (delta.unsqueeze(-1) * x_).reshape(b, g, hg * p, 1)  # (b, g, hg·p, 1): Δ·x
     work.view(b, g, hg * p, n).add_(dx * B.to(acc).unsqueeze(2))  # + Δ x Bᵀ, B (b, g, 1, n)
     y = torch.matmul(work.view(b, g, hg * p, n), C.to(acc).unsqueeze(-1)).view(b, h, p)  # h_t C_t
     if work is not state:
