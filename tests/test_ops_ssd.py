@@ -186,6 +186,43 @@ def test_initial_states_feed_seq_idx_zero_only():
         assert_close(fn(**inp, chunk_size=4, seq_idx=seq_idx), fn(**without, chunk_size=4), 1e-12, "y")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_pieces_with_state_carry_equal_one_shot(backend):
+    """Chunked prefill: pieces of the sequence with the final state carried equal one call, forward and
+    gradient (the state is differentiable both ways)."""
+    inp = make_inputs(2, 30, 4, 2, 2, 3, torch.float64, D="channel")
+    x = inp["x"].clone().requires_grad_()
+    rest = {k: v for k, v in inp.items() if k != "x"}
+    kw = dict(chunk_size=8, dt_softplus=True, return_final_states=True, backend=backend)
+    y_all, s_all = ops.ssd(x, **rest, **kw)
+    (g_all,) = torch.autograd.grad(y_all.pow(2).sum() + s_all.sum(), x)
+    x2 = inp["x"].clone().requires_grad_()
+    state, ys = inp["initial_states"], []
+    for t0, t1 in [(0, 1), (1, 13), (13, 30)]:
+        piece = {k: v[:, t0:t1] if k in ("dt", "B", "C", "z") else v for k, v in rest.items()}
+        y, state = ops.ssd(x2[:, t0:t1], **dict(piece, initial_states=state), **kw)
+        ys.append(y)
+    (g_pieces,) = torch.autograd.grad(torch.cat(ys, 1).pow(2).sum() + state.sum(), x2)
+    assert_close(torch.cat(ys, 1), y_all, 1e-10, "y")
+    assert_close(state, s_all, 1e-10, "final states")
+    assert_close(g_pieces, g_all, 1e-10, "dx")
+
+
+def test_numerically_safe_extremes():
+    """Δ up to 20, A down to −1e4: the decays underflow to exactly 0 and nothing is NaN or inf (masked entries
+    go to −inf before exp, never inf·0)."""
+    b, l, h, p, g, n = 1, 40, 4, 2, 1, 3
+    inp = make_inputs(b, l, h, p, g, n)
+    inp["dt"] = torch.full((b, l, h), 20.0)
+    inp["A"] = torch.tensor([-1e4, -1.0, -1e-4, 0.0])
+    y1, s1, g1 = run_with_grads(ssd_cpu, inp, chunk_size=16, dt_softplus=True)
+    y2, s2, _ = run_with_grads(ssd_reference, inp, chunk_size=16, dt_softplus=True)
+    for t in [y1, s1, *g1.values()]:
+        assert torch.isfinite(t).all()
+    assert_close(y1, y2, 1e-4, "y")
+    assert_close(s1, s2, 1e-4, "final states")
+
+
 def test_non_contiguous_inputs():
     """x, B, C as the Mamba-2 block makes them: slices of one (b, l, h·p + 2·g·n) tensor; dt a transposed view."""
     b, l, h, p, g, n = 2, 10, 4, 2, 2, 3

@@ -96,6 +96,8 @@ def ssd_cpu(
     mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()  # (Q_t, Q_s)
     if seq_idx is not None:
         mask = (mask & (s.unsqueeze(-1) == s.unsqueeze(-2))).unsqueeze(2)  # (b, c, 1, Q_t, Q_s)
+    # Differences of one chunk's float32 cumsum, as the official kernel: the cumsum restarts every chunk, so
+    # its magnitude (and the cancellation) stays bounded by Q steps.
     seg = acs.unsqueeze(-1) - acs.unsqueeze(-2)  # (b, c, h, Q_t, Q_s)
     decay = torch.exp(torch.where(mask, seg, float("-inf")))  # (b, c, h, Q_t, Q_s)
     CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s): once per group
