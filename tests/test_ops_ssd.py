@@ -1,6 +1,7 @@
 """SSD (the Mamba-2 scan): the chunked CPU path against the sequential reference (outputs, final states, every
 gradient), the reference against the Mamba-1 scan it generalises, float64 gradcheck, packed sequences against
-separate runs, bfloat16, the decoding step against the scan, and bad input."""
+separate runs, state carried across calls, bfloat16, the decoding step against the scan, transformers' torch
+path, and bad input."""
 
 from __future__ import annotations
 
@@ -363,3 +364,28 @@ def test_state_update_bad_input():
         ops.ssd_state_update(torch.zeros(b, h, p, n), **{**step, "dt": torch.randn(b, h, 1)})
     with pytest.raises(ValueError, match=r"multiple of the groups g = 3"):
         ops.ssd_state_update(torch.zeros(b, h, p, n), **{**step, "B": torch.randn(b, 3, n), "C": torch.randn(b, 3, n)})
+
+
+def test_matches_transformers_torch_path(monkeypatch):
+    """The outside world: transformers' pure-torch Mamba-2 scan and step (its fallbacks when the official
+    kernels are absent) on the same inputs: g > 1, dt bias, softplus, limits, D, initial states."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    b, l, h, p, g, n = 2, 37, 6, 4, 2, 5
+    inp = make_inputs(b, l, h, p, g, n, z=False)
+    kw = dict(D=inp["D"], dt_bias=inp["dt_bias"], initial_states=inp["initial_states"], dt_softplus=True,
+              dt_limit=(0.05, 1.0), return_final_states=True)
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    y_hf, s_hf = hf.mamba2_chunk_scan(*args, 16, **kw)
+    y, s = ops.ssd(*args, chunk_size=16, **kw)
+    assert_close(y, y_hf, 1e-5, "y")
+    assert_close(s, s_hf, 1e-5, "final states")
+    # its step takes A (h, p, n), dt, D and dt_bias per channel: the per-head values broadcast
+    s_hf, s = inp["initial_states"].clone(), inp["initial_states"].clone()
+    x, dt, B, C = (inp[k][:, 3] for k in ("x", "dt", "B", "C"))
+    y_hf = hf.mamba2_selective_state_update(
+        s_hf, x, dt[..., None].expand(b, h, p), inp["A"][:, None, None].expand(h, p, n), B, C,
+        inp["D"][:, None].expand(h, p), dt_bias=inp["dt_bias"][:, None].expand(h, p), dt_softplus=True)
+    y = ops.ssd_state_update(s, x, dt, inp["A"], B, C, D=inp["D"], dt_bias=inp["dt_bias"], dt_softplus=True)
+    assert_close(y, y_hf, 1e-5, "step y")
+    assert_close(s, s_hf, 1e-5, "step state")
