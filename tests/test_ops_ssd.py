@@ -232,7 +232,8 @@ import json, torch
 from mambakit import ops
 b, l, h, p, g, n, Q = 1, 8192, 2, 64, 1, 128, 64
 x = torch.randn(b, l, h, p, requires_grad=True); dt = torch.randn(b, l, h, requires_grad=True)
-A = -torch.rand(h) - 0.5; B = torch.randn(b, l, g, n, requires_grad=True); C = torch.randn(b, l, g, n, requires_grad=True)
+A = -torch.rand(h) - 0.5
+B = torch.randn(b, l, g, n, requires_grad=True); C = torch.randn(b, l, g, n, requires_grad=True)
 def status_bytes(field):  # VmRSS: now; VmHWM: the high-water mark
     line = next(s for s in open('/proc/self/status').read().splitlines() if s.startswith(field + ':'))
     return int(line.split()[1]) * 1024
