@@ -99,7 +99,7 @@ def ssd_cpu(
     # Differences of one chunk's float32 cumsum, as the official kernel: the cumsum restarts every chunk, so
     # its magnitude (and the cancellation) stays bounded by Q steps.
     seg = acs.unsqueeze(-1) - acs.unsqueeze(-2)  # (b, c, h, Q_t, Q_s)
-    decay = torch.exp(torch.where(mask, seg, float("-inf")))  # (b, c, h, Q_t, Q_s)
+    decay = torch.exp(seg.masked_fill_(~mask, float("-inf")))  # in place: the subtraction saves nothing for backward
     CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s): once per group
     scores = decay.view(b, c, g, hg, Q, Q) * CB.unsqueeze(3)  # (b, c, g, hg, Q_t, Q_s)
     y = _gemm(scores, xbar, gemm, acc)  # (b, c, g, hg, Q, p)
