@@ -315,6 +315,8 @@ def causal_conv1d_update(
 # Kept in one section so that Mamba-1 edits above and this one merge apart. Layouts: x, z (b, l, h, p);
 # dt (b, l, h); A (h,); B, C (b, l, g, n) with g dividing h; states (b, h, p, n). The chunked torch path runs
 # on any device, so a default call on a GPU (no Triton ssd yet) takes it rather than the sequential twin.
+import operator  # noqa: E402
+
 from .reference import ssd_ref, ssd_state_update_ref  # noqa: E402, F401  (public, as the Mamba-1 twins)
 
 __all__ += ["ssd", "ssd_state_update"]
@@ -438,8 +440,9 @@ def ssd(
     the final states.
     """
     b, l, h, p, g, n = _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, step=False)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or operator.index(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = operator.index(chunk_size)
     dt_limit = _check_dt_limit(dt_limit)
     if initial_states is not None:
         _check_tensor("initial_states", initial_states, (b, h, p, n), "(b, h, p, n)", x.device)
