@@ -309,3 +309,186 @@ def causal_conv1d_update(
     with _no_autocast(x):
         run = _implementation("causal_conv1d_update", backend, x)
         return run(conv_state, x, weight, bias, activation)
+
+
+# ------------------------------------------------------------------------------------ SSD (Mamba-2)
+# Kept in one section so that Mamba-1 edits above and this one merge apart. Layouts: x, z (b, l, h, p);
+# dt (b, l, h); A (h,); B, C (b, l, g, n) with g dividing h; states (b, h, p, n). The chunked torch path runs
+# on any device, so a default call on a GPU (no Triton ssd yet) takes it rather than the sequential twin.
+import operator  # noqa: E402
+
+from .reference import ssd_ref, ssd_state_update_ref  # noqa: E402, F401  (public, as the Mamba-1 twins)
+
+__all__ += ["ssd", "ssd_state_update"]
+
+_IMPLEMENTATIONS["ssd"] = {
+    "reference": (".reference", "ssd_ref"),
+    "cpu": (".cpu.ssd", "ssd_cpu"),
+}
+_IMPLEMENTATIONS["ssd_state_update"] = {
+    "reference": (".reference", "ssd_state_update_ref"),
+    "cpu": (".cpu.ssd", "ssd_state_update_cpu"),
+}
+
+
+def _ssd_implementation(op: str, backend: str | None, x: Tensor):
+    """The function for an SSD op: "cpu" (the chunked torch path; the default, on every device) or
+    "reference"; "triton" has no SSD kernel yet and is refused by name."""
+    if backend is None:
+        chosen = "cpu"
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    elif backend == "triton":
+        raise NotImplementedError(f"backend='triton' has no {op} kernel yet: use backend='cpu' or 'reference'")
+    else:
+        chosen = backend
+        if chosen == "cpu" and x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {x.device} (backend=None runs the "
+                             "same chunked torch path on any device)")
+    if (op, chosen) not in _logged:
+        _logged.add((op, chosen))
+        logger.debug("mambakit.ops.%s: using the %r backend (for %s tensors)", op, chosen, x.device.type)
+    module, name = _IMPLEMENTATIONS[op][chosen]
+    return getattr(importlib.import_module(module, __name__), name)
+
+
+def _check_dt_limit(dt_limit) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in dt_limit)
+    except (TypeError, ValueError):
+        raise TypeError(f"dt_limit must be a pair of numbers (lo, hi), got {dt_limit!r}") from None
+    if not lo <= hi or lo != lo:
+        raise ValueError(f"dt_limit must be (lo, hi) with lo <= hi, got {dt_limit!r}")
+    return lo, hi
+
+
+def _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, step: bool) -> tuple[int, ...]:
+    """Validates what both SSD ops share; returns (b, l, h, p, g, n) (l = 1 for a single step)."""
+    if step:
+        _check_tensor("x", x, (None, None, None), "(b, h, p)")
+        (b, h, p), l = x.shape, 1
+        lead, lead_names = (b,), "b, "
+    else:
+        _check_tensor("x", x, (None, None, None, None), "(b, l, h, p)")
+        b, l, h, p = x.shape
+        lead, lead_names = (b, l), "b, l, "
+        if l < 1:
+            raise ValueError("x must have at least one time step: shape (b, l, h, p) with l >= 1")
+    dev = x.device
+    _check_tensor("dt", dt, lead + (h,), f"({lead_names}h)", dev)
+    _check_tensor("A", A, (h,), "(h,)", dev)
+    _check_tensor("B", B, lead + (None, None), f"({lead_names}g, n)", dev)
+    g, n = B.shape[-2], B.shape[-1]
+    if g < 1 or n < 1:
+        raise ValueError(f"B must have g >= 1 groups and n >= 1 state dimensions, got shape {tuple(B.shape)}")
+    if h % g:
+        raise ValueError(f"the number of heads h = {h} (x) must be a multiple of the groups g = {g} (B, C): "
+                         "each group's B and C serve h // g heads")
+    _check_tensor("C", C, lead + (g, n), f"({lead_names}g, n)", dev)
+    if D is not None:
+        if not isinstance(D, Tensor) or D.dim() != 2:
+            _check_tensor("D", D, (h,), "(h,) or (h, p)", dev)
+        else:
+            _check_tensor("D", D, (h, p), "(h,) or (h, p)", dev)
+    if z is not None:
+        _check_tensor("z", z, tuple(x.shape), "like x: " + ("(b, h, p)" if step else "(b, l, h, p)"), dev)
+    if dt_bias is not None:
+        _check_tensor("dt_bias", dt_bias, (h,), "(h,)", dev)
+    return b, l, h, p, g, n
+
+
+def _check_A_nonpositive(A: Tensor) -> None:
+    # The chunked path's decays exp(Δ·A·t) must not grow (they are ≤ 1 for A ≤ 0, Δ ≥ 0): A = −exp(A_log).
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("A contains NaN or inf; A = -exp(A_log) must be finite")
+    if bool((A > 0).any()):
+        raise ValueError("A must be <= 0 (one decay rate per head, A = -exp(A_log)); got positive entries")
+
+
+def ssd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_states: bool = False,
+    backend: str | None = None,
+):
+    """The SSD scan of Mamba-2 ("Transformers are SSMs", Dao & Gu 2024), with the semantics of the official
+    `mamba_chunk_scan_combined`:
+
+    Δ = clamp(softplus(dt + dt_bias), *dt_limit) (softplus only with dt_softplus; no clamp at (0, inf));
+    h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ; y_t = h_t C_t + D ⊙ x_t; y ← y·silu(z) if z is given.
+
+    Shapes: x, z, y: (b, l, h, p); dt: (b, l, h); A: (h,) (≤ 0); B, C: (b, l, g, n), g dividing h, head i using
+    group i // (h // g); D: (h,) or (h, p); dt_bias: (h,); initial_states, final states: (b, h, p, n).
+    seq_idx (b, l), integers, non-decreasing along l and ≥ 0: packed sequences; the state resets to zero where
+    it changes, and initial_states feeds only tokens with seq_idx 0 (as in the official op). chunk_size: the
+    chunked path's block length (any positive int; the result does not depend on it beyond rounding).
+
+    Returns y (in x's dtype), or (y, final_states) with return_final_states: the state after each row's last
+    token (with seq_idx, that of the row's last sequence; per-sequence states are not returned), float32
+    (float64 for float64 inputs). Gradients flow to every floating input, initial_states included, and from
+    the final states.
+    """
+    b, l, h, p, g, n = _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, step=False)
+    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or operator.index(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = operator.index(chunk_size)
+    dt_limit = _check_dt_limit(dt_limit)
+    if initial_states is not None:
+        _check_tensor("initial_states", initial_states, (b, h, p, n), "(b, h, p, n)", x.device)
+    if seq_idx is not None:
+        if not isinstance(seq_idx, Tensor) or seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex \
+                or seq_idx.dtype == torch.bool:
+            raise TypeError(f"seq_idx must be an integer tensor of shape (b, l) = ({b}, {l}), "
+                            f"got {getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+        if tuple(seq_idx.shape) != (b, l):
+            raise ValueError(f"seq_idx must have shape (b, l) = ({b}, {l}), got {tuple(seq_idx.shape)}")
+        if seq_idx.device != x.device:
+            raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {x.device}; all inputs must share one device")
+        # The masks compare indices for equality: a sequence must be one contiguous run.
+        if bool((seq_idx < 0).any()) or bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+            raise ValueError("seq_idx must be >= 0 and non-decreasing along l (each packed sequence one run)")
+    _check_A_nonpositive(A)
+    with _no_autocast(x):
+        run = _ssd_implementation("ssd", backend, x)
+        return run(x, dt, A, B, C, chunk_size, D, z, dt_bias, bool(dt_softplus), dt_limit, initial_states,
+                   seq_idx, bool(return_final_states))
+
+
+def ssd_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    backend: str | None = None,
+) -> Tensor:
+    """One decoding step of `ssd`: updates `state` (b, h, p, n) in place and returns y (b, h, p).
+
+    x, z: (b, h, p); dt: (b, h); A: (h,); B, C: (b, g, n); D: (h,) or (h, p); dt_bias: (h,). Stepping l tokens
+    from a state equals `ssd` over them with that state as initial_states. dt_limit defaults to no clamp,
+    as the official and transformers decoding steps apply none (their prefill does): pass the model's
+    dt_limit to clamp as `ssd` does. The in-place update is not differentiable (train through `ssd`).
+    """
+    b, _, h, p, g, n = _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, step=True)
+    _check_tensor("state", state, (b, h, p, n), "(b, h, p, n)", x.device)
+    dt_limit = _check_dt_limit(dt_limit)
+    with _no_autocast(x):
+        run = _ssd_implementation("ssd_state_update", backend, x)
+        return run(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), dt_limit)

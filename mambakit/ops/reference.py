@@ -165,3 +165,120 @@ def causal_conv1d_update_ref(
         y = F.silu(y)
     conv_state.copy_(window[..., 1:])
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- SSD (Mamba-2)
+# Dimensions (Mamba-2, Dao & Gu 2024, "Transformers are SSMs"): b batch, l length, h heads, p head dim,
+# g groups of heads sharing B and C (head i uses group i // (h // g)), n state size.
+#
+#     Δ_t = clamp(softplus(dt_t + dt_bias), dt_limit)     (softplus and clamp optional, in this order)
+#     h_t = exp(Δ_t·A) · h_{t−1} + Δ_t · x_t B_tᵀ          h: (b, h, p, n); A one negative scalar per head
+#     y_t = h_t C_t + D ⊙ x_t                              then y_t ← y_t · silu(z_t) if z is given
+#
+# With seq_idx (packed sequences) the state is reset to zero wherever seq_idx changes; the initial state
+# belongs to seq_idx 0 (a row whose first token has another index starts from zero), as in the official
+# `mamba_chunk_scan_combined`.
+def ssd_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]) -> Tensor:
+    """Δ (…, h) in float32 or wider, in the official order: + dt_bias, softplus, clamp to dt_limit. The clamp is
+    skipped at the default (0, inf), as the official op does, so negative dt keeps its gradient there."""
+    out = dt.float() if dt.dtype in (torch.float16, torch.bfloat16) else dt
+    if dt_bias is not None:
+        out = out + dt_bias.to(out.dtype)
+    if dt_softplus:
+        out = F.softplus(out)  # threshold 20 (softplus(v) = v above it), as the official kernels
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    if (lo, hi) != (0.0, float("inf")):
+        out = out.clamp(min=lo, max=hi)
+    return out
+
+
+def _per_channel_D(D: Tensor, p: int) -> Tensor:
+    """D (h,) or (h, p) as (h, p), the shape that multiplies x (…, h, p)."""
+    return D.unsqueeze(-1).expand(-1, p) if D.dim() == 1 else D
+
+
+def ssd_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_states: bool = False,
+):
+    """Reference SSD: the sequential recurrence, one token at a time. x, z: (b, l, h, p); dt: (b, l, h); A: (h,);
+    B, C: (b, l, g, n); D: (h,) or (h, p); dt_bias: (h,); initial_states: (b, h, p, n); seq_idx: (b, l) int.
+    chunk_size is the chunked kernels' block length: the result does not depend on it, so it is ignored here.
+    Returns y (b, l, h, p) in x's dtype, and the final states (b, h, p, n) in float32 (float64 for float64
+    inputs) with `return_final_states`: the state after each row's last token."""
+    acc = compute_dtype(x)
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    delta = ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc)  # (b, l, h)
+    x_ = x.to(acc)
+    # Each head reads its group's B and C: repeat the groups over their h // g heads, group-major.
+    B_ = B.to(acc).repeat_interleave(h // g, dim=2)  # (b, l, h, n)
+    C_ = C.to(acc).repeat_interleave(h // g, dim=2)  # (b, l, h, n)
+    A_ = A.to(acc)
+    state = initial_states.to(acc) if initial_states is not None else x_.new_zeros(b, h, p, n)
+    if seq_idx is not None:
+        # keep_t = 0 where a new sequence starts; the token before t = 0 counts as seq_idx 0
+        prev = torch.cat([seq_idx.new_zeros(b, 1), seq_idx[:, :-1]], dim=1)
+        keep = (seq_idx == prev).to(acc).unbind(1)  # l × (b,)
+    else:
+        keep = [None] * l
+    ys = []
+    for d_t, x_t, B_t, C_t, k_t in zip(delta.unbind(1), x_.unbind(1), B_.unbind(1), C_.unbind(1), keep):
+        decay = torch.exp(d_t * A_)  # (b, h)
+        if k_t is not None:
+            decay = decay * k_t.unsqueeze(-1)
+        upd = (d_t.unsqueeze(-1) * x_t).unsqueeze(-1) * B_t.unsqueeze(2)  # (b, h, p, n): Δ_t x_t B_tᵀ
+        state = decay[..., None, None] * state + upd
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C_t))
+    y = torch.stack(ys, dim=1) if ys else x_.new_zeros(b, 0, h, p)  # (b, l, h, p)
+    if D is not None:
+        y = y + x_ * _per_channel_D(D.to(acc), p)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    y = y.to(x.dtype)
+    return (y, state) if return_final_states else y
+
+
+def ssd_state_update_ref(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> Tensor:
+    """One SSD step for decoding. state (b, h, p, n) is updated in place; x, z: (b, h, p); dt: (b, h);
+    B, C: (b, g, n). Returns y (b, h, p) in x's dtype."""
+    acc = compute_dtype(state)
+    h, p = x.shape[1], x.shape[2]
+    g = B.shape[1]
+    delta = ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc)  # (b, h)
+    x_ = x.to(acc)
+    B_ = B.to(acc).repeat_interleave(h // g, dim=1)  # (b, h, n)
+    C_ = C.to(acc).repeat_interleave(h // g, dim=1)  # (b, h, n)
+    decay = torch.exp(delta * A.to(acc))  # (b, h)
+    new = decay[..., None, None] * state.to(acc) + (delta.unsqueeze(-1) * x_).unsqueeze(-1) * B_.unsqueeze(2)
+    state.copy_(new)
+    y = torch.einsum("bhpn,bhn->bhp", new, C_)
+    if D is not None:
+        y = y + x_ * _per_channel_D(D.to(acc), p)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype)

@@ -1,0 +1,178 @@
+"""SSD (the Mamba-2 scan) on CPU as the chunked algorithm of "Transformers are SSMs" (Dao & Gu 2024, Section 6):
+batched matrix multiplications, so the work runs in oneDNN/BLAS GEMMs, and autograd differentiates it.
+The entry points trust their arguments: only mambakit.ops calls them, after checking.
+
+Dimensions: b batch, l length, h heads, p head dim, g groups (head i reads B, C of group i // (h // g); the
+heads of one group are contiguous, so h views as (g, hg) with hg = h // g), n state size, Q the chunk size,
+c = ceil(l / Q) chunks. a_t = Δ_t·A ≤ 0 is the log-decay of step t; acs its cumulative sum within a chunk.
+
+Per chunk (Section 6, the four steps of the block decomposition):
+1. Inside the chunk, the dual quadratic form: y = (L ∘ C Bᵀ) (Δ·x) with L[t, s] = exp(acs_t − acs_s) for
+   s ≤ t (0 above the diagonal). C Bᵀ is computed once per group, not per head.
+2. The chunk's own state at its end, from a zero start: Σ_s exp(acs_Q − acs_s) Δ_s x_s B_sᵀ.
+3. States passed between chunks: H_{k+1} = exp(acs_Q of chunk k)·H_k + (state of chunk k); sequential over
+   chunks only (c steps of (b, h, p, n)).
+4. The incoming state's share of each output: exp(acs_t)·H_k C_t.
+
+Memory: the inputs padded to c·Q, the (b, c, h, Q, Q) decay and score blocks (b·l·h·Q elements, the same
+order as x for Q ≲ p) and the (b, c, h, p, n) chunk states; never the (b, l, h, p, n) states of every step.
+
+Packed sequences (seq_idx): every term that crosses a change of seq_idx is masked out: L[t, s] where
+seq_idx_t ≠ seq_idx_s, a chunk's state keeps only tokens of its last token's sequence, the carried state is
+dropped where the chunk ends in another sequence than the one it was carried from, and it reaches only the
+tokens of that sequence. The state before the first token counts as sequence 0 (the official convention, so
+initial_states feeds seq_idx 0).
+
+Precision: float64 inputs compute in float64 and float32 inputs in float32. For bfloat16 inputs the GEMM
+operands are bfloat16 (oneDNN's bf16 dot products, float32 accumulation inside) and their outputs are widened
+at once; decays, cumulative sums, the passed states and the final states stay float32. float16 computes in
+float32 (its range is too small for unscaled scores, and CPU float16 GEMMs are not faster).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..reference import _per_channel_D, compute_dtype, ssd_dt
+
+
+def _gemm(a: Tensor, b: Tensor, gemm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+    """a @ b with operands in gemm_dtype and the result in acc."""
+    return torch.matmul(a.to(gemm_dtype), b.to(gemm_dtype)).to(acc)
+
+
+def _pad_time(t: Tensor, pad: int) -> Tensor:
+    """t (b, l, …) with `pad` zero steps appended: padded steps have Δ = 0 (decay 1, no input), so they
+    change neither the outputs kept nor the final state."""
+    if pad == 0:
+        return t
+    return torch.cat([t, t.new_zeros((t.shape[0], pad) + tuple(t.shape[2:]))], dim=1)
+
+
+def ssd_cpu(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = 256,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_states: bool = False,
+):
+    """The chunked SSD; arguments and results as `reference.ssd_ref`."""
+    acc = compute_dtype(x)
+    gemm = torch.bfloat16 if x.dtype == torch.bfloat16 else acc
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    Q = int(chunk_size)
+    c = max(1, -(-l // Q))
+    pad = c * Q - l
+    L = c * Q
+
+    # 0. Discretise; pad time to whole chunks; chunk-major views.
+    delta = _pad_time(ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc), pad)  # (b, L, h)
+    acs = (delta * A.to(acc)).reshape(b, c, Q, h).cumsum(2).transpose(2, 3)  # (b, c, h, Q): log-decay from chunk start
+    xbar = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
+    xbar = xbar.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
+    Bc = _pad_time(B, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    Cc = _pad_time(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    if seq_idx is not None:
+        # padded steps continue the row's last sequence, so they keep its state
+        s = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).reshape(b, c, Q)  # (b, c, Q)
+        last = s[:, :, -1]  # (b, c): the sequence each chunk ends in
+        before = torch.cat([last.new_zeros(b, 1), last[:, :-1]], dim=1)  # (b, c): the carried state's sequence
+
+    # 1. Inside each chunk: y = (L ∘ C Bᵀ)(Δx). Masked entries go to −inf before exp: above the diagonal
+    #    acs_t − acs_s > 0 could overflow, and exp(−inf) = 0 has a zero gradient.
+    mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()  # (Q_t, Q_s)
+    if seq_idx is not None:
+        mask = (mask & (s.unsqueeze(-1) == s.unsqueeze(-2))).unsqueeze(2)  # (b, c, 1, Q_t, Q_s)
+    # Differences of one chunk's float32 cumsum, as the official kernel: the cumsum restarts every chunk, so
+    # its magnitude (and the cancellation) stays bounded by Q steps.
+    seg = acs.unsqueeze(-1) - acs.unsqueeze(-2)  # (b, c, h, Q_t, Q_s)
+    decay = torch.exp(seg.masked_fill_(~mask, float("-inf")))  # in place: the subtraction saves nothing for backward
+    CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s): once per group
+    scores = decay.view(b, c, g, hg, Q, Q) * CB.unsqueeze(3)  # (b, c, g, hg, Q_t, Q_s)
+    y = _gemm(scores, xbar, gemm, acc)  # (b, c, g, hg, Q, p)
+
+    # 2. Each chunk's state at its end from a zero start; the heads of a group share one GEMM with B.
+    to_end = torch.exp(acs[..., -1:] - acs)  # (b, c, h, Q)
+    if seq_idx is not None:
+        to_end = to_end * (s == last.unsqueeze(-1)).unsqueeze(2)  # only the chunk's last sequence
+    weighted = (xbar * to_end.view(b, c, g, hg, Q, 1)).transpose(-1, -2)  # (b, c, g, hg, p, Q)
+    states = _gemm(weighted.reshape(b, c, g, hg * p, Q), Bc, gemm, acc)  # (b, c, g, hg·p, n)
+    states = states.view(b, c, h, p, n)
+
+    # 3. Pass states between chunks (sequential over c only).
+    chunk_decay = torch.exp(acs[..., -1])  # (b, c, h)
+    if seq_idx is not None:
+        chunk_decay = chunk_decay * (last == before).unsqueeze(-1)  # the carry stops where a sequence ends
+    carried = initial_states.to(acc) if initial_states is not None else x.new_zeros(b, h, p, n, dtype=acc)
+    incoming = []
+    for k in range(c):
+        incoming.append(carried)
+        carried = chunk_decay[:, k, :, None, None] * carried + states[:, k]
+    final = carried  # (b, h, p, n)
+    incoming = torch.stack(incoming, dim=1)  # (b, c, h, p, n)
+
+    # 4. The incoming state's share: exp(acs_t)·H C_t, one GEMM per group, then the per-head decay.
+    Hg = incoming.view(b, c, g, hg * p, n).transpose(-1, -2)  # (b, c, g, n, hg·p)
+    y_in = _gemm(Cc, Hg, gemm, acc).view(b, c, g, Q, hg, p).transpose(3, 4)  # (b, c, g, hg, Q, p)
+    from_start = torch.exp(acs)  # (b, c, h, Q)
+    if seq_idx is not None:
+        from_start = from_start * (s == before.unsqueeze(-1)).unsqueeze(2)  # only the carried sequence
+    y = y + y_in * from_start.view(b, c, g, hg, Q, 1)
+
+    # 5. Back to time-major; the skip and the gate.
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)[:, :l]  # (b, l, h, p)
+    if D is not None:
+        y = y + x.to(acc) * _per_channel_D(D.to(acc), p)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    y = y.to(x.dtype)
+    return (y, final) if return_final_states else y
+
+
+def ssd_state_update_cpu(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+) -> Tensor:
+    """One SSD step; arguments as `reference.ssd_state_update_ref`. Groups are read through a (b, g, hg, …) view
+    rather than copied per head, and the state is scaled and accumulated in place (no (b, h, p, n) temporaries
+    beyond one outer product)."""
+    acc = compute_dtype(state)
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    hg = h // g
+    delta = ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc)  # (b, h)
+    x_ = x.to(acc)
+    work = state if state.dtype == acc and state.is_contiguous() else state.to(acc).contiguous()
+    work.mul_(torch.exp(delta * A.to(acc))[..., None, None])
+    dx = (delta.unsqueeze(-1) * x_).reshape(b, g, hg * p, 1)  # (b, g, hg·p, 1): Δ·x
+    work.view(b, g, hg * p, n).add_(dx * B.to(acc).unsqueeze(2))  # + Δ x Bᵀ, B (b, g, 1, n)
+    y = torch.matmul(work.view(b, g, hg * p, n), C.to(acc).unsqueeze(-1)).view(b, h, p)  # h_t C_t
+    if work is not state:
+        state.copy_(work)
+    if D is not None:
+        y = y + x_ * _per_channel_D(D.to(acc), p)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype)
