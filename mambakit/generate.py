@@ -18,6 +18,7 @@ Logit processing, in this order (that of transformers): repetition penalty → (
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -80,13 +81,36 @@ class GenerationStream:
 
 
 # ----------------------------------------------------------------------------------- logit processing
+# Sampling runs in float64 (logits are converted once a step; greedy needs no conversion): a temperature, penalty
+# or top_p near the ends of the float range (1e-300, 5e-324) must act as the limit it approaches, and in float32
+# it rounds to 0 or inf.
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """CTRL's penalty (Keskar et al. 2019), as transformers: a token already in the row (prompt or output)
-    has its logit divided by `penalty` if positive, multiplied if negative. logits (b, V); seen (b, V) bool."""
+    has its logit divided by `penalty` if positive, multiplied if negative. logits (b, V); seen (b, V) bool.
+
+    A penalty so extreme that a penalised logit overflows (a row's maximum becomes +inf, or every logit −inf)
+    gives the row its limit: the largest of the overflowed logits (ties alike) keeps 0, all others −inf."""
     if penalty == 1.0:
         return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    return _penalise_(logits.clone(), seen, penalty)
+
+
+def _penalise_(x: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """apply_repetition_penalty in place on x. A row has seen few of its V tokens: only those are touched."""
+    rows, cols = seen.nonzero(as_tuple=True)
+    old = x[rows, cols]
+    new = torch.where(old > 0, old / penalty, old * penalty)
+    x[rows, cols] = new
+    top = x.amax(-1)  # (b,)
+    for r in (~torch.isfinite(top)).nonzero()[:, 0].tolist():  # overflowed rows (rare): their limit
+        mine = rows == r
+        hit = new[mine] == top[r]  # the overflowed entries: all +inf, or (every entry) −inf
+        if not bool(hit.any()):  # a NaN row (next_tokens refuses those before): left as it is
+            continue
+        best = old[mine][hit].max()
+        x[r] = -math.inf
+        x[r, cols[mine][hit & (old[mine] == best)]] = 0.0
+    return x
 
 
 def filter_logits(
@@ -96,17 +120,22 @@ def filter_logits(
 
     top_k: keep the k largest (ties with the k-th are kept). top_p (nucleus, Holtzman et al. 2019): keep
     the smallest set of most likely tokens whose probability reaches p. min_p: keep tokens whose probability
-    is at least min_p × that of the row's most likely token (the threshold is per row)."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (b, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
+    is at least min_p × that of the row's most likely token (the threshold is per row). Each filter keeps
+    at least the row's most likely token."""
+    return _filter_(logits.clone(), top_k, top_p, min_p)
+
+
+def _filter_(x: Tensor, top_k: int | None, top_p: float | None, min_p: float | None) -> Tensor:
+    """filter_logits in place on x."""
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # (b, 1)
+        x.masked_fill_(x < kth, -math.inf)
     if top_p is not None and top_p < 1.0:
-        logits = logits.masked_fill(logits < _top_p_threshold(logits, top_p), -math.inf)
+        x.masked_fill_(x < _top_p_threshold(x, top_p), -math.inf)
     if min_p is not None and min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        threshold = min_p * probs.max(dim=-1, keepdim=True).values  # (b, 1): one threshold per row
-        logits = logits.masked_fill(probs < threshold, -math.inf)
-    return logits
+        # p_i < min_p · p_max  ⟺  logit_i < logit_max + log(min_p): per row, and no softmax needed
+        x.masked_fill_(x < x.amax(-1, keepdim=True) + math.log(min_p), -math.inf)
+    return x
 
 
 def _top_p_threshold(logits: Tensor, top_p: float, candidates: int = 256) -> Tensor:
@@ -119,8 +148,9 @@ def _top_p_threshold(logits: Tensor, top_p: float, candidates: int = 256) -> Ten
     top = torch.topk(logits, k, dim=-1).values  # (b, k), descending
     probs = torch.exp(top - lse)
     mass_before = probs.cumsum(-1) - probs  # probability of the more likely tokens
-    # kept: tokens whose more likely tokens hold less than top_p (the first is always kept)
-    n_keep = (mass_before < top_p).sum(-1, keepdim=True)  # (b, 1), in 1..k
+    # kept: tokens whose more likely tokens hold less than top_p; the first always (a top_p below the
+    # rounding of mass_before, or compared in a narrower dtype, would keep none)
+    n_keep = (mass_before < top_p).sum(-1, keepdim=True).clamp_(min=1)  # (b, 1), in 1..k
     threshold = top.gather(-1, n_keep - 1)
     short = (n_keep == k) & (probs.sum(-1, keepdim=True) < top_p)  # the nucleus may go beyond the candidates
     if k < logits.shape[-1] and bool(short.any()):
@@ -132,21 +162,44 @@ def _top_p_threshold(logits: Tensor, top_p: float, candidates: int = 256) -> Ten
 def sample(logits: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     """One token per row from softmax(logits) (b, V), row i drawing one uniform from generators[i]
     (inverse-CDF sampling): a row's draw never depends on the other rows. Returns (b,) int64."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    cdf = probs.double().cumsum(-1)  # (b, V); float64 so that the tail's tiny probabilities still count
+    x = logits.to(torch.float64, copy=True)
+    return _draw(x.sub_(x.amax(-1, keepdim=True)), generators)
+
+
+def _draw(x: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """sample() of logits x (b, V) float64 whose row maxima are 0; x is overwritten (no (b, V) allocation: at
+    b = 32 and V = 50k each costs as much as the arithmetic)."""
+    cdf = x.exp_().cumsum_(-1)  # (b, V), unnormalised (exp ≤ 1, total ≥ 1); float64: the tail's tiny weights count
+    total = cdf[:, -1:].contiguous()  # (b, 1)
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])  # (b,)
     # the first index whose cdf exceeds u·total; a zero-probability token never gets picked
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    return idx.clamp_(max=logits.shape[-1] - 1)
+    idx = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
+    # u·total can round up to total: then the last token with probability (where the cdf reaches total)
+    return torch.minimum(idx, torch.searchsorted(cdf, total)).squeeze(1)
 
 
 def next_tokens(logits: Tensor, seen: Tensor | None, params: "SamplingParams", generators) -> Tensor:
-    """The whole logit-processing chain for one step: logits (b, V) → token ids (b,)."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-    return sample(logits, generators)
+    """The whole logit-processing chain for one step: logits (b, V) → token ids (b,).
+
+    ValueError if a row's logits hold a NaN or +inf or are all −inf (the model is broken: a token drawn from
+    them would be arbitrary, e.g. always the last id, the padding)."""
+    top = logits.amax(-1, keepdim=True)  # (b, 1); NaN if the row has one
+    if not bool(torch.isfinite(top).all()):
+        row = int((~torch.isfinite(top[:, 0])).nonzero()[0, 0])
+        raise ValueError(f"model: its logits for row {row} are not finite (NaN or inf): are its weights finite?")
+    if params.temperature == 0 and params.repetition_penalty == 1.0:
+        return logits.argmax(-1)  # exact in any dtype
+    x = logits.to(torch.float64, copy=True)  # ours: the steps below work in place
+    if params.repetition_penalty != 1.0:
+        x = _penalise_(x, seen, params.repetition_penalty)
+        top = x.amax(-1, keepdim=True)
+        if params.temperature == 0:
+            return x.argmax(-1)
+    # the row's maximum is moved to 0 before dividing, so a tiny temperature sends the other logits to −inf
+    # and leaves the maximum (and its ties) at 0: the greedy limit, never inf − inf
+    x.sub_(top.to(torch.float64)).div_(params.temperature)
+    x = _filter_(x, params.top_k, params.top_p, params.min_p)  # (each keeps the row's maximum, 0)
+    return _draw(x, generators)
 
 
 # --------------------------------------------------------------------------------------------- prefill
@@ -207,21 +260,40 @@ class SamplingParams:
     repetition_penalty: float
 
 
+def _float(x) -> float | None:
+    """x as a float (an int too large for one: ±inf), or None if x is not a real number (True is not 1.0)."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return None
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
+def _int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingParams:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    """ValueError naming the first setting that is out of range. Every accepted value is honoured, down to
+    the smallest float: sampling runs in float64 and an extreme value acts as its limit (next_tokens)."""
+    if not _int(max_new_tokens) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    t = _float(temperature)
+    if t is None or not math.isfinite(t) or t < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not _int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    p = None if top_p is None else _float(top_p)
+    if top_p is not None and not (p is not None and 0 < p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if min_p is not None and not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+    m = None if min_p is None else _float(min_p)
+    if min_p is not None and not (m is not None and 0 <= m <= 1):
         raise ValueError(f"min_p must be None or in [0, 1], got {min_p!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not (0 < repetition_penalty < math.inf):
+    r = _float(repetition_penalty)
+    if r is None or not 0 < r < math.inf:
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
-    return SamplingParams(float(temperature), top_k, None if top_p is None else float(top_p),
-                          None if min_p is None else float(min_p), float(repetition_penalty))
+    return SamplingParams(t, None if top_k is None else int(top_k), p, m, r)
 
 
 def encode_prompts(prompts, tokenizer, vocab_size: int) -> list[list[int]]:
@@ -279,9 +351,9 @@ def pad_id(pad_token_id, tokenizer, eos: set[int], vocab_size: int) -> int:
     if pad_token_id is None:
         options = [getattr(tokenizer, "pad_token_id", None), min(eos) if eos else None, 0]
         pad_token_id = next(t for t in options if t is not None and t < vocab_size)
-    if not 0 <= pad_token_id < vocab_size:
-        raise ValueError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {vocab_size})")
-    return pad_token_id
+    if not _int(pad_token_id) or not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"pad_token_id {pad_token_id!r} is not an int or is outside the vocabulary [0, {vocab_size})")
+    return int(pad_token_id)
 
 
 def sampling_vocab(model: MambaLM, tokenizer) -> int:
@@ -296,10 +368,12 @@ def row_generators(seed, b: int) -> list[torch.Generator]:
     global generator, so torch.manual_seed makes the call reproducible."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
-    if len(seeds) != b or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        raise ValueError(f"seed must be an int or a list of {b} ints (one per prompt), got {seed!r}")
-    return [torch.Generator().manual_seed(s) for s in seeds]
+    seeds = [int(seed) + i for i in range(b)] if _int(seed) else list(seed) if isinstance(seed, (list, tuple)) else []
+    # the range torch.Generator.manual_seed takes (beyond it: a RuntimeError from torch)
+    if len(seeds) != b or any(not _int(s) or not -2**63 <= s < 2**64 for s in seeds):
+        raise ValueError(f"seed must be an int or a list of {b} ints (one per prompt) in [-2**63, 2**64), "
+                         f"got {seed!r}")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 # ------------------------------------------------------------------------------------------- per row
@@ -378,12 +452,12 @@ class _Decoder:
         if params.repetition_penalty != 1.0:  # which tokens each row has seen: (b, V) bool
             self.seen = torch.zeros(b, self.vocab, dtype=torch.bool, device=self.logits.device)
             for i, p in enumerate(prompts):
-                self.seen[i, p] = True
+                # a prompt may hold ids the tokenizer cannot decode (its vocabulary < the model's): never sampled
+                self.seen[i, [t for t in p if t < self.vocab]] = True
 
     @torch.inference_mode()
     def steps(self) -> Iterator[GenerationStep]:
         rows, b = self.rows, len(self.rows)
-        arange = torch.arange(b)
         logits = self.logits[:, : self.vocab]  # (b, V) without the padded ids
         tokens = torch.empty(b, dtype=torch.long, device=logits.device)
         t0 = time.perf_counter()
@@ -403,8 +477,9 @@ class _Decoder:
             last = all(finished) or step == self.max_new_tokens - 1
             if not last:
                 tokens.copy_(torch.tensor(new))
-                if self.seen is not None:
-                    self.seen[arange, tokens] = True
+                if self.seen is not None:  # ended rows are fed the pad id, which may lie beyond self.vocab
+                    live = [i for i, r in enumerate(rows) if r.finish_reason is None]
+                    self.seen[live, tokens[live]] = True
                 logits = self.step_fn(tokens, self.state)[:, : self.vocab]  # (b, V); state updated in place
                 self.steps_done += 1
             if last:
@@ -461,7 +536,13 @@ def generate(
     if not isinstance(model, MambaLM):
         raise TypeError(f"generate needs a MambaLM, got {type(model).__name__}")
     params = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    for name, flag in (("stream", stream), ("compile", compile)):
+        if not isinstance(flag, bool):  # "no" is truthy: it must not switch a mode on
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode", "vocab_size")):
+        raise TypeError(f"tokenizer must have encode, decode and vocab_size (a mambakit tokenizer), got "
+                        f"{type(tokenizer).__name__}")
     ids = encode_prompts(prompts, tokenizer, model.config.vocab_size)
     stop = check_stop(stop, tokenizer)
     eos = eos_ids(eos_token_id, tokenizer)

@@ -148,6 +148,8 @@ def test_top_k_top_p_min_p_on_hand_made_logits():
     assert kept(filter_logits(logits, top_p=0.9)) == [[True, True, True, False], [False, True, True, True]]
     assert kept(filter_logits(logits, top_p=1.0)) == [[True] * 4] * 2
     assert kept(filter_logits(logits, top_p=1e-9)) == [[True, False, False, False], [False, False, False, True]]
+    # a top_p below float32's range (0 once rounded to the logits' dtype) still keeps the most likely token
+    assert kept(filter_logits(logits, top_p=1e-300)) == [[True, False, False, False], [False, False, False, True]]
 
 
 def test_top_p_beyond_the_topk_candidates_matches_a_full_sort():
@@ -176,6 +178,32 @@ def test_repetition_penalty():
     out = apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
     assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_penalty_that_overflows_acts_as_its_limit(dtype):
+    """logit / 5e-324 is inf for every positive logit: the limit (penalty → 0) is the largest seen positive logit
+    alone, not a row of infs (whose softmax is NaN, and whose 'sample' was the last id, the padding). A penalty
+    → inf sends every seen logit of a row where all are seen and negative to −inf: the least negative wins."""
+    logits = torch.tensor([[2.0, 3.0, -1.0, 5.0, 3.0], [-20.0, -5.0, -30.0, -10.0, -40.0]], dtype=dtype)
+    seen = torch.tensor([[True, True, True, False, True], [True] * 5])
+    inf = math.inf
+    assert apply_repetition_penalty(logits[:1], seen[:1], 5e-324).tolist() == [[-inf, 0.0, -inf, -inf, 0.0]]
+    assert apply_repetition_penalty(logits[1:], seen[1:], 1e308 if dtype == torch.float64 else 1e38).tolist() \
+        == [[-inf, 0.0, -inf, -inf, -inf]]
+    # rows are independent: a row that does not overflow keeps its exact values
+    both = apply_repetition_penalty(logits, torch.stack([seen[0], torch.zeros(5, dtype=torch.bool)]), 5e-324)
+    assert both[1].tolist() == logits[1].tolist()
+
+
+def test_tiny_temperature_is_greedy_among_ties_and_never_nan():
+    """(l − max) / T: the maxima stay at 0 and the rest go to −inf, so a tie at the top is drawn uniformly."""
+    from mambakit.generate import SamplingParams, next_tokens
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0]]).repeat(400, 1)
+    params = SamplingParams(5e-324, None, None, None, 1.0)
+    draws = next_tokens(logits, None, params, [torch.Generator().manual_seed(i) for i in range(400)])
+    assert set(draws.tolist()) == {1, 2} and 120 < int((draws == 1).sum()) < 280
 
 
 def test_sample_follows_the_distribution_and_never_picks_filtered_tokens():

@@ -1,9 +1,12 @@
 """The HTTP server (mambakit.serve): a real uvicorn server on a loopback port with a tiny random model,
 spoken to over HTTP with httpx. Completions and streams equal sequential `generate` with the same seed,
 also when many requests share the decode batch; disconnects free slots; bad requests get clear 4xx
-answers; a full queue answers 429; a failing step fails its requests, not the server; the CLI starts."""
+answers; a full queue answers 429; a failing step fails its requests, not the server; the CLI starts and stops
+on Ctrl-C; every sequence gets exactly one final event, also when the engine closes."""
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -159,6 +162,27 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, client):
     assert client.post("/v1/completions", json={"prompt": "still up", "max_tokens": 3}).status_code == 200
 
 
+def test_a_whole_completion_is_cancelled_as_soon_as_its_client_goes(server, client):
+    """Nothing is sent back before a non-streaming completion ends, so only the connection tells that the client
+    left: the job is cancelled when it closes (polling for it every 0.5 s decoded ~0.5 s for nobody)."""
+    wait_idle(client)
+    before = client.get("/health").json()
+    body = json.dumps({"prompt": "long", "max_tokens": LONG}).encode()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    t0 = time.monotonic()
+    while client.get("/health").json()["tokens"] - before["tokens"] < 20 and time.monotonic() - t0 < 10:
+        time.sleep(0.002)  # decoding
+    sock.close()
+    gone = time.monotonic()
+    while client.get("/health").json()["active"] and time.monotonic() - gone < 10:
+        time.sleep(0.002)
+    assert time.monotonic() - gone < 0.25
+    assert client.get("/health").json()["cancelled"] == before["cancelled"] + 1
+
+
 def test_client_disconnect_while_waiting_for_a_whole_completion_frees_the_slot(server, client):
     before = client.get("/health").json()
     with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
@@ -214,6 +238,39 @@ def test_malformed_requests_get_clear_4xx(client, body, status, words):
     r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
+
+
+def test_openapi_documents_the_statuses_and_prompts_the_server_takes(client):
+    """The schema says what the server does: errors are 400 with OpenAI's body (never FastAPI's 422), and a
+    prompt is never empty (no prompt, nor any of a list's prompts)."""
+    schema = client.get("/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for method, op in operations.items():
+            assert "422" not in op["responses"], (path, method)
+    responses = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert {"200", "400", "404", "413", "429", "503"} <= set(responses)
+    error = responses["400"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert set(schema["components"]["schemas"][error]["properties"]) == {"error"}
+    r = client.post("/v1/completions", json={"prompt": "x", "temperature": "hot"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    prompt = schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    for branch in prompt["anyOf"]:
+        assert branch.get("minLength") == 1 or branch.get("minItems") == 1, branch
+        if "items" in branch:  # a list of strings or of id lists: each non-empty too
+            inner = branch["items"]
+            assert inner.get("type") == "integer" or inner.get("minLength") == 1 or inner.get("minItems") == 1
+    for empty in ("", [], [""], ["a", ""], [[]], [[1], []]):  # (any list: the one error says so)
+        r = client.post("/v1/completions", json={"prompt": empty})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt: must not be empty"), empty
+
+
+def test_a_wrong_method_gets_405_with_allow(client):
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    r = client.delete("/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
 
 
 def test_models_health_and_openapi(client):
@@ -299,9 +356,15 @@ def test_cli_serves_a_checkpoint(tmp_path, model):
             assert c.get("/v1/models").json()["data"][0]["id"] == "tiny-ckpt"
             r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 6, "seed": 5}).json()
         assert r["choices"][0]["text"] == reference(model, "Hi", 6, 5)[0]
+        # Ctrl-C stops it as a foreground server should: gracefully, no traceback, the exit code of an interrupt
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 130, rest
+        assert "Traceback" not in rest and "interrupted, shut down" in rest
     finally:
-        proc.terminate()
-        proc.wait(20)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(20)
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -385,3 +448,76 @@ def test_engine_close_tells_running_and_waiting_jobs(model):
     assert ends == {0: "the server is shutting down", 1: "the server is shutting down"}
     with pytest.raises(Exception, match="not running"):
         engine.submit(jobs[0])
+
+
+def _recorder():
+    """An emit callback that records, per (job name, sequence), each event's finish_reason (None: a token)."""
+    events, lock = {}, threading.Lock()
+
+    def for_job(name):
+        def emit(evs):
+            with lock:
+                for e in evs:
+                    events.setdefault((name, e.index), []).append(e.finish_reason)
+        return emit
+    return events, for_job
+
+
+def test_engine_close_during_a_stuck_step_ends_every_sequence_once(model):
+    """close() whose join times out (the loop is inside a step) must not drain the queues beside the loop: the
+    loop ends every job itself when the step returns. Each sequence gets exactly one final event, the last."""
+    from mambakit.generate import check_sampling
+    from mambakit.serve import Engine, Job
+
+    engine = Engine(model, model.tokenizer, {256}, max_batch=1)
+    real, hold, inside, release = engine.step_fn, threading.Event(), threading.Event(), threading.Event()
+
+    def step(tokens, state):
+        if hold.is_set():
+            inside.set()
+            release.wait(30)
+        return real(tokens, state)
+
+    engine.step_fn = step
+    events, emit = _recorder()
+    params = check_sampling(10**6, 1.0, None, None, None, 1.0)
+    engine.submit(Job([[1, 2], [3, 4]], 1, 10**6, params, [], 0, emit("a")))  # prompt 1 waits for the one slot
+    engine.submit(Job([[5]], 1, 10**6, params, [], 1, emit("b")))  # waits in the queue
+    engine.start()
+    t0 = time.monotonic()
+    while engine.stats()["tokens"] < 3 and time.monotonic() - t0 < 30:
+        time.sleep(0.002)
+    hold.set()
+    assert inside.wait(30)
+    engine.close(timeout=0.05)  # returns with the loop still inside its step
+    release.set()
+    engine.close()  # joins the loop
+    assert set(events) == {("a", 0), ("a", 1), ("b", 0)}
+    for key, reasons in events.items():
+        assert [r for r in reasons if r is not None] == ["error"] and reasons[-1] == "error", (key, reasons)
+
+
+def test_engine_ends_finished_and_cancelled_sequences_once(model):
+    """A sequence that has ended (eos) is not ended again when the engine closes; a cancelled job gets one
+    "cancelled" event per sequence."""
+    from mambakit.generate import check_sampling
+    from mambakit.serve import Engine, Job
+
+    p0, p1 = [7, 8, 9], [1, 2]
+    eos = generate(model, [p0], 1, temperature=0).sequences[0][0]  # p0 ends at its first token
+    assert eos not in generate(model, [p1], 1000, temperature=0, eos_token_id=[]).sequences[0]  # p1 never does
+    events, emit = _recorder()
+    params = check_sampling(10**6, 0.0, None, None, None, 1.0)
+    engine = Engine(model, model.tokenizer, {eos}, max_batch=3).start()
+    engine.submit(Job([p0, p1], 1, 10**6, params, [], 0, emit("a")))
+    gone = engine.submit(Job([p1], 1, 10**6, params, [], 0, emit("gone")))
+    t0 = time.monotonic()
+    while engine.stats()["tokens"] < 10 and time.monotonic() - t0 < 30:
+        time.sleep(0.002)
+    gone.cancel()
+    while engine.stats()["cancelled"] < 1 and time.monotonic() - t0 < 30:
+        time.sleep(0.002)
+    engine.close()
+    assert events["a", 0] == ["eos"]
+    finals = {key: [r for r in reasons if r is not None] for key, reasons in events.items()}
+    assert finals == {("a", 0): ["eos"], ("a", 1): ["error"], ("gone", 0): ["cancelled"]}

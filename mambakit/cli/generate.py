@@ -28,6 +28,14 @@ def add_parser(subparsers) -> None:
 
 
 def _cli(args) -> int:
+    try:
+        return _generate(args)
+    except KeyboardInterrupt:  # Ctrl-C stops a generation: no traceback, the exit code of an interrupt
+        print("\nmambakit generate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _generate(args) -> int:
     from ..engine import use_huge_pages
     from ..generate import generate
 

@@ -30,6 +30,16 @@ def add_parser(subparsers) -> None:
 
 
 def _cli(args) -> int:
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a foreground server is stopped: uvicorn has shut down gracefully and re-raised the
+        # signal (so does a Ctrl-C while loading). Exit as an interrupted process does, without a traceback.
+        print("mambakit serve: interrupted, shut down", file=sys.stderr)
+        return 130
+
+
+def _serve(args) -> int:
     from ..engine import use_huge_pages
     from ..serve import Limits, require_server_extra, serve_forever
 

@@ -106,7 +106,9 @@ def start_server(model: MambaLM, host: str = "127.0.0.1", port: int = 0, *, mode
 def serve_forever(model: MambaLM, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = "mambakit",
                   max_batch: int = 32, max_queue: int = 64, prefill_chunk: int = 512, limits: Limits | None = None,
                   log_level: str = "info") -> None:
-    """Serves `model` in this thread until interrupted (what `mambakit serve` runs)."""
+    """Serves `model` in this thread until interrupted (what `mambakit serve` runs). On SIGINT or SIGTERM
+    uvicorn shuts down gracefully, then re-raises the signal: a SIGINT ends here as KeyboardInterrupt,
+    after the engine has told its remaining jobs."""
     uvicorn = require_server_extra()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = make_engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
@@ -120,3 +122,4 @@ def serve_forever(model: MambaLM, host: str = "127.0.0.1", port: int = 8000, *, 
                                       timeout_graceful_shutdown=2)).run(sockets=[sock])
     finally:
         engine.close()
+        sock.close()

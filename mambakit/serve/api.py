@@ -3,9 +3,11 @@
 FastAPI handlers run on the event loop and never touch torch: they validate a request, turn it into an
 engine Job and await its events, which the engine thread hands over with `loop.call_soon_threadsafe`.
 Every way a request can go wrong ends in a 4xx with an OpenAI-shaped error body
-({"error": {"message", "type", "param", "code"}}): malformed JSON or fields (400), a body over the size
-limit (413), an unknown model (404), a full queue (429, with Retry-After); 503 if the decode loop is gone.
-A client that disconnects (streaming or not) has its job cancelled, which frees its slots.
+({"error": {"message", "type", "param", "code"}}): malformed JSON or fields (400, as OpenAI; never FastAPI's
+422, and the OpenAPI schema says so), a body over the size limit (413), an unknown model (404), a wrong method
+(405, with Allow), a full queue (429, with Retry-After); 503 if the decode loop is gone.
+A client that disconnects (streaming or not) has its job cancelled as soon as the server sees the connection
+close, which frees its slots.
 """
 
 import asyncio
@@ -42,7 +44,14 @@ def _import_fastapi():
 
 def _request_model():
     """The request schema (built lazily: pydantic is an optional dependency)."""
+    from typing import Annotated
+
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+    # a Mamba conditions on at least one token: the schema refuses empty prompts as the server does
+    Text = Annotated[StrictStr, Field(min_length=1)]
+    Ids = Annotated[list[StrictInt], Field(min_length=1)]
+    Prompt = Union[Text, Annotated[list[Text], Field(min_length=1)], Ids, Annotated[list[Ids], Field(min_length=1)]]
 
     class StreamOptions(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -54,7 +63,8 @@ def _request_model():
 
         model_config = ConfigDict(extra="forbid")
         model: StrictStr | None = None
-        prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+        prompt: Prompt = Field(description="a string, strings, token ids or lists of them; none empty (and each "
+                               "must tokenize to at least one token)")
         max_tokens: StrictInt = Field(16, ge=1)
         temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0)
         top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
@@ -87,6 +97,29 @@ def _request_model():
             return self
 
     return CompletionRequest
+
+
+def _error_model():
+    from pydantic import BaseModel
+
+    class ErrorDetail(BaseModel):
+        message: str
+        type: str
+        param: str | None = None
+        code: str | None = None
+
+    class ErrorResponse(BaseModel):
+        """Every error the server sends (OpenAI's shape)."""
+
+        error: ErrorDetail
+
+    return ErrorResponse
+
+
+# what /v1/completions can answer besides 200 (documented in the OpenAPI schema; 422 is never sent)
+_ERRORS = {400: "malformed JSON, a field of the wrong type or out of range, a limit exceeded",
+           404: "the model is not the one served", 413: "the body exceeds the size limit",
+           429: "the queue is full (see Retry-After)", 500: "the generation failed", 503: "the server is shutting down"}
 
 
 def _error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
@@ -148,6 +181,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
     limits = limits or Limits()
     max_sequences = min(limits.max_sequences or engine.max_batch, engine.max_batch)
     CompletionRequest = _request_model()
+    ErrorResponse = _error_model()
     tokenizer, vocab = engine.tokenizer, engine.model.config.vocab_size
     created = int(time.time())
 
@@ -163,6 +197,14 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
         if loc and loc[0] == "prompt" and first.get("type") != "missing" and (len(loc) == 1 or not loc[1].isdigit()):
+            # the union's branches all fail: say why the one that fits the shape did
+            bad_text = [e for e in errors if e.get("type") == "string_unicode"]  # e.g. a lone surrogate
+            if bad_text:
+                i = next((p for p in bad_text[0]["loc"] if isinstance(p, int)), 0)
+                return _error(400, f"prompt[{i}]: cannot be tokenized (not valid Unicode text)", param="prompt")
+            if any(e.get("type") in ("string_too_short", "too_short") for e in errors):
+                return _error(400, "prompt: must not be empty, nor hold an empty prompt (a Mamba needs at least "
+                              "one token to condition on)", param="prompt")
             return _error(400, "prompt: must be a string, a list of strings, a list of token ids or a list of "
                           "token-id lists", param="prompt")
         msg = first.get("msg", "invalid").removeprefix("Value error, ")
@@ -172,8 +214,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         return _error(400, f"{'.'.join(loc)}: {msg}{more}", param=loc[0])
 
     @app.exception_handler(HTTPException)
-    async def _http(request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), type_="invalid_request_error")
+    async def _http(request, exc: HTTPException):  # 404, 405 (its Allow header kept), ...
+        return _error(exc.status_code, str(exc.detail), type_="invalid_request_error", headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):  # a bug: answer 500, keep serving
@@ -200,7 +242,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         return _model_card()
 
     def _prompts(req) -> tuple[list[list[int]], list[str]]:
-        """req.prompt → (token ids per prompt, prompt text per prompt for echo)."""
+        """req.prompt → (token ids per prompt, prompt text per prompt for echo (with echo only)). Ids the model
+        has and the tokenizer lacks are valid (they are never sampled), but have no text to echo."""
         p = req.prompt
         if isinstance(p, str):
             p = [p]
@@ -231,7 +274,14 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             if len(t) > limits.max_prompt_tokens:
                 raise ValueError(f"prompt[{i}]: {len(t)} tokens exceed the limit of {limits.max_prompt_tokens}")
             ids.append(t)
-            texts.append(x if isinstance(x, str) else (tokenizer.decode(t) if tokenizer is not None else ""))
+            if not req.echo or isinstance(x, str) or tokenizer is None:
+                texts.append(x if isinstance(x, str) else "")
+                continue
+            beyond = [v for v in t if v >= tokenizer.vocab_size]
+            if beyond:
+                raise ValueError(f"prompt[{i}]: token id {beyond[0]} has no text in the tokenizer's vocabulary "
+                                 f"[0, {tokenizer.vocab_size}), so echo cannot show it")
+            texts.append(tokenizer.decode(t))
         return ids, texts
 
     def _job(req, emit) -> tuple[Job, list[list[int]], list[str]]:
@@ -253,7 +303,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         seed = req.seed if req.seed is not None else secrets.randbelow(2**62)
         return Job(ids, req.n, req.max_tokens, params, stop, seed, emit), ids, texts
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={k: {"model": ErrorResponse, "description": v} for k, v in _ERRORS.items()})
     async def completions(body: CompletionRequest, request: Request):  # type: ignore[valid-type]
         """Completes the prompt(s): n choices each; `stream: true` sends Server-Sent Events ending with
         `data: [DONE]`. Choice index = prompt index · n + choice."""
@@ -261,7 +311,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         events: asyncio.Queue[list[Event]] = asyncio.Queue()
 
         def emit(batch: list[Event]) -> None:  # called from the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, batch)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, batch)
+            except RuntimeError:  # the loop is closed (the server has stopped): nobody is waiting
+                pass
 
         try:
             job, ids, texts = _job(body, emit)
@@ -289,30 +342,49 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         return await _collect(job, _Events(events, request, job), base, texts if body.echo else None,
                               prompt_tokens, token_ids=tokenizer is None)
 
+    default_openapi = app.openapi
+
+    def openapi():
+        # FastAPI documents a 422 for every route with parameters; this server answers 400 instead
+        schema = default_openapi()  # built once, then cached by FastAPI: the edits below are idempotent
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi
     return app
 
 
 # ------------------------------------------------------------------------------------- event handling
 class _Events:
-    """The events of one request's job, with a check every `every` seconds (also while events keep
-    coming) that the client is still connected; if it is not, the job is cancelled (its slots freed)."""
+    """The events of one request's job. A task waits on the connection (ASGI receive) meanwhile: when the
+    client goes, the job is cancelled at once (its slots freed at the next step) and `next` returns None.
+    (Polling for the disconnect instead cost up to a poll period of decoding for nobody.) `close()` when done."""
 
-    def __init__(self, queue: asyncio.Queue, request, job: Job, every: float = 0.5):
-        self.queue, self.request, self.job, self.every = queue, request, job, every
-        self.checked = time.monotonic()
+    def __init__(self, queue: asyncio.Queue, request, job: Job):
+        self.queue, self.job, self.gone = queue, job, False
+        self._watch = asyncio.ensure_future(self._watch_disconnect(request.receive))
+
+    async def _watch_disconnect(self, receive) -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass  # (the body was read before: nothing else is expected)
+        except Exception:  # the connection is unusable: treat it as gone
+            pass
+        self.gone = True
+        self.job.cancel()
+        self.queue.put_nowait(None)  # wakes next()
 
     async def next(self) -> list[Event] | None:
         """The next batch of events, or None once the client has gone."""
-        while True:
-            if time.monotonic() - self.checked >= self.every:
-                self.checked = time.monotonic()
-                if await self.request.is_disconnected():
-                    self.job.cancel()
-                    return None
-            try:
-                return await asyncio.wait_for(self.queue.get(), timeout=self.every)
-            except asyncio.TimeoutError:
-                pass
+        batch = await self.queue.get()
+        return None if self.gone else batch
+
+    def close(self) -> None:
+        self._watch.cancel()
 
 
 def _finish(reason: str | None) -> str | None:
@@ -338,6 +410,7 @@ async def _collect(job: Job, events: _Events, base: dict, echo: list[str] | None
                     ids[ev.index].append(ev.token_id)
                 reasons[ev.index] = ev.finish_reason
     finally:
+        events.close()
         job.cancel()  # no-op once finished; frees the slots if the handler was cancelled
     choices = [{"text": (echo[i // job.n] if echo else "") + texts[i], "index": i, "logprobs": None,
                 "finish_reason": _finish(reasons[i])} | ({"token_ids": ids[i]} if token_ids else {})
@@ -392,4 +465,5 @@ async def _stream(job: Job, events: _Events, base: dict, echo: list[str] | None,
                                                          "total_tokens": prompt_tokens + completion_tokens}})
         yield "data: [DONE]\n\n"
     finally:
+        events.close()
         job.cancel()  # the client went away (the generator is closed) or we are done: free the slots

@@ -29,7 +29,8 @@ a chunked prompt's logits equal the one-call prefill's up to rounding as well).
 Threading: all torch work runs in the engine's one thread. Callers `submit` a Job from any thread and
 receive its events through the job's `emit` callback (called from the engine thread, one call per step
 with that job's events); `Job.cancel()` may be called from any thread and frees the job's slots at the
-next step boundary.
+next step boundary. Every sequence of a job gets exactly one final event (finish_reason set), and nothing
+after it: also when it is cancelled, fails, or the engine closes.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
 
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
 
 class EngineBusy(RuntimeError):
     """The queue of waiting jobs is full (answer 429 and let the client retry)."""
@@ -92,6 +97,7 @@ class Job:
     emit: Callable[[list[Event]], None]
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     submitted_at: float = field(default_factory=time.perf_counter)
+    _ended: set = field(default_factory=set, repr=False)  # sequences whose final event was emitted
 
     def cancel(self) -> None:
         """Frees the job's slots at the next step boundary (idempotent; safe from any thread)."""
@@ -153,6 +159,8 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards the counters read by stats()
+        self._submit_lock = threading.Lock()  # no job enters the inbox once close() has begun
+        self._shutdown_lock = threading.Lock()  # one drain at a time (the loop's exit and close())
         # fused_steps: decode steps that took the fused CPU step (the rest took MambaLM.step; the log says why once)
         self.counters = dict(jobs=0, sequences=0, tokens=0, steps=0, fused_steps=0, cancelled=0, errors=0, rejected=0)
         self.last_error: str | None = None
@@ -165,11 +173,18 @@ class Engine:
         return self
 
     def close(self, timeout: float = 10.0) -> None:
-        self._stop.set()
+        """Stops the loop; every job not finished gets its final events ("error": shutting down). If the loop
+        is still inside a step after `timeout` s, it tells the jobs itself once the step returns."""
+        with self._submit_lock:
+            self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        for job in self._drain_waiting():  # nobody will run them now
-            job.emit([Event(k, "", None, "error", "the server is shutting down") for k in range(job.num_sequences)])
+            if self._thread.is_alive():
+                # the loop still owns the queues and slots: draining them from here would race with it
+                log.warning("the decode loop did not stop within %.1f s; it ends its jobs when its step returns",
+                            timeout)
+                return
+        self._shutdown()
 
     def __enter__(self):
         return self.start()
@@ -186,16 +201,18 @@ class Engine:
         """Queues a job (thread-safe; before `start` too). Raises EngineBusy when max_queue jobs already
         wait, EngineClosed when the engine is closed (or its thread died), ValueError when the job needs
         more slots than the pool has."""
-        if self._stop.is_set() or (self._thread is not None and not self._thread.is_alive()):
-            raise EngineClosed("the decode loop is not running" + (f": {self.last_error}" if self.last_error else ""))
         if job.n > self.max_batch:
             raise ValueError(f"n = {job.n} sequences per prompt exceed the server's {self.max_batch} slots")
-        try:
-            self._inbox.put_nowait(job)
-        except queue.Full:
-            with self._lock:
-                self.counters["rejected"] += 1
-            raise EngineBusy(f"{self.max_queue} requests are already waiting; retry later") from None
+        with self._submit_lock:  # (close() sets _stop under it: a job put here is drained by the shutdown)
+            if self._stop.is_set() or (self._thread is not None and not self._thread.is_alive()):
+                raise EngineClosed("the decode loop is not running" +
+                                   (f": {self.last_error}" if self.last_error else ""))
+            try:
+                self._inbox.put_nowait(job)
+            except queue.Full:
+                with self._lock:
+                    self.counters["rejected"] += 1
+                raise EngineBusy(f"{self.max_queue} requests are already waiting; retry later") from None
         return job
 
     def stats(self) -> dict:
@@ -207,26 +224,39 @@ class Engine:
     # ---------------------------------------------------------------------------------------- loop
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            try:
-                self._admit()
-                self._drop_cancelled()
-                if self._prefilling:
-                    self._prefill_chunk()
-                if not self._active:
-                    if not self._head and not self._prefilling:
-                        try:  # idle: sleep until a job arrives
-                            self._head.extend(self._split(self._inbox.get(timeout=0.05)))
-                        except queue.Empty:
-                            pass
-                    continue
-                self._step()
-            except Exception as e:  # a bug or an out-of-memory: fail the running sequences, keep serving
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.error("decode step failed; failing %d sequences\n%s", len(self._active), traceback.format_exc())
-                self._fail_active(self.last_error)
-        if self._active:  # closed while sequences were running: tell their clients
-            self._fail_active("the server is shutting down")
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    self._drop_cancelled()
+                    if self._prefilling:
+                        self._prefill_chunk()
+                    if not self._active:
+                        if not self._head and not self._prefilling:
+                            try:  # idle: sleep until a job arrives
+                                self._head.extend(self._split(self._inbox.get(timeout=0.05)))
+                            except queue.Empty:
+                                pass
+                        continue
+                    self._step()
+                except Exception as e:  # a bug or an out-of-memory: fail the running sequences, keep serving
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    log.error("decode step failed; failing %d sequences\n%s", len(self._active),
+                              traceback.format_exc())
+                    self._fail_active(self.last_error)
+        finally:  # closed (or the thread dies): tell every job still here, running or waiting
+            with self._submit_lock:
+                self._stop.set()
+            self._shutdown()
+
+    def _shutdown(self, message: str = "the server is shutting down") -> None:
+        """Ends every job still held (running, prefilling, waiting) with a final event per sequence. Runs in
+        the loop's thread as it exits, or in close()'s once the loop is gone: never beside the loop."""
+        with self._shutdown_lock:
+            jobs = {id(s.job): s.job for s in self._active}
+            self._active.clear()
+            for job in [*jobs.values(), *self._drain_waiting()]:  # (a job may be in both: _emit keeps one end)
+                self._end_job(job, "cancelled" if job.cancelled else "error", None if job.cancelled else message)
 
     @staticmethod
     def _split(job: Job) -> list[tuple[Job, int]]:
@@ -247,6 +277,7 @@ class Engine:
             job, p = self._head[0]
             if job.cancelled:
                 self._head.popleft()
+                self._end_job(job, "cancelled")
                 continue
             if job.n > free:
                 break  # wait for slots (first come, first served: later jobs wait too)
@@ -288,6 +319,8 @@ class Engine:
             self._reserved -= pf.job.n
             if not done:
                 self._place([(pf.job, pf.p)], pf.state, pf.logits)
+            elif pf.job.cancelled:
+                self._end_job(pf.job, "cancelled")
 
     @torch.inference_mode()
     def _place(self, batch: list[tuple[Job, int]], state: MambaState, logits) -> None:
@@ -306,7 +339,8 @@ class Engine:
                 seen = None
                 if job.params.repetition_penalty != 1.0:
                     seen = torch.zeros(1, self.vocab, dtype=torch.bool, device=logits.device)  # (1, V)
-                    seen[0, job.prompts[p]] = True
+                    # ids the tokenizer cannot decode (its vocabulary < the model's) are never sampled
+                    seen[0, [t for t in job.prompts[p] if t < self.vocab]] = True
                 slot = len(self._active)
                 self._pool.conv[:, slot] = state.conv[:, r].to(self._pool.conv.dtype)  # the old content is gone
                 self._pool.ssm[:, slot] = state.ssm[:, r]
@@ -366,9 +400,12 @@ class Engine:
     def _drop_cancelled(self) -> None:
         gone = [s for s in self._active if s.job.cancelled]
         if gone:
+            jobs = {id(s.job): s.job for s in gone}
             with self._lock:
-                self.counters["cancelled"] += len({id(s.job) for s in gone})
+                self.counters["cancelled"] += len(jobs)
             self._free({id(s) for s in gone})
+            for job in jobs.values():
+                self._end_job(job, "cancelled")
 
     def _free(self, ids: set[int]) -> None:
         """Removes the given sequences; the last active rows move into the freed slots (pool stays packed)."""
@@ -386,17 +423,28 @@ class Engine:
 
     # -------------------------------------------------------------------------------------- errors
     def _emit(self, job: Job, events: list[Event]) -> None:
+        """Hands events to the job, dropping any for a sequence that has had its final event (so each gets
+        exactly one, whichever path ends it first)."""
+        events = [e for e in events if e.index not in job._ended]
+        job._ended.update(e.index for e in events if e.final)
+        if not events:
+            return
         try:
             job.emit(events)
         except Exception:  # a broken consumer must not stop the loop: drop its job
             log.warning("emit failed; cancelling the job\n%s", traceback.format_exc())
+            job._ended.update(range(job.num_sequences))  # and call it no more
             job.cancel()
+
+    def _end_job(self, job: Job, reason: str, message: str | None = None) -> None:
+        """A final event (reason, error message) for each of the job's sequences that has not had one."""
+        self._emit(job, [Event(k, "", None, reason, message) for k in range(job.num_sequences)])
 
     def _fail_job(self, job: Job, message: str) -> None:
         job.cancel()
         with self._lock:
             self.counters["errors"] += 1
-        self._emit(job, [Event(k, "", None, "error", message) for k in range(job.num_sequences)])
+        self._end_job(job, "error", message)
 
     def _fail_active(self, message: str) -> None:
         jobs = {id(s.job): s.job for s in self._active}
@@ -414,9 +462,4 @@ class Engine:
                 jobs.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        seen, out = set(), []
-        for j in jobs:
-            if id(j) not in seen and not j.cancelled:
-                seen.add(id(j))
-                out.append(j)
-        return out
+        return list({id(j): j for j in jobs}.values())
