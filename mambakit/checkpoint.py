@@ -5,29 +5,64 @@ Two layouts are read (detected from config.json) and written:
 - "official" (state-spaces/mamba `MambaLMHeadModel.save_pretrained`): config.json with d_model, n_layer,
   vocab_size (unpadded), ssm_cfg, rms_norm, residual_in_fp32, pad_vocab_size_multiple, tie_embeddings,
   and pytorch_model.bin. Keys are exactly MambaLM's: `backbone.embedding.weight`, `backbone.layers.{i}.…`.
-- "hf" (transformers `MambaForCausalLM`): config.json with hidden_size, state_size, time_step_rank,
-  conv_kernel, expand, … (vocab_size already padded), and model.safetensors (or pytorch_model.bin, or
-  shards with an index json). One key differs: `backbone.embeddings.weight`.
+- "hf" (transformers `MambaForCausalLM`, model_type "mamba"): config.json with hidden_size, state_size,
+  time_step_rank, conv_kernel, expand, … (vocab_size already padded), and model.safetensors (or
+  pytorch_model.bin, or shards with an index json). One key differs: `backbone.embeddings.weight`.
+
+Only Mamba-1 is implemented. Other families and mixers are refused by name from config.json, before any weight
+is read: transformers model_type "falcon_mamba", "mamba2", "jamba", "zamba", …; official configs with
+ssm_cfg.layer "Mamba2", attention layers (attn_layer_idx) or MLP blocks (d_intermediate > 0). An unknown
+model_type, or a config without one that is not the official layout, is refused too: the family is never guessed.
+
+Reading refuses, with one CheckpointError (a ValueError) naming the file and the problem, whatever it can tell
+is wrong: a config.json that is not a JSON object (or nested past reason, or has duplicate keys, or is a
+directory), fields of the wrong type; a safetensors header that does not parse or whose offsets, shapes and
+dtypes do not add up, a truncated file or one with trailing bytes; a pickle with anything but a flat
+{str: tensor} dict; weights that are not floating point (integer, bool, float8: quantized or damaged files),
+non-finite values, missing, unexpected or misshapen keys, one tensor under both the official and the
+transformers spelling, a tied head that differs from the embedding; a shard index naming files outside the
+directory, shards holding keys the index does not list under them; a tokenizer file that does not parse.
+
+Decisions:
+- Non-finite weights (NaN, ±inf) are refused, not warned about: one NaN in any weight makes every logit NaN (or
+  breaks sampling through the tied head's padded rows), so such a model cannot be used at all. The message
+  names the tensor and the count. save_pretrained refuses to write such a model for the same reason.
+- Integrity: safetensors files that mambakit writes carry a CRC-32 of every tensor in their header metadata
+  (`mambakit.crc32`, ignored by other readers); a flipped byte or swapped names inside such a file are
+  refused. A file without it (written by another tool, or a pickle, which has no room for it) is checked
+  for structure only: two tensors of the same shape swapped there are indistinguishable from another model.
+- Ownership: tensors are read into memory the model owns (no memory map; pickles are copied out of their
+  storages), so overwriting or truncating a file after loading changes nothing and cannot SIGBUS a server.
 
 Safety: pickles are read only with `torch.load(weights_only=True)`; nothing from a checkpoint is executed.
-Writes go to a temporary file, are fsynced, then renamed, so an interrupted save leaves no file that loads.
+
+Writes: save_pretrained manages config.json, the weight files (and indexes and index-listed shards of an
+earlier sharded save) and the tokenizer files; it replaces that set as one unit through
+mambakit._io.replace_files (new files beside, a journal as the commit point, then renames), so an interrupted
+save leaves the old or the new checkpoint, whole, and files of an earlier save that the new one does not have
+(another layout's weights, a tokenizer the model no longer has) are removed. Other files of the directory
+(a training run's checkpoints/, metrics.jsonl) are never touched.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import struct
-import warnings
+import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ._io import atomic_write
+from ._io import JournalError, read_files, replace_files
 from .config import MambaConfig
-from .tokenizer import find_tokenizer
+from .tokenizer import TOKENIZER_FILES, load_tokenizer_files, tokenizer_files
 
 if TYPE_CHECKING:  # the model is built through the class its caller passes: this file never imports model.py
     from .model import MambaLM
@@ -39,8 +74,18 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_NAME = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_INDEX, PICKLE_NAME, PICKLE_INDEX)  # in order of preference
+# transformers' shard names; only files of this form that an index lists are removed by a later save
+_SHARD_NAME = re.compile(r"(?:model|pytorch_model)-\d+-of-\d+\.(?:safetensors|bin)")
 
 HF_EMBEDDING, OFFICIAL_EMBEDDING = "backbone.embeddings.weight", "backbone.embedding.weight"
+CRC_KEY = "mambakit.crc32"  # safetensors metadata: JSON {tensor name: CRC-32 of its bytes}
+
+_MAX_JSON_BYTES = 64 << 20  # config.json and indexes are KBs to a few MBs; this only guards memory
+_MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ST_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_OTHER = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0",
+             "F4", "F6_E2M3", "F6_E3M2", "C64")
 
 
 class CheckpointError(ValueError):
@@ -48,30 +93,104 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def detect_layout(config: dict[str, Any]) -> str:
+# transformers model types and architectures of families that mambakit does not implement (yet)
+_OTHER_FAMILIES = {
+    "falcon_mamba": "FalconMamba", "mamba2": "Mamba-2", "jamba": "Jamba (an attention/Mamba hybrid)",
+    "zamba": "Zamba (a Mamba/attention hybrid)", "zamba2": "Zamba2 (a Mamba-2/attention hybrid)",
+    "bamba": "Bamba (a Mamba-2/attention hybrid)", "nemotron_h": "Nemotron-H (a Mamba-2/attention hybrid)",
+    "falcon_h1": "Falcon-H1 (a Mamba-2/attention hybrid)", "granitemoehybrid": "Granite 4 (a Mamba-2 hybrid)",
+    "plamo2": "PLaMo 2 (a Mamba-2 hybrid)",
+}
+_OTHER_ARCHITECTURES = {
+    "FalconMambaForCausalLM": "falcon_mamba", "Mamba2ForCausalLM": "mamba2", "JambaForCausalLM": "jamba",
+    "ZambaForCausalLM": "zamba", "Zamba2ForCausalLM": "zamba2", "BambaForCausalLM": "bamba",
+    "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1",
+    "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Plamo2ForCausalLM": "plamo2",
+}
+_MAMBA_ARCHITECTURES = ("MambaForCausalLM", "MambaLMHeadModel")
+# fields that only another family's transformers config has: a "mamba" config with them is something else
+_OTHER_FIELDS = {"mixer_rms_eps": "FalconMamba", "num_heads": "Mamba-2", "head_dim": "Mamba-2",
+                 "n_groups": "Mamba-2", "chunk_size": "Mamba-2", "attn_layer_indices": "a hybrid",
+                 "attn_layer_period": "a hybrid", "hybrid_override_pattern": "a hybrid"}
+# every field of the official MambaConfig dataclass (which itself refuses others)
+_OFFICIAL_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+                    "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}
+_NOT_YET = "is not supported yet: mambakit implements Mamba-1 only"
+
+
+def _family_error(source: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {what} {_NOT_YET}")
+
+
+def detect_layout(config: dict[str, Any], source: str = CONFIG_NAME) -> str:
+    """"official" or "hf"; a CheckpointError naming the family for anything that is not a Mamba-1 checkpoint."""
+    model_type = config.get("model_type")
+    if "model_type" in config and not isinstance(model_type, str):
+        raise CheckpointError(f"{source}: model_type must be a string, got {model_type!r}")
+    if model_type is not None and model_type != "mamba":
+        if model_type in _OTHER_FAMILIES:
+            raise _family_error(source, f"{_OTHER_FAMILIES[model_type]} (model_type {model_type!r})")
+        raise CheckpointError(
+            f"{source}: unknown model_type {model_type!r}; mambakit reads Mamba-1 checkpoints: transformers' "
+            "model_type 'mamba' or the official layout (d_model, n_layer, ssm_cfg)")
+    archs = config.get("architectures")
+    if archs is not None:
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise CheckpointError(f"{source}: architectures must be a list of strings, got {archs!r}")
+        for a in archs:
+            if a in _OTHER_ARCHITECTURES:
+                raise _family_error(source, f"{_OTHER_FAMILIES[_OTHER_ARCHITECTURES[a]]} (architectures {a!r})")
+            if a not in _MAMBA_ARCHITECTURES:
+                raise CheckpointError(f"{source}: architectures names {a!r}; mambakit loads Mamba-1 language "
+                                      f"models ({', '.join(_MAMBA_ARCHITECTURES)})")
     if "d_model" in config:
+        if "hidden_size" in config or model_type is not None:
+            raise CheckpointError(f"{source} mixes the official layout (d_model) with transformers' fields "
+                                  "(hidden_size, model_type): it is neither")
         return "official"
-    if "hidden_size" in config or config.get("model_type") == "mamba":
+    if model_type == "mamba":
+        others = sorted(k for k in config if k in _OTHER_FIELDS)
+        if others:
+            raise _family_error(source, f"a config with {', '.join(others)} ({_OTHER_FIELDS[others[0]]}'s)")
         return "hf"
+    if "hidden_size" in config:
+        raise CheckpointError(f"{source} has hidden_size but no model_type: mambakit does not guess the family "
+                              "(a transformers Mamba config says model_type 'mamba')")
     raise CheckpointError(
-        "config.json is neither the official layout (d_model, n_layer, …) nor transformers' MambaConfig "
-        f"(hidden_size, state_size, …); its keys: {sorted(config)}"
+        f"{source} is neither the official layout (d_model, n_layer, …) nor transformers' MambaConfig "
+        f"(model_type 'mamba', hidden_size, state_size, …); its keys: {_names(sorted(config), 20)}"
     )
 
 
-def config_from_official(d: dict[str, Any]) -> MambaConfig:
+def config_from_official(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaConfig:
     """state-spaces/mamba MambaConfig (+ its ssm_cfg, the Mamba mixer kwargs) → MambaConfig."""
-    ssm = dict(d.get("ssm_cfg") or {})
+    unknown = sorted(set(d) - _OFFICIAL_FIELDS)
+    if unknown:
+        raise CheckpointError(f"{source}: keys the official MambaConfig does not have: {_names(unknown)}")
+    ssm = d.get("ssm_cfg") or {}
+    if not isinstance(ssm, dict):
+        raise CheckpointError(f"{source}: ssm_cfg must be an object, got {type(ssm).__name__}")
+    ssm = dict(ssm)
     layer = ssm.pop("layer", "Mamba1")
+    if layer == "Mamba2":
+        raise _family_error(source, "the Mamba-2 mixer (ssm_cfg.layer = 'Mamba2')")
     if layer != "Mamba1":
-        raise CheckpointError(f"ssm_cfg.layer = {layer!r}: only Mamba-1 checkpoints are supported")
-    if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
-        raise CheckpointError("hybrid checkpoints (d_intermediate > 0 or attention layers) are not supported")
+        raise CheckpointError(f"{source}: unknown mixer ssm_cfg.layer = {layer!r}; mambakit implements 'Mamba1'")
+    attn = d.get("attn_layer_idx") or []
+    if not isinstance(attn, list):
+        raise CheckpointError(f"{source}: attn_layer_idx must be a list, got {attn!r}")
+    if attn:
+        raise _family_error(source, f"a hybrid with attention layers (attn_layer_idx = {attn[:8]})")
+    d_int = d.get("d_intermediate", 0)
+    if isinstance(d_int, bool) or not isinstance(d_int, int) or d_int < 0:
+        raise CheckpointError(f"{source}: d_intermediate must be an int >= 0, got {d_int!r}")
+    if d_int:
+        raise _family_error(source, f"a hybrid with MLP blocks (d_intermediate = {d_int})")
     keys = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor",
             "conv_bias", "bias")
     unknown = sorted(set(ssm) - set(keys) - {"use_fast_path"})
     if unknown:
-        raise CheckpointError(f"ssm_cfg has keys mambakit does not support: {unknown}")
+        raise CheckpointError(f"{source}: ssm_cfg has keys mambakit does not support: {unknown}")
     values = {k: ssm[k] for k in keys if k in ssm}
     for k in ("d_model", "n_layer", "vocab_size", "rms_norm", "residual_in_fp32", "pad_vocab_size_multiple",
               "tie_embeddings"):
@@ -82,6 +201,8 @@ def config_from_official(d: dict[str, Any]) -> MambaConfig:
 
 def config_to_official(c: MambaConfig) -> dict[str, Any]:
     if c.norm_eps != 1e-5:
+        import warnings
+
         warnings.warn(f"the official layout has no norm epsilon field: norm_eps={c.norm_eps} is saved as 1e-5")
     ssm_cfg = {k: getattr(c, k) for k in ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init",
                                           "dt_scale", "dt_init_floor", "conv_bias", "bias")}
@@ -106,10 +227,11 @@ _HF_DEFAULTS = {"state_size": 16, "conv_kernel": 4, "expand": 2, "time_step_rank
                 "vocab_size": 50280, "hidden_size": 768, "num_hidden_layers": 32}
 
 
-def config_from_hf(d: dict[str, Any]) -> MambaConfig:
+def config_from_hf(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaConfig:
     """transformers MambaConfig → MambaConfig. Its vocab_size is already the padded one, so no padding."""
-    if d.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise CheckpointError(f"hidden_act={d['hidden_act']!r}: the Mamba block uses SiLU only")
+    act = d.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ("silu", "swish"):
+        raise CheckpointError(f"{source}: hidden_act={act!r}: the Mamba block uses SiLU only")
     merged = {**_HF_DEFAULTS, **d}
     values = {ours: merged[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in merged}
     values.update(vocab_size=merged["vocab_size"], pad_vocab_size_multiple=1)
@@ -129,80 +251,314 @@ def config_to_hf(c: MambaConfig, dtype: torch.dtype) -> dict[str, Any]:
     return d
 
 
-# ------------------------------------------------------------------------------------------------ reading
-def _read_json(path: Path) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------- reading files
+def _open_regular(path: Path, shown: Path, max_bytes: int | None = None):
+    """An unbuffered binary file object of a regular file, and its size; a CheckpointError for a directory,
+    a FIFO or device (opened non-blocking, so a FIFO cannot hang the load), a dangling link, a huge file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise CheckpointError(f"{shown} is a directory, not a file") from None
+    except OSError as e:
+        raise CheckpointError(f"{shown} cannot be opened: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a special file (FIFO, device or socket)"
+        raise CheckpointError(f"{shown} is {what}, not a file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        os.close(fd)
+        raise CheckpointError(f"{shown} is {st.st_size} bytes, far more than such a file holds (at most {max_bytes})")
+    return os.fdopen(fd, "rb", buffering=0), st.st_size
 
 
-def _check_safetensors_size(path: Path) -> None:
-    """safetensors files state their size in the header: a shorter file was cut off while writing or copying."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def _read_exactly(f, buf, shown: Path) -> None:
+    view, got = memoryview(buf).cast("B"), 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{shown} is truncated: it ended while being read (was it changed meanwhile?)")
+        got += n
+
+
+def _read_n(f, n: int, shown: Path) -> bytes:
+    buf = bytearray(n)
+    _read_exactly(f, buf, shown)
+    return bytes(buf)
+
+
+def _no_duplicates(what: str):
+    def hook(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise CheckpointError(f"{what} has the key {k!r} twice (which one is meant?)")
+            seen.add(k)
+        return dict(pairs)
+    return hook
+
+
+def _reject_constant(c: str):
+    raise ValueError(f"{c} is not valid JSON")
+
+
+def _parse_json(data: bytes, what: str, constants: bool = True) -> Any:
+    """constants: accept NaN and Infinity, as Python and transformers write them (Mamba-2 configs have
+    time_step_limit = [0, Infinity]); MambaConfig refuses non-finite values where it reads them."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates(what),
+                          parse_constant=None if constants else _reject_constant)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{what} is not UTF-8 text (corrupted?)") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} is nested too deeply to be a real one") from None
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{what} is not valid JSON (truncated or corrupted?): {e}") from None
+
+
+def _read_json(path: Path, shown: Path | None = None) -> dict[str, Any]:
+    shown = shown or path
+    f, size = _open_regular(path, shown, _MAX_JSON_BYTES)
+    with f:
+        data = _read_n(f, size, shown)
+    parsed = _parse_json(data, str(shown))
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{shown} must hold a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def _crc32(name: str, t: Tensor) -> int:
+    # seeded with the name: a consistent rename of two tensors in the header (their checksums too) is still seen
+    seed = zlib.crc32(name.encode("utf-8"))
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), seed) if t.numel() else seed
+
+
+def _read_safetensors(path: Path, shown: Path) -> dict[str, Tensor]:
+    """A safetensors file parsed and checked here (not by the safetensors package, whose errors name neither the
+    file nor the problem) and read into tensors the caller owns: no memory map."""
+    if sys.byteorder != "little":  # pragma: no cover - the raw bytes below are little-endian
+        raise CheckpointError(f"{shown}: reading safetensors on a big-endian machine is not supported")
+    f, size = _open_regular(path, shown)
+    with f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path} is truncated ({size} bytes, not even a safetensors header)")
+            raise CheckpointError(f"{shown} is truncated ({size} bytes, not even a safetensors header)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is corrupted: its safetensors header is not valid JSON") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path} is truncated: the header lists {8 + n + end} bytes, the file has {size}")
-
-
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    """One weight file → {key: tensor} on CPU. Pickles only through torch.load(weights_only=True)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        _check_safetensors_size(path)
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error type
-            raise CheckpointError(f"{path} is corrupted and cannot be read: {e}") from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(f"{path} holds objects other than tensors; refusing to unpickle it: {msg}") from None
-        raise CheckpointError(f"{path} is truncated or corrupted and cannot be read: {msg}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} does not hold a flat dict of tensors (a state_dict)")
+            raise CheckpointError(f"{shown} is truncated or not a safetensors file (header of {n} bytes, "
+                                  f"file {size})")
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{shown} is corrupted: its header claims {n} bytes (safetensors allows 100 MB)")
+        what = f"{shown} is corrupted: its safetensors header"
+        header = _parse_json(_read_n(f, n, shown), what, constants=False)
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{what} is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise CheckpointError(f"{what} has __metadata__ that is not an object of strings")
+        spans = []
+        for name, e in header.items():
+            spans.append((*_check_entry(name, e, what, shown), name))
+        spans.sort()
+        pos = 0
+        for begin, end, dtype, shape, name in spans:
+            if begin != pos:
+                raise CheckpointError(f"{what} places tensor {name!r} at byte {begin}, where "
+                                      f"{'the previous tensor still is' if begin < pos else 'a gap begins'} "
+                                      f"(expected {pos})")
+            pos = end
+        data_bytes = size - 8 - n
+        if pos > data_bytes:
+            raise CheckpointError(f"{shown} is truncated: the header lists {8 + n + pos} bytes, the file has {size}")
+        if pos < data_bytes:
+            raise CheckpointError(f"{shown} is corrupted: {data_bytes - pos} bytes follow the last tensor")
+        crcs = _read_crcs(meta, header, what)
+        sd = {}
+        for begin, end, dtype, shape, name in spans:
+            t = torch.empty(shape, dtype=dtype)
+            if t.numel():
+                _read_exactly(f, t.reshape(-1).view(torch.uint8).numpy(), shown)
+            if crcs is not None and _crc32(name, t) != crcs[name]:
+                raise CheckpointError(
+                    f"{shown} is corrupted: tensor {name!r} does not match the checksum mambakit saved with it "
+                    "(bytes changed, or names swapped, after it was written)")
+            sd[name] = t
     return sd
 
 
-def _read_state_dict(directory: Path) -> dict[str, Tensor]:
+def _check_entry(name: str, e: Any, what: str, shown: Path) -> tuple[int, int, torch.dtype, list[int]]:
+    if not name:
+        raise CheckpointError(f"{what} has a tensor with an empty name")
+    # other fields are ignored, as the safetensors package does (a later format version may add some)
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+        raise CheckpointError(f"{what} entry {name!r} lacks dtype, shape or data_offsets: {str(e)[:200]}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if dtype not in _ST_FLOAT:
+        if dtype in _ST_OTHER:
+            raise CheckpointError(
+                f"{shown}: tensor {name!r} has dtype {dtype}; Mamba weights are floating point (F32, F16, BF16 "
+                "or F64): integer, bool and float8 tensors mean a quantized or damaged checkpoint")
+        raise CheckpointError(f"{what} gives tensor {name!r} an unknown dtype {str(dtype)[:40]!r}")
+
+    def ints(v, length=None):
+        return (isinstance(v, list) and (length is None or len(v) == length)
+                and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 48 for x in v))
+
+    if not ints(shape) or len(shape) > 8:
+        raise CheckpointError(f"{what} gives tensor {name!r} an invalid shape {str(shape)[:100]}")
+    if not ints(offsets, 2) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{what} gives tensor {name!r} invalid data_offsets {str(offsets)[:100]}")
+    numel = 1
+    for s in shape:
+        numel *= s
+    nbytes = numel * _ST_FLOAT[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(f"{what} gives tensor {name!r} {offsets[1] - offsets[0]} bytes, but {dtype} "
+                              f"{tuple(shape)} needs {nbytes}")
+    return offsets[0], offsets[1], _ST_FLOAT[dtype], shape
+
+
+def _read_crcs(meta: dict | None, header: dict, what: str) -> dict[str, int] | None:
+    if not meta or CRC_KEY not in meta:
+        return None  # not written by mambakit: structure checks only
+    try:
+        crcs = json.loads(meta[CRC_KEY])
+        ok = isinstance(crcs, dict) and all(isinstance(v, int) for v in crcs.values())
+    except (ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{what} has a damaged {CRC_KEY} entry")
+    if set(crcs) != set(header):
+        changed = sorted(set(crcs) ^ set(header))
+        raise CheckpointError(f"{what} names tensors other than those mambakit saved (renamed after writing?): "
+                              f"{_names(changed)}")
+    return crcs
+
+
+def _verify_zip(f, shown: Path) -> None:
+    """torch.save's zip stores a CRC-32 of every record, which torch.load does not check: a flipped weight byte
+    would load silently. Checked here (a record whose CRC is 0 was saved with torch's CRCs turned off: skipped);
+    the legacy non-zip format has none."""
+    f.seek(0)
+    if not zipfile.is_zipfile(f):
+        f.seek(0)
+        return
+    try:
+        with zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue
+                with z.open(info) as member:  # zipfile raises BadZipFile at the end of a record whose CRC differs
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{shown} is corrupted: {str(e)[:200]} (a byte changed since torch.save wrote it)") \
+            from None
+    f.seek(0)
+
+
+def _read_pickle(path: Path, shown: Path) -> dict[str, Tensor]:
+    f, _ = _open_regular(path, shown)  # refuses directories and FIFOs before torch.load sees them
+    with f:
+        _verify_zip(f, shown)
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as e:  # torch raises RuntimeError, UnpicklingError, EOFError, …; never let them out
+            msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise CheckpointError(f"{shown} holds objects other than tensors; refusing to unpickle it: {msg}") \
+                    from None
+            raise CheckpointError(f"{shown} is truncated or corrupted and cannot be read: {msg}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{shown} does not hold a dict of tensors (a state_dict) but a {type(sd).__name__}")
+    bad = [k for k in sd if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{shown} has keys that are not strings: {_names([repr(k) for k in bad])}")
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            raise CheckpointError(f"{shown}: {k!r} holds a value of type {type(v).__name__}, not a tensor")
+        if v.layout != torch.strided or v.is_quantized:
+            raise CheckpointError(f"{shown}: tensor {k!r} is {'quantized' if v.is_quantized else v.layout}; "
+                                  "Mamba weights are dense floating-point tensors")
+        if v.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{shown}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}; Mamba weights are floating "
+                "point (float32, float16, bfloat16 or float64): integer, bool and float8 tensors mean a quantized "
+                "or damaged checkpoint")
+    # Copies that own their memory: no tensor is a view into a storage another key (or a larger blob) shares.
+    # Popped one by one, so that each original is freed as soon as its copy exists.
+    sd = dict(sd)
+    return {k: sd.pop(k).clone(memory_format=torch.contiguous_format) for k in list(sd)}
+
+
+def _check_finite(sd: dict[str, Tensor], shown: Path) -> None:
+    for k, t in sd.items():
+        # one float64 sum per tensor finds any NaN/inf (finite float32 values cannot overflow it); count on failure
+        if t.numel() and not torch.isfinite(t.sum(dtype=torch.float64)):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{shown}: tensor {k!r} holds {bad} non-finite values (NaN or inf) of {t.numel()}; a model with "
+                    "them gives NaN outputs. The checkpoint is damaged or was saved after training diverged")
+
+
+def _read_weights(path: Path, shown: Path) -> dict[str, Tensor]:
+    """One weight file → {key: tensor} on CPU, owned, floating point, finite. shown: the path errors name (the
+    file may be read from the temporary name of an interrupted save)."""
+    if shown.name.endswith(".safetensors"):
+        sd = _read_safetensors(path, shown)
+    else:
+        sd = _read_pickle(path, shown)
+    _check_finite(sd, shown)
+    return sd
+
+
+def _plain_name(name: Any, index: Path) -> str:
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.isabs(name)):
+        raise CheckpointError(f"{index} lists the shard {name!r}, which is not a file in the checkpoint directory; "
+                              "refusing to read files outside it")
+    return name
+
+
+def _read_state_dict(view, directory: Path) -> dict[str, Tensor]:
     for name in WEIGHT_FILES:
-        path = directory / name
-        if not path.exists():
+        path = view.path(name)
+        if path is None:
             continue
+        shown = directory / name
         if not name.endswith(".index.json"):
-            return _read_weights(path)
-        index = _read_json(path)
+            return _read_weights(path, shown)
+        index = _read_json(path, shown)
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{path} has no 'weight_map' object")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{shown} has no 'weight_map' object (or an empty one)")
+        suffix = ".safetensors" if name == SAFETENSORS_INDEX else ".bin"
+        for shard in weight_map.values():
+            if not _plain_name(shard, shown).endswith(suffix):
+                raise CheckpointError(f"{shown} lists the shard {shard!r}; its shards are {suffix} files")
         sd: dict[str, Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            if not (directory / shard).exists():
-                raise CheckpointError(f"shard {shard} listed in {path} is missing")
-            sd.update(_read_weights(directory / shard))
+            shard_path = view.path(shard)
+            if shard_path is None:
+                raise CheckpointError(f"shard {shard} listed in {shown} is missing")
+            part = _read_weights(shard_path, directory / shard)
+            for k in part:
+                if k in sd:
+                    raise CheckpointError(f"{k} is in two shards of {shown}; which one is meant?")
+                if weight_map.get(k) != shard:
+                    where = f"under {weight_map[k]}" if k in weight_map else "at all"
+                    raise CheckpointError(f"shard {shard} holds {k}, which {shown} does not list {where}")
+            sd.update(part)
         missing = sorted(set(weight_map) - set(sd))
         if missing:
-            raise CheckpointError(f"keys listed in {path} are not in any shard: {_names(missing)}")
+            raise CheckpointError(f"keys listed in {shown} are not in any shard: {_names(missing)}")
         return sd
     raise CheckpointError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
@@ -217,7 +573,9 @@ def _resolve_directory(path) -> Path:
     if p.is_dir():
         return p
     if p.exists():
-        return p.parent if p.name in WEIGHT_FILES + (CONFIG_NAME,) else p
+        if p.name in WEIGHT_FILES + (CONFIG_NAME,):
+            return p.parent
+        raise CheckpointError(f"{p} is a file, not a checkpoint directory (one with {CONFIG_NAME} and weights)")
     s = str(path)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s):
         raise FileNotFoundError(
@@ -229,32 +587,48 @@ def _resolve_directory(path) -> Path:
     raise FileNotFoundError(f"checkpoint directory {s!r} does not exist")
 
 
-def load_config(path) -> tuple[MambaConfig, str]:
-    """(config, layout) of a checkpoint directory."""
-    directory = _resolve_directory(path)
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.exists():
+def _load_config(view, directory: Path) -> tuple[MambaConfig, str]:
+    shown = directory / CONFIG_NAME
+    path = view.path(CONFIG_NAME)
+    if path is None:
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}")
-    raw = _read_json(cfg_path)
-    layout = detect_layout(raw)
+    raw = _read_json(path, shown)
+    layout = detect_layout(raw, str(shown))
     try:
-        config = config_from_official(raw) if layout == "official" else config_from_hf(raw)
+        config = config_from_official(raw, str(shown)) if layout == "official" else config_from_hf(raw, str(shown))
     except (TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{cfg_path} ({layout} layout): {e}") from None
+        raise CheckpointError(f"{shown} ({layout} layout): {e}") from None
     return config, layout
 
 
-def to_mambakit_keys(sd: dict[str, Tensor], config: MambaConfig) -> dict[str, Tensor]:
+def load_config(path) -> tuple[MambaConfig, str]:
+    """(config, layout) of a checkpoint directory."""
+    directory = _resolve_directory(path)
+    try:
+        with read_files(directory) as view:
+            return _load_config(view, directory)
+    except JournalError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def to_mambakit_keys(sd: dict[str, Tensor], config: MambaConfig, source: str = "the checkpoint") -> dict[str, Tensor]:
     """Either layout's state dict → MambaLM's keys (the official names); drops a tied lm_head copy."""
     sd = dict(sd)
     if HF_EMBEDDING in sd:
+        if OFFICIAL_EMBEDDING in sd:
+            raise CheckpointError(f"{source} holds the embedding twice, as {HF_EMBEDDING} (transformers) and "
+                                  f"{OFFICIAL_EMBEDDING} (official); which one is meant?")
         sd[OFFICIAL_EMBEDDING] = sd.pop(HF_EMBEDDING)
     if config.tie_embeddings and "lm_head.weight" in sd and OFFICIAL_EMBEDDING in sd:
-        head = sd.pop("lm_head.weight")
-        if head.shape != sd[OFFICIAL_EMBEDDING].shape or not torch.equal(head, sd[OFFICIAL_EMBEDDING]):
-            warnings.warn("lm_head.weight differs from the embedding although embeddings are tied; using the embedding")
+        head, emb = sd.pop("lm_head.weight"), sd[OFFICIAL_EMBEDDING]
+        # compared in float64 when the dtypes differ: a float32 head equals its embedding stored as float64
+        same = head.shape == emb.shape and (torch.equal(head, emb) if head.dtype == emb.dtype
+                                            else torch.equal(head.double(), emb.double()))
+        if not same:
+            raise CheckpointError(f"{source}: its config ties the embeddings, but lm_head.weight differs from the "
+                                  "embedding; the config or the weights are not this model's")
     return sd
 
 
@@ -278,13 +652,36 @@ def check_state_dict(sd: dict[str, Tensor], model: "MambaLM", source: str) -> No
         raise CheckpointError(f"{source} does not fit its config.json: " + "; ".join(problems))
 
 
+_LAYER_KEY = re.compile(r"backbone\.layers\.(\d+)\.")
+
+
+def _check_sizes(sd: dict[str, Tensor], config: MambaConfig, source: str) -> None:
+    # Before building the model: a config claiming 10^9 layers would spend minutes creating modules, one with
+    # d_model 10^12 overflows even on the meta device. The layer count and the embedding tell both early.
+    layers = {int(m.group(1)) for k in sd if (m := _LAYER_KEY.match(k))}
+    if len(layers) != config.n_layer or (layers and max(layers) != config.n_layer - 1):
+        held = f"layers {min(layers)}…{max(layers)} ({len(layers)} of them)" if layers else "no layers"
+        raise CheckpointError(f"{source} does not fit its config.json: n_layer = {config.n_layer}, the weights hold "
+                              f"{held}")
+    emb = sd.get(OFFICIAL_EMBEDDING)
+    want = (config.padded_vocab_size, config.d_model)
+    if emb is not None and tuple(emb.shape) != want:
+        raise CheckpointError(f"{source} does not fit its config.json: the embedding is {tuple(emb.shape)}, the "
+                              f"config says (padded vocabulary, d_model) = {want}")
+
+
 def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) -> "MambaLM":
     """cls(config) holding the state dict `sd` (either layout's keys; a tied head's copy is dropped), checked
     against the model's keys and shapes (CheckpointError naming `source`), without initialising parameters that
     are replaced anyway."""
-    sd = to_mambakit_keys(sd, config)
-    with torch.device("meta"):  # no init work: every parameter is replaced by a loaded tensor
-        model = cls(config)
+    sd = to_mambakit_keys(sd, config, source)
+    _check_sizes(sd, config, source)
+    try:
+        with torch.device("meta"):  # no init work: every parameter is replaced by a loaded tensor
+            model = cls(config)
+    except RuntimeError as e:  # sizes that overflow even without memory (the embedding was missing to tell)
+        raise CheckpointError(f"{source}: its config.json describes a model that cannot be built: "
+                              f"{str(e).splitlines()[0][:200]}") from None
     check_state_dict(sd, model, source)
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
@@ -294,28 +691,74 @@ def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) ->
     return model
 
 
+def _load_tokenizer(view, directory: Path):
+    try:
+        return load_tokenizer_files(*(view.path(n) for n in TOKENIZER_FILES))
+    except (ValueError, OSError) as e:
+        msg = str(e)
+        for n in TOKENIZER_FILES:  # name the file as it is called, not the temporary of an interrupted save
+            p = view.path(n)
+            if p is not None:
+                msg = msg.replace(str(p), str(directory / n))
+        raise CheckpointError(f"the tokenizer saved with {directory} cannot be read: {msg}") from None
+
+
 def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device=None) -> "MambaLM":
     """Builds the model (an instance of cls, MambaLM or a subclass) of a checkpoint directory (either layout) and
     loads its weights, cast to `dtype` (None: the checkpoint's own dtype, that of its embedding); A_log and D
     stay float32 either way."""
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be None or one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
     directory = _resolve_directory(path)
-    config, layout = load_config(directory)
-    model = build_model(cls, config, _read_state_dict(directory), f"{directory} ({layout} layout)")
-    model.tokenizer = find_tokenizer(directory)  # a tokenizer.json (or mambakit's byte tokenizer) saved alongside
+    try:
+        # one consistent set of files: no save replaces them while they are read (see mambakit._io.read_files)
+        with read_files(directory) as view:
+            config, layout = _load_config(view, directory)  # a family mambakit lacks is refused before any weight
+            source = f"{directory} ({layout} layout)"
+            sd = _read_state_dict(view, directory)
+            tokenizer = _load_tokenizer(view, directory)
+    except JournalError as e:
+        raise CheckpointError(str(e)) from None
+    model = build_model(cls, config, sd, source)
+    model.tokenizer = tokenizer  # a tokenizer.json (or mambakit's byte tokenizer) saved alongside
     return model.to(device=device or "cpu", dtype=dtype or model.backbone.embedding.weight.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ writing
+def _old_shards(directory: Path) -> set[str]:
+    """Shard files that an earlier sharded save's indexes list (only names of transformers' shard form)."""
+    found = set()
+    for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        try:
+            weight_map = _read_json(directory / index).get("weight_map")
+        except CheckpointError:
+            continue
+        if isinstance(weight_map, dict):
+            found |= {v for v in weight_map.values() if isinstance(v, str) and _SHARD_NAME.fullmatch(v)}
+    return found
+
+
+def _torch_save(obj, path: Path) -> None:
+    # through a file object: torch.save names the zip's root folder after a path's stem, here a temporary name
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_pretrained(model: "MambaLM", path, layout: str = "hf") -> None:
-    """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin).
-    Weights are written first and config.json last, each atomically; weight files of the other layout
-    left in the directory are removed so that the loader cannot pick a stale one."""
+    """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin), plus the
+    tokenizer files of `model.tokenizer`, replacing the checkpoint files of an earlier save as one unit (see
+    the module docstring); other files in the directory are kept."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     directory = Path(path).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
     c = model.config
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for k, t in sd.items():
+        if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
+            raise ValueError(f"save_pretrained: parameter {k} holds NaN or inf values; refusing to write a "
+                             "checkpoint that could not be loaded again")
     dtype = model.backbone.embedding.weight.dtype
     if layout == "hf":
         if c.tie_embeddings:
@@ -323,20 +766,23 @@ def save_pretrained(model: "MambaLM", path, layout: str = "hf") -> None:
         sd[HF_EMBEDDING] = sd.pop(OFFICIAL_EMBEDDING)
         from safetensors.torch import save_file
 
-        weights_name, config = SAFETENSORS_NAME, config_to_hf(c, dtype)
-        atomic_write(directory / weights_name, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        metadata = {"format": "pt", CRC_KEY: json.dumps({k: _crc32(k, t) for k, t in sorted(sd.items())})}
+        files = {SAFETENSORS_NAME: lambda tmp: save_file(sd, tmp, metadata=metadata)}
+        config = config_to_hf(c, dtype)
     else:
         if c.tie_embeddings:
             sd["lm_head.weight"] = sd[OFFICIAL_EMBEDDING]  # the official file stores the tied head too (shared)
-        weights_name, config = PICKLE_NAME, config_to_official(c)
-        atomic_write(directory / weights_name, lambda tmp: torch.save(sd, tmp))
+        files = {PICKLE_NAME: lambda tmp: _torch_save(sd, tmp)}
+        config = config_to_official(c)
+    files[CONFIG_NAME] = json.dumps(config, indent=2) + "\n"
     if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save(directory)  # from_pretrained picks it up again
-    text = json.dumps(config, indent=2) + "\n"
-    atomic_write(directory / CONFIG_NAME, text)
-    for stale in WEIGHT_FILES:
-        if stale != weights_name:
-            (directory / stale).unlink(missing_ok=True)
+        tok = tokenizer_files(model.tokenizer)  # from_pretrained picks it up again
+        clash = sorted(set(tok) & (set(WEIGHT_FILES) | {CONFIG_NAME}))
+        if clash:
+            raise ValueError(f"save_pretrained: the tokenizer writes {clash}, a checkpoint file of the same name")
+        files.update(tok)
+    managed = {CONFIG_NAME, *WEIGHT_FILES, *TOKENIZER_FILES} | _old_shards(directory)
+    replace_files(directory, files, remove=managed - set(files))
 
 
 def convert(cls, src, dst, layout: str = "hf", dtype: torch.dtype | None = None) -> tuple[str, "MambaLM"]:

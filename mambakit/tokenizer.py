@@ -11,19 +11,26 @@ for streaming (it holds back bytes of a character that is not complete yet).
 
 Files in a directory: `tokenizer.json` (the `tokenizers` format, what transformers also reads) and/or
 `mambakit_tokenizer.json` (which tokenizer this is, and its eos token when that is not a standard name).
+`save(dir)` replaces both as one unit (mambakit._io.replace_files): a ByteTokenizer saved over a BPE leaves
+no stale tokenizer.json behind. A file that is not what it should be (not JSON, a directory, an unknown type)
+is refused with a ValueError naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ._io import atomic_write
+from ._io import Data, replace_files
 
 TOKENIZER_JSON = "tokenizer.json"
 MAMBAKIT_JSON = "mambakit_tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_JSON, MAMBAKIT_JSON)  # what a saved tokenizer may consist of
+_MAX_JSON_BYTES = 256 << 20  # larger than any real tokenizer.json (GPT-NeoX's: 2 MB); guards memory
 
 # Names that mark the end of a document in common tokenizer.json files, in order of preference.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "[SEP]")
@@ -82,10 +89,12 @@ class ByteTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def files(self) -> dict[str, Data]:
+        """What save writes: {file name: contents}."""
+        return {MAMBAKIT_JSON: _json_text({"type": "byte", "version": 1})}
+
     def save(self, directory) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        _write_json(d / MAMBAKIT_JSON, {"type": "byte", "version": 1})
+        save_tokenizer(self, directory)
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=258, eos=256, pad=257)"
@@ -107,12 +116,15 @@ class HFTokenizer:
             path = Path(path_or_tokenizer)
             if path.is_dir():
                 path = path / TOKENIZER_JSON
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(f"no tokenizer file at {path}")
+            text = _read_text(path)
             try:
-                self._tok = tokenizers.Tokenizer.from_file(str(path))
-            except Exception as e:  # tokenizers raises a plain Exception on a malformed file
-                raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+                self._tok = tokenizers.Tokenizer.from_str(text)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # a plain Exception on a malformed file; a Rust panic is a BaseException
+                raise ValueError(f"{path} is not a valid tokenizer.json: {_first_line(e)}") from None
         self.eos_token = self._find_token(eos_token, _EOS_NAMES, "eos_token")
         self.pad_token = self._find_token(pad_token, _PAD_NAMES, "pad_token")
 
@@ -147,12 +159,14 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(_check_ids(ids, self.vocab_size), skip_special_tokens=skip_special_tokens)
 
+    def files(self) -> dict[str, Data]:
+        """What save writes: {file name: contents}."""
+        return {TOKENIZER_JSON: self._tok.to_str(),
+                MAMBAKIT_JSON: _json_text({"type": "tokenizer.json", "version": 1, "eos_token": self.eos_token,
+                                           "pad_token": self.pad_token})}
+
     def save(self, directory) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write(d / TOKENIZER_JSON, self._tok.to_str())
-        _write_json(d / MAMBAKIT_JSON, {"type": "tokenizer.json", "version": 1, "eos_token": self.eos_token,
-                                        "pad_token": self.pad_token})
+        save_tokenizer(self, directory)
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r} ({self.eos_token_id}))"
@@ -166,23 +180,65 @@ def load_tokenizer(path) -> ByteTokenizer | HFTokenizer:
         return HFTokenizer(p)
     if not p.is_dir():
         raise FileNotFoundError(f"no tokenizer at {p} (want a directory or a tokenizer.json file)")
-    meta = _read_json(p / MAMBAKIT_JSON) if (p / MAMBAKIT_JSON).is_file() else {}
-    kind = meta.get("type")
+    tok = load_tokenizer_files(*(p / n if os.path.lexists(p / n) else None for n in TOKENIZER_FILES))
+    if tok is None:
+        raise FileNotFoundError(f"{p} has no {TOKENIZER_JSON} or {MAMBAKIT_JSON}")
+    return tok
+
+
+def load_tokenizer_files(tokenizer_json: Path | None, mambakit_json: Path | None) -> ByteTokenizer | HFTokenizer | None:
+    """The tokenizer made of these two files (either may be None: absent); None if both are. For readers that
+    find the files elsewhere than under their names (mambakit.checkpoint reads through a save journal)."""
+    if tokenizer_json is None and mambakit_json is None:
+        return None
+    meta = _read_json(mambakit_json) if mambakit_json is not None else {}
+    kind, version = meta.get("type"), meta.get("version", 1)
+    if mambakit_json is not None:
+        if kind not in ("byte", "tokenizer.json"):
+            raise ValueError(f"{mambakit_json} names tokenizer type {kind!r}; known: 'byte', 'tokenizer.json'")
+        if version != 1:
+            raise ValueError(f"{mambakit_json} has version {version!r}; this mambakit reads version 1")
+        for key in ("eos_token", "pad_token"):
+            if meta.get(key) is not None and not isinstance(meta[key], str):
+                raise ValueError(f"{mambakit_json}: {key} must be a string or null, got {meta[key]!r}")
     if kind == "byte":
         return ByteTokenizer()
-    if (p / TOKENIZER_JSON).is_file():
-        return HFTokenizer(p / TOKENIZER_JSON, eos_token=meta.get("eos_token"), pad_token=meta.get("pad_token"))
-    if kind is not None:
-        raise ValueError(f"{p / MAMBAKIT_JSON} names tokenizer type {kind!r} but {TOKENIZER_JSON} is missing")
-    raise FileNotFoundError(f"{p} has no {TOKENIZER_JSON} or {MAMBAKIT_JSON}")
+    if tokenizer_json is None:
+        raise ValueError(f"{mambakit_json} names tokenizer type {kind!r} but {TOKENIZER_JSON} is missing")
+    _check_regular(tokenizer_json)  # HFTokenizer would look inside a directory of that name
+    return HFTokenizer(tokenizer_json, eos_token=meta.get("eos_token"), pad_token=meta.get("pad_token"))
 
 
 def find_tokenizer(directory) -> ByteTokenizer | HFTokenizer | None:
-    """The tokenizer saved next to a checkpoint, or None when there is none."""
+    """The tokenizer saved next to a checkpoint, or None when there is none. A tokenizer file that is there
+    but unreadable is an error, never silently None."""
     d = Path(directory)
-    if (d / TOKENIZER_JSON).is_file() or (d / MAMBAKIT_JSON).is_file():
-        return load_tokenizer(d)
-    return None
+    if not d.is_dir():
+        return None
+    return load_tokenizer_files(*(d / n if os.path.lexists(d / n) else None for n in TOKENIZER_FILES))
+
+
+def tokenizer_files(tokenizer) -> dict[str, Data]:
+    """{file name: contents} of what `tokenizer` saves: its files() where it has one, else what its save(dir)
+    writes into a scratch directory (a tokenizer class of the user's own)."""
+    if hasattr(tokenizer, "files"):
+        return dict(tokenizer.files())
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        found = {}
+        for f in sorted(Path(d).iterdir()):
+            if not f.is_file():
+                raise ValueError(f"{type(tokenizer).__name__}.save writes {f.name}, which is not a file; "
+                                 "mambakit can only save tokenizers made of files in one directory")
+            found[f.name] = f.read_bytes()
+        return found
+
+
+def save_tokenizer(tokenizer, directory) -> None:
+    """Writes the tokenizer's files into `directory` as one unit, removing the other tokenizer file of an
+    earlier save (a stale tokenizer.json would otherwise be read with the new mambakit_tokenizer.json)."""
+    files = tokenizer_files(tokenizer)
+    replace_files(directory, files, remove=[n for n in TOKENIZER_FILES if n not in files])
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -271,12 +327,43 @@ def _import_tokenizers():
     return tokenizers
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
+def _check_regular(path: Path) -> None:
+    """A ValueError naming the file unless it is a regular file of a plausible size: a directory, a FIFO (which
+    would block a reader), a dangling link, a huge file."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a special file"
+        raise ValueError(f"{path} is {what}, not a tokenizer file")
+    if st.st_size > _MAX_JSON_BYTES:
+        raise ValueError(f"{path} is {st.st_size} bytes, more than any tokenizer file ({_MAX_JSON_BYTES})")
+
+
+def _read_text(path: Path) -> str:
+    _check_regular(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text (a corrupted file?)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+        data = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+def _json_text(obj: dict) -> str:
+    return json.dumps(obj, indent=2) + "\n"

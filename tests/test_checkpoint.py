@@ -3,6 +3,7 @@ and clear errors for hub ids, bad keys and truncated or corrupted files."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,7 +240,7 @@ def test_corrupted_files(tmp_path, tiny_model):
     (tmp_path / "config.json").write_text('{"hidden_size": 32, "num_hidden')
     with pytest.raises(CheckpointError, match="not valid JSON"):
         MambaLM.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text('{"hidden_size": -4}')
+    (tmp_path / "config.json").write_text('{"model_type": "mamba", "hidden_size": -4}')
     with pytest.raises(CheckpointError, match="d_model"):
         MambaLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"foo": 1}')
@@ -271,3 +272,177 @@ def test_cli_convert(tmp_path, tiny_model):
     assert "official layout" in out.stdout and "bfloat16" in out.stdout
     assert tensors(tmp_path / "dst")["backbone.embeddings.weight"].dtype == torch.bfloat16
     assert cli_main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+
+
+# ------------------------------------------------------------------------------------ owned weights
+@pytest.mark.parametrize("layout, name", [("hf", "model.safetensors"), ("official", "pytorch_model.bin")])
+def test_loaded_weights_do_not_alias_the_file(tmp_path, tiny_model, layout, name):
+    tiny_model.save_pretrained(tmp_path, layout=layout)
+    loaded = MambaLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 61, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = loaded(ids).logits.clone()
+    path = tmp_path / name
+    with open(path, "r+b") as f:  # overwritten in place, same inode: what a memory map would show
+        f.write(os.urandom(path.stat().st_size))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+    os.truncate(path, 0)  # a memory-mapped model dies of SIGBUS here
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def test_pickled_tensors_sharing_one_storage_are_copied_apart(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path, layout="official")
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    flat = torch.cat([v.reshape(-1) for v in sd.values()])
+    views, pos = {}, 0
+    for k, v in sd.items():
+        views[k] = flat[pos:pos + v.numel()].view(v.shape)
+        pos += v.numel()
+    torch.save(views, tmp_path / "pytorch_model.bin")
+    loaded = MambaLM.from_pretrained(tmp_path)
+    params = list(loaded.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)  # training one moves no other
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+# ------------------------------------------------------------------------ saving over a checkpoint
+def _bpe():
+    from mambakit.tokenizer import train_bpe
+
+    return train_bpe(["the quick brown fox jumps over the lazy dog. " * 20], vocab_size=262)
+
+
+def _unrelated(d: Path) -> dict:
+    """What a training run keeps beside the model in its directory."""
+    (d / "checkpoints" / "step_0000001").mkdir(parents=True, exist_ok=True)
+    files = {d / "metrics.jsonl": b'{"step": 1, "loss": 2.5}\n', d / "train_config.json": b"{}\n",
+             d / "checkpoints" / "step_0000001" / "model.safetensors": b"a training checkpoint"}
+    for p, data in files.items():
+        p.write_bytes(data)
+    return files
+
+
+def test_save_over_a_checkpoint_leaves_no_stale_file_and_keeps_other_files(tmp_path, tiny_model):
+    d = tmp_path / "run"
+    # an earlier sharded transformers save with a BPE tokenizer
+    tiny_model.tokenizer = _bpe()
+    tiny_model.save_pretrained(d, layout="hf")
+    sd = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[:5], keys[5:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, d / name)
+        weight_map.update({k: name for k in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert MambaLM.from_pretrained(d).tokenizer is not None
+    unrelated = _unrelated(d)
+
+    torch.manual_seed(1)
+    other = MambaLM(tiny_model.config)  # no tokenizer
+    other.save_pretrained(d, layout="official")
+    assert sorted(os.listdir(d)) == ["checkpoints", "config.json", "metrics.jsonl", "pytorch_model.bin",
+                                     "train_config.json"]
+    loaded = MambaLM.from_pretrained(d)
+    assert loaded.tokenizer is None  # the old BPE is not attached to a model saved without one
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in other.state_dict().items())
+
+    from mambakit.tokenizer import ByteTokenizer
+
+    other.tokenizer = ByteTokenizer()
+    other.save_pretrained(d, layout="hf")
+    assert sorted(os.listdir(d)) == ["checkpoints", "config.json", "mambakit_tokenizer.json", "metrics.jsonl",
+                                     "model.safetensors", "train_config.json"]
+    assert isinstance(MambaLM.from_pretrained(d).tokenizer, ByteTokenizer)
+    assert all(p.read_bytes() == data for p, data in unrelated.items())
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        other.save_pretrained(d / "metrics.jsonl")
+
+
+def test_a_model_with_nan_weights_is_not_saved(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        tiny_model.backbone.layers[0].mixer.D[3] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.0\.mixer\.D holds NaN"):
+        tiny_model.save_pretrained(tmp_path)
+    MambaLM.from_pretrained(tmp_path)  # the earlier checkpoint is intact
+
+
+def _same(a: MambaLM, b: MambaLM) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return (a.config == b.config and set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+            and type(a.tokenizer) is type(b.tokenizer))
+
+
+@pytest.mark.parametrize("how", ["exit", "raise"])
+@pytest.mark.parametrize("scenario", ["layout and tokenizer change", "same layout, tokenizer dropped"])
+def test_save_pretrained_killed_at_every_write_point_loads_old_or_new(tmp_path, tiny_model, monkeypatch, how,
+                                                                      scenario):
+    """Kill (os._exit in a forked child: no cleanup runs) or raise before each file-system change save_pretrained
+    makes; the directory must load as the old model or the new one, whole, keep the run's other files, and take
+    the next save cleanly."""
+    from test_io import _Killed, _instrument  # the same write-point instrumentation as the _io tests
+
+    from mambakit.tokenizer import ByteTokenizer
+
+    if how == "exit" and not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    torch.manual_seed(1)
+    new = MambaLM(tiny_model.config)
+    if scenario == "layout and tokenizer change":
+        tiny_model.tokenizer, old_layout, new.tokenizer, new_layout = _bpe(), "official", ByteTokenizer(), "hf"
+    else:
+        tiny_model.tokenizer, old_layout, new.tokenizer, new_layout = ByteTokenizer(), "hf", None, "hf"
+    template = tmp_path / "template"
+    tiny_model.save_pretrained(template, layout=old_layout)
+    old_names = sorted(os.listdir(template))
+    new.save_pretrained(tmp_path / "new-alone", layout=new_layout)
+    new_names = sorted(os.listdir(tmp_path / "new-alone"))
+    old_ref, new_ref = MambaLM.from_pretrained(template), MambaLM.from_pretrained(tmp_path / "new-alone")
+
+    with monkeypatch.context() as m:
+        calls = _instrument(m, None, how)
+        shutil.copytree(template, tmp_path / "count")
+        calls.clear()
+        new.save_pretrained(tmp_path / "count", layout=new_layout)
+    n_points = len(calls)
+    assert n_points >= 8
+    outcomes = []
+    for k in range(1, n_points + 1):
+        d = tmp_path / f"k{k}"
+        shutil.copytree(template, d)
+        unrelated = _unrelated(d)
+        if how == "exit":
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                try:
+                    torch.set_num_threads(1)
+                    _instrument(monkeypatch, k, how)
+                    new.save_pretrained(d, layout=new_layout)
+                finally:
+                    os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 77, (k, status)
+        else:
+            with monkeypatch.context() as m:
+                _instrument(m, k, how)
+                with pytest.raises(_Killed):
+                    new.save_pretrained(d, layout=new_layout)
+        loaded = MambaLM.from_pretrained(d)
+        which = "old" if _same(loaded, old_ref) else "new" if _same(loaded, new_ref) else None
+        assert which is not None, k
+        assert all(p.read_bytes() == data for p, data in unrelated.items()), k
+        names = sorted(n for n in os.listdir(d) if n not in ("checkpoints", "metrics.jsonl", "train_config.json")
+                       and not n.endswith(".tmp"))
+        assert names == (old_names if which == "old" else new_names), (k, names)  # completed for other readers too
+        outcomes.append(which)
+        new.save_pretrained(d, layout=new_layout)  # the next save works and removes the killed one's temporaries
+        assert sorted(set(os.listdir(d)) - {"checkpoints", "metrics.jsonl", "train_config.json"}) == new_names, k
+    print(f"save_pretrained ({scenario}), killed by {how}: {n_points} kill points tried, {len(outcomes)} loaded "
+          f"whole ({outcomes.count('old')} old, {outcomes.count('new')} new)")
+    assert "old" in outcomes and "new" in outcomes
