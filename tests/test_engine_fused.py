@@ -206,6 +206,7 @@ def test_step_function_uses_fused_kernel_where_it_applies(monkeypatch, caplog):
     calls = []
     real = FusedDecoder.step
     monkeypatch.setattr(FusedDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(engine, "_SAID", set())  # "once" is per process: forget what earlier tests made it say
     step = step_function(model)
     with caplog.at_level("INFO", logger="mambakit.engine"):
         step(torch.tensor([1]), model.allocate_state(1))
