@@ -176,19 +176,8 @@ def perplexity(
     if len(ids) < 2:
         raise ValueError("perplexity needs at least two tokens (or one and a prefix token)")
     n = len(ids) - 1  # scored tokens
-    if window is None:
-        requests = [(ids[:1], ids[1:])]
-    else:
-        stride = stride if stride is not None else max(1, window // 2)
-        if not 1 <= stride <= window:
-            raise ValueError(f"need 1 <= stride <= window, got stride {stride}, window {window}")
-        # first window: ids[0] as context, scores ids[1:window]; then every stride tokens, a window of
-        # `window` tokens ending at the scored part, whose last `stride` tokens are scored
-        requests, end = [(ids[:1], ids[1:window])], window
-        while end < len(ids):
-            new_end = min(end + stride, len(ids))
-            requests.append((ids[max(0, new_end - window): end], ids[end: new_end]))
-            end = new_end
+    stride = check_window(window, stride)
+    requests = [(ids[:1], ids[1:])] if window is None else window_requests(ids, window, stride)
     t0 = time.perf_counter()
     scores = score(model, requests, batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress)
     nll = -sum(s for s, _ in scores)
@@ -198,6 +187,34 @@ def perplexity(
     if num_bytes:
         out["bits_per_byte"] = nll / num_bytes / math.log(2)
     return out
+
+
+def check_window(window: int | None, stride: int | None) -> int | None:
+    """The stride to use (default window // 2) after checking window >= 2 and 1 <= stride <= window; stride
+    without a window is refused (it would mean nothing)."""
+    if window is None:
+        if stride is not None:
+            raise ValueError(f"stride={stride} needs a window (without one every token is scored from the whole "
+                             "text before it)")
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an int >= 2 (a context token and a scored one), got {window!r}")
+    stride = stride if stride is not None else max(1, window // 2)
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window:
+        raise ValueError(f"stride must be an int with 1 <= stride <= window ({window}), got {stride!r}")
+    return stride
+
+
+def window_requests(ids: list[int], window: int, stride: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) requests scoring ids[1:] with sliding windows: the first window takes ids[0] as
+    context and scores ids[1:window]; then every `stride` tokens, a window of `window` tokens ending at the
+    scored part, whose last `stride` tokens are scored."""
+    requests, end = [(ids[:1], ids[1:window])], window
+    while end < len(ids):
+        new_end = min(end + stride, len(ids))
+        requests.append((ids[max(0, new_end - window): end], ids[end: new_end]))
+        end = new_end
+    return requests
 
 
 def progress_printer(label: str, every: float = 1.0):
@@ -223,6 +240,99 @@ def progress_printer(label: str, every: float = 1.0):
 
 # ------------------------------------------------------------------------------- lm-eval adapter
 _ADAPTER = None
+_MAX_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # lm_eval's aliases
+_SAMPLING = {"temperature": (0, 0.0, 1, 1.0), "top_p": (None, 1, 1.0), "top_k": (None, 0), "min_p": (None, 0, 0.0)}
+GENERATION_KWARGS = ("until", "do_sample", *_SAMPLING, "repetition_penalty", "seed", "num_beams", *_MAX_TOKENS)
+
+
+def _positive_int(name: str, value) -> int:
+    """value (an int, a whole float, or its string from lm_eval's model_args) as an int >= 1; ValueError
+    naming `name` otherwise."""
+    v = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        v = value
+    elif isinstance(value, float) and value.is_integer():
+        v = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        v = int(value)
+    if v is None or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return v
+
+
+def _number(name: str, value) -> float:
+    """value as a finite float; ValueError naming `name` otherwise."""
+    try:
+        v = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v):
+        raise ValueError(f"generate_until: {name} must be a finite number, got {value!r}")
+    return v
+
+
+def _adapter_batch_size(batch_size, max_batch_size) -> int:
+    """lm_eval's batch_size: an int, or 'auto' / 'auto:N' (no search here: max_batch_size, else 16)."""
+    if isinstance(batch_size, str) and (batch_size == "auto" or batch_size.startswith("auto:")):
+        return 16 if max_batch_size is None else _positive_int("max_batch_size", max_batch_size)
+    if max_batch_size is not None:
+        raise ValueError(f"max_batch_size={max_batch_size!r} only bounds batch_size='auto'; batch_size is "
+                         f"{batch_size!r}")
+    return _positive_int("batch_size", batch_size)
+
+
+def generation_settings(gen_kwargs: dict, default_max_tokens: int) -> dict:
+    """lm_eval's generation kwargs → keyword arguments of mambakit.generate (max_new_tokens, stop,
+    temperature, top_k, top_p, min_p, repetition_penalty, seed), each honoured or refused by name:
+
+    do_sample False is greedy, and then a sampling setting must be neutral (temperature 0 or 1, top_p 1,
+    top_k 0, min_p 0: HF's defaults, which tasks spell out); do_sample unset means temperature > 0, as
+    lm_eval reads it. num_beams must be 1 (no beam search). Unknown keys are refused."""
+    if not isinstance(gen_kwargs, dict):
+        raise TypeError(f"generate_until: generation kwargs must be a dict, got {type(gen_kwargs).__name__}")
+    kw = dict(gen_kwargs)
+    unknown = sorted(set(kw) - set(GENERATION_KWARGS))
+    if unknown:
+        raise ValueError(f"generate_until: generation kwarg(s) {unknown} are not supported; mambakit honours "
+                         f"{', '.join(GENERATION_KWARGS)}")
+    lengths = {k: kw.pop(k) for k in _MAX_TOKENS if kw.get(k) is not None}
+    for k in _MAX_TOKENS:
+        kw.pop(k, None)
+    values = {_positive_int(k, v) for k, v in lengths.items()}
+    if len(values) > 1:
+        raise ValueError(f"generate_until: the generation lengths {lengths} disagree")
+    out = {"max_new_tokens": values.pop() if values else default_max_tokens}
+    until = kw.pop("until", None) or []
+    until = [until] if isinstance(until, str) else until
+    if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+        raise ValueError(f"generate_until: until must be a string or a list of strings, got {until!r}")
+    out["stop"] = [u for u in until if u] or None
+    beams = kw.pop("num_beams", 1)
+    if beams not in (1, None):
+        raise ValueError(f"generate_until: num_beams={beams!r}: mambakit generates without beam search (num_beams 1)")
+    do_sample = kw.pop("do_sample", None)
+    if do_sample is None:
+        do_sample = kw.get("temperature") is not None and _number("temperature", kw["temperature"]) > 0
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"generate_until: do_sample must be true or false, got {do_sample!r}")
+    if do_sample:
+        out["temperature"] = _number("temperature", kw.pop("temperature", 1.0))
+        if out["temperature"] == 0:
+            raise ValueError("generate_until: do_sample=True with temperature=0 asks for sampling and for greedy "
+                             "decoding at once: set do_sample=False, or a temperature > 0")
+        for k in ("top_p", "top_k", "min_p"):
+            if kw.get(k) is not None:
+                out[k] = kw.pop(k)
+    else:
+        for k, neutral in _SAMPLING.items():
+            v = kw.pop(k, None)
+            if v is not None and (isinstance(v, bool) or v not in neutral):
+                raise ValueError(f"generate_until: {k}={v!r} with do_sample=False: greedy decoding does not sample; "
+                                 f"set do_sample=True to sample, or drop {k}")
+        out["temperature"] = 0.0
+    out["repetition_penalty"] = _number("repetition_penalty", kw.pop("repetition_penalty", 1.0))
+    out["seed"] = kw.pop("seed", 1234)
+    return out
 
 
 def register():
@@ -240,18 +350,46 @@ def register():
         raise ImportError("the lm-evaluation-harness adapter needs lm_eval: pip install 'mambakit[eval]'") from e
 
     class MambakitLM(LM):
-        """lm-evaluation-harness adapter for a mambakit checkpoint (or a MambaLM given as `model`)."""
+        """lm-evaluation-harness adapter for a mambakit checkpoint (or a MambaLM given as `model`).
+
+        pretrained / model: a checkpoint directory, or a MambaLM (exactly one). tokenizer: a path, 'byte', a
+        tokenizer object, or None (the checkpoint's). batch_size: rows per forward; 'auto' or 'auto:N' does no
+        search here: it is max_batch_size if given, else 16 (chunk_tokens already bounds the memory).
+        chunk_tokens: positions per forward call. dtype: float32 or bfloat16, with pretrained only. device: where
+        the model runs (moved there). max_gen_toks: the default generation length. window / stride: sliding
+        windows for rolling log-likelihood (perplexity) tasks, as mambakit.eval.perplexity; other request
+        types are refused while a window is set. Any other argument is refused by name."""
 
         def __init__(self, pretrained: str | None = None, model: MambaLM | None = None, tokenizer=None,
-                     batch_size: int | str = 16, chunk_tokens: int = 2048, dtype: str = "float32",
-                     max_gen_toks: int = 256, **unused):
+                     batch_size: int | str = 16, max_batch_size: int | None = None, chunk_tokens: int = 2048,
+                     dtype: str | None = None, device: str | None = None, max_gen_toks: int = 256,
+                     window: int | None = None, stride: int | None = None, **unknown):
             super().__init__()
             from .tokenizer import ByteTokenizer, load_tokenizer
 
+            if unknown:  # collected rather than left to Python, to name them all and what is taken
+                raise TypeError(f"MambakitLM: unknown argument(s) {sorted(unknown)}; it takes pretrained, model, "
+                                "tokenizer, batch_size, max_batch_size, chunk_tokens, dtype, device, max_gen_toks, "
+                                "window, stride")
             if (pretrained is None) == (model is None):
                 raise ValueError("pass exactly one of pretrained=DIR and model=MambaLM")
             if model is None:
-                model = MambaLM.from_pretrained(pretrained, dtype=getattr(torch, str(dtype)))
+                dtype = "float32" if dtype is None else str(dtype)
+                if dtype not in ("float32", "bfloat16"):
+                    raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+                model = MambaLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
+            elif dtype is not None:
+                raise ValueError(f"dtype={dtype!r} applies to pretrained= only; convert the MambaLM you pass "
+                                 "(model.to(dtype)) instead")
+            if device is not None:
+                try:
+                    dev = torch.device(device)
+                except (RuntimeError, TypeError) as e:
+                    raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+                if dev.type == "cuda" and not torch.cuda.is_available():
+                    raise ValueError(f"device={device!r} but CUDA is not available here: pass device=cpu "
+                                     "(lm_eval: --device cpu)")
+                model = model.to(dev)
             if tokenizer == "byte":
                 tokenizer = ByteTokenizer()
             elif isinstance(tokenizer, str):
@@ -260,10 +398,19 @@ def register():
             self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
             if self.tokenizer is None:
                 raise ValueError("the model has no tokenizer: pass tokenizer=PATH (or 'byte')")
-            self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
-            self.chunk_tokens, self.max_gen_toks = int(chunk_tokens), int(max_gen_toks)
+            self.batch_size = _adapter_batch_size(batch_size, max_batch_size)
+            self.chunk_tokens = _positive_int("chunk_tokens", chunk_tokens)
+            self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+            self.window = None if window is None else _positive_int("window", window)
+            self.stride = check_window(self.window, None if stride is None else _positive_int("stride", stride))
             eos = getattr(self.tokenizer, "eos_token_id", None)
             self.prefix_token_id = eos if eos is not None and eos < model.config.vocab_size else None
+
+        def _refuse_window(self, request_type: str) -> None:
+            if self.window is not None:
+                raise ValueError(f"window={self.window} applies to rolling log-likelihood (perplexity) tasks only; "
+                                 f"this task asks for {request_type} requests, which are scored from their whole "
+                                 "context: run it without window/stride (mambakit eval: --window/--stride)")
 
         # --- tokenization (as lm_eval's HF adapter: context spaces move to the continuation)
         def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -283,6 +430,7 @@ def register():
             return [self.prefix_token_id]
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+            self._refuse_window("loglikelihood")
             pairs = [self._encode_pair(*r.args) for r in requests]
             out = score(self.model, pairs, self.batch_size, self.chunk_tokens,
                         progress=progress_printer("loglikelihood") if len(pairs) > 100 else None)
@@ -291,13 +439,21 @@ def register():
             return out
 
         def loglikelihood_rolling(self, requests) -> list[float]:
-            # stateful: each token is scored with the whole document before it (one pass per document)
+            # stateful: each token is scored with the whole document before it (one pass per document); with
+            # a window, each document's sliding-window requests, summed
             pairs = [(self._with_prefix([]), self.tokenizer.encode(r.args[0])) for r in requests]
-            keep = [i for i, (_, cont) in enumerate(pairs) if cont]
-            scored = score(self.model, [pairs[i] for i in keep], self.batch_size, self.chunk_tokens)
+            flat, owner = [], []
+            for i, (ctx, cont) in enumerate(pairs):
+                if not cont:
+                    continue
+                parts = [(ctx, cont)] if self.window is None else window_requests(ctx + cont, self.window,
+                                                                                  self.stride)
+                flat += parts
+                owner += [i] * len(parts)
+            scored = score(self.model, flat, self.batch_size, self.chunk_tokens)
             out = [0.0] * len(pairs)
-            for i, (lp, _) in zip(keep, scored):
-                out[i] = lp
+            for i, (lp, _) in zip(owner, scored):
+                out[i] += lp
             for r, o in zip(requests, out):
                 self.cache_hook.add_partial("loglikelihood_rolling", r.args, o)
             return out
@@ -305,25 +461,20 @@ def register():
         def generate_until(self, requests) -> list[str]:
             from .generate import generate
 
+            self._refuse_window("generate_until")
             out: list[str | None] = [None] * len(requests)
             groups: dict[str, list[int]] = {}
             for i, r in enumerate(requests):  # requests with the same settings generate as one batch
                 groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+            settings = {key: generation_settings(requests[idx[0]].args[1], self.max_gen_toks)
+                        for key, idx in groups.items()}  # every group checked before any generates
             for key, idx in groups.items():
-                kw = dict(requests[idx[0]].args[1])
-                until = kw.pop("until", None) or []
-                until = [until] if isinstance(until, str) else list(until)
-                max_toks = int(kw.pop("max_gen_toks", self.max_gen_toks))
-                do_sample = bool(kw.pop("do_sample", False))
-                temperature = float(kw.pop("temperature", 1.0 if do_sample else 0.0)) if do_sample else 0.0
-                top_p, top_k = kw.pop("top_p", None), kw.pop("top_k", None)
-                seed = kw.pop("seed", 1234)
+                kw = settings[key]
+                max_toks, until = kw.pop("max_new_tokens"), kw.pop("stop")
                 for b in range(0, len(idx), self.batch_size):
                     rows = idx[b: b + self.batch_size]
                     prompts = [self._with_prefix(self.tokenizer.encode(requests[i].args[0])) for i in rows]
-                    gen = generate(self.model, prompts, max_toks, temperature=temperature, top_p=top_p,
-                                   top_k=top_k, stop=[s for s in until if s] or None, seed=seed,
-                                   tokenizer=self.tokenizer)
+                    gen = generate(self.model, prompts, max_toks, stop=until, tokenizer=self.tokenizer, **kw)
                     for i, text in zip(rows, gen.texts):
                         out[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -336,17 +487,20 @@ def register():
 
 def evaluate_tasks(model: MambaLM, tasks: list[str], *, include_path: str | None = None, include_defaults: bool = True,
                    limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
-                   seed: int = 1234, tokenizer=None) -> dict:
+                   seed: int = 1234, tokenizer=None, chunk_tokens: int = 2048, window: int | None = None,
+                   stride: int | None = None) -> dict:
     """Runs lm-evaluation-harness tasks on `model`; returns lm_eval's results dict (["results"][task]).
     include_path: a directory of extra task YAMLs; include_defaults=False skips indexing lm_eval's own
-    tasks (seconds of start-up) when every task comes from include_path."""
+    tasks (seconds of start-up) when every task comes from include_path. chunk_tokens, window and stride go
+    to the adapter (window/stride: rolling log-likelihood tasks only, others are refused)."""
     adapter = register()
     try:
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ImportError("mambakit eval --tasks needs lm_eval: pip install 'mambakit[eval]'") from e
-    lm = adapter(model=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = adapter(model=model, tokenizer=tokenizer, batch_size=batch_size, chunk_tokens=chunk_tokens, window=window,
+                 stride=stride)
     if not include_defaults and not include_path:
         raise ValueError("include_defaults=False needs include_path (there would be no tasks at all)")
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)

@@ -447,8 +447,16 @@ def test_tiny_experiment(tmp_path):
     (d,) = res["datasets"]
     assert d["dataset"] == "macrodata" and set(d["metrics"]) >= {"naive", "seasonal naive", "Mamba"}
     assert all(np.isfinite(v) for met in d["metrics"].values() for v in met.values())
-    assert 0 <= d["mamba_80pct_coverage"] <= 1
+    # the coverage is a count of actuals inside the band over all windows × steps × the 5 macrodata series
+    # (a mean of booleans is always in [0, 1]: the count and the report are what can be wrong)
+    from mambakit.data.timeseries import MACRO_COLUMNS
+
+    n = d["windows"] * d["horizon"] * len(MACRO_COLUMNS)
+    inside = d["mamba_80pct_coverage"] * n
+    assert inside == pytest.approx(round(inside), abs=1e-9)
     readme = (tmp_path / "README.md").read_text()
+    assert f"coverage (actual values inside its 0.1-0.9 quantile band): {100 * d['mamba_80pct_coverage']:.0f}%" \
+        in readme
     assert "Tiny run" in readme and "| Mamba |" in readme and "macrodata.png" in readme
     assert (tmp_path / "macrodata.png").stat().st_size > 1000
     # the variant table: every candidate's validation loss and test MASE, the chosen one marked

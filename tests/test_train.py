@@ -4,6 +4,7 @@ of damaged checkpoints, non-finite losses, and 2-process DDP = 1 process."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -315,3 +316,207 @@ def test_shipped_configs_parse():
     for f in sorted((ROOT / "configs").glob("*.toml")):
         cfg = TrainConfig.from_file(f)
         assert cfg.model in ("tiny", "mini", "small") and cfg.time_budget_min > 0
+
+
+# ------------------------------------------------------------------------- resume: what a checkpoint fixes
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4; tests resume (or damage) copies of it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny(corpus, run, max_steps=4, ckpt_every=2))
+    return run
+
+
+def _copy(run: Path, dst: Path, drop_newest: bool = False) -> Path:
+    """A copy of the run directory (without its newest checkpoint: the run then resumes from step 2)."""
+    shutil.copytree(run, dst)
+    if drop_newest:
+        shutil.rmtree(latest_checkpoint(dst / "checkpoints"))
+    return dst
+
+
+def _resume(corpus, run: Path, **kw):
+    return train(tiny(corpus, run, **{"max_steps": 4, "ckpt_every": 2, "resume": True, **kw}))
+
+
+def test_resume_refuses_another_model_size_before_loading(corpus, finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"another size .*d_model: 32 → 64.*d_inner: 64 → 128"):
+        _resume(corpus, run, d_model=64)
+    with pytest.raises(ValueError, match=r"another size .*n_layer: 2 → 3"):
+        _resume(corpus, run, n_layer=3)
+    with pytest.raises(ValueError, match=r"another size .*d_state: 16 → 8"):
+        _resume(corpus, run, d_state=8)
+
+
+def test_resume_refuses_other_data_and_names_every_difference(corpus, finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"cannot change .*seq_len: 32 → 16; seed: 0 → 3\. Pass the checkpoint's"):
+        _resume(corpus, run, seq_len=16, seed=3)
+    with pytest.raises(ValueError, match=r"cannot change .*val_docs: \[\] → \['doc0.txt'\]"):
+        _resume(corpus, run, val_docs=["doc0.txt"])
+
+
+def test_resume_with_changed_optimizer_settings_acts(corpus, finished, tmp_path, capsys):
+    """beta1 / weight_decay changed on resume take effect (the restored optimizer state would keep the old
+    ones), and the change is printed."""
+    same = _copy(finished, tmp_path / "same", drop_newest=True)
+    changed = _copy(finished, tmp_path / "changed", drop_newest=True)
+    _resume(corpus, same)
+    out = capsys.readouterr().out  # a copy: only where it lies changed
+    assert "resuming with changed settings (checkpoint → requested): " in out and "out_dir: " in out
+    assert "beta1" not in out
+    _resume(corpus, changed, beta1=0.5, weight_decay=0.0)
+    out = capsys.readouterr().out
+    assert "resuming with changed settings (checkpoint → requested): " in out
+    assert "beta1: 0.9 → 0.5" in out and "weight_decay: 0.1 → 0.0" in out
+    a, b = _weights(same), _weights(changed)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the new settings acted on steps 3 and 4
+    assert _weights(finished).keys() == a.keys() and all(torch.equal(a[k], _weights(finished)[k]) for k in a)
+
+
+def test_resume_past_max_steps_or_a_spent_budget_is_refused(corpus, finished, tmp_path, capsys):
+    run = _copy(finished, tmp_path / "run")
+    with pytest.raises(ValueError, match="is at step 4, past max_steps=3: pass --max_steps of at least 4"):
+        _resume(corpus, run, max_steps=3)
+    final = _resume(corpus, run)  # at max_steps already: says so, and only evaluates
+    assert final["step"] == 4 and "nothing left to train" in capsys.readouterr().out
+    budget = tmp_path / "budget"
+    first = train(tiny(corpus, budget, max_steps=50, time_budget_min=1e-4))  # spent after the first step
+    assert first["step"] < 50
+    with pytest.raises(ValueError, match=r"time budget of 0\.0001 min is spent .*--time_budget_min"):
+        train(tiny(corpus, budget, max_steps=50, time_budget_min=1e-4, resume=True))
+    more = train(tiny(corpus, budget, max_steps=first["step"] + 2, resume=True))  # no budget: to max_steps
+    assert more["step"] == first["step"] + 2
+
+
+def _rewrite_state(ckpt: Path, change) -> None:
+    """Changes trainer_state.pt (change(state) edits it, or returns bytes to write instead) and updates the
+    manifest to match: a malformed state as if the trainer had written it, not a torn or altered file."""
+    import hashlib
+
+    path = ckpt / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    new = change(state)
+    if isinstance(new, bytes):
+        path.write_bytes(new)
+    else:
+        torch.save(state, path)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = path.read_bytes()
+    manifest["files"]["trainer_state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _drop(key):
+    return lambda s: s.pop(key)
+
+
+def _exp_avg_wrong_shape(s):
+    first = s["optimizer"]["param_groups"][0]["params"][0]
+    s["optimizer"]["state"][first]["exp_avg"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize("change, message", [
+    (_drop("rng"), r"trainer_state.pt has no 'rng'"),
+    (_drop("optimizer"), r"trainer_state.pt has no 'optimizer'"),
+    (lambda s: s.update(step=10**9), r"trainer_state.pt says step 1000000000, but its manifest says 4"),
+    (lambda s: s.update(step="4"), r"trainer_state.pt has 'step' of type str"),
+    (lambda s: s.update(elapsed_s=float("nan")), r"trainer_state.pt has elapsed_s nan"),
+    (lambda s: s["schedule"].pop("total_steps"), r"trainer_state.pt has no schedule 'total_steps'"),
+    (lambda s: s["rng"].update(torch=torch.zeros(5)), r"trainer_state.pt has an rng 'torch' state of dtype"),
+    (lambda s: s["optimizer"]["param_groups"].pop(), r"trainer_state.pt: the optimizer state has parameter groups"),
+    (lambda s: s["optimizer"].update(param_groups=[{}]), r"trainer_state.pt has optimizer param_groups without"),
+    (_exp_avg_wrong_shape, r"trainer_state.pt: optimizer exp_avg of parameter 0 is \(3,\)"),
+    (lambda s: b"not a pickle", r"trainer_state.pt does not load"),
+])
+def test_malformed_trainer_state_is_refused_naming_the_file(corpus, finished, tmp_path, change, message):
+    run = _copy(finished, tmp_path / "run")
+    _rewrite_state(latest_checkpoint(run / "checkpoints"), change)
+    with pytest.raises(CheckpointCorruptError, match=message):
+        _resume(corpus, run, max_steps=6)
+
+
+def test_resume_cuts_a_half_written_metrics_record(corpus, finished, tmp_path):
+    run = _copy(finished, tmp_path / "run", drop_newest=True)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a kill in the middle of an append
+    _resume(corpus, run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["final"] and losses(run).keys() == {1, 2, 3, 4}
+
+
+def test_config_refuses_what_would_be_ignored_or_crash_in_torch():
+    for kw, message in [
+        (dict(bpe_vocab_size=999), "bpe_vocab_size only applies to tokenizer='bpe'"),
+        (dict(val_fraction=0.3), "val_fraction only applies when no val_docs"),  # data="shakespeare"
+        (dict(data="x", val_docs=["a"], val_fraction=0.3), "val_fraction only applies when no val_docs"),
+        (dict(sample_tokens=0, sample_prompt="x"), "sample_prompt only applies with sample_tokens > 0"),
+        (dict(data="x", val_fraction=0.0), r"val_fraction must be in \(0, 0.5\]"),
+        (dict(seed=2**64), "seed must be <= 9223372036854775807"),
+        (dict(threads=10**6), "threads must be <= 4096"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**kw)
+    TrainConfig(tokenizer="bpe", bpe_vocab_size=999)  # where they apply, they are taken
+    TrainConfig(data="x", val_fraction=0.3, sample_tokens=5, sample_prompt="x", seed=2**63 - 1)
+
+
+# ------------------------------------------------------------------------------------------ Python 3.10
+NEW_MODULES = {"tomllib", "wsgiref.types"}  # importable from 3.11 on (an import of them must be guarded)
+NEW_NAMES = {"ExceptionGroup", "BaseExceptionGroup", "StrEnum", "ReprEnum", "Self", "LiteralString", "Never",
+             "assert_never", "reveal_type", "TypeVarTuple", "Unpack", "NotRequired", "Required", "dataclass_transform",
+             "TaskGroup", "add_note", "file_digest", "getLevelNamesMapping", "UTC",
+             "batched", "override"}  # 3.11's, and 3.12's batched and override
+
+
+def test_the_package_is_python_310():
+    """requires-python >= 3.10: no syntax (except*, ...), module or name that 3.10 lacks, except imports guarded
+    by an ImportError handler (tomllib, with tomli behind it)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "mambakit").rglob("*.py")):
+        where = path.relative_to(ROOT)
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 10))
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for n in ast.walk(t)
+                   if any(isinstance(h.type, ast.Name) and h.type.id in ("ModuleNotFoundError", "ImportError")
+                          for h in t.handlers)}
+        for node in ast.walk(tree):
+            if isinstance(node, getattr(ast, "TryStar", ())):  # 3.11+ builds only; 3.10 cannot parse it
+                found.append(f"{where}:{node.lineno} except*")
+            modules, names = [], []
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules, names = [node.module or ""], [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            bad = [m for m in modules if m in NEW_MODULES and id(node) not in guarded]
+            found += [f"{where}:{node.lineno} {n}" for n in bad + [n for n in names if n in NEW_NAMES]]
+    assert not found, found
+    # the check itself sees what it looks for
+    probe = ast.parse("import tomllib\nfrom typing import Self\n", feature_version=(3, 10))
+    assert [a.name for a in probe.body[0].names] == ["tomllib"] and probe.body[1].names[0].name in NEW_NAMES
+    with pytest.raises(SyntaxError):
+        ast.parse("try:\n    pass\nexcept* ValueError:\n    pass\n", feature_version=(3, 10))
+
+
+def test_toml_configs_read_with_tomli_where_tomllib_is_missing(tmp_path):
+    """As on Python 3.10: `import tomllib` fails, and tomli (the package tomllib was copied from; the real
+    tomllib stands in for it here) reads the file. A process of its own: the config module is imported fresh."""
+    f = tmp_path / "run.toml"
+    f.write_text('lr = 1e-3\nval_docs = ["a"]\n')
+    script = textwrap.dedent("""
+        import sys, tomllib
+        sys.modules["tomli"], sys.modules["tomllib"] = tomllib, None
+        import mambakit.train.config as config
+        assert config.tomllib is sys.modules["tomli"]
+        print(config.read_config_file(sys.argv[1]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(f)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "{'lr': 0.001, 'val_docs': ['a']}"

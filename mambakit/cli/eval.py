@@ -14,16 +14,18 @@ def add_parser(subparsers) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ppl", metavar="FILE", help="a UTF-8 text file: perplexity, nats/token, bits/byte")
     what.add_argument("--tasks", help="lm-eval task names, comma-separated (needs the eval extra)")
-    p.add_argument("--window", type=int, default=None, help="--ppl: sliding windows of W tokens (default: stateful)")
-    p.add_argument("--stride", type=int, default=None, help="--ppl: tokens between windows (default W // 2)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding windows of W tokens (default: stateful, every token sees all before it); with "
+                        "--tasks: for rolling log-likelihood (perplexity) tasks, other tasks are refused")
+    p.add_argument("--stride", type=int, default=None, help="with --window: tokens between windows (default W // 2)")
     p.add_argument("--chunk-tokens", type=int, default=2048, help="positions per forward call and row")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--include-path", default=None, help="--tasks: a directory of extra task YAML files")
     p.add_argument("--only-included", action="store_true",
                    help="--tasks: all tasks are in --include-path (skip indexing lm_eval's own tasks)")
     p.add_argument("--limit", type=float, default=None, help="--tasks: examples per task (or a fraction)")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
+    p.add_argument("--seed", type=int, default=None, help="--tasks: lm_eval's seeds (default 1234)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=_cli)
@@ -31,10 +33,26 @@ def add_parser(subparsers) -> None:
 
 def _cli(args) -> int:
     from .._io import atomic_write
-    from ..eval import evaluate_tasks, perplexity, progress_printer
+    from ..eval import check_window, evaluate_tasks, perplexity, progress_printer
 
     set_threads(args)
     check_positive(args, "chunk_tokens", "batch_size")
+    if args.ppl is not None:  # options of --tasks alone: refused rather than ignored
+        given = [f"--{n.replace('_', '-')}" for n in ("include_path", "limit", "num_fewshot", "seed")
+                 if getattr(args, n) is not None] + (["--only-included"] if args.only_included else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --tasks only, not to --ppl")
+    else:
+        if args.limit is not None and not args.limit > 0:
+            raise ValueError(f"--limit must be > 0 (examples per task, or a fraction of them), got {args.limit}")
+        if args.num_fewshot is not None and args.num_fewshot < 0:
+            raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+        if args.only_included and not args.include_path:
+            raise ValueError("--only-included needs --include-path (there would be no tasks at all)")
+    try:
+        check_window(args.window, args.stride)
+    except ValueError as e:
+        raise ValueError(f"--window/--stride: {e}") from None
     model = load_model(args)
     tok = model.tokenizer
     if args.ppl is not None:
@@ -61,8 +79,9 @@ def _cli(args) -> int:
         if not tasks:
             raise ValueError("--tasks needs at least one task name")
         out = evaluate_tasks(model, tasks, include_path=args.include_path, include_defaults=not args.only_included,
-                             limit=args.limit,
-                             num_fewshot=args.num_fewshot, batch_size=args.batch_size, seed=args.seed)
+                             limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                             seed=1234 if args.seed is None else args.seed, chunk_tokens=args.chunk_tokens,
+                             window=args.window, stride=args.stride)
         result = {"tasks": out["results"], "n_samples": out.get("n-samples"), "config": {
             k: v for k, v in out.get("config", {}).items() if isinstance(v, (int, float, str, type(None)))}}
         for task, metrics in out["results"].items():

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--time-col", default=None, help="timestamp column (default: the first column)")
     p.add_argument("--columns", default=None, help="comma-separated value columns (default: all others)")
     p.add_argument("--context", type=int, default=None,
-                   help="past steps the model reads (default: 3 seasons or 4 horizons, fitted to the length)")
+                   help="past steps the model reads, >= 2 (default: 3 seasons or 4 horizons, fitted to the length)")
     p.add_argument("--quantiles", default=None, help="comma-separated levels, must include 0.5 (e.g. 0.1,0.5,0.9)")
     p.add_argument("--max-gap", type=int, default=5, help="interpolate interior gaps up to this many steps (5)")
     p.add_argument("--resample", action="store_true",
@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--select", action="store_true",
                    help="train one model per variant (base forecast: seasonal / last value / none; linear skip on or "
                         "off; for several series also joint or per-series encoding) and keep the one with the lowest "
-                        "validation loss (mambakit.forecast.ensemble)")
+                        "validation MASE: the MAE on the validation part over the in-sample seasonal-naive MAE, "
+                        "so that series in large units do not decide alone (mambakit.forecast.ensemble)")
     p.add_argument("--seeds", type=int, default=1, metavar="K",
                    help="forecast with the median of K models that differ in their seed (default 1)")
     p.add_argument("--verbose", action="store_true", help="print training progress")
@@ -70,22 +71,46 @@ def _make(config: ForecastConfig, args, n_channels: int):
     return EnsembleForecaster(config, _variants(args, n_channels), seeds=args.seeds)
 
 
+def _check_args(args) -> None:
+    """ValueError naming an option whose value cannot act (or that cannot act without another)."""
+    if args.horizon < 1:
+        raise ValueError(f"--horizon must be >= 1, got {args.horizon}")
+    if args.context is not None and args.context < 2:  # None is the default; 0 is not a way to ask for it
+        raise ValueError(f"--context must be >= 2 past steps, got {args.context} (leave it out for the default)")
+    if args.max_gap < 0:
+        raise ValueError(f"--max-gap must be >= 0, got {args.max_gap}")
+    if args.backtest < 0:
+        raise ValueError(f"--backtest must be >= 0 windows, got {args.backtest}")
+    if args.classical and not args.backtest:
+        raise ValueError("--classical adds ETS and ARIMA to the backtest: it needs --backtest N")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+
+
+def _quantiles(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(q) for q in text.split(","))
+    except ValueError:
+        raise ValueError(f"--quantiles must be comma-separated numbers like 0.1,0.5,0.9, got {text!r}") from None
+
+
 def _cli(args) -> int:
     import torch
 
+    _check_args(args)
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
     series = read_csv(args.csv, time_col=args.time_col, value_cols=columns, max_gap=args.max_gap,
                       resample=args.resample)
     gaps = {k: v for k, v in series.meta.get("gaps", {}).items()}
     print(f"{args.csv}: {len(series)} steps ({series.freq.name}), series {series.names}"
           + (f"; interpolated {gaps}" if gaps else ""), file=sys.stderr)
-    quantiles = tuple(float(q) for q in args.quantiles.split(",")) if args.quantiles else ()
+    quantiles = _quantiles(args.quantiles)
     sets = parse_overrides(args.set)
-    context = args.context or default_context(len(series), args.horizon, series.season,
-                                              sets.get("val_fraction", 0.2))
+    context = args.context if args.context is not None else default_context(
+        len(series), args.horizon, series.season, sets.get("val_fraction", 0.2))
     config = ForecastConfig(horizon=args.horizon, context=context, quantiles=quantiles, **sets)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.backtest:
         _backtest(series, config, args)
     torch.manual_seed(config.seed)

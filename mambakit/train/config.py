@@ -11,13 +11,17 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli is the same parser (tomllib is its copy in 3.11's stdlib)
+    import tomli as tomllib
 
 
 @dataclass
@@ -76,15 +80,22 @@ class TrainConfig:
                       "grad_clip", "time_budget_min", "sample_tokens", "threads", "seed")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        for name, lo, hi in (("min_lr_ratio", 0, 1), ("val_fraction", 0, 0.5), ("beta1", 0, 0.999999),
-                             ("beta2", 0, 0.999999)):
+        for name, lo, hi in (("min_lr_ratio", 0, 1), ("beta1", 0, 0.999999), ("beta2", 0, 0.999999)):
             if not lo <= getattr(self, name) <= hi:
                 raise ValueError(f"TrainConfig.{name} must be in [{lo}, {hi:g}], got {getattr(self, name)}")
+        if not 0 < self.val_fraction <= 0.5:  # 0 would still hold out one document (split_documents)
+            raise ValueError(f"TrainConfig.val_fraction must be in (0, 0.5], got {self.val_fraction}")
+        # torch.manual_seed overflows past 64 bits deep inside torch; a million torch threads crashed the
+        # process (SIGSEGV, measured), 4096 ran
+        for name, hi in (("seed", 2**63 - 1), ("threads", 4096)):
+            if getattr(self, name) > hi:
+                raise ValueError(f"TrainConfig.{name} must be <= {hi}, got {getattr(self, name)}")
         _choice(self, "precision", ("fp32", "bf16"))
         _choice(self, "distributed", ("ddp", "fsdp"))
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
                              f"micro_batch_size ({self.micro_batch_size})")
+        _refuse_inert(self)
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
@@ -147,7 +158,54 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ resuming
+# What a resumed run may change: schedule length, optimisation settings (they act from the resumed step on:
+# loop.py applies them to the restored optimizer), bookkeeping. The model's size (model, d_model, n_layer,
+# d_state) is compared as the resolved MambaConfig instead (loop.py), so that d_model=0 and the preset's own
+# value count as equal. Every other field fixes the vocabulary or the data: resume_differences refuses it.
+RESUMABLE = ("max_steps", "time_budget_min", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
+             "grad_clip", "precision", "micro_batch_size", "eval_every", "eval_windows", "sample_tokens",
+             "sample_prompt", "log_every", "progress", "plot", "out_dir", "ckpt_every", "keep_checkpoints", "resume",
+             "threads", "distributed", "cache_dir")
+MODEL_SIZE = ("model", "d_model", "n_layer", "d_state")
+
+
+def resume_differences(saved: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(fixed, changed): "key: saved → requested" for the fields that differ between a checkpoint's saved
+    TrainConfig (a dict, as train_config.json holds it) and `cfg`; `fixed` lists those a resumed run cannot
+    change. Fields the saved dict lacks are not compared; the model size is left to the MambaConfig check."""
+    fixed, changed = [], []
+    types = _field_types()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in saved or f.name in MODEL_SIZE:
+            continue
+        new = getattr(cfg, f.name)
+        try:
+            old = _coerce(f.name, saved[f.name], types[f.name])
+        except TypeError:
+            old = saved[f.name]
+        if old != new:
+            (changed if f.name in RESUMABLE else fixed).append(f"{f.name}: {old!r} → {new!r}")
+    return fixed, changed
+
+
 # --------------------------------------------------------------------------------------------- checking
+def _refuse_inert(cfg: TrainConfig) -> None:
+    """ValueError for a field set away from its default where this configuration never reads it (the
+    option would be accepted and ignored)."""
+    defaults = TrainConfig.__dataclass_fields__
+    inert = []
+    if cfg.tokenizer != "bpe" and cfg.bpe_vocab_size != defaults["bpe_vocab_size"].default:
+        inert.append(f"bpe_vocab_size only applies to tokenizer='bpe' (tokenizer is {cfg.tokenizer!r})")
+    if (cfg.val_docs or cfg.data == "shakespeare") and cfg.val_fraction != defaults["val_fraction"].default:
+        inert.append("val_fraction only applies when no val_docs are named (data='shakespeare' holds out its "
+                     "default plays)")
+    if cfg.sample_tokens == 0 and cfg.sample_prompt != defaults["sample_prompt"].default:
+        inert.append("sample_prompt only applies with sample_tokens > 0")
+    if inert:
+        raise ValueError("TrainConfig: " + "; ".join(inert))
+
+
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._io import clean_stale
+from .._io import atomic_write, clean_stale
 from ..config import MambaConfig
 from ..data.text import TokenArray, TokenWindows
 from ..model import MambaLM
-from .checkpoint import CONFIG_FILE, TRAINER_STATE, latest_checkpoint, save_checkpoint, verify_checkpoint
-from .config import TrainConfig
+from .checkpoint import (CONFIG_FILE, TRAINER_STATE, CheckpointCorruptError, check_optimizer_state,
+                         latest_checkpoint, read_trainer_state, save_checkpoint, verify_checkpoint)
+from .config import TrainConfig, resume_differences
 from .data import prepare_data
 from .distributed import Dist, full_state, load_full_state, parallelize, setup_processes, sharded, whole_model
 from .report import Progress, hms, plot_losses
@@ -106,6 +108,72 @@ def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperatur
     return prompt + out.texts[0]
 
 
+# ------------------------------------------------------------------------------------------- resuming
+# MambaConfig fields that decide the shapes of the weights (and so of the optimizer's moments)
+# (config.json stores the padded vocabulary: the tokenizer's own size is compared as TrainConfig.tokenizer)
+_SHAPE_FIELDS = ("d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "d_inner", "padded_vocab_size",
+                 "conv_bias", "bias", "rms_norm", "tie_embeddings")
+
+
+def _check_resume_config(resume_dir: Path, manifest: dict, cfg: TrainConfig, main: bool) -> None:
+    """Refuses a resume that changes a setting the checkpoint fixes (its data, vocabulary, seed, ...), naming
+    each; prints the settings that do change (they act from the resumed step on)."""
+    if CONFIG_FILE not in manifest["files"]:
+        return  # the model's size is still compared (_check_resume_model)
+    f = resume_dir / CONFIG_FILE
+    try:
+        saved = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"{f} does not parse ({e}): this checkpoint cannot be resumed from") from None
+    if not isinstance(saved, dict):
+        raise CheckpointCorruptError(f"{f} holds a {type(saved).__name__}, not a table of TrainConfig fields")
+    fixed, changed = resume_differences(saved, cfg)
+    if fixed:
+        raise ValueError(f"--resume: {resume_dir} was trained with other settings, which a resumed run cannot change "
+                         f"(checkpoint → requested): {'; '.join(fixed)}. Pass the checkpoint's values (see {f}), or "
+                         f"start a new run in another --out_dir")
+    if changed and main:
+        print(f"resuming with changed settings (checkpoint → requested): {'; '.join(changed)}", flush=True)
+
+
+def _check_resume_model(resume_dir: Path, raw: MambaLM, cfg: TrainConfig) -> None:
+    """Refuses, before any weight is loaded, a checkpoint whose model has other shapes than the requested one."""
+    from ..checkpoint import load_config
+
+    saved, _ = load_config(resume_dir)
+    diffs = [f"{k}: {getattr(saved, k)!r} → {getattr(raw.config, k)!r}" for k in _SHAPE_FIELDS
+             if getattr(saved, k) != getattr(raw.config, k)]
+    if diffs:
+        raise ValueError(f"--resume: {resume_dir} holds a model of another size than the requested one (model="
+                         f"{cfg.model!r}, d_model={cfg.d_model}, n_layer={cfg.n_layer}, d_state={cfg.d_state}; 0 = the "
+                         f"preset's), checkpoint → requested: {'; '.join(diffs)}. Pass the checkpoint's sizes, or "
+                         f"start a new run in another --out_dir")
+
+
+def _check_resume_schedule(resume_dir: Path, state: dict, cfg: TrainConfig) -> None:
+    """Refuses a resume that could not train as asked: a checkpoint past max_steps, or a spent time budget while
+    max_steps asks for more steps (the loop would end at once)."""
+    step, elapsed = state["step"], state["elapsed_s"]
+    if step > cfg.max_steps:
+        raise ValueError(f"--resume: {resume_dir} is at step {step}, past max_steps={cfg.max_steps}: pass "
+                         f"--max_steps of at least {step}")
+    budget_s = cfg.time_budget_min * 60
+    if budget_s and elapsed >= budget_s and step < cfg.max_steps:
+        raise ValueError(f"--resume: the run's time budget of {cfg.time_budget_min:g} min is spent ({hms(elapsed)} "
+                         f"elapsed at step {step}), so it cannot train on toward max_steps={cfg.max_steps}: pass a "
+                         f"larger --time_budget_min, or --time_budget_min=0 to train to --max_steps")
+
+
+def _repair_metrics(path: Path) -> None:
+    """Cuts a record that a killed run left half-written at the end of metrics.jsonl (appends are not atomic;
+    every complete record ends with a newline)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
+
+
 # ------------------------------------------------------------------------------------------ the loop
 def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = None) -> dict:
     """Runs (or resumes) a training run; returns the final metrics. on_step(step, model) is called after
@@ -113,12 +181,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
     d = setup_processes(cfg)
     out_dir = Path(cfg.out_dir).expanduser()
     ckpt_root = out_dir / "checkpoints"
-    resume_dir = None
+    resume_dir = state = None
     if cfg.resume:
         resume_dir = latest_checkpoint(ckpt_root)
         if resume_dir is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root} to resume from")
-        verify_checkpoint(resume_dir)
+        manifest = verify_checkpoint(resume_dir)
+        _check_resume_config(resume_dir, manifest, cfg, d.main)
+        state = read_trainer_state(resume_dir, manifest)
+        _check_resume_schedule(resume_dir, state, cfg)
     elif d.main and latest_checkpoint(ckpt_root) is not None:
         raise ValueError(f"{out_dir} already holds checkpoints of a run: pass --resume to continue it, or choose "
                          f"another --out_dir (or delete {ckpt_root})")
@@ -146,20 +217,37 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
     config_json = json.dumps(cfg.to_dict(), indent=1) + "\n"
     step, elapsed, total_steps = 0, 0.0, cfg.max_steps
     if resume_dir is not None:
-        state = torch.load(resume_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+        _check_resume_model(resume_dir, raw, cfg)
         model_sd = MambaLM.from_pretrained(resume_dir).state_dict()
-        load_full_state(raw, optimizer, model_sd, state["optimizer"], cfg, d)
+        check_optimizer_state(state["optimizer"], [g["params"] for g in optimizer.param_groups], resume_dir)
+        try:
+            load_full_state(raw, optimizer, model_sd, state["optimizer"], cfg, d)
+            torch.set_rng_state(state["rng"]["torch"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointCorruptError(f"{resume_dir / TRAINER_STATE}: the optimizer or RNG state does not load "
+                                         f"({type(e).__name__}: {e})") from None
+        # load_state_dict restored the saved groups' settings: the requested ones act from here on
+        for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+            group["betas"], group["weight_decay"] = (cfg.beta1, cfg.beta2), decay
         step, elapsed = state["step"], state["elapsed_s"]
-        if cfg.time_budget_min:  # the schedule was fitted to the budget: keep it (a larger max_steps extends)
-            total_steps = state["schedule"]["total_steps"]
-        torch.set_rng_state(state["rng"]["torch"])
+        if cfg.time_budget_min:
+            # the schedule was fitted to the budget: keep it while it runs on; one that has ended (the budget
+            # was raised) starts again from the run's mean rate so far, refitted as the run goes
+            saved_total = state["schedule"]["total_steps"]
+            guess = step + int((cfg.time_budget_min * 60 - elapsed) / max(elapsed / max(step, 1), 1e-9))
+            total_steps = min(cfg.max_steps, saved_total if saved_total > step else max(step + 1, guess))
         if d.main:
             print(f"resumed from {resume_dir} at step {step}", flush=True)
+            if step >= total_steps:
+                print(f"step {step} is max_steps: nothing left to train, the final evaluation only (pass a larger "
+                      f"--max_steps to train on)", flush=True)
     if d.main:
         print(f"model: {raw.config.d_model}×{raw.config.n_layer} ({cfg.model} preset), {raw.num_parameters():,} "
               f"parameters | data: {len(data.train):,} train / {len(data.val):,} val tokens ({tok!r}) | "
               f"{d.world} process(es), {torch.get_num_threads()} threads each, {cfg.precision}", flush=True)
-        (out_dir / CONFIG_FILE).write_text(config_json)
+        atomic_write(out_dir / CONFIG_FILE, config_json)
+        if resume_dir is not None:
+            _repair_metrics(out_dir / "metrics.jsonl")
 
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -242,7 +330,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
         if t_fit0 is not None and (step == fit_from + 10 or (fitted and step % cfg.log_every == 0)):
             per_step = (now - t_fit0) / (step - fit_from)
             fit = min(cfg.max_steps, max(step + 1, step + int((budget_s - elapsed) / per_step)))
-            total_steps = int(d.mean(torch.tensor(float(fit))))  # every rank takes the same schedule
+            # every rank takes the same schedule; float64: float32 would round step counts above 2^24
+            total_steps = min(cfg.max_steps, int(d.mean(torch.tensor(float(fit), dtype=torch.float64))))
             progress.total = total_steps
             if d.main and not fitted:
                 progress.newline()
