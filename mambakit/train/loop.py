@@ -266,15 +266,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
                  "schedule": {"total_steps": total_steps, "warmup_steps": cfg.warmup_steps, "lr": cfg.lr},
                  "rng": {"torch": torch.get_rng_state()}, "data": {"seed": cfg.seed, "next_step": at_step}}
 
+        copy.tokenizer = tok  # saved with the model as one unit: a save never leaves weights without their tokenizer
+
         def write(tmp: Path) -> None:
             copy.save_pretrained(tmp)
-            tok.save(tmp)
             torch.save(state, tmp / TRAINER_STATE)
             (tmp / CONFIG_FILE).write_text(config_json)
 
         save_checkpoint(ckpt_root, at_step, write, cfg.keep_checkpoints)
         copy.save_pretrained(out_dir)  # the run directory itself loads: `mambakit generate --model <out_dir>`
-        tok.save(out_dir)
         d.barrier()
 
     progress = Progress(total_steps, cfg.progress and d.main)
