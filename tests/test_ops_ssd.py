@@ -422,3 +422,42 @@ def test_matches_transformers_torch_path(monkeypatch):
     y = ops.ssd_state_update(s, x, dt, inp["A"], B, C, D=inp["D"], dt_bias=inp["dt_bias"], dt_softplus=True)
     assert_close(y, y_hf, 1e-5, "step y")
     assert_close(s, s_hf, 1e-5, "step state")
+
+
+# ------------------------------------------------------------------------ the fused inference kernel
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_inference_equals_autograd_path(case, packed):
+    """Without autograd, ssd_cpu sums steps 1 and 4 in the numba kernel (ssd_fused.py); with autograd, in its torch
+    twin `intra_chunk`. Both must give the reference's outputs and final states, and each other's to rounding."""
+    b, l, h, p, g, n, chunk, D, z, bias, h0, softplus, dt_limit = case
+    inp = make_inputs(b, l, h, p, g, n, torch.float32, D=D, z=z, bias=bias, h0=h0, softplus=softplus)
+    kw = dict(chunk_size=chunk, dt_softplus=softplus, dt_limit=dt_limit, return_final_states=True)
+    if packed:
+        kw["seq_idx"] = torch.sort(torch.randint(0, 3, (b, l), generator=torch.Generator().manual_seed(2)), 1).values
+    with torch.no_grad():
+        y_fused, s_fused = ssd_cpu(**inp, **kw)
+    leaf = inp["x"].clone().requires_grad_()
+    y_torch, s_torch = ssd_cpu(**dict(inp, x=leaf), **kw)
+    y_ref, s_ref = ssd_reference(**{k: v.double() if v is not None else None for k, v in inp.items()}, **kw)
+    assert_close(y_fused, y_ref, TOL[torch.float32], "fused y vs reference")
+    assert_close(s_fused, s_ref, TOL[torch.float32], "fused state vs reference")
+    assert_close(y_fused, y_torch.detach(), 1e-5, "fused vs torch twin")
+
+
+def test_intra_chunk_kernel_equals_its_twin():
+    """The kernel and `ssd.intra_chunk` on the same raw inputs (not only through ssd): every output row."""
+    from mambakit.ops.cpu.ssd import intra_chunk, intra_chunk_fused
+
+    gen = torch.Generator().manual_seed(3)
+    b, c, h, Q, g, p = 2, 3, 6, 8, 3, 5
+    r = partial(torch.randn, generator=gen)
+    xbar, CB = r(b, c * Q, h, p), r(b, c, g, Q, Q)
+    acs = -r(b, c, h, Q).abs().cumsum(-1)  # non-increasing from each chunk's start, as Δ·A ≤ 0 makes it
+    y_in, from_start = r(b, c, g, Q, (h // g) * p), r(b, c, h, Q).abs()
+    seq = torch.sort(torch.randint(0, 4, (b, c * Q), generator=gen), 1).values
+    for s in (None, seq):
+        want = intra_chunk(xbar, acs, CB, y_in, from_start, s, torch.float32)
+        got = intra_chunk_fused(xbar, acs, CB, y_in, from_start, s, torch.float32)
+        assert got.shape == want.shape == (b, c * Q, h, p)
+        assert_close(got, want, 1e-6, f"intra_chunk, seq {'given' if s is not None else 'none'}")

@@ -14,6 +14,9 @@ Per chunk (Section 6, the four steps of the block decomposition):
    chunks only (c steps of (b, h, p, n)).
 4. The incoming state's share of each output: exp(acs_t)·H_k C_t.
 
+Steps 1 and 4 are summed by `intra_chunk`; without autograd (inference) its numba twin `intra_chunk_fused`
+(ssd_fused.py) runs instead and never builds the (b, c, h, Q, Q) blocks.
+
 Memory: the inputs padded to c·Q, the (b, c, h, Q, Q) decay and score blocks (b·l·h·Q elements, the same
 order as x for Q ≲ p) and the (b, c, h, p, n) chunk states; never the (b, l, h, p, n) states of every step.
 
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import _per_channel_D, compute_dtype, ssd_dt
+from .primitives import records_grad
 
 
 def _gemm(a: Tensor, b: Tensor, gemm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
@@ -49,6 +53,44 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
     if pad == 0:
         return t
     return torch.cat([t, t.new_zeros((t.shape[0], pad) + tuple(t.shape[2:]))], dim=1)
+
+
+def intra_chunk(xbar: Tensor, acs: Tensor, CB: Tensor, y_in: Tensor, from_start: Tensor, seq: Tensor | None,
+                gemm: torch.dtype) -> Tensor:
+    """Steps 1 and 4 of the chunked SSD summed: y_t = from_start_t · y_in_t + Σ_{s ≤ t} exp(acs_t − acs_s)·CB[t, s]·x̄_s
+    over the tokens s of t's chunk and sequence, in plain torch (autograd differentiates it).
+
+    xbar (b, L, h, p) = Δ·x, L = c·Q; acs (b, c, h, Q) log-decays cumulated from each chunk's start; CB
+    (b, c, g, Q_t, Q_s) = C_t·B_s; y_in (b, c, g, Q, hg·p) = C_t·H of the chunk's incoming state; from_start
+    (b, c, h, Q) = exp(acs_t), zero where t is not in the carried state's sequence; seq (b, L) or None; gemm:
+    the GEMM operands' dtype. Returns y (b, L, h, p) in acs's dtype."""
+    b, c, h, Q = acs.shape
+    g, p = CB.shape[2], xbar.shape[-1]
+    hg = h // g
+    acc = acs.dtype
+    mask = torch.ones(Q, Q, dtype=torch.bool, device=xbar.device).tril()  # (Q_t, Q_s)
+    if seq is not None:
+        sc = seq.view(b, c, Q)
+        mask = (mask & (sc.unsqueeze(-1) == sc.unsqueeze(-2))).unsqueeze(2)  # (b, c, 1, Q_t, Q_s)
+    # Differences of one chunk's cumsum, as the official kernel: the cumsum restarts every chunk, so its
+    # magnitude (and the cancellation) stays bounded by Q steps. Masked entries go to −inf before exp: above the
+    # diagonal acs_t − acs_s > 0 could overflow, and exp(−inf) = 0 has a zero gradient.
+    seg = acs.unsqueeze(-1) - acs.unsqueeze(-2)  # (b, c, h, Q_t, Q_s)
+    decay = torch.exp(seg.masked_fill_(~mask, float("-inf")))  # in place: the subtraction saves nothing for backward
+    scores = decay.view(b, c, g, hg, Q, Q) * CB.unsqueeze(3)  # (b, c, g, hg, Q_t, Q_s)
+    xb = xbar.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
+    y = _gemm(scores, xb, gemm, acc)  # (b, c, g, hg, Q, p)
+    y_in = y_in.view(b, c, g, Q, hg, p).transpose(3, 4)  # (b, c, g, hg, Q, p)
+    y = y + y_in * from_start.view(b, c, g, hg, Q, 1)
+    return y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)  # time-major
+
+
+def intra_chunk_fused(xbar: Tensor, acs: Tensor, CB: Tensor, y_in: Tensor, from_start: Tensor, seq: Tensor | None,
+                      gemm: torch.dtype) -> Tensor:
+    """`intra_chunk` in one numba kernel (float32 CPU tensors, no autograd): ssd_fused.py."""
+    from .ssd_fused import intra_chunk_kernel
+
+    return intra_chunk_kernel(xbar, acs, CB, y_in, from_start, seq)
 
 
 def ssd_cpu(
@@ -81,8 +123,8 @@ def ssd_cpu(
     # 0. Discretise; pad time to whole chunks; chunk-major views.
     delta = _pad_time(ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc), pad)  # (b, L, h)
     acs = (delta * A.to(acc)).reshape(b, c, Q, h).cumsum(2).transpose(2, 3)  # (b, c, h, Q): log-decay from chunk start
-    xbar = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
-    xbar = xbar.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
+    xbar_t = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
+    xbar = xbar_t.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
     Bc = _pad_time(B, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = _pad_time(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     if seq_idx is not None:
@@ -91,18 +133,8 @@ def ssd_cpu(
         last = s[:, :, -1]  # (b, c): the sequence each chunk ends in
         before = torch.cat([last.new_zeros(b, 1), last[:, :-1]], dim=1)  # (b, c): the carried state's sequence
 
-    # 1. Inside each chunk: y = (L ∘ C Bᵀ)(Δx). Masked entries go to −inf before exp: above the diagonal
-    #    acs_t − acs_s > 0 could overflow, and exp(−inf) = 0 has a zero gradient.
-    mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()  # (Q_t, Q_s)
-    if seq_idx is not None:
-        mask = (mask & (s.unsqueeze(-1) == s.unsqueeze(-2))).unsqueeze(2)  # (b, c, 1, Q_t, Q_s)
-    # Differences of one chunk's float32 cumsum, as the official kernel: the cumsum restarts every chunk, so
-    # its magnitude (and the cancellation) stays bounded by Q steps.
-    seg = acs.unsqueeze(-1) - acs.unsqueeze(-2)  # (b, c, h, Q_t, Q_s)
-    decay = torch.exp(seg.masked_fill_(~mask, float("-inf")))  # in place: the subtraction saves nothing for backward
-    CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s): once per group
-    scores = decay.view(b, c, g, hg, Q, Q) * CB.unsqueeze(3)  # (b, c, g, hg, Q_t, Q_s)
-    y = _gemm(scores, xbar, gemm, acc)  # (b, c, g, hg, Q, p)
+    # 1. C·Bᵀ inside each chunk, once per group (the rest of step 1 is summed with step 4 below).
+    CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s)
 
     # 2. Each chunk's state at its end from a zero start; the heads of a group share one GEMM with B.
     to_end = torch.exp(acs[..., -1:] - acs)  # (b, c, h, Q)
@@ -124,16 +156,21 @@ def ssd_cpu(
     final = carried  # (b, h, p, n)
     incoming = torch.stack(incoming, dim=1)  # (b, c, h, p, n)
 
-    # 4. The incoming state's share: exp(acs_t)·H C_t, one GEMM per group, then the per-head decay.
+    # 4. The incoming state's share: exp(acs_t)·H C_t, one GEMM per group (the decay applied with step 1).
     Hg = incoming.view(b, c, g, hg * p, n).transpose(-1, -2)  # (b, c, g, n, hg·p)
-    y_in = _gemm(Cc, Hg, gemm, acc).view(b, c, g, Q, hg, p).transpose(3, 4)  # (b, c, g, hg, Q, p)
+    y_in = _gemm(Cc, Hg, gemm, acc)  # (b, c, g, Q, hg·p)
     from_start = torch.exp(acs)  # (b, c, h, Q)
     if seq_idx is not None:
         from_start = from_start * (s == before.unsqueeze(-1)).unsqueeze(2)  # only the carried sequence
-    y = y + y_in * from_start.view(b, c, g, hg, Q, 1)
+    # Steps 1 and 4 summed, time-major: the numba kernel for inference (no (b, c, h, Q, Q) temporaries), the
+    # torch twin where autograd records (or off the CPU, or in float64).
+    fused = acc == torch.float32 and x.device.type == "cpu" and not records_grad(
+        x, dt, A, B, C, D, z, dt_bias, initial_states)
+    seq = s.reshape(b, L) if seq_idx is not None else None
+    intra = intra_chunk_fused if fused else intra_chunk
+    y = intra(xbar_t, acs, CB, y_in, from_start, seq, gemm)[:, :l]  # (b, l, h, p)
 
-    # 5. Back to time-major; the skip and the gate.
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, L, h, p)[:, :l]  # (b, l, h, p)
+    # 5. The skip and the gate.
     if D is not None:
         y = y + x.to(acc) * _per_channel_D(D.to(acc), p)
     if z is not None:
