@@ -192,9 +192,14 @@ def ssd_state_update_cpu(
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, float("inf")),
 ) -> Tensor:
-    """One SSD step; arguments as `reference.ssd_state_update_ref`. Groups are read through a (b, g, hg, …) view
+    """One SSD step; arguments as `reference.ssd_state_update_ref`. A float32 state on the CPU takes the numba
+    kernel of ssd_step.py; otherwise (float64, other devices) this torch version runs. Groups are read through a (b, g, hg, …) view
     rather than copied per head, and the state is scaled and accumulated in place (no (b, h, p, n) temporaries
     beyond one outer product)."""
+    if state.device.type == "cpu" and state.dtype == torch.float32:
+        from .ssd_step import ssd_state_update_fused  # one pass over the state (ssd_step.py)
+
+        return ssd_state_update_fused(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     acc = compute_dtype(state)
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
