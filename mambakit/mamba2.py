@@ -28,8 +28,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 class GatedRMSNorm(nn.Module):
     """RMSNorm of y gated by SiLU(z), per contiguous group of `group_size` channels (official RMSNormGated):
-    norm_before_gate False: RMSNorm(y·silu(z))·w; True: RMSNorm(y)·w·silu(z). Computed in float32 and returned in
-    y's dtype. The group size is S / G, so that each group's normalisation sees only its own heads."""
+    norm_before_gate False: RMSNorm(y·silu(z))·w; True: RMSNorm(y)·w·silu(z). Computed in float32 (float64 for
+    float64 inputs) and returned in y's dtype. The group size is S / G, so that each group's normalisation sees only its own heads."""
 
     def __init__(self, d: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False):
         super().__init__()
@@ -37,12 +37,13 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        y32, gate = y.float(), F.silu(z.float())
+        acc = torch.promote_types(y.dtype, torch.float32)  # float32, or float64 for a float64 model
+        y32, gate = y.to(acc), F.silu(z.to(acc))
         if not self.norm_before_gate:
             y32 = y32 * gate
         grouped = y32.unflatten(-1, (-1, self.group_size))  # (…, G, S / G)
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = grouped.flatten(-2) * self.weight.float()  # (…, S)
+        out = grouped.flatten(-2) * self.weight.to(acc)  # (…, S)
         if self.norm_before_gate:
             out = out * gate
         return out.to(y.dtype)
@@ -117,9 +118,9 @@ class Mamba2(nn.Module):
         return torch.split(zxbcdt, [self.d_mlp, self.d_mlp, c.d_ssm, self.conv_dim, c.nheads], dim=-1)
 
     def _ssm_args(self) -> dict:
+        # dt_bias, A_log and D are float32 in every model but a float64 one (see _apply), where they stay float64
         c = self.config
-        D = self.D.float()
-        return dict(D=D.view(c.nheads, c.headdim) if c.D_has_hdim else D, dt_bias=self.dt_bias.float(),
+        return dict(D=self.D.view(c.nheads, c.headdim) if c.D_has_hdim else self.D, dt_bias=self.dt_bias,
                     dt_softplus=True, dt_limit=c.dt_limit)
 
     def _output(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
@@ -148,7 +149,7 @@ class Mamba2(nn.Module):
             x, B, C = torch.split(xBC, [c.d_ssm, G * N, G * N], dim=-1)
             # 3. SSD: heads of P channels, groups of N-dim B and C; the gate goes to the norm (or to the op)
             y, ssm_state = ops.ssd(
-                x.reshape(b, l, H, P), dt, -torch.exp(self.A_log.float()), B.reshape(b, l, G, N),
+                x.reshape(b, l, H, P), dt, -torch.exp(self.A_log), B.reshape(b, l, G, N),
                 C.reshape(b, l, G, N), c.chunk_size, z=None if c.rmsnorm else z.reshape(b, l, H, P),
                 initial_states=ssm_state, return_final_states=True, **self._ssm_args())  # y: (b, l, h, p)
         # 4. gated norm and output projection
@@ -167,7 +168,7 @@ class Mamba2(nn.Module):
         # the ops run in float32 internally and turn autocast off themselves
         xBC = ops.causal_conv1d_update(conv_state, xBC, self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
         x, B, C = torch.split(xBC, [c.d_ssm, G * N, G * N], dim=-1)
-        y = ops.ssd_state_update(ssm_state, x.reshape(b, H, P), dt, -torch.exp(self.A_log.float()),
+        y = ops.ssd_state_update(ssm_state, x.reshape(b, H, P), dt, -torch.exp(self.A_log),
                                  B.reshape(b, G, N), C.reshape(b, G, N), z=None if c.rmsnorm else z.reshape(b, H, P),
                                  **self._ssm_args())  # (b, h, p)
         return self._output(y.reshape(b, c.d_ssm), z, z0, x0)
