@@ -240,6 +240,8 @@ def config_to_official(c: MambaConfig) -> dict[str, Any]:
         ssm_cfg["A_init_range"], ssm_cfg["dt_limit"] = list(c.A_init_range), list(c.dt_limit)
         if c.d_ssm == c.d_inner:
             ssm_cfg["d_ssm"] = None  # the official "all of d_inner"
+        if c.dt_limit == (0.0, float("inf")):
+            del ssm_cfg["dt_limit"]  # the official default: its (0, inf) tuple skips the clamp, a JSON list would not
     else:
         ssm_cfg = {k: getattr(c, k) for k in _OFFICIAL_MAMBA_KEYS}
     return dict(d_model=c.d_model, d_intermediate=0, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg=ssm_cfg,

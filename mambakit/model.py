@@ -267,6 +267,17 @@ class Mamba(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- residual block
+def mixer_class(config: MambaConfig, mixer_cls: type[nn.Module] | None = None) -> type[nn.Module]:
+    """The mixer of every layer: config.layer's (Mamba or Mamba2), or mixer_cls, which must subclass it."""
+    default = Mamba2 if config.layer == "Mamba2" else Mamba
+    if mixer_cls is None:
+        return default
+    if not (isinstance(mixer_cls, type) and issubclass(mixer_cls, default)):
+        raise TypeError(f"mixer_cls must be {default.__name__} or a subclass for layer={config.layer!r}, got "
+                        f"{mixer_cls!r}")
+    return mixer_cls
+
+
 class ResidualBlock(nn.Module):
     """Pre-norm residual: r ← r + Mamba(Norm(r)).
 
@@ -274,8 +285,9 @@ class ResidualBlock(nn.Module):
     same computation. With residual_in_fp32 the residual stream r stays float32 in a bf16 model.
     """
 
-    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] | None = None):
         super().__init__()
+        mixer_cls = mixer_class(config, mixer_cls)
         self.norm = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
             config.d_model, eps=config.norm_eps
         )
@@ -289,7 +301,7 @@ class ResidualBlock(nn.Module):
 class Backbone(nn.Module):
     """Embedding → n_layer residual blocks → final norm (the official `MixerModel`)."""
 
-    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] | None = None):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
@@ -336,13 +348,7 @@ class MambaLM(nn.Module):
         self.config = config
         # mixer_cls None: the config's mixer (config.layer); or a subclass of it with another SSM in the same
         # block (see Mamba.ssm)
-        default = Mamba2 if config.layer == "Mamba2" else Mamba
-        if mixer_cls is None:
-            mixer_cls = default
-        elif not (isinstance(mixer_cls, type) and issubclass(mixer_cls, default)):
-            raise TypeError(f"mixer_cls must be {default.__name__} or a subclass for layer={config.layer!r}, got "
-                            f"{mixer_cls!r}")
-        self.backbone = Backbone(config, mixer_cls)
+        self.backbone = Backbone(config, mixer_class(config, mixer_cls))
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.tokenizer = None  # set by from_pretrained when the checkpoint has one; used by generate
         self.tie_weights()
