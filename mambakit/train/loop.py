@@ -111,8 +111,9 @@ def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperatur
 # ------------------------------------------------------------------------------------------- resuming
 # MambaConfig fields that decide the shapes of the weights (and so of the optimizer's moments)
 # (config.json stores the padded vocabulary: the tokenizer's own size is compared as TrainConfig.tokenizer)
-_SHAPE_FIELDS = ("d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "d_inner", "padded_vocab_size",
-                 "conv_bias", "bias", "rms_norm", "tie_embeddings")
+_SHAPE_FIELDS = ("layer", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "d_inner",
+                 "padded_vocab_size", "conv_bias", "bias", "rms_norm", "tie_embeddings",
+                 "headdim", "ngroups", "d_ssm", "D_has_hdim", "rmsnorm")  # the last five: Mamba-2's
 
 
 def _check_resume_config(resume_dir: Path, manifest: dict, cfg: TrainConfig, main: bool) -> None:
