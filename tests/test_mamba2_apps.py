@@ -50,18 +50,18 @@ def test_sampling_is_batch_independent_and_streaming_gives_the_same_text():
     assert pieces == whole.texts and stream.output.sequences == whole.sequences
 
 
-def test_the_fused_engine_falls_back_to_the_reference_step_and_says_so_once(model, caplog):
+def test_the_engine_decodes_mamba2_with_its_fused_step_and_says_so_once(model, caplog, monkeypatch):
     import mambakit.engine as engine
 
-    engine._SAID.difference_update({m for m in engine._SAID if "Mamba2" in m})
+    monkeypatch.setattr(engine, "_SAID", set())  # the log-once set is per process
     with caplog.at_level(logging.INFO, logger="mambakit.engine"):
-        first, second = engine.step_function(model), engine.step_function(model)
-    assert first == model.step and second == model.step
-    said = [r.getMessage() for r in caplog.records if "Mamba2" in r.getMessage()]
-    assert said == ["decode: MambaLM.step (the fused step does not cover this model: mixers other than Mamba "
-                    "(Mamba2))"]
-    with pytest.raises(ValueError, match="Mamba2"):
-        engine.step_function(model, fused=True)
+        step = engine.step_function(model)
+        state = model.allocate_state(1)
+        for t in range(3):
+            step(torch.tensor([t]), state)
+    assert isinstance(step.decoder, engine.Mamba2Decoder) and step.last == "fused"
+    said = [r.getMessage() for r in caplog.records if "decode:" in r.getMessage()]
+    assert said == ["decode: the fused CPU step (mambakit.engine.Mamba2Decoder)"]
 
 
 def test_server_engine_batches_mamba2_sequences_as_generate_alone():
