@@ -8,8 +8,10 @@
   `seq_len_warmup`, `train_stages`), and the held-out loss by position in the window (`eval_at_context`,
   `position_buckets`, `plot_loss_by_position`, `position_table`).
 - The synthetic tasks (selective_copying, induction_heads): `train` (Adam, scored positions only, evaluation
-  and early stopping), their models trained in several processes that merge into one results.json
-  (`fresh_models`, `save_results`, `run_experiment`), and their report (`Report`, `write_readme_keeping_notes`).
+  and early stopping), `train_curriculum` (lengths in stages), `Checkpoint` (one model's state every few
+  minutes; `--resume` continues bitwise), `steps_per_second` / `report_throughput` (`--time-steps`), their models
+  trained in several processes that merge into one results.json (`fresh_models`, `save_results`,
+  `run_experiment`), and their report (`Report`, `write_readme_keeping_notes`).
 
 Why not `mambakit.train`? The trainer reads text documents through a text tokenizer and draws its own windows;
 these experiments need per-step batches from their own samplers (genome windows with reverse-complement
@@ -501,6 +503,33 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
     if bar is not None:
         bar.close()
     return res
+
+
+def steps_per_second(model, batch_fn: BatchFn, vocab_size: int, steps: int, warm: int = 2) -> float:
+    """Training throughput: Adam steps (forward, scored loss, backward, update) per second over `steps` steps
+    after `warm` untimed ones (kernel compilation, allocator); the model is trained by them."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+    for i in range(warm + steps):
+        if i == warm:
+            t0 = time.perf_counter()
+        inputs, targets = batch_fn(i)
+        loss = scored_loss(model(inputs).logits, targets, vocab_size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t0)
+
+
+def report_throughput(models, batch_fn: BatchFn, vocab_size: int, steps: int, budget: Callable[[str], int],
+                      log=print) -> None:
+    """`--time-steps`: each (name, model) of `models` timed at the final training length, with the hours its
+    budget(name) steps need at that rate on this machine (one process, the threads set by the caller)."""
+    log(f"timing {steps} training steps per model (load average {os.getloadavg()[0]:.2f}, "
+        f"{torch.get_num_threads()} thread(s))")
+    for name, model, _ in models:
+        rate = steps_per_second(model, batch_fn, vocab_size, steps)
+        log(f"  {name}: {rate:.3f} steps/s; {budget(name):,} steps = {budget(name) / rate / 3600:.1f} h")
 
 
 def _progress_bar(name: str, total: int, initial: int):

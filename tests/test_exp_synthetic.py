@@ -258,3 +258,12 @@ def test_selective_copying_followers_replay_the_leaders_steps(tmp_path):
     m = json.loads((tmp_path / "results.json").read_text())["models"]
     assert sc.stage_steps_of(m["s4d"]["curve"]) == sc.stage_steps_of(m["mamba"]["curve"])
     assert m["s4d"]["stopped"] == "steps" and sc.stage_steps_of(m["mamba"]["curve"])[0] == (32, 2)
+
+
+def test_time_steps_reports_throughput_and_hours(tmp_path, capsys):
+    assert ih.main(["--time-steps", "1", "--models", "mamba", "--mamba-d-model", "8", "--batch-size", "2",
+                    "--train-len", "16", "--curriculum", "", "--mamba-steps", "7200", "--out", str(tmp_path)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("mamba:")][0]
+    rate = float(line.split()[1])
+    assert rate > 0 and f"= {7200 / rate / 3600:.1f} h" in line
+    assert not (tmp_path / "results.json").exists()  # nothing trained, nothing written

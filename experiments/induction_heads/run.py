@@ -5,6 +5,8 @@
     python -m experiments.induction_heads --jobs 1                 # all three in this process (1 core)
     python -m experiments.induction_heads --models mamba --max-log-len 16
     python -m experiments.induction_heads --mamba-steps 4000 --attn-steps 4000
+    python -m experiments.induction_heads --budget paper --resume   # batch 8, 25/50 epochs, checkpointed (paper/)
+    python -m experiments.induction_heads --budget paper --report   # its README and plot from results.json
 
 Models (2 layers each, paper §4.1.2):
     mamba     Mamba, D = 64 (lr 1e-3, the paper's better rate for Mamba)
@@ -36,8 +38,8 @@ from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.data.synthetic import induction_heads, scored_accuracy
 
 from experiments._common import (Checkpoint, CurriculumStage, Report, TrainResult, budget_seconds, choices, command_line,
-                                 fresh_models, new_results, pyplot, require_positive, run_experiment, save_figure,
-                                 save_results, stage_steps_of, train_curriculum, write_readme_keeping_notes)
+                                 fresh_models, new_results, pyplot, report_throughput, require_positive, run_experiment,
+                                 save_figure, save_results, stage_steps_of, train_curriculum, write_readme_keeping_notes)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -178,6 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save each model's state every this many minutes (0: every step; default: 5 with --budget "
                         "paper, none otherwise)")
     p.add_argument("--progress", action="store_true", help="a progress bar with the ETA (on with --budget paper)")
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="no run: time this many training steps of each model at the training length and print "
+                        "the hours its steps need at that rate")
     pre, _ = p.parse_known_args(argv)
     if pre.budget == "paper":
         p.set_defaults(**PAPER_BUDGET)
@@ -674,9 +679,21 @@ REPORT = Report(log_table, plot, write_readme)
 COST = {"mamba": 19.6, "mha_abs": 14.6, "mha_rope": 3.6}
 
 
+def time_models(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+    report_throughput(fresh_models(args, lambda m: build_model(m, args)),
+                      lambda step: induction_heads(args.batch_size, args.train_len, VOCAB, generator=g), VOCAB,
+                      args.time_steps, lambda name: model_steps(name, args)[0])
+    return 0
+
+
 def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they are printed
-    return run_experiment(parse_args(argv), argv, "experiments.induction_heads", COST, run, REPORT)
+    args = parse_args(argv)
+    if args.time_steps:
+        return time_models(args)
+    return run_experiment(args, argv, "experiments.induction_heads", COST, run, REPORT)
 
 
 if __name__ == "__main__":

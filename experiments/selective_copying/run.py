@@ -3,6 +3,8 @@
     python -m experiments.selective_copying                   # scaled default (seq_len 128): 2 processes
     python -m experiments.selective_copying --jobs 1          # the same in this process only (1 core)
     python -m experiments.selective_copying --full            # the paper's length 4096 (hours on a CPU)
+    python -m experiments.selective_copying --budget paper --resume   # length 4096, batch 64, checkpointed (paper/)
+    python -m experiments.selective_copying --budget paper --report   # its README and plot from results.json
     python -m experiments.selective_copying --models mamba --steps 500 --out /tmp/sc
 
 Three 2-layer models of width D = 64 (paper App. E.1), trained on the same batches for the same number of
@@ -27,8 +29,8 @@ from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
 from experiments._common import (Checkpoint, CurriculumStage, Report, TrainResult, budget_seconds, choices,
-                                 command_line, evaluate, fresh_models, new_results, pyplot, require_positive,
-                                 run_experiment, save_figure, save_results, stage_steps_of, train_curriculum,
+                                 command_line, evaluate, fresh_models, new_results, pyplot, report_throughput,
+                                 require_positive, run_experiment, save_figure, save_results, stage_steps_of, train_curriculum,
                                  write_readme_keeping_notes)
 
 HERE = Path(__file__).resolve().parent
@@ -126,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save each model's state every this many minutes (0: every step; default: 5 with --budget "
                         "paper, none otherwise)")
     p.add_argument("--progress", action="store_true", help="a progress bar with the ETA (on with --budget paper)")
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="no run: time this many training steps of each model at --seq-len and print the hours "
+                        "--steps need at that rate")
     pre, _ = p.parse_known_args(argv)
     if pre.budget == "paper":
         p.set_defaults(**PAPER_BUDGET)
@@ -419,7 +424,8 @@ the LTI S4D-Lin (`MambaS4D`): the same in_proj, conv, SiLU gate and out_proj. S4
 parameters at the same width (no expansion, no input projection). "train time" is wall-clock time, which
 depends on the machine's load at the time of the run. The paper's generator, loss
 positions and accuracy definition were not published; ours follows the S4
-repository's variable-spacing copying generator. Raw numbers and curves: `results.json`.
+repository's variable-spacing copying generator. Raw numbers and curves: `results.json`. The run at the paper's
+length 4096 (batch 64, checkpointed and resumable): [paper/README.md](paper/README.md).
 """
     write_readme_keeping_notes(path, text)
 
@@ -432,8 +438,20 @@ REPORT = Report(table_rows, plot, write_readme)
 COST = {"mamba": 15.4, "mamba_s4d": 16.0, "s4d": 9.0}
 
 
+def time_models(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+    report_throughput(fresh_models(args, lambda m: build_model(m, args.d_model, args.n_layer, args.d_state)),
+                      lambda step: selective_copying(args.batch_size, args.seq_len, N_MEMORIZE, VOCAB, generator=g),
+                      VOCAB, args.time_steps, lambda name: args.steps)
+    return 0
+
+
 def main(argv=None) -> int:
-    return run_experiment(parse_args(argv), argv, "experiments.selective_copying", COST, run, REPORT)
+    args = parse_args(argv)
+    if args.time_steps:
+        return time_models(args)
+    return run_experiment(args, argv, "experiments.selective_copying", COST, run, REPORT)
 
 
 if __name__ == "__main__":
