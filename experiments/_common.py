@@ -550,8 +550,8 @@ class CurriculumStage:
     stop_at: float | None = None
 
 
-def train_curriculum(model, name: str, stages: list[CurriculumStage], batch_at: Callable[[int, int], tuple[Tensor, Tensor]],
-                     val_sets: dict[int, list], vocab_size: int, *, lr: float, warmup: int, eval_every: int,
+def train_curriculum(model, name: str, stages: list[CurriculumStage],
+                     batch_at: Callable[[int, int], tuple[Tensor, Tensor]], val_sets: dict[int, list], vocab_size: int, *, lr: float, warmup: int, eval_every: int,
                      stop_patience: int, budget_s: float = math.inf, fill_to: int | None = None, stop_file=None,
                      lr_min_frac: float | None = None, ckpt: "Checkpoint | None" = None, log=print,
                      progress: bool = False) -> TrainResult:
@@ -609,6 +609,32 @@ def stage_steps_of(curve: list[dict]) -> list[tuple[int, int]]:
         out.append((length, end - prev))
         prev = end
     return out
+
+
+def checkpoint_progress(out) -> list[dict]:
+    """Where each checkpointed model of a run stands (--out/checkpoints/*.pt, by name): its phase, the steps
+    trained, the curriculum stage, the processes that worked on it and when the state was saved."""
+    rows = []
+    for f in sorted((Path(out) / "checkpoints").glob("*.pt")):
+        st = torch.load(f, map_location="cpu", weights_only=False)
+        steps = (st["total"]["steps"] + st["loop"]["step"]) if st["phase"] == "train" else st["train"]["steps"]
+        seg = st.get("segments") or [{}]
+        rows.append({"name": f.stem, "phase": st["phase"], "steps": steps, "stage": st.get("stage"),
+                     "processes": len(seg), "saved": seg[-1].get("end", "?")})
+    return rows
+
+
+def progress_lines(out, total_steps: Callable[[str], int]) -> list[str]:
+    """The README's section on a run still in progress: one row per checkpointed model not yet done."""
+    rows = [r for r in checkpoint_progress(out) if r["phase"] != "done"]
+    if not rows:
+        return []
+    lines = ["## In progress (from the checkpoints)", "", "| model | phase | steps trained | of | processes so far | "
+             "last saved |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['phase']}" + (f" (stage {r['stage'] + 1})" if r["stage"] is not None else "")
+              + f" | {r['steps']:,} | {total_steps(r['name']):,} | {r['processes']} | {r['saved']} |" for r in rows]
+    return lines + ["", "Models without a checkpoint have not started. The run continues with its command "
+                    "(`--resume`)."]
 
 
 def _now() -> str:
@@ -733,11 +759,17 @@ class Report:
         return results
 
     def from_file(self, args, log=print) -> dict:
-        """`--report-only`: the table, plot and README rebuilt from --out/results.json."""
+        """`--report-only`: the table, plot and README rebuilt from --out/results.json; while a checkpointed run
+        has no finished model yet, from its checkpoints' settings (the README then shows only its progress)."""
         path = args.out / "results.json"
-        if not path.is_file():
-            raise SystemExit(f"--report-only: no results.json in {args.out}")
-        return self.write(args, json.loads(path.read_text()), log)
+        if path.is_file():
+            return self.write(args, json.loads(path.read_text()), log)
+        progress = checkpoint_progress(args.out)
+        if not progress:
+            raise SystemExit(f"--report-only: no results.json (nor checkpoints) in {args.out}")
+        first = torch.load(args.out / "checkpoints" / f"{progress[0]['name']}.pt", map_location="cpu",
+                           weights_only=False)
+        return self.write(args, {"task": "", "command": args.command, "settings": first["settings"], "models": {}}, log)
 
 
 def run_in_processes(args, argv: list[str], module: str, groups: list[list[str]], report: Report,

@@ -224,6 +224,8 @@ def test_paper_budget_resumes_bitwise_and_regenerates_its_report(tmp_path, monke
     monkeypatch.setattr(ih, "induction_heads", real)
     mid = _state(resumed / "checkpoints" / "mamba.pt")
     assert mid["phase"] == "train" and mid["total"]["steps"] + mid["loop"]["step"] == 5
+    ih.main(["--budget", "paper", "--report", "--out", str(resumed)])  # before any model is done: the progress
+    assert f"| mamba | train (stage {mid['stage'] + 1}) | 5 | 8 | 1 |" in (resumed / "README.md").read_text()
     with pytest.raises(SystemExit, match="--resume"):  # never overwritten silently
         ih.main(IH_TINY + ["--out", str(resumed)])
     with pytest.raises(SystemExit, match="mamba_lr"):  # nor continued under other settings
@@ -245,7 +247,8 @@ def test_paper_budget_resumes_bitwise_and_regenerates_its_report(tmp_path, monke
     ih.main(["--budget", "paper", "--report", "--out", str(resumed)])
     assert (resumed / "README.md").read_text() == readme and (resumed / "accuracy.png").stat().st_size > 1000
     ih.main(IH_TINY + ["--out", str(resumed), "--resume"])  # done: kept, not retrained
-    assert all(torch.equal(after["model"][k], v) for k, v in _state(resumed / "checkpoints" / "mamba.pt")["model"].items())
+    kept = _state(resumed / "checkpoints" / "mamba.pt")["model"]
+    assert all(torch.equal(after["model"][k], v) for k, v in kept.items())
 
 
 def test_selective_copying_followers_replay_the_leaders_steps(tmp_path):

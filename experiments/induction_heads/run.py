@@ -37,9 +37,10 @@ from mambakit._io import atomic_write
 from mambakit.baselines.transformer import TransformerConfig, TransformerLM
 from mambakit.data.synthetic import induction_heads, scored_accuracy
 
-from experiments._common import (Checkpoint, CurriculumStage, Report, TrainResult, budget_seconds, choices, command_line,
-                                 fresh_models, new_results, pyplot, report_throughput, require_positive, run_experiment,
-                                 save_figure, save_results, stage_steps_of, train_curriculum, write_readme_keeping_notes)
+from experiments._common import (Checkpoint, CurriculumStage, Report, TrainResult, budget_seconds, choices,
+                                 command_line, fresh_models, new_results, progress_lines, pyplot, report_throughput,
+                                 require_positive, run_experiment, save_figure, save_results, stage_steps_of,
+                                 train_curriculum, write_readme_keeping_notes)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -539,6 +540,10 @@ def horizons_text(r: dict) -> str:
             "needs a channel whose horizon exceeds g.")
 
 
+def results_block(results: dict, text: str) -> str:
+    return text if results["models"] else "No model has finished yet (progress below)."
+
+
 def write_paper_readme(results: dict, path: Path) -> None:
     s = results["settings"]
     cmds = "\n    ".join(dict.fromkeys(r.get("command", results["command"]) for r in results["models"].values()))
@@ -564,15 +569,17 @@ checkpoints in `checkpoints/` (the latest state of each model; once done, the tr
 
 ## Results: test accuracy (%) by test length, and the number of test sequences
 
-{chr(10).join(table_rows(results, counts=True))}
-
-{verdict(results)} {horizons_text(mamba)}
+{results_block(results, chr(10).join(table_rows(results, counts=True)) + chr(10) + chr(10) + verdict(results)
+               + " " + horizons_text(mamba))}
 
 ✗ = not evaluated (MHA-Abs has positions only up to the training length; attention stops at
 2^{s['attn_max_log_len']}, where the paper's ran out of memory). Random guessing is 1/15 ≈ 6.7%. Mamba reads the long
 test sequences through the fused CPU kernels, {s['chunk']:,} tokens per call with the recurrent state carried.
 
 {chr(10).join(lines)}
+
+{chr(10).join(progress_lines(path.parent, lambda n: {"mamba": s["mamba_steps"], "mha_abs": s["attn_steps"],
+                                          "mha_rope": s.get("rope_steps") or s["attn_steps"]}.get(n, 0)))}
 
 ![accuracy vs test length](accuracy.png)
 

@@ -29,9 +29,9 @@ from mambakit.baselines.s4d import MambaS4D, S4DLM
 from mambakit.data.synthetic import SELECTIVE_COPYING_FULL_LEN, selective_copying
 
 from experiments._common import (Checkpoint, CurriculumStage, Report, TrainResult, budget_seconds, choices,
-                                 command_line, evaluate, fresh_models, new_results, pyplot, report_throughput,
-                                 require_positive, run_experiment, save_figure, save_results, stage_steps_of, train_curriculum,
-                                 write_readme_keeping_notes)
+                                 command_line, evaluate, fresh_models, new_results, progress_lines, pyplot,
+                                 report_throughput, require_positive, run_experiment, save_figure, save_results,
+                                 stage_steps_of, train_curriculum, write_readme_keeping_notes)
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 16
@@ -83,8 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.selective_copying", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=("default", "paper"), default="default",
-                   help="default: length 128, fitted to 30 minutes (the test suite's pipeline); paper: length 4096 with "
-                        "the paper's batch 64 and models, a length curriculum and a capped budget (README) into "
+                   help="default: length 128, fitted to 30 minutes (the test suite's pipeline); paper: length 4096 "
+                        "with the paper's batch 64 and models, a length curriculum and a capped budget (README) into "
                         "--out " + str(HERE / "paper") + ", checkpointed")
     p.add_argument("--seq-len", type=int, default=128,
                    help="whole input length, markers included (default 128; the paper: 4096)")
@@ -365,11 +365,10 @@ A stopped run continues with the same command (`--resume`, bitwise); checkpoints
 
 ## Results (ours, length {s['seq_len']})
 
-{chr(10).join(table_rows(results))}
+{chr(10).join(table_rows(results)) + chr(10) + chr(10) + verdict(results) + chr(10) + chr(10) + chr(10).join(runs)
+ if results["models"] else "No model has finished yet (progress below)."}
 
-{verdict(results)}
-
-{chr(10).join(runs)}
+{chr(10).join(progress_lines(path.parent, lambda n: s["steps"]))}
 
 ![validation accuracy vs step](accuracy.png)
 
