@@ -452,6 +452,14 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
         res.curve = list(resume["curve"])
         res.steps, res.seconds = resume["step"], resume["seconds"]
     t0 = time.perf_counter() - res.seconds  # elapsed time carries over a resume
+
+    def snapshot(step: int) -> dict:
+        return {"step": step, "seconds": res.seconds, "losses": list(losses), "solved_evals": solved_evals,
+                "curve": list(res.curve), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+
+    if save is not None and resume is None:  # a stage's start: a kill soon after must not fall back a stage
+        save(snapshot(0))
     last_save = time.perf_counter()
     bar = _progress_bar(name, steps, first - 1) if progress else None
     model.train()
@@ -496,9 +504,7 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
                 res.stopped = "time" if elapsed >= time_budget_s else "stop file"
                 break
         if save is not None and step < steps and time.perf_counter() - last_save >= save_every_s:
-            save({"step": step, "seconds": res.seconds, "losses": list(losses), "solved_evals": solved_evals,
-                  "curve": list(res.curve), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                  "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
+            save(snapshot(step))
             last_save = time.perf_counter()
     if bar is not None:
         bar.close()
