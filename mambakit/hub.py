@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._io import atomic_write, read_files
-from .checkpoint import (CONFIG_NAME, PICKLE_INDEX, SAFETENSORS_INDEX, WEIGHT_FILES, CheckpointError,
+from .checkpoint import (_SHARD_NAME, CONFIG_NAME, PICKLE_INDEX, SAFETENSORS_INDEX, WEIGHT_FILES, CheckpointError,
                          load_config)
 from .tokenizer import TOKENIZER_FILES
 
@@ -281,8 +281,10 @@ def push_to_hub(model_or_dir: "MambaLM | str | os.PathLike", repo_id: str, token
     """Uploads a saved checkpoint directory (or a MambaLM, saved first into a temporary directory in the
     transformers layout) to the Hub repository `repo_id` as one commit, creating the repository (private if
     asked) and the branch `revision` where they do not exist. Only the checkpoint's own files are uploaded
-    (see _checkpoint_files): a training run's directory keeps its checkpoints/ and logs to itself. Returns
-    huggingface_hub's CommitInfo (.oid, .commit_url)."""
+    (see _checkpoint_files): a training run's directory keeps its checkpoints/ and logs to itself. Checkpoint
+    files of an earlier upload that this one lacks (another weight format, old shards, a tokenizer the model no
+    longer has) are deleted in the same commit, as save_pretrained does locally: the revision then loads as
+    exactly this checkpoint. Returns huggingface_hub's CommitInfo (.oid, .commit_url)."""
     if not isinstance(repo_id, str) or not is_hub_id(repo_id):
         raise ValueError(f"repo_id must be a Hub id of the form org/name, got {repo_id!r}")
     hub = _import_hub()
@@ -304,6 +306,10 @@ def push_to_hub(model_or_dir: "MambaLM | str | os.PathLike", repo_id: str, token
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision not in (None, "main"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
+            there = {s.rfilename for s in (api.model_info(repo_id, revision=revision).siblings or ())}
+            managed = {CONFIG_NAME, *WEIGHT_FILES, *TOKENIZER_FILES}
+            stale = sorted(n for n in there - set(names) if n in managed or _SHARD_NAME.fullmatch(n))
+            operations += [hub.CommitOperationDelete(path_in_repo=n) for n in stale]
             return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
         except hub.utils.HfHubHTTPError as e:
             raise HubError(f"push_to_hub: {repo_id} (revision {revision or 'main'}) on {api.endpoint}: "

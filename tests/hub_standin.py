@@ -11,6 +11,7 @@ Only what huggingface_hub calls to download and upload a model repository, as re
     POST /api/models/{org}/{name}/branch/{branch}      a branch at main (or "startingPoint"); 409 when it exists
     POST /api/models/{org}/{name}/preupload/{rev}      every file "regular" (no LFS: contents go in the commit)
     POST /api/models/{org}/{name}/commit/{rev}         NDJSON: a header, then {"key": "file", base64 content}
+                                                       and {"key": "deletedFile", "path"} lines
 
 Repositories are git-like: commits are {path: bytes} snapshots named by a SHA-1 of their contents, branches point
 at commits. Every request is recorded in `requests` as (method, path).
@@ -35,11 +36,9 @@ class StandInHub:
         self._server: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------------------------------------- content
-    def commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", parent: bool = False) -> str:
-        """A new commit holding `files` (on top of the branch's files when parent) at the head of `branch`."""
+    def commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
+        """A new commit holding exactly `files` at the head of `branch`."""
         repo = self.repos.setdefault(repo_id, {"branches": {}, "commits": {}})
-        if parent and branch in repo["branches"]:
-            files = {**repo["commits"][repo["branches"][branch]], **files}
         digest = hashlib.sha1(repr((repo_id, branch, len(repo["commits"]))).encode())
         for path in sorted(files):
             digest.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
@@ -80,7 +79,7 @@ class StandInHub:
         self._server.daemon_threads = True
         host, port = self._server.server_address[:2]
         self.url = f"http://{host}:{port}"  # kept after stop(): a stopped stand-in is a Hub that cannot be reached
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -112,7 +111,9 @@ class StandInHub:
                     return self._commit(h, repo_id, rev, body)
             self._send(h, 404, b"not a stand-in endpoint")
         except _Refused as r:
-            self._send(h, r.status, r.message.encode(), {"X-Error-Code": r.code, **r.headers}, head=method == "HEAD")
+            # the Hub's error bodies are JSON: {"error": message} (plus "url" for a repository that exists)
+            self._send(h, r.status, json.dumps({"error": r.message, **r.extra}).encode(),
+                       {"X-Error-Code": r.code, "Content-Type": "application/json", **r.headers}, head=method == "HEAD")
 
     def _commit_of(self, repo_id: str, revision: str) -> str:
         if repo_id not in self.repos:
@@ -147,7 +148,8 @@ class StandInHub:
     def _create(self, h, payload: dict) -> None:
         repo_id = f"{payload['organization']}/{payload['name']}"
         if repo_id in self.repos:
-            raise _Refused(409, "RepoExists", "You already created this model repo")
+            raise _Refused(409, "RepoExists", "You already created this model repo",
+                           extra={"url": f"{self.url}/{repo_id}"})
         self.repos[repo_id] = {"branches": {}, "commits": {}}
         self.commit(repo_id, {})  # the Hub starts a repository with an initial commit on main
         self._json(h, {"url": f"{self.url}/{repo_id}", "name": repo_id})
@@ -167,14 +169,17 @@ class StandInHub:
 
     def _commit(self, h, repo_id: str, revision: str, body: bytes) -> None:
         self._commit_of(repo_id, revision)
-        added = {}
+        files = dict(self.files(repo_id, revision))
         for line in body.splitlines():
             item = json.loads(line)
             if item["key"] == "file":
-                added[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "deletedFile":
+                if files.pop(item["value"]["path"], None) is None:
+                    raise _Refused(404, "EntryNotFound", "A file with this name doesn't exist")
             elif item["key"] != "header":
                 raise _Refused(400, "BadRequest", f"the stand-in does not take {item['key']!r} operations")
-        sha = self.commit(repo_id, added, revision, parent=True)
+        sha = self.commit(repo_id, files, revision)
         self._json(h, {"commitUrl": f"{self.url}/{repo_id}/commit/{sha}", "commitOid": sha, "success": True})
 
     # ------------------------------------------------------------------------------------------- replies
@@ -195,6 +200,6 @@ class StandInHub:
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, extra: dict | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers or {}, extra or {}
