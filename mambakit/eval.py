@@ -228,7 +228,7 @@ def progress_bar(label: str, unit: str = "tok", enabled: bool = True) -> Callabl
     def show(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, file=sys.stderr,
+            bar = tqdm(total=total, desc=label, unit=unit, unit_scale=total >= 10_000, file=sys.stderr,
                        disable=None if enabled else True, dynamic_ncols=True)
         bar.update(done - bar.n)
         if done >= total:
