@@ -144,11 +144,13 @@ def test_jsonl_and_tensorboard_one_record_per_step_across_a_resume(corpus, tmp_p
     assert abs(events.Scalars("val/loss")[-1].value - final["val_loss"]) < 1e-6
 
 
-def test_tensorboard_missing_is_a_clear_error(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_tensorboard_missing_is_a_clear_error(corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"--log tensorboard needs the tensorboard package: pip install "
                                           r"'mambakit\[tensorboard\]'"):
         train(tiny(corpus, tmp_path / "run", log="tensorboard"))
     assert not (tmp_path / "run").exists()  # refused before any work
+    assert cli.main(["train", "--log", "tensorboard", f"--out_dir={tmp_path / 'run'}"]) == 1
+    assert "--log tensorboard needs the tensorboard package" in capsys.readouterr().err
     with pytest.raises(ValueError, match="log must be one of"):
         tiny(corpus, tmp_path / "run", log="wandb")
