@@ -192,28 +192,34 @@ def test_push_to_hub_then_load_it_back(standin, cache, tmp_path):
 
 
 def test_cli_takes_hub_ids_and_runs_offline_from_the_cache(standin, tmp_path, monkeypatch, capsys):
-    from mambakit import cli, generate
+    """Online in a process of its own (huggingface_hub reads HF_ENDPOINT at import); offline in this one, with
+    huggingface_hub's offline switch and cache as HF_HUB_OFFLINE=1 and HF_HUB_CACHE set them."""
+    import huggingface_hub.constants
+
+    from mambakit import cli
 
     model, d = _saved(tmp_path, "tiny")
     standin.publish("org/tiny", d)
-    env = {**os.environ, "HF_ENDPOINT": standin.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
-           "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    online = subprocess.run([sys.executable, "-m", "mambakit", "convert", "org/tiny", str(tmp_path / "official"),
-                             "--layout", "official"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    cache = tmp_path / "hf-cache"
+    args = ["generate", "--model", "org/tiny", "--prompt", "ab", "--max-new-tokens", "4", "--temperature", "0",
+            "--no-huge-pages"]
+    env = {**os.environ, "HF_ENDPOINT": standin.url, "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    online = subprocess.run([sys.executable, "-m", "mambakit", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
     assert online.returncode == 0, online.stderr[-2000:]
-    assert _same_weights(model, MambaLM.from_pretrained(tmp_path / "official"))
+    assert online.stdout.startswith("ab") and "%|" not in online.stderr  # download bars: not on a pipe
     standin.stop()
-    offline = subprocess.run([sys.executable, "-m", "mambakit", "generate", "--model", "org/tiny", "--prompt", "ab",
-                              "--max-new-tokens", "4", "--temperature", "0", "--no-huge-pages"], cwd=ROOT,
-                             env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
-    assert offline.returncode == 0, offline.stderr[-2000:]
-    assert offline.stdout == "ab" + generate(model, ["ab"], 4, temperature=0).texts[0] + "\n"
-
-    import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == online.stdout
+    assert cli.main(["convert", "org/tiny", str(tmp_path / "official"), "--layout", "official"]) == 0
+    assert _same_weights(model, MambaLM.from_pretrained(tmp_path / "official"))
     assert cli.main(["convert", "org/absent", str(tmp_path / "x")]) == 1
     assert "org/absent (revision main): config.json is not in the cache" in capsys.readouterr().err
+    assert cli.main(["convert", str(d), str(tmp_path / "y"), "--revision", "v1"]) == 1
+    assert "revision='v1' applies to Hub ids" in capsys.readouterr().err
     assert cli.main(["generate", "--model", "a/b/c", "--prompt", "x"]) == 1
     assert "neither an existing local path nor a Hugging Face Hub id" in capsys.readouterr().err
