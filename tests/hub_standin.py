@@ -202,4 +202,5 @@ class StandInHub:
 class _Refused(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None, extra: dict | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers or {}, extra or {}
+        self.status, self.code, self.message = status, code, message
+        self.headers, self.extra = headers or {}, extra or {}

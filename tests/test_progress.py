@@ -24,7 +24,8 @@ from mambakit import cli
 from mambakit.tokenizer import ByteTokenizer
 from mambakit.train import train
 
-BAR = re.compile(r"\d+%\|.*\| *\d+(\.\d+)?k?/\d+(\.\d+)?k? \[\d\d:\d\d<\d\d:\d\d, ")  # n%|███| done/total [0:01<0:02, rate
+# tqdm's bar: "n%|███   | done/total [elapsed<remaining, rate"
+BAR = re.compile(r"\d+%\|.*\| *\d+(\.\d+)?k?/\d+(\.\d+)?k? \[\d\d:\d\d<\d\d:\d\d, ")
 
 
 @contextlib.contextmanager

@@ -69,7 +69,8 @@ def _cli(args) -> int:
         prefix = eos if eos is not None and eos < model.config.vocab_size else None
         result = perplexity(model, tok.encode(text), prefix_token_id=prefix, window=args.window, stride=args.stride,
                             chunk_tokens=args.chunk_tokens, batch_size=args.batch_size,
-                            num_bytes=len(text.encode("utf-8")), progress=progress_bar("perplexity", enabled=not args.quiet))
+                            num_bytes=len(text.encode("utf-8")),
+                            progress=progress_bar("perplexity", enabled=not args.quiet))
         result = {"file": str(path), **result}
         bpb = f", {result['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in result else ""
         print(f"{path}: {result['tokens']} tokens ({result['mode']}): perplexity {result['perplexity']:.4f}, "

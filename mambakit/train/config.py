@@ -166,8 +166,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 # d_state) is compared as the resolved MambaConfig instead (loop.py), so that d_model=0 and the preset's own
 # value count as equal. Every other field fixes the vocabulary or the data: resume_differences refuses it.
 RESUMABLE = ("max_steps", "time_budget_min", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
-             "grad_clip", "precision", "micro_batch_size", "eval_every", "eval_windows", "sample_tokens",
-             "sample_prompt", "log_every", "progress", "log", "plot", "out_dir", "ckpt_every", "keep_checkpoints", "resume",
+             "log", "grad_clip", "precision", "micro_batch_size", "eval_every", "eval_windows", "sample_tokens",
+             "sample_prompt", "log_every", "progress", "plot", "out_dir", "ckpt_every", "keep_checkpoints", "resume",
              "threads", "distributed", "cache_dir")
 MODEL_SIZE = ("model", "d_model", "n_layer", "d_state")
 
