@@ -104,6 +104,7 @@ class _Repo:
         self.cache_dir, self.token = cache_dir, token
         self.endpoint = endpoint or hub.constants.ENDPOINT
         self.offline = local_files_only or _offline_env(hub)
+        self.unreachable = False  # offline because the Hub did not answer (not because it was asked)
         self.commit: str | None = None  # the commit every download is pinned to, once known
         self.listing: set[str] | None = None  # the repository's files at that commit (online)
 
@@ -120,8 +121,9 @@ class _Repo:
         u = self.hub.utils
         local = f"{self.repo_id!r} is not a local path, and as a Hugging Face Hub id"
         if isinstance(e, u.LocalEntryNotFoundError):
+            offline = self.offline and not self.unreachable
             return self.not_cached(filename or CONFIG_NAME,
-                                   "the Hub is offline (local_files_only / HF_HUB_OFFLINE=1)" if self.offline
+                                   "the Hub is offline (local_files_only / HF_HUB_OFFLINE=1)" if offline
                                    else f"the Hub at {self.endpoint} cannot be reached")
         if isinstance(e, u.GatedRepoError):
             return HubError(f"{local}: {self.repo_id} is gated on {self.endpoint}: accept its terms on the Hub and "
@@ -150,7 +152,7 @@ class _Repo:
         except _transport_errors() as e:
             warnings.warn(f"{self.where()}: the Hub at {self.endpoint} cannot be reached ({type(e).__name__}); "
                           "using the cached snapshot", stacklevel=3)
-            self.offline = True
+            self.offline = self.unreachable = True
             return
         self.commit = info.sha
         self.listing = {s.rfilename for s in (info.siblings or ())}
@@ -221,7 +223,8 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None, cac
             raise FileNotFoundError(f"checkpoint directory {text!r} does not exist")
         return local
     if not is_hub_id(text):
-        raise FileNotFoundError(f"{text!r} is neither an existing local path nor a Hugging Face Hub id (org/name)")
+        raise FileNotFoundError(f"checkpoint directory {text!r} does not exist (nor is it a Hugging Face Hub id, "
+                                "org/name)")
     if revision is not None and (not isinstance(revision, str) or not revision):
         raise ValueError(f"revision must be a branch, tag or commit name, got {revision!r}")
     hub = _import_hub()

@@ -69,6 +69,9 @@ def test_download_only_what_the_checkpoint_needs_then_offline_from_the_cache(sta
     assert resolve("org/tiny", cache_dir=cache, endpoint=standin.url, local_files_only=True) == snapshot
     with pytest.warns(UserWarning, match="cannot be reached"):
         assert resolve("org/tiny", cache_dir=cache, endpoint=standin.url) == snapshot
+    with pytest.warns(UserWarning), pytest.raises(HubError, match=r"org/gone \(revision main\): config.json is not in "
+                                                                   r"the cache .* and the Hub at http.* cannot be reached"):
+        resolve("org/gone", cache_dir=cache, endpoint=standin.url)
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -155,7 +158,7 @@ def test_local_paths_win_and_other_strings_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="revision='v1' applies to Hub ids; 'org/name' is a local path"):
         resolve("org/name", revision="v1")
     for bad in ("a/b/c", "-org/name", "org/na..me", "./missing"):
-        with pytest.raises(FileNotFoundError, match="neither an existing local path nor a Hugging Face Hub id"):
+        with pytest.raises(FileNotFoundError, match=r"does not exist \(nor is it a Hugging Face Hub id, org/name\)"):
             resolve(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve(Path("org/missing"))  # a Path is always meant as a path
@@ -222,4 +225,4 @@ def test_cli_takes_hub_ids_and_runs_offline_from_the_cache(standin, tmp_path, mo
     assert cli.main(["convert", str(d), str(tmp_path / "y"), "--revision", "v1"]) == 1
     assert "revision='v1' applies to Hub ids" in capsys.readouterr().err
     assert cli.main(["generate", "--model", "a/b/c", "--prompt", "x"]) == 1
-    assert "neither an existing local path nor a Hugging Face Hub id" in capsys.readouterr().err
+    assert "does not exist (nor is it a Hugging Face Hub id, org/name)" in capsys.readouterr().err
