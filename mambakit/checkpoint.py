@@ -692,10 +692,9 @@ def _resolve_directory(path) -> Path:
     s = str(path)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s):
         raise FileNotFoundError(
-            f"{s!r} is not a local directory. It looks like a Hugging Face Hub id; mambakit does not download. "
-            f"Fetch it first (on a machine with network access), then pass the directory:\n"
-            f"    hf download {s} --local-dir ./{s.split('/')[-1]}\n"
-            f"or in Python: huggingface_hub.snapshot_download({s!r}, local_dir='./{s.split('/')[-1]}')"
+            f"{s!r} is not a local directory. It looks like a Hugging Face Hub id: load it with "
+            f"MambaLM.from_pretrained({s!r}) or fetch it with mambakit.hub.resolve({s!r}) (the `hub` extra), "
+            "then pass the directory here"
         )
     raise FileNotFoundError(f"checkpoint directory {s!r} does not exist")
 

@@ -459,14 +459,27 @@ class MambaLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device=None) -> "MambaLM":
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device=None, *, revision: str | None = None,
+                        cache_dir=None, local_files_only: bool = False, token=None) -> "MambaLM":
         """Loads a checkpoint directory in the official (state-spaces/mamba) or transformers layout;
         the layout is detected from config.json. A tokenizer saved alongside (tokenizer.json, or
-        mambakit's byte tokenizer) becomes `model.tokenizer`. See mambakit/checkpoint.py (which builds the model
-        through `cls` and never imports this file)."""
+        mambakit's byte tokenizer) becomes `model.tokenizer`. `path` may also be a Hugging Face Hub id
+        ("org/name", at `revision`): its files are fetched into the Hub's cache first (mambakit/hub.py, the `hub`
+        extra; offline from the cache with local_files_only or HF_HUB_OFFLINE=1). See mambakit/checkpoint.py
+        (which builds the model through `cls` and never imports this file)."""
         from .checkpoint import load_pretrained
+        from .hub import resolve
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        directory = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                            token=token)
+        return load_pretrained(cls, directory, dtype=dtype, device=device)
+
+    def push_to_hub(self, repo_id: str, token=None, private: bool = False, revision: str | None = None):
+        """Saves this model (transformers layout) and uploads its files to the Hub repo `repo_id` as one commit
+        (mambakit/hub.py, the `hub` extra)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, token=token, private=private, revision=revision)
 
     def save_pretrained(self, path, layout: str = "hf") -> None:
         """Writes config.json + weights atomically: layout "hf" (model.safetensors, transformers'
