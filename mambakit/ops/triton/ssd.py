@@ -9,7 +9,7 @@ kernels, each one pass:
 1. `_dt_cumsum_kernel`, one program per (sequence, chunk, block of heads): Δ = clamp(softplus(dt + dt_bias))
    and acs = cumsum(Δ·A) over the chunk, (b, h, c·Q) float32 each. Steps past l get Δ = 0 (decay 1, no
    input): they change neither the outputs kept nor the final state, so no other kernel special-cases them.
-2. `_chunk_state_kernel`, per (sequence·chunk, head, block of p): the chunk's own state at its end from a zero
+2. `_chunk_outer_kernel`, per (sequence·chunk, head, block of p): the chunk's own state at its end from a zero
    start, S = Σ_s exp(acs_last − acs_s)·Δ_s x_s B_sᵀ: a (p, Q)·(Q, n) matrix product.
 3. `_state_passing_kernel`, per (sequence, head, block of p·n): H_{k+1} = exp(acs_last of chunk k)·H_k + S_k,
    sequential over chunks only. Writes H_k, the state entering each chunk, and the final state (float32).
@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..cpu.primitives import records_grad
-from ..reference import _per_channel_D
+from ..reference import _per_channel_D, ssd_dt
 from .common import exp, sigmoid, softplus
 
 # Overrides for the block sizes (tests shrink them so that tiny shapes span several blocks): BLOCK_M (queries
@@ -69,11 +69,12 @@ def ssd_config(Q: int, p: int, n: int) -> dict:
     block_q = max(16, triton.next_power_of_2(Q))
     return dict(
         BLOCK_Q=block_q,
-        BLOCK_M=TILES.get("BLOCK_M", min(64, block_q)),
+        BLOCK_M=TILES.get("BLOCK_M", min(32, block_q)),
         BLOCK_P=TILES.get("BLOCK_P", min(64, max(16, triton.next_power_of_2(p)))),
         BLOCK_N=max(16, triton.next_power_of_2(n)),
         BLOCK_H=TILES.get("BLOCK_H", 8),
         BLOCK_PN=TILES.get("BLOCK_PN", 1024),
+        WARPS=TILES.get("WARPS", 8),
     )
 
 
@@ -128,13 +129,17 @@ def _dt_cumsum_kernel(
 
 # ------------------------------------------------------------------------------------- 2. chunk states
 @triton.jit
-def _chunk_state_kernel(
-    x_ptr, B_ptr, delta_ptr, acs_ptr, seq_ptr, S_ptr, l, h, p, g, n, Q, n_chunks,
-    HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+def _chunk_outer_kernel(
+    v_ptr, u_ptr, delta_ptr, acs_ptr, seq_ptr, out_ptr, l, h, p, g, n, Q, n_chunks,
+    TO_END: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """x: (b, l, h, p); B: (b, l, g, n); delta, acs: (b, h, c·Q); seq: (b, l) int32; S: (b, c, h, p, n) float32,
-    S = Σ_s exp(acs_last − acs_s) Δ_s x_s B_sᵀ over the chunk."""
+    """Σ_t w_t v_t u_tᵀ over each chunk, (b, c, h, p, n) float32; v: (b, l, h, p); u: (b, l, g, n) (the head's
+    group); delta, acs: (b, h, c·Q); seq: (b, l) int32. Two uses:
+    - TO_END, the chunk's state from a zero start: v = x, u = B, w_t = exp(acs_last − acs_t)·Δ_t, only tokens
+      of the chunk's last sequence;
+    - not TO_END (the backward), ∂L/∂(state entering the chunk) through the outputs: v = ∂L/∂y (before the
+      gate), u = C, w_t = exp(acs_t), only tokens of the carried state's sequence."""
     pid_bc, hd = tl.program_id(0), tl.program_id(1)
     pid_b, pid_c = pid_bc // n_chunks, pid_bc % n_chunks
     grp = hd // (h // g)
@@ -144,24 +149,30 @@ def _chunk_state_kernel(
     row = (pid_b.to(tl.int64) * h + hd) * (n_chunks * Q) + pid_c * Q  # this chunk in delta, acs
     acs_last = tl.load(acs_ptr + row + Q - 1)
     if HAS_SEQ:
-        seq_last = _seq_at(seq_ptr, pid_b, pid_c * Q + Q - 1, l)
+        if TO_END:
+            seq_own = _seq_at(seq_ptr, pid_b, pid_c * Q + Q - 1, l)
+        else:
+            seq_own = tl.where(pid_c > 0, _seq_at(seq_ptr, pid_b, tl.maximum(pid_c * Q - 1, 0), l), 0)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, Q, BLOCK_M):
         offs_s = k0 + tl.arange(0, BLOCK_M)
         t = pid_c * Q + offs_s
         m_s = (offs_s < Q) & (t < l)
-        xs = tl.load(x_ptr + ((pid_b.to(tl.int64) * l + t)[:, None] * h + hd) * p + offs_p[None, :],
+        vs = tl.load(v_ptr + ((pid_b.to(tl.int64) * l + t)[:, None] * h + hd) * p + offs_p[None, :],
                      mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_P)
-        Bs = tl.load(B_ptr + ((pid_b.to(tl.int64) * l + t)[:, None] * g + grp) * n + offs_n[None, :],
+        us = tl.load(u_ptr + ((pid_b.to(tl.int64) * l + t)[:, None] * g + grp) * n + offs_n[None, :],
                      mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
-        d_s = tl.load(delta_ptr + row + offs_s, mask=m_s, other=0.0)
         a_s = tl.load(acs_ptr + row + offs_s, mask=m_s, other=0.0)
-        w = tl.where(m_s, exp(acs_last - a_s) * d_s, 0.0)
+        if TO_END:
+            w = exp(acs_last - a_s) * tl.load(delta_ptr + row + offs_s, mask=m_s, other=0.0)
+        else:
+            w = exp(a_s)
+        w = tl.where(m_s, w, 0.0)
         if HAS_SEQ:
-            w = tl.where(_seq_at(seq_ptr, pid_b, t, l) == seq_last, w, 0.0)
-        acc += _mm(tl.trans(xs * w[:, None]), Bs, DOT)
+            w = tl.where(_seq_at(seq_ptr, pid_b, t, l) == seq_own, w, 0.0)
+        acc += _mm(tl.trans(vs * w[:, None]), us, DOT)
     out = ((pid_b.to(tl.int64) * n_chunks + pid_c) * h + hd) * p * n
-    tl.store(S_ptr + out + offs_p[:, None] * n + offs_n[None, :], acc, mask=m_p[:, None] & m_n[None, :])
+    tl.store(out_ptr + out + offs_p[:, None] * n + offs_n[None, :], acc, mask=m_p[:, None] & m_n[None, :])
 
 
 # ------------------------------------------------------------------------------------ 3. state passing
@@ -260,6 +271,198 @@ def _chunk_scan_kernel(
     tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=m_mp)
 
 
+# -------------------------------------------------------------------------------------------- backward
+# Per chunk and head, with x̄_s = Δ_s x_s, L_ts = exp(acs_t − acs_s) (s ≤ t, same sequence), M = (C Bᵀ) ∘ L,
+# y_t = Σ_s M_ts x̄_s + e_t H C_t (+ D x_t, ·silu(z_t)), e_t = exp(acs_t), and S = Σ_s w_s x̄_s B_sᵀ with
+# w_s = exp(acs_last − acs_s). With dy the output's gradient before the gate and G_ts = dy_t·x̄_s:
+#   dx̄_s = Σ_t M_ts dy_t + w_s dS B_s             dB_s = Σ_t (G∘L)_ts C_t + w_s dSᵀ x̄_s
+#   dC_t = Σ_s (G∘L)_ts B_s + e_t Hᵀ dy_t           dH = Σ_t e_t dy_t C_tᵀ (+ the next chunk's, passed back)
+#   ∂L/∂acs_t = Σ_s (G∘M)_ts + dy_t·(e_t H C_t) − Σ_{t'} (G∘M)_{t's} − w_t x̄_t·(dS B_t), and at the chunk's
+#   last step + Σ_s w_s x̄_s·(dS B_s) + exp(acs_last) dH_next·H.
+# acs is a cumsum of Δ·A: ∂L/∂(Δ_t A) is the reverse cumsum of ∂L/∂acs within the chunk (done in torch).
+@triton.jit
+def _chunk_scan_bwd_query_kernel(
+    x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, delta_ptr, acs_ptr, Hin_ptr, seq_ptr,
+    dyg_ptr, dz_ptr, dC_ptr, dacs_ptr, dD_ptr, l, h, p, g, n, Q, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The query side, per (sequence·chunk, head, block of queries t), all of p (BLOCK_P ≥ p): recomputes y
+    before the gate for dz, writes dyg = ∂L/∂y before the gate (b, l, h, p) float32, dz, dC per head
+    (b, l, h, n) float32, the query terms of ∂L/∂acs (b, h, c·Q) and dD's partial sums (b·c, blocks, h, p)."""
+    pid_bc, hd, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_c = pid_bc // n_chunks, pid_bc % n_chunks
+    grp = hd // (h // g)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_p, m_n = offs_p < p, offs_n < n
+    t_m = pid_c * Q + offs_m
+    m_m = (offs_m < Q) & (t_m < l)
+    base = pid_b.to(tl.int64) * l
+    row = (pid_b.to(tl.int64) * h + hd) * (n_chunks * Q) + pid_c * Q
+    a_m = tl.load(acs_ptr + row + offs_m, mask=offs_m < Q, other=0.0)
+    Cm = tl.load(C_ptr + ((base + t_m)[:, None] * g + grp) * n + offs_n[None, :],
+                 mask=m_m[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+    at = ((base + t_m)[:, None] * h + hd) * p + offs_p[None, :]
+    m_mp = m_m[:, None] & m_p[None, :]
+    dyv = tl.load(dy_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zm = tl.load(z_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
+        sg = sigmoid(zm)
+        dyg = dyv * zm * sg
+    else:
+        dyg = dyv
+    tl.store(dyg_ptr + at, dyg, mask=m_mp)
+    if HAS_SEQ:
+        seq_m = _seq_at(seq_ptr, pid_b, t_m, l)
+    ypre = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dacs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, (pid_m + 1) * BLOCK_M, BLOCK_M):
+        offs_s = k0 + tl.arange(0, BLOCK_M)
+        t_s = pid_c * Q + offs_s
+        m_s = (offs_s < Q) & (t_s < l)
+        Bs = tl.load(B_ptr + ((base + t_s)[:, None] * g + grp) * n + offs_n[None, :],
+                     mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M keys, BLOCK_N)
+        a_s = tl.load(acs_ptr + row + offs_s, mask=offs_s < Q, other=0.0)
+        d_s = tl.load(delta_ptr + row + offs_s, mask=m_s, other=0.0)
+        keep = (offs_m[:, None] >= offs_s[None, :]) & m_s[None, :]
+        if HAS_SEQ:
+            keep = keep & (seq_m[:, None] == _seq_at(seq_ptr, pid_b, t_s, l)[None, :])
+        L = tl.where(keep, exp(tl.minimum(a_m[:, None] - a_s[None, :], 0.0)), 0.0)  # (queries, keys)
+        M = _mm(Cm, tl.trans(Bs), DOT) * L
+        xbar = tl.load(x_ptr + ((base + t_s)[:, None] * h + hd) * p + offs_p[None, :],
+                       mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32) * d_s[:, None]
+        ypre += _mm(M, xbar, DOT)
+        G = _mm(dyg, tl.trans(xbar), DOT)  # G_ts = dy_t·x̄_s
+        dC += _mm(G * L, Bs, DOT)
+        dacs += tl.sum(G * M, axis=1)
+    # the incoming state's share e_t H C_t
+    Hin = tl.load(Hin_ptr + ((pid_b.to(tl.int64) * n_chunks + pid_c) * h + hd) * p * n
+                  + offs_p[:, None] * n + offs_n[None, :], mask=m_p[:, None] & m_n[None, :], other=0.0)  # (P, N)
+    e = exp(a_m)
+    if HAS_SEQ:
+        seq_before = tl.where(pid_c > 0, _seq_at(seq_ptr, pid_b, tl.maximum(pid_c * Q - 1, 0), l), 0)
+        e = tl.where(seq_m == seq_before, e, 0.0)
+    yoff = _mm(Cm, tl.trans(Hin), DOT) * e[:, None]
+    dC += _mm(dyg, Hin, DOT) * e[:, None]
+    dacs += tl.sum(dyg * yoff, axis=1)
+    ypre += yoff
+    if HAS_D:
+        xm = tl.load(x_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
+        ypre += tl.load(D_ptr + hd * p + offs_p, mask=m_p, other=0.0)[None, :] * xm
+        n_mblocks = tl.num_programs(2)
+        tl.store(dD_ptr + ((pid_bc * n_mblocks + pid_m) * h + hd) * p + offs_p, tl.sum(dyg * xm, axis=0), mask=m_p)
+    if HAS_Z:
+        dzv = dyv * ypre * sg * (1.0 + zm * (1.0 - sg))  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
+        tl.store(dz_ptr + at, dzv.to(dz_ptr.dtype.element_ty), mask=m_mp)
+    tl.store(dC_ptr + ((base + t_m)[:, None] * h + hd) * n + offs_n[None, :], dC, mask=m_m[:, None] & m_n[None, :])
+    tl.store(dacs_ptr + row + offs_m, dacs, mask=offs_m < Q)
+
+
+@triton.jit
+def _state_passing_bwd_kernel(
+    dHd_ptr, Hin_ptr, acs_ptr, dfinal_ptr, seq_ptr, dS_ptr, dh0_ptr, dlast_ptr, l, h, pn, Q, n_chunks,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_PN: tl.constexpr,
+):  # fmt: skip
+    """Adjoint of _state_passing_kernel, chunks last first. dHd: ∂L/∂Hin[k] through chunk k's outputs;
+    Hin, dHd, dS: (b, c, h, p·n) float32; dfinal, dh0: (b, h, p·n). dS[k] = ∂L/∂Hin[k+1] (= ∂L/∂S[k]);
+    dlast (b, h, c, blocks): this block's share of ∂L/∂(acs_last of chunk k) through the decay."""
+    pid_b, hd, pid_pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs = pid_pn * BLOCK_PN + tl.arange(0, BLOCK_PN)
+    m = offs < pn
+    own = (pid_b.to(tl.int64) * h + hd) * pn + offs
+    if HAS_DFINAL:
+        G = tl.load(dfinal_ptr + own, mask=m, other=0.0)
+    else:
+        G = tl.zeros((BLOCK_PN,), dtype=tl.float32)
+    arow = (pid_b.to(tl.int64) * h + hd) * (n_chunks * Q)
+    for kk in range(n_chunks):
+        k = n_chunks - 1 - kk
+        at = ((pid_b.to(tl.int64) * n_chunks + k) * h + hd) * pn + offs
+        tl.store(dS_ptr + at, G, mask=m)
+        decay = exp(tl.load(acs_ptr + arow + k * Q + Q - 1))
+        if HAS_SEQ:
+            seq_before = tl.where(k > 0, _seq_at(seq_ptr, pid_b, tl.maximum(k * Q - 1, 0), l), 0)
+            decay = tl.where(_seq_at(seq_ptr, pid_b, k * Q + Q - 1, l) == seq_before, decay, 0.0)
+        ddecay = tl.sum(G * tl.load(Hin_ptr + at, mask=m, other=0.0), axis=0)
+        tl.store(dlast_ptr + ((pid_b.to(tl.int64) * h + hd) * n_chunks + k) * tl.num_programs(2) + pid_pn,
+                 ddecay * decay)
+        G = decay * G + tl.load(dHd_ptr + at, mask=m, other=0.0)
+    tl.store(dh0_ptr + own, G, mask=m)
+
+
+@triton.jit
+def _chunk_scan_bwd_key_kernel(
+    x_ptr, B_ptr, C_ptr, D_ptr, dyg_ptr, delta_ptr, acs_ptr, dS_ptr, seq_ptr,
+    dx_ptr, dB_ptr, ddelta_ptr, dacs_ptr, dlast_ptr, l, h, p, g, n, Q, n_chunks,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The key side, per (sequence·chunk, head, block of keys s), all of p: writes dx (b, l, h, p), dB per head
+    (b, l, h, n) float32, ∂L/∂Δ through x̄ and the key terms of ∂L/∂acs (b, h, c·Q), and adds the chunk state's
+    term of ∂L/∂acs_last to dlast (b, h, c) (atomically: one add per key block)."""
+    pid_bc, hd, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_c = pid_bc // n_chunks, pid_bc % n_chunks
+    grp = hd // (h // g)
+    offs_s = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_p, m_n = offs_p < p, offs_n < n
+    t_s = pid_c * Q + offs_s
+    m_s = (offs_s < Q) & (t_s < l)
+    base = pid_b.to(tl.int64) * l
+    row = (pid_b.to(tl.int64) * h + hd) * (n_chunks * Q) + pid_c * Q
+    a_s = tl.load(acs_ptr + row + offs_s, mask=offs_s < Q, other=0.0)
+    d_s = tl.load(delta_ptr + row + offs_s, mask=m_s, other=0.0)
+    at = ((base + t_s)[:, None] * h + hd) * p + offs_p[None, :]
+    m_sp = m_s[:, None] & m_p[None, :]
+    xs = tl.load(x_ptr + at, mask=m_sp, other=0.0).to(tl.float32)
+    xbar = xs * d_s[:, None]
+    Bs = tl.load(B_ptr + ((base + t_s)[:, None] * g + grp) * n + offs_n[None, :],
+                 mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+    # the chunk state's terms: S = Σ_s w_s x̄_s B_sᵀ
+    dS = tl.load(dS_ptr + ((pid_b.to(tl.int64) * n_chunks + pid_c) * h + hd) * p * n
+                 + offs_p[:, None] * n + offs_n[None, :], mask=m_p[:, None] & m_n[None, :], other=0.0)  # (P, N)
+    w = tl.where(m_s, exp(tl.load(acs_ptr + row + Q - 1) - a_s), 0.0)
+    if HAS_SEQ:
+        seq_s = _seq_at(seq_ptr, pid_b, t_s, l)
+        w = tl.where(seq_s == _seq_at(seq_ptr, pid_b, pid_c * Q + Q - 1, l), w, 0.0)
+    BdS = _mm(Bs, tl.trans(dS), DOT)  # (BLOCK_M, BLOCK_P): dS B_s
+    dxbar = BdS * w[:, None]
+    dB = _mm(xbar, dS, DOT) * w[:, None]
+    dw = tl.sum(xbar * BdS, axis=1) * w
+    tl.atomic_add(dlast_ptr + (pid_b.to(tl.int64) * h + hd) * n_chunks + pid_c, tl.sum(dw, axis=0), sem="relaxed")
+    dacs = -dw
+    # the dual form's terms, query blocks from this key block to the chunk's end
+    for t0 in range(pid_s * BLOCK_M, Q, BLOCK_M):
+        offs_t = t0 + tl.arange(0, BLOCK_M)
+        t_t = pid_c * Q + offs_t
+        m_t = (offs_t < Q) & (t_t < l)
+        Ct = tl.load(C_ptr + ((base + t_t)[:, None] * g + grp) * n + offs_n[None, :],
+                     mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M queries, BLOCK_N)
+        dyt = tl.load(dyg_ptr + ((base + t_t)[:, None] * h + hd) * p + offs_p[None, :],
+                      mask=m_t[:, None] & m_p[None, :], other=0.0)
+        a_t = tl.load(acs_ptr + row + offs_t, mask=offs_t < Q, other=0.0)
+        keep = (offs_t[None, :] >= offs_s[:, None]) & m_t[None, :] & m_s[:, None]
+        if HAS_SEQ:
+            keep = keep & (seq_s[:, None] == _seq_at(seq_ptr, pid_b, t_t, l)[None, :])
+        Lt = tl.where(keep, exp(tl.minimum(a_t[None, :] - a_s[:, None], 0.0)), 0.0)  # Lᵀ (keys, queries)
+        Mt = _mm(Bs, tl.trans(Ct), DOT) * Lt
+        dxbar += _mm(Mt, dyt, DOT)
+        Gt = _mm(xbar, tl.trans(dyt), DOT)  # Gᵀ
+        dB += _mm(Gt * Lt, Ct, DOT)
+        dacs -= tl.sum(Gt * Mt, axis=1)
+    dxv = dxbar * d_s[:, None]
+    if HAS_D:
+        dxv += tl.load(D_ptr + hd * p + offs_p, mask=m_p, other=0.0)[None, :] * tl.load(dyg_ptr + at, mask=m_sp, other=0.0)
+    tl.store(dx_ptr + at, dxv.to(dx_ptr.dtype.element_ty), mask=m_sp)
+    tl.store(dB_ptr + ((base + t_s)[:, None] * h + hd) * n + offs_n[None, :], dB, mask=m_s[:, None] & m_n[None, :])
+    tl.store(ddelta_ptr + row + offs_s, tl.sum(xs * dxbar, axis=1), mask=offs_s < Q)
+    tl.store(dacs_ptr + row + offs_s, dacs, mask=offs_s < Q)
+
+
 # ------------------------------------------------------------------------------------------ the forward
 def _dot_type(x: Tensor) -> int:
     if x.dtype == torch.float16:
@@ -278,85 +481,161 @@ def _own(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
 
 
 def _ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx):
-    """The four kernels: y (b, l, h, p) in x's dtype and the final states (b, h, p, n) float32."""
+    """The four kernels: y (b, l, h, p) in x's dtype, the final states (b, h, p, n) float32, and for the
+    backward Δ and acs (b, h, c·Q) and the states entering each chunk (b, c, h, p, n), float32."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     c = triton.cdiv(l, Q)
     cfg = ssd_config(Q, p, n)
     f32 = torch.float32
-    x_, dt_, B_, C_ = _own(x), _own(dt), _own(B), _own(C)
-    dummy = x_.new_empty(1, dtype=f32)
-    seq = _own(seq_idx, torch.int32) if seq_idx is not None else dummy
+    dummy = x.new_empty(1, dtype=f32)
+    seq = seq_idx if seq_idx is not None else dummy
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     dot = _dot_type(x)
 
-    delta = x_.new_empty(b, h, c * Q, dtype=f32)
+    delta = x.new_empty(b, h, c * Q, dtype=f32)
     acs = torch.empty_like(delta)
     _dt_cumsum_kernel[(b, c, triton.cdiv(h, cfg["BLOCK_H"]))](
-        dt_, _own(A, f32), _own(dt_bias, f32) if dt_bias is not None else dummy, delta, acs, l, h, Q, c, lo, hi,
+        dt, A, dt_bias if dt_bias is not None else dummy, delta, acs, l, h, Q, c, lo, hi,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=(lo, hi) != (0.0, float("inf")),
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_H=cfg["BLOCK_H"],
     )  # fmt: skip
-    S = x_.new_empty(b, c, h, p, n, dtype=f32)
-    _chunk_state_kernel[(b * c, h, triton.cdiv(p, cfg["BLOCK_P"]))](
-        x_, B_, delta, acs, seq, S, l, h, p, g, n, Q, c,
-        HAS_SEQ=seq_idx is not None, DOT=dot, BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+    S = x.new_empty(b, c, h, p, n, dtype=f32)
+    _chunk_outer_kernel[(b * c, h, triton.cdiv(p, cfg["BLOCK_P"]))](
+        x, B, delta, acs, seq, S, l, h, p, g, n, Q, c, TO_END=True, HAS_SEQ=seq_idx is not None, DOT=dot,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
     )  # fmt: skip
     Hin = torch.empty_like(S)
-    final = x_.new_empty(b, h, p, n, dtype=f32)
-    h0 = _own(initial_states, f32) if initial_states is not None else dummy
+    final = x.new_empty(b, h, p, n, dtype=f32)
     _state_passing_kernel[(b, h, triton.cdiv(p * n, cfg["BLOCK_PN"]))](
-        S, acs, h0, seq, Hin, final, l, h, p * n, Q, c,
+        S, acs, initial_states if initial_states is not None else dummy, seq, Hin, final, l, h, p * n, Q, c,
         HAS_H0=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK_PN=cfg["BLOCK_PN"],
     )  # fmt: skip
-    y = torch.empty_like(x_)
-    D_ = _own(_per_channel_D(D.detach(), p), f32) if D is not None else dummy  # (h, p)
-    grid = (b * c, h, triton.cdiv(min(Q, cfg["BLOCK_Q"]), cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]))
+    y = torch.empty_like(x)
+    grid = (b * c, h, triton.cdiv(Q, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]))
     _chunk_scan_kernel[grid](
-        x_, B_, C_, D_, _own(z) if z is not None else x_, delta, acs, Hin, seq, y, l, h, p, g, n, Q, c,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT=dot,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"],
+        x, B, C, D if D is not None else dummy, z if z is not None else x, delta, acs, Hin, seq, y,
+        l, h, p, g, n, Q, c, HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT=dot,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
     )  # fmt: skip
-    return y, final
+    return y, final, delta, acs, Hin
+
+
+def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, delta, acs, Hin, Q, dt_softplus, dt_limit):
+    """The gradients of _ssd_forward's y and final states: dx, dΔ-chain (dt, dt_bias), dA, dB, dC, dD (h, p),
+    dz, dh0. Four kernels (query side, ∂L/∂states through the outputs, state passing backwards, key side),
+    then torch for the per-group and per-head sums and the chain through cumsum and softplus (all
+    O(b·l·h) or smaller)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    c = triton.cdiv(l, Q)
+    cfg = ssd_config(Q, p, n)
+    bp = max(16, triton.next_power_of_2(p))  # the backward holds all of p: dC, dB and ∂L/∂acs sum over it
+    f32 = torch.float32
+    dummy = x.new_empty(1, dtype=f32)
+    seq = seq_idx if seq_idx is not None else dummy
+    dot = _dot_type(x)
+    n_m = triton.cdiv(Q, cfg["BLOCK_M"])
+    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_P=bp, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"])
+
+    dyg = x.new_empty(b, l, h, p, dtype=f32)
+    dz = torch.empty_like(z) if z is not None else dummy
+    dC_h = x.new_empty(b, l, h, n, dtype=f32)
+    dacs_q = torch.zeros_like(acs)
+    dD_part = x.new_empty(b * c, n_m, h, p, dtype=f32) if D is not None else dummy
+    _chunk_scan_bwd_query_kernel[(b * c, h, n_m)](
+        x, B, C, D if D is not None else dummy, z if z is not None else x, dy, delta, acs, Hin, seq,
+        dyg, dz, dC_h, dacs_q, dD_part, l, h, p, g, n, Q, c,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT=dot, **blocks,
+    )  # fmt: skip
+    dHd = torch.empty_like(Hin)
+    _chunk_outer_kernel[(b * c, h, triton.cdiv(p, cfg["BLOCK_P"]))](
+        dyg, C, delta, acs, seq, dHd, l, h, p, g, n, Q, c, TO_END=False, HAS_SEQ=seq_idx is not None, DOT=dot,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
+    )  # fmt: skip
+    dS = torch.empty_like(Hin)
+    dh0 = x.new_empty(b, h, p, n, dtype=f32)
+    n_pn = triton.cdiv(p * n, cfg["BLOCK_PN"])
+    dlast_pass = x.new_empty(b, h, c, n_pn, dtype=f32)
+    _state_passing_bwd_kernel[(b, h, n_pn)](
+        dHd, Hin, acs, dfinal if dfinal is not None else dummy, seq, dS, dh0, dlast_pass, l, h, p * n, Q, c,
+        HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, BLOCK_PN=cfg["BLOCK_PN"],
+    )  # fmt: skip
+    dx = torch.empty_like(x)
+    dB_h = x.new_empty(b, l, h, n, dtype=f32)
+    ddelta = torch.zeros_like(acs)
+    dacs_k = torch.zeros_like(acs)
+    dlast = dlast_pass.sum(-1)  # (b, h, c); the key kernel adds the chunk states' term
+    _chunk_scan_bwd_key_kernel[(b * c, h, n_m)](
+        x, B, C, D if D is not None else dummy, dyg, delta, acs, dS, seq, dx, dB_h, ddelta, dacs_k, dlast,
+        l, h, p, g, n, Q, c, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT=dot, **blocks,
+    )  # fmt: skip
+
+    # acs = cumsum of Δ·A within each chunk: ∂L/∂(Δ_t A) = Σ_{t' ≥ t in the chunk} ∂L/∂acs_t'
+    dacs = (dacs_q + dacs_k).view(b, h, c, Q)
+    dacs[..., -1] += dlast
+    da = dacs.flip(-1).cumsum(-1).flip(-1).view(b, h, c * Q)  # (b, h, c·Q)
+    dA = (da * delta).sum((0, 2))  # (h,)
+    ddelta = (ddelta + da * A.view(1, h, 1)).transpose(1, 2)[:, :l]  # (b, l, h)
+    dB = dB_h.view(b, l, g, h // g, n).sum(3)  # (b, l, g, n): the heads of a group share B
+    dC = dC_h.view(b, l, g, h // g, n).sum(3)
+    dD = dD_part.sum((0, 1)) if D is not None else None  # (h, p)
+    return dx, ddelta, dA, dB, dC, dD, (dz if z is not None else None), dh0
 
 
 class _SSDTriton(torch.autograd.Function):
-    """Forward: the Triton kernels. Backward: recomputes through the chunked torch path (cpu/ssd.py) and
-    differentiates it (see the module's docstring)."""
+    """Forward and backward: the Triton kernels above."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, Q, dt_softplus, dt_limit, save):
         # save: records_grad(...) from the caller (ctx.needs_input_grad is True under no_grad too)
-        y, final = _ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx)
+        f32 = torch.float32
+        p = x.shape[-1]
+        x_, dt_, B_, C_, z_ = _own(x), _own(dt), _own(B), _own(C), _own(z)
+        A_, bias_, h0 = _own(A, f32), _own(dt_bias, f32), _own(initial_states, f32)
+        D_ = _own(_per_channel_D(D.detach(), p), f32) if D is not None else None  # (h, p)
+        seq = _own(seq_idx, torch.int32)
+        y, final, delta, acs, Hin = _ssd_forward(x_, dt_, A_, B_, C_, Q, D_, z_, bias_, dt_softplus, dt_limit,
+                                                 h0, seq)  # fmt: skip
         if save:
-            ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+            ctx.save_for_backward(x_, dt_, A_, B_, C_, D_, z_, bias_, seq, delta, acs, Hin)
             ctx.meta = (Q, dt_softplus, dt_limit)
+            ctx.dtypes = tuple(None if t is None else t.dtype for t in (dt, A, B, C, D, dt_bias, initial_states))
+            ctx.D_per_head = D is not None and D.dim() == 1
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        from ..cpu.ssd import ssd_cpu
-
-        saved = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, seq, delta, acs, Hin = ctx.saved_tensors
         Q, dt_softplus, dt_limit = ctx.meta
-        need = ctx.needs_input_grad[:9]  # x, dt, A, B, C, D, z, dt_bias, initial_states
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() if t is not None and nd else (t.detach() if t is not None else None)
-                      for t, nd in zip(saved[:9], need)]  # fmt: skip
-            x, dt, A, B, C, D, z, dt_bias, h0 = leaves
-            y, final = ssd_cpu(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, h0, saved[9], True)
-            outs, grads_out = [], []
-            for o, go in ((y, dy), (final, dfinal)):
-                if go is not None:
-                    outs.append(o)
-                    grads_out.append(go)
-            wanted = [t for t, nd in zip(leaves, need) if t is not None and nd]
-            grads = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True) if wanted else ())
-        result = []
-        for t, nd in zip(leaves, need):
-            gr = next(grads) if t is not None and nd else None
-            result.append(torch.zeros_like(t) if gr is None and t is not None and nd else gr)
-        return (*result, None, None, None, None, None)
+        t_dt, t_A, t_B, t_C, t_D, t_bias, t_h0 = ctx.dtypes
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+        dfinal = dfinal.to(torch.float32).contiguous() if dfinal is not None else None
+        dx, ddelta, dA, dB, dC, dD, dz, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq, delta,
+                                                            acs, Hin, Q, dt_softplus, dt_limit)  # fmt: skip
+        need = ctx.needs_input_grad
+        ddt = dbias = None
+        if need[1] or need[7]:  # Δ = clamp(softplus(dt + dt_bias)): elementwise, (b, l, h), through autograd
+            with torch.enable_grad():
+                leaves = [dt.detach().requires_grad_()] + ([dt_bias.detach().requires_grad_()] if dt_bias is not None else [])
+                d = ssd_dt(leaves[0], leaves[1] if dt_bias is not None else None, dt_softplus, dt_limit)
+                grads = torch.autograd.grad(d, leaves, ddelta)
+            ddt = grads[0]
+            dbias = grads[1].to(t_bias) if dt_bias is not None else None
+        if dD is not None and ctx.D_per_head:
+            dD = dD.sum(-1)
+        return (
+            dx if need[0] else None,
+            ddt if need[1] else None,
+            dA.to(t_A) if need[2] else None,
+            dB.to(t_B) if need[3] else None,
+            dC.to(t_C) if need[4] else None,
+            dD.to(t_D) if dD is not None and need[5] else None,
+            dz if need[6] else None,
+            dbias if need[7] else None,
+            dh0.to(t_h0) if t_h0 is not None and need[8] else None,
+            None, None, None, None, None,
+        )
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
