@@ -29,10 +29,17 @@ inputs (tensor cores) and float32 operands in IEEE float32 for float32 inputs (n
 (CPU tests) computes bfloat16 products wrongly (Triton 3.9: numpy has no bfloat16), so under it bfloat16
 products run in float32.
 
-Backward: the forward kernels save nothing but the inputs; the backward recomputes the forward with the
-chunked torch path (cpu/ssd.py, which runs on any device and is tested against the reference to 1e-10 in
-float64, gradcheck included) and differentiates that with autograd. A Triton backward would be faster; this
-keeps every gradient exact to a tested path (docs/kernels.md).
+Backward: four more kernels, the adjoints of the same sums (the formulas are above the backward kernels).
+The forward saves Δ, acs (b, h, c·Q) and the states entering each chunk (b, c, h, p, n), float32 (c·p·n per
+head, as the paper's memory bound allows); per-step states (b, l, h, p, n) are never formed.
+- `_chunk_scan_bwd_query_kernel`, per query block: ∂L/∂y before the gate, dz (recomputing y), dC, dD, and the
+  query terms of ∂L/∂acs;
+- `_chunk_outer_kernel` again: ∂L/∂(state entering each chunk) through that chunk's outputs;
+- `_state_passing_bwd_kernel`: those passed back over the chunks (last first), giving ∂L/∂(each chunk's own
+  state), d(initial_states) and the decays' terms of ∂L/∂acs;
+- `_chunk_scan_bwd_key_kernel`, per key block: dx, dB, ∂L/∂Δ through Δ·x, and the key terms of ∂L/∂acs.
+torch then sums dB and dC over the heads of a group, turns ∂L/∂acs into ∂L/∂(Δ·A) (a reverse cumsum within
+each chunk) and differentiates Δ = clamp(softplus(dt + dt_bias)) with autograd: all (b, l, h) or smaller.
 
 The decoding step (`ssd_state_update_triton`) is one kernel: per (sequence, head, block of p) it loads the
 state block, decays it, adds Δ x Bᵀ, stores it back in place and reads out y = h C + D x (·silu(z)).
@@ -64,8 +71,10 @@ _DOT_F32, _DOT_F16, _DOT_BF16 = 0, 1, 2
 
 def ssd_config(Q: int, p: int, n: int) -> dict:
     """Block sizes. tl.dot needs every dimension ≥ 16 and a power of two: blocks are padded and masked.
-    BLOCK_N covers the whole state (n ≤ 256 in released models) so C Bᵀ is one product per key block; queries
-    and keys of a chunk go in blocks of 64 (a 256-step chunk: 4 × 4 blocks, half of them masked out)."""
+    BLOCK_N covers the whole state (n ≤ 256 in released models) so C Bᵀ is one product per key block. Queries
+    and keys of a chunk go in blocks of 32 in the forward, 16 in the backward, 8 warps a program: at
+    Q = 256, p = 64, n = 128 every kernel then compiles for sm_90 without spilling registers in bfloat16
+    (python benchmarks/gpu.py --compile-only; docs/kernels.md). Untimed: no GPU has run them yet."""
     block_q = max(16, triton.next_power_of_2(Q))
     return dict(
         BLOCK_Q=block_q,
@@ -74,6 +83,7 @@ def ssd_config(Q: int, p: int, n: int) -> dict:
         BLOCK_N=max(16, triton.next_power_of_2(n)),
         BLOCK_H=TILES.get("BLOCK_H", 8),
         BLOCK_PN=TILES.get("BLOCK_PN", 1024),
+        BWD_M=TILES.get("BWD_M", 16),  # the backward's query/key blocks: it holds more (BLOCK_M, p) tiles
         WARPS=TILES.get("WARPS", 8),
     )
 
@@ -535,8 +545,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, delta, acs
     dummy = x.new_empty(1, dtype=f32)
     seq = seq_idx if seq_idx is not None else dummy
     dot = _dot_type(x)
-    n_m = triton.cdiv(Q, cfg["BLOCK_M"])
-    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_P=bp, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"])
+    n_m = triton.cdiv(Q, cfg["BWD_M"])
+    blocks = dict(BLOCK_M=cfg["BWD_M"], BLOCK_P=bp, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"])
 
     dyg = x.new_empty(b, l, h, p, dtype=f32)
     dz = torch.empty_like(z) if z is not None else dummy
