@@ -226,6 +226,26 @@ def test_ssd_reads_views():
         assert_close(g1[k], g2[k], TOL[torch.float32], f"d{k}")
 
 
+def test_ssd_saves_chunk_states_not_step_states():
+    """For the backward the forward keeps the states entering each chunk, (b, c, h, p, n), never one per step
+    (b, l, h, p, n); y alone (final states unused) and the final states alone (y unused) backpropagate."""
+    b, l, h, p, g, n, Q = 1, 12, 2, 3, 1, 4, 4
+    leaves = {k: v.requires_grad_() for k, v in make_inputs(b, l, h, p, g, n).items() if v is not None}
+    y = ssd_tri(**leaves, chunk_size=Q, dt_softplus=True)
+    saved = [tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None and t.dim() == 5]
+    assert saved == [(b, -(-l // Q), h, p, n)]
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device)
+    got = torch.autograd.grad((y * gy).sum(), list(leaves.values()))
+    want = torch.autograd.grad((ssd_ref(**leaves, dt_softplus=True) * gy).sum(), list(leaves.values()))
+    for k, g1, g2 in zip(leaves, got, want):
+        assert_close(g1, g2, TOL[torch.float32], f"d{k}")
+    kw = dict(chunk_size=Q, dt_softplus=True, return_final_states=True)
+    got = torch.autograd.grad(ssd_tri(**leaves, **kw)[1].sum(), list(leaves.values()), allow_unused=True)
+    want = torch.autograd.grad(ssd_ref(**leaves, **kw)[1].sum(), list(leaves.values()), allow_unused=True)
+    for k, g1, g2 in zip(leaves, got, want):  # C, D, z do not reach the state: zeros here, None there
+        assert_close(g1, torch.zeros_like(g1) if g2 is None else g2, TOL[torch.float32], f"d{k} (state only)")
+
+
 def test_ssd_in_inference_saves_nothing(monkeypatch):
     """Under no_grad nothing is saved for a backward, though the inputs require grad; y is the same."""
     from torch.autograd.function import FunctionCtx

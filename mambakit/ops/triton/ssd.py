@@ -608,6 +608,7 @@ class _SSDTriton(torch.autograd.Function):
         y, final, delta, acs, Hin = _ssd_forward(x_, dt_, A_, B_, C_, Q, D_, z_, bias_, dt_softplus, dt_limit,
                                                  h0, seq)  # fmt: skip
         if save:
+            ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor read back
             ctx.save_for_backward(x_, dt_, A_, B_, C_, D_, z_, bias_, seq, delta, acs, Hin)
             ctx.meta = (Q, dt_softplus, dt_limit)
             ctx.dtypes = tuple(None if t is None else t.dtype for t in (dt, A, B, C, D, dt_bias, initial_states))
