@@ -208,15 +208,25 @@ def test_ssd_in_pieces_equals_one_call():
     assert_close(sb, s, 1e-5, "final states")
 
 
+def slice_of_wider(t, lead):
+    """t as the model passes it: a column slice of a wider (…, lead dims, channels) tensor, its trailing dims
+    a view of the slice (dense within a step, strided between steps)."""
+    flat = t.reshape(*t.shape[:lead], -1)
+    wide = torch.cat([torch.randn_like(flat), flat, torch.randn_like(flat)], dim=-1)
+    return wide[..., flat.shape[-1]: 2 * flat.shape[-1]].view(t.shape)
+
+
 def test_ssd_reads_views():
-    """Views as the model passes them (x, z, B, C, dt: slices of one projection) give the results of
-    contiguous inputs."""
+    """The model's views (x, dt, B, C: slices of one projection) are read in place through their strides; z
+    here has trailing dims that are not dense and is copied first. Results and gradients as with contiguous
+    inputs."""
     x = make_inputs(2, 9, 2, 3, 1, 4)
     views = dict(x)
-    for k in ("x", "dt", "z", "B", "C"):
-        v = x[k]
-        views[k] = torch.cat([v, torch.randn_like(v)], dim=-1)[..., : v.shape[-1]]
-        assert not views[k].is_contiguous()
+    for k in ("x", "dt", "B", "C"):
+        views[k] = slice_of_wider(x[k], 2)
+        assert not views[k].is_contiguous() and views[k][0, 0].is_contiguous()
+    views["z"] = torch.cat([x["z"], torch.randn_like(x["z"])], dim=-1)[..., :3]
+    assert not views["z"][0, 0].is_contiguous()
     kw = dict(chunk_size=4, dt_softplus=True)
     y1, s1, g1 = run_with_grads(ssd_tri, views, **kw)
     y2, s2, g2 = run_with_grads(ssd_ref, x, **kw)
@@ -285,13 +295,15 @@ def test_step_matches_reference_and_ssd(state_dtype):
 
 
 def test_step_without_options_and_strided_state():
+    """No options; a strided state (updated in place through a copy) and inputs that are slices of wider
+    tensors (read in place)."""
     b, h, p, g, n = 2, 3, 2, 1, 4
     x = make_inputs(b, 1, h, p, g, n, D=None, z=False, bias=False, softplus=False)
     big = torch.randn(b, h, p, n + 3, device=DEVICE)
-    s1 = big[..., :n]  # not contiguous: updated in place through a copy
+    s1 = big[..., :n]
     s2 = s1.clone()
     step = {k: x[k][:, 0] for k in ("x", "dt", "B", "C")}
-    y1 = step_tri(s1, A=x["A"], **step)
+    y1 = step_tri(s1, A=x["A"], **{k: slice_of_wider(v, 1) for k, v in step.items()})
     y2 = ssd_state_update_ref(s2, A=x["A"], **step)
     assert_close(y1, y2, TOL[torch.float32], "y")
     assert_close(big[..., :n], s2, TOL[torch.float32], "state")

@@ -100,6 +100,13 @@ def _mm(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
+def _steps(pid_b, t, s_b, s_l):
+    """Offsets of steps t of sequence pid_b in a (b, l, …) tensor with batch and time strides s_b, s_l whose
+    trailing dimensions are dense: the model's x, B, C, z, dt are slices of wider projections, read in place."""
+    return pid_b.to(tl.int64) * s_b + t.to(tl.int64) * s_l
+
+
+@triton.jit
 def _seq_at(seq_ptr, pid_b, t, l):
     """seq_idx of steps t of sequence pid_b; steps past l continue the last one."""
     return tl.load(seq_ptr + pid_b.to(tl.int64) * l + tl.minimum(t, l - 1))
@@ -108,11 +115,11 @@ def _seq_at(seq_ptr, pid_b, t, l):
 # ------------------------------------------------------------------------------- 1. Δ and its cumsum
 @triton.jit
 def _dt_cumsum_kernel(
-    dt_ptr, A_ptr, bias_ptr, delta_ptr, acs_ptr, l, h, Q, n_chunks, lo, hi,
+    dt_ptr, A_ptr, bias_ptr, delta_ptr, acs_ptr, l, h, Q, n_chunks, lo, hi, s_dt_b, s_dt_l,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """dt: (b, l, h); A, bias: (h,); delta, acs: (b, h, c·Q) float32."""
+    """dt: (b, l, h) (batch and time strides given); A, bias: (h,); delta, acs: (b, h, c·Q) float32."""
     pid_b, pid_c = tl.program_id(0), tl.program_id(1)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -120,7 +127,7 @@ def _dt_cumsum_kernel(
     m_t = (offs_q < Q) & (t < l)
     m_h = offs_h < h
     m = m_t[:, None] & m_h[None, :]  # (BLOCK_Q, BLOCK_H)
-    v = tl.load(dt_ptr + (pid_b.to(tl.int64) * l + t)[:, None] * h + offs_h[None, :], mask=m, other=0.0)
+    v = tl.load(dt_ptr + _steps(pid_b, t, s_dt_b, s_dt_l)[:, None] + offs_h[None, :], mask=m, other=0.0)
     v = v.to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias_ptr + offs_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
@@ -140,12 +147,12 @@ def _dt_cumsum_kernel(
 # ------------------------------------------------------------------------------------- 2. chunk states
 @triton.jit
 def _chunk_outer_kernel(
-    v_ptr, u_ptr, delta_ptr, acs_ptr, seq_ptr, out_ptr, l, h, p, g, n, Q, n_chunks,
+    v_ptr, u_ptr, delta_ptr, acs_ptr, seq_ptr, out_ptr, l, h, p, g, n, Q, n_chunks, s_v_b, s_v_l, s_u_b, s_u_l,
     TO_END: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Σ_t w_t v_t u_tᵀ over each chunk, (b, c, h, p, n) float32; v: (b, l, h, p); u: (b, l, g, n) (the head's
-    group); delta, acs: (b, h, c·Q); seq: (b, l) int32. Two uses:
+    group), both with the given batch and time strides; delta, acs: (b, h, c·Q); seq: (b, l) int32. Two uses:
     - TO_END, the chunk's state from a zero start: v = x, u = B, w_t = exp(acs_last − acs_t)·Δ_t, only tokens
       of the chunk's last sequence;
     - not TO_END (the backward), ∂L/∂(state entering the chunk) through the outputs: v = ∂L/∂y (before the
@@ -168,9 +175,9 @@ def _chunk_outer_kernel(
         offs_s = k0 + tl.arange(0, BLOCK_M)
         t = pid_c * Q + offs_s
         m_s = (offs_s < Q) & (t < l)
-        vs = tl.load(v_ptr + ((pid_b.to(tl.int64) * l + t)[:, None] * h + hd) * p + offs_p[None, :],
+        vs = tl.load(v_ptr + _steps(pid_b, t, s_v_b, s_v_l)[:, None] + hd * p + offs_p[None, :],
                      mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_P)
-        us = tl.load(u_ptr + ((pid_b.to(tl.int64) * l + t)[:, None] * g + grp) * n + offs_n[None, :],
+        us = tl.load(u_ptr + _steps(pid_b, t, s_u_b, s_u_l)[:, None] + grp * n + offs_n[None, :],
                      mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
         a_s = tl.load(acs_ptr + row + offs_s, mask=m_s, other=0.0)
         if TO_END:
@@ -218,11 +225,13 @@ def _state_passing_kernel(
 @triton.jit
 def _chunk_scan_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_ptr, acs_ptr, Hin_ptr, seq_ptr, y_ptr, l, h, p, g, n, Q, n_chunks,
+    s_x_b, s_x_l, s_B_b, s_B_l, s_C_b, s_C_l, s_z_b, s_z_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """x, z, y: (b, l, h, p); B, C: (b, l, g, n); D: (h, p) float32; delta, acs: (b, h, c·Q); Hin: (b, c, h, p, n)
-    float32; seq: (b, l) int32. Program axis 2 runs over (block of queries, block of p), queries major."""
+    float32; seq: (b, l) int32. x, B, C, z have the given batch and time strides; y is contiguous. Program
+    axis 2 runs over (block of queries, block of p), queries major."""
     pid_bc, hd = tl.program_id(0), tl.program_id(1)
     pid_b, pid_c = pid_bc // n_chunks, pid_bc % n_chunks
     n_pblocks = tl.cdiv(p, BLOCK_P)
@@ -237,7 +246,7 @@ def _chunk_scan_kernel(
     base = pid_b.to(tl.int64) * l
     row = (pid_b.to(tl.int64) * h + hd) * (n_chunks * Q) + pid_c * Q
     a_m = tl.load(acs_ptr + row + offs_m, mask=offs_m < Q, other=0.0)
-    Cm = tl.load(C_ptr + ((base + t_m)[:, None] * g + grp) * n + offs_n[None, :],
+    Cm = tl.load(C_ptr + _steps(pid_b, t_m, s_C_b, s_C_l)[:, None] + grp * n + offs_n[None, :],
                  mask=m_m[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
     if HAS_SEQ:
         seq_m = _seq_at(seq_ptr, pid_b, t_m, l)
@@ -257,7 +266,7 @@ def _chunk_scan_kernel(
         offs_s = k0 + tl.arange(0, BLOCK_M)
         t_s = pid_c * Q + offs_s
         m_s = (offs_s < Q) & (t_s < l)
-        Bs = tl.load(B_ptr + ((base + t_s)[None, :] * g + grp) * n + offs_n[:, None],
+        Bs = tl.load(B_ptr + _steps(pid_b, t_s, s_B_b, s_B_l)[None, :] + grp * n + offs_n[:, None],
                      mask=m_n[:, None] & m_s[None, :], other=0.0)  # Bᵀ (BLOCK_N, BLOCK_M)
         CB = _mm(Cm, Bs, DOT)  # (BLOCK_M queries, BLOCK_M keys)
         a_s = tl.load(acs_ptr + row + offs_s, mask=offs_s < Q, other=0.0)
@@ -266,17 +275,19 @@ def _chunk_scan_kernel(
         if HAS_SEQ:
             keep = keep & (seq_m[:, None] == _seq_at(seq_ptr, pid_b, t_s, l)[None, :])
         scores = tl.where(keep, CB * exp(tl.minimum(a_m[:, None] - a_s[None, :], 0.0)) * d_s[None, :], 0.0)
-        xs = tl.load(x_ptr + ((base + t_s)[:, None] * h + hd) * p + offs_p[None, :],
+        xs = tl.load(x_ptr + _steps(pid_b, t_s, s_x_b, s_x_l)[:, None] + hd * p + offs_p[None, :],
                      mask=m_s[:, None] & m_p[None, :], other=0.0)  # (BLOCK_M, BLOCK_P)
         acc += _mm(scores, xs, DOT)
 
-    at = ((base + t_m)[:, None] * h + hd) * p + offs_p[None, :]
+    at = ((base + t_m)[:, None] * h + hd) * p + offs_p[None, :]  # into y
     m_mp = m_m[:, None] & m_p[None, :]
     if HAS_D:
-        xm = tl.load(x_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
+        xm = tl.load(x_ptr + _steps(pid_b, t_m, s_x_b, s_x_l)[:, None] + hd * p + offs_p[None, :], mask=m_mp,
+                     other=0.0).to(tl.float32)  # fmt: skip
         acc += tl.load(D_ptr + hd * p + offs_p, mask=m_p, other=0.0)[None, :] * xm
     if HAS_Z:
-        zm = tl.load(z_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
+        zm = tl.load(z_ptr + _steps(pid_b, t_m, s_z_b, s_z_l)[:, None] + hd * p + offs_p[None, :], mask=m_mp,
+                     other=0.0).to(tl.float32)  # fmt: skip
         acc = acc * zm * sigmoid(zm)
     tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=m_mp)
 
@@ -294,12 +305,14 @@ def _chunk_scan_kernel(
 def _chunk_scan_bwd_query_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, delta_ptr, acs_ptr, Hin_ptr, seq_ptr,
     dyg_ptr, dz_ptr, dC_ptr, dacs_ptr, dD_ptr, l, h, p, g, n, Q, n_chunks,
+    s_x_b, s_x_l, s_B_b, s_B_l, s_C_b, s_C_l, s_z_b, s_z_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The query side, per (sequence·chunk, head, block of queries t), all of p (BLOCK_P ≥ p): recomputes y
     before the gate for dz, writes dyg = ∂L/∂y before the gate (b, l, h, p) float32, dz, dC per head
-    (b, l, h, n) float32, the query terms of ∂L/∂acs (b, h, c·Q) and dD's partial sums (b·c, blocks, h, p)."""
+    (b, l, h, n) float32, the query terms of ∂L/∂acs (b, h, c·Q) and dD's partial sums (b·c, blocks, h, p).
+    x, B, C, z have the given batch and time strides; dy and the outputs are contiguous."""
     pid_bc, hd, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_b, pid_c = pid_bc // n_chunks, pid_bc % n_chunks
     grp = hd // (h // g)
@@ -312,13 +325,14 @@ def _chunk_scan_bwd_query_kernel(
     base = pid_b.to(tl.int64) * l
     row = (pid_b.to(tl.int64) * h + hd) * (n_chunks * Q) + pid_c * Q
     a_m = tl.load(acs_ptr + row + offs_m, mask=offs_m < Q, other=0.0)
-    Cm = tl.load(C_ptr + ((base + t_m)[:, None] * g + grp) * n + offs_n[None, :],
+    Cm = tl.load(C_ptr + _steps(pid_b, t_m, s_C_b, s_C_l)[:, None] + grp * n + offs_n[None, :],
                  mask=m_m[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
-    at = ((base + t_m)[:, None] * h + hd) * p + offs_p[None, :]
+    at = ((base + t_m)[:, None] * h + hd) * p + offs_p[None, :]  # into dy, dyg, dz
     m_mp = m_m[:, None] & m_p[None, :]
     dyv = tl.load(dy_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
     if HAS_Z:
-        zm = tl.load(z_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
+        zm = tl.load(z_ptr + _steps(pid_b, t_m, s_z_b, s_z_l)[:, None] + hd * p + offs_p[None, :], mask=m_mp,
+                     other=0.0).to(tl.float32)  # fmt: skip
         sg = sigmoid(zm)
         dyg = dyv * zm * sg
     else:
@@ -333,7 +347,7 @@ def _chunk_scan_bwd_query_kernel(
         offs_s = k0 + tl.arange(0, BLOCK_M)
         t_s = pid_c * Q + offs_s
         m_s = (offs_s < Q) & (t_s < l)
-        Bs = tl.load(B_ptr + ((base + t_s)[:, None] * g + grp) * n + offs_n[None, :],
+        Bs = tl.load(B_ptr + _steps(pid_b, t_s, s_B_b, s_B_l)[:, None] + grp * n + offs_n[None, :],
                      mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M keys, BLOCK_N)
         a_s = tl.load(acs_ptr + row + offs_s, mask=offs_s < Q, other=0.0)
         d_s = tl.load(delta_ptr + row + offs_s, mask=m_s, other=0.0)
@@ -342,7 +356,7 @@ def _chunk_scan_bwd_query_kernel(
             keep = keep & (seq_m[:, None] == _seq_at(seq_ptr, pid_b, t_s, l)[None, :])
         L = tl.where(keep, exp(tl.minimum(a_m[:, None] - a_s[None, :], 0.0)), 0.0)  # (queries, keys)
         M = _mm(Cm, tl.trans(Bs), DOT) * L
-        xbar = tl.load(x_ptr + ((base + t_s)[:, None] * h + hd) * p + offs_p[None, :],
+        xbar = tl.load(x_ptr + _steps(pid_b, t_s, s_x_b, s_x_l)[:, None] + hd * p + offs_p[None, :],
                        mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32) * d_s[:, None]
         ypre += _mm(M, xbar, DOT)
         G = _mm(dyg, tl.trans(xbar), DOT)  # G_ts = dy_t·x̄_s
@@ -360,7 +374,8 @@ def _chunk_scan_bwd_query_kernel(
     dacs += tl.sum(dyg * yoff, axis=1)
     ypre += yoff
     if HAS_D:
-        xm = tl.load(x_ptr + at, mask=m_mp, other=0.0).to(tl.float32)
+        xm = tl.load(x_ptr + _steps(pid_b, t_m, s_x_b, s_x_l)[:, None] + hd * p + offs_p[None, :], mask=m_mp,
+                     other=0.0).to(tl.float32)  # fmt: skip
         ypre += tl.load(D_ptr + hd * p + offs_p, mask=m_p, other=0.0)[None, :] * xm
         n_mblocks = tl.num_programs(2)
         tl.store(dD_ptr + ((pid_bc * n_mblocks + pid_m) * h + hd) * p + offs_p, tl.sum(dyg * xm, axis=0), mask=m_p)
@@ -407,12 +422,14 @@ def _state_passing_bwd_kernel(
 def _chunk_scan_bwd_key_kernel(
     x_ptr, B_ptr, C_ptr, D_ptr, dyg_ptr, delta_ptr, acs_ptr, dS_ptr, seq_ptr,
     dx_ptr, dB_ptr, ddelta_ptr, dacs_ptr, dlast_ptr, l, h, p, g, n, Q, n_chunks,
+    s_x_b, s_x_l, s_B_b, s_B_l, s_C_b, s_C_l,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The key side, per (sequence·chunk, head, block of keys s), all of p: writes dx (b, l, h, p), dB per head
     (b, l, h, n) float32, ∂L/∂Δ through x̄ and the key terms of ∂L/∂acs (b, h, c·Q), and adds the chunk state's
-    term of ∂L/∂acs_last to dlast (b, h, c) (atomically: one add per key block)."""
+    term of ∂L/∂acs_last to dlast (b, h, c) (atomically: one add per key block). x, B, C have the given batch
+    and time strides; dyg and the outputs are contiguous."""
     pid_bc, hd, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_b, pid_c = pid_bc // n_chunks, pid_bc % n_chunks
     grp = hd // (h // g)
@@ -426,11 +443,12 @@ def _chunk_scan_bwd_key_kernel(
     row = (pid_b.to(tl.int64) * h + hd) * (n_chunks * Q) + pid_c * Q
     a_s = tl.load(acs_ptr + row + offs_s, mask=offs_s < Q, other=0.0)
     d_s = tl.load(delta_ptr + row + offs_s, mask=m_s, other=0.0)
-    at = ((base + t_s)[:, None] * h + hd) * p + offs_p[None, :]
+    at = ((base + t_s)[:, None] * h + hd) * p + offs_p[None, :]  # into dyg, dx
     m_sp = m_s[:, None] & m_p[None, :]
-    xs = tl.load(x_ptr + at, mask=m_sp, other=0.0).to(tl.float32)
+    xs = tl.load(x_ptr + _steps(pid_b, t_s, s_x_b, s_x_l)[:, None] + hd * p + offs_p[None, :], mask=m_sp,
+                 other=0.0).to(tl.float32)  # fmt: skip
     xbar = xs * d_s[:, None]
-    Bs = tl.load(B_ptr + ((base + t_s)[:, None] * g + grp) * n + offs_n[None, :],
+    Bs = tl.load(B_ptr + _steps(pid_b, t_s, s_B_b, s_B_l)[:, None] + grp * n + offs_n[None, :],
                  mask=m_s[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
     # the chunk state's terms: S = Σ_s w_s x̄_s B_sᵀ
     dS = tl.load(dS_ptr + ((pid_b.to(tl.int64) * n_chunks + pid_c) * h + hd) * p * n
@@ -450,7 +468,7 @@ def _chunk_scan_bwd_key_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_M)
         t_t = pid_c * Q + offs_t
         m_t = (offs_t < Q) & (t_t < l)
-        Ct = tl.load(C_ptr + ((base + t_t)[:, None] * g + grp) * n + offs_n[None, :],
+        Ct = tl.load(C_ptr + _steps(pid_b, t_t, s_C_b, s_C_l)[:, None] + grp * n + offs_n[None, :],
                      mask=m_t[:, None] & m_n[None, :], other=0.0)  # (BLOCK_M queries, BLOCK_N)
         dyt = tl.load(dyg_ptr + ((base + t_t)[:, None] * h + hd) * p + offs_p[None, :],
                       mask=m_t[:, None] & m_p[None, :], other=0.0)
@@ -482,6 +500,20 @@ def _dot_type(x: Tensor) -> int:
     return _DOT_F32
 
 
+def _rows(x: Tensor | None, lead: int = 2) -> Tensor | None:
+    """x (detached) itself when its dimensions after the `lead` leading ones (batch, time) are dense, as in the
+    model's slices of its projections: the kernels take the leading strides. Else a contiguous copy."""
+    if x is None:
+        return None
+    x = x.detach()
+    return x if x.numel() and x[(0,) * lead].is_contiguous() else x.contiguous()
+
+
+def _strides(*xs: Tensor) -> list[int]:
+    """(batch, time) strides of each (b, l, …) tensor."""
+    return [s for x in xs for s in (x.stride(0), x.stride(1))]
+
+
 def _own(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
     """x detached and contiguous (in `dtype` if given): the kernels index dense row-major memory."""
     if x is None:
@@ -506,13 +538,13 @@ def _ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initia
     delta = x.new_empty(b, h, c * Q, dtype=f32)
     acs = torch.empty_like(delta)
     _dt_cumsum_kernel[(b, c, triton.cdiv(h, cfg["BLOCK_H"]))](
-        dt, A, dt_bias if dt_bias is not None else dummy, delta, acs, l, h, Q, c, lo, hi,
+        dt, A, dt_bias if dt_bias is not None else dummy, delta, acs, l, h, Q, c, lo, hi, *_strides(dt),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=(lo, hi) != (0.0, float("inf")),
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_H=cfg["BLOCK_H"],
     )  # fmt: skip
     S = x.new_empty(b, c, h, p, n, dtype=f32)
     _chunk_outer_kernel[(b * c, h, triton.cdiv(p, cfg["BLOCK_P"]))](
-        x, B, delta, acs, seq, S, l, h, p, g, n, Q, c, TO_END=True, HAS_SEQ=seq_idx is not None, DOT=dot,
+        x, B, delta, acs, seq, S, l, h, p, g, n, Q, c, *_strides(x, B), TO_END=True, HAS_SEQ=seq_idx is not None, DOT=dot,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
     )  # fmt: skip
     Hin = torch.empty_like(S)
@@ -521,11 +553,12 @@ def _ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initia
         S, acs, initial_states if initial_states is not None else dummy, seq, Hin, final, l, h, p * n, Q, c,
         HAS_H0=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK_PN=cfg["BLOCK_PN"],
     )  # fmt: skip
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)  # contiguous, whatever x's strides
     grid = (b * c, h, triton.cdiv(Q, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]))
     _chunk_scan_kernel[grid](
         x, B, C, D if D is not None else dummy, z if z is not None else x, delta, acs, Hin, seq, y,
-        l, h, p, g, n, Q, c, HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT=dot,
+        l, h, p, g, n, Q, c, *_strides(x, B, C, z if z is not None else x),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT=dot,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
     )  # fmt: skip
     return y, final, delta, acs, Hin
@@ -549,18 +582,18 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, delta, acs
     blocks = dict(BLOCK_M=cfg["BWD_M"], BLOCK_P=bp, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"])
 
     dyg = x.new_empty(b, l, h, p, dtype=f32)
-    dz = torch.empty_like(z) if z is not None else dummy
+    dz = z.new_empty(z.shape) if z is not None else dummy
     dC_h = x.new_empty(b, l, h, n, dtype=f32)
     dacs_q = torch.zeros_like(acs)
     dD_part = x.new_empty(b * c, n_m, h, p, dtype=f32) if D is not None else dummy
     _chunk_scan_bwd_query_kernel[(b * c, h, n_m)](
         x, B, C, D if D is not None else dummy, z if z is not None else x, dy, delta, acs, Hin, seq,
-        dyg, dz, dC_h, dacs_q, dD_part, l, h, p, g, n, Q, c,
+        dyg, dz, dC_h, dacs_q, dD_part, l, h, p, g, n, Q, c, *_strides(x, B, C, z if z is not None else x),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, DOT=dot, **blocks,
     )  # fmt: skip
     dHd = torch.empty_like(Hin)
     _chunk_outer_kernel[(b * c, h, triton.cdiv(p, cfg["BLOCK_P"]))](
-        dyg, C, delta, acs, seq, dHd, l, h, p, g, n, Q, c, TO_END=False, HAS_SEQ=seq_idx is not None, DOT=dot,
+        dyg, C, delta, acs, seq, dHd, l, h, p, g, n, Q, c, *_strides(dyg, C), TO_END=False, HAS_SEQ=seq_idx is not None, DOT=dot,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
     )  # fmt: skip
     dS = torch.empty_like(Hin)
@@ -571,14 +604,15 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, delta, acs
         dHd, Hin, acs, dfinal if dfinal is not None else dummy, seq, dS, dh0, dlast_pass, l, h, p * n, Q, c,
         HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, BLOCK_PN=cfg["BLOCK_PN"],
     )  # fmt: skip
-    dx = torch.empty_like(x)
+    dx = x.new_empty(x.shape)
     dB_h = x.new_empty(b, l, h, n, dtype=f32)
     ddelta = torch.zeros_like(acs)
     dacs_k = torch.zeros_like(acs)
     dlast = dlast_pass.sum(-1)  # (b, h, c); the key kernel adds the chunk states' term
     _chunk_scan_bwd_key_kernel[(b * c, h, n_m)](
         x, B, C, D if D is not None else dummy, dyg, delta, acs, dS, seq, dx, dB_h, ddelta, dacs_k, dlast,
-        l, h, p, g, n, Q, c, HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT=dot, **blocks,
+        l, h, p, g, n, Q, c, *_strides(x, B, C), HAS_D=D is not None, HAS_SEQ=seq_idx is not None, DOT=dot,
+        **blocks,
     )  # fmt: skip
 
     # acs = cumsum of Δ·A within each chunk: ∂L/∂(Δ_t A) = Σ_{t' ≥ t in the chunk} ∂L/∂acs_t'
@@ -601,7 +635,7 @@ class _SSDTriton(torch.autograd.Function):
         # save: records_grad(...) from the caller (ctx.needs_input_grad is True under no_grad too)
         f32 = torch.float32
         p = x.shape[-1]
-        x_, dt_, B_, C_, z_ = _own(x), _own(dt), _own(B), _own(C), _own(z)
+        x_, dt_, B_, C_, z_ = _rows(x), _rows(dt), _rows(B), _rows(C), _rows(z)  # views read in place
         A_, bias_, h0 = _own(A, f32), _own(dt_bias, f32), _own(initial_states, f32)
         D_ = _own(_per_channel_D(D.detach(), p), f32) if D is not None else None  # (h, p)
         seq = _own(seq_idx, torch.int32)
@@ -663,11 +697,13 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
 @triton.jit
 def _ssd_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, h, p, g, n, lo, hi,
+    s_x_b, s_dt_b, s_B_b, s_C_b, s_z_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_LIMIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """state: (b, h, p, n), in place; x, z, y: (b, h, p); dt: (b, h); A, bias: (h,); B, C: (b, g, n);
-    D: (h, p) float32."""
+    D: (h, p) float32. x, dt, B, C, z have the given batch strides (dense otherwise); state and y are
+    contiguous."""
     pid_b, hd = tl.program_id(0), tl.program_id(1)
     grp = hd // (h // g)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -675,7 +711,8 @@ def _ssd_step_kernel(
     m_p, m_n = offs_p < p, offs_n < n
     m_pn = m_p[:, None] & m_n[None, :]
     bh = pid_b.to(tl.int64) * h + hd
-    dt = tl.load(dt_ptr + bh).to(tl.float32)
+    pb = pid_b.to(tl.int64)
+    dt = tl.load(dt_ptr + pb * s_dt_b + hd).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + hd).to(tl.float32)
     if SOFTPLUS:
@@ -683,10 +720,9 @@ def _ssd_step_kernel(
     if HAS_LIMIT:
         dt = tl.minimum(tl.maximum(dt, lo), hi)
     decay = exp(dt * tl.load(A_ptr + hd).to(tl.float32))
-    xv = tl.load(x_ptr + bh * p + offs_p, mask=m_p, other=0.0).to(tl.float32)
-    gn = (pid_b.to(tl.int64) * g + grp) * n + offs_n
-    Bv = tl.load(B_ptr + gn, mask=m_n, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + gn, mask=m_n, other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + pb * s_x_b + hd * p + offs_p, mask=m_p, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + pb * s_B_b + grp * n + offs_n, mask=m_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + pb * s_C_b + grp * n + offs_n, mask=m_n, other=0.0).to(tl.float32)
     sp = state_ptr + bh * p * n + offs_p[:, None] * n + offs_n[None, :]
     s = tl.load(sp, mask=m_pn, other=0.0).to(tl.float32)
     s = decay * s + (dt * xv)[:, None] * Bv[None, :]  # exp(Δ·A) h + Δ x Bᵀ
@@ -695,7 +731,7 @@ def _ssd_step_kernel(
     if HAS_D:
         yv += tl.load(D_ptr + hd * p + offs_p, mask=m_p, other=0.0) * xv
     if HAS_Z:
-        zv = tl.load(z_ptr + bh * p + offs_p, mask=m_p, other=0.0).to(tl.float32)
+        zv = tl.load(z_ptr + pb * s_z_b + hd * p + offs_p, mask=m_p, other=0.0).to(tl.float32)
         yv = yv * zv * sigmoid(zv)
     tl.store(y_ptr + bh * p + offs_p, yv.to(y_ptr.dtype.element_ty), mask=m_p)
 
@@ -708,17 +744,17 @@ def ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, d
     g, n = B.shape[1], B.shape[2]
     f32 = torch.float32
     st = state if state.is_contiguous() else state.contiguous()
-    x_ = _own(x)
-    y = torch.empty_like(x_)
+    x_, dt_, B_, C_ = _rows(x, 1), _rows(dt, 1), _rows(B, 1), _rows(C, 1)  # the model's slices, read in place
+    z_ = _rows(z, 1) if z is not None else x_
+    y = x.new_empty(x.shape)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     block_n = triton.next_power_of_2(n)
     block_p = max(1, min(triton.next_power_of_2(p), 4096 // block_n))  # one (p, n) state block a program
     if y.numel():
         _ssd_step_kernel[(b, h, triton.cdiv(p, block_p))](
-            st, x_, _own(dt), _own(A, f32), _own(B), _own(C),
-            _own(_per_channel_D(D.detach(), p), f32) if D is not None else x_,
-            _own(z) if z is not None else x_, _own(dt_bias, f32) if dt_bias is not None else x_, y,
-            h, p, g, n, lo, hi,
+            st, x_, dt_, _own(A, f32), B_, C_, _own(_per_channel_D(D.detach(), p), f32) if D is not None else x_,
+            z_, _own(dt_bias, f32) if dt_bias is not None else x_, y, h, p, g, n, lo, hi,
+            x_.stride(0), dt_.stride(0), B_.stride(0), C_.stride(0), z_.stride(0),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
             HAS_LIMIT=(lo, hi) != (0.0, float("inf")), BLOCK_P=block_p, BLOCK_N=block_n,
         )  # fmt: skip
