@@ -208,32 +208,43 @@ def test_ssd_in_pieces_equals_one_call():
     assert_close(sb, s, 1e-5, "final states")
 
 
-def slice_of_wider(t, lead):
-    """t as the model passes it: a column slice of a wider (…, lead dims, channels) tensor, its trailing dims
-    a view of the slice (dense within a step, strided between steps)."""
+def wider(t, lead, pad):
+    """(wide, view): t as the model passes it, a column slice of a wider (…, lead dims, channels) tensor with
+    `pad` more columns on each side; its trailing dims are a view of the slice (dense within a step, strided
+    between steps). wide is a leaf, for gradients."""
     flat = t.reshape(*t.shape[:lead], -1)
-    wide = torch.cat([torch.randn_like(flat), flat, torch.randn_like(flat)], dim=-1)
-    return wide[..., flat.shape[-1]: 2 * flat.shape[-1]].view(t.shape)
+    extra = torch.randn(*flat.shape[:-1], pad, dtype=t.dtype, device=t.device)
+    wide = torch.cat([extra, flat, extra], dim=-1).requires_grad_()
+    return wide, wide[..., pad: pad + flat.shape[-1]].view(t.shape)
 
 
 def test_ssd_reads_views():
-    """The model's views (x, dt, B, C: slices of one projection) are read in place through their strides; z
-    here has trailing dims that are not dense and is copied first. Results and gradients as with contiguous
-    inputs."""
+    """The model's views (x, dt, B, C: slices of one projection, each its own strides here) are read in place
+    through their strides; z here has trailing dims that are not dense and is copied first. Results and
+    gradients as with contiguous inputs, none in the columns around the slices."""
     x = make_inputs(2, 9, 2, 3, 1, 4)
-    views = dict(x)
-    for k in ("x", "dt", "B", "C"):
-        views[k] = slice_of_wider(x[k], 2)
+    wides, views = {}, dict(x)
+    for pad, k in enumerate(("x", "dt", "B", "C"), start=1):
+        wides[k], views[k] = wider(x[k], 2, pad)
         assert not views[k].is_contiguous() and views[k][0, 0].is_contiguous()
-    views["z"] = torch.cat([x["z"], torch.randn_like(x["z"])], dim=-1)[..., :3]
+    zw = torch.cat([x["z"], torch.randn_like(x["z"])], dim=-1).requires_grad_()
+    views["z"] = zw[..., :3]
     assert not views["z"][0, 0].is_contiguous()
     kw = dict(chunk_size=4, dt_softplus=True)
-    y1, s1, g1 = run_with_grads(ssd_tri, views, **kw)
+    y1, s1 = ssd_tri(**views, return_final_states=True, **kw)
     y2, s2, g2 = run_with_grads(ssd_ref, x, **kw)
-    assert_close(y1, y2, TOL[torch.float32], "y")
-    assert_close(s1, s2, TOL[torch.float32], "final states")
-    for k in g2:
-        assert_close(g1[k], g2[k], TOL[torch.float32], f"d{k}")
+    assert_close(y1.detach(), y2, TOL[torch.float32], "y")
+    assert_close(s1.detach(), s2, TOL[torch.float32], "final states")
+    gen = torch.Generator().manual_seed(1)  # the projection run_with_grads uses
+    gy = torch.randn(y1.shape, generator=gen, dtype=torch.float64).to(y1.device)
+    gs = torch.randn(s1.shape, generator=gen, dtype=torch.float64).to(s1.device)
+    grads = torch.autograd.grad((y1.double() * gy).sum() + (s1.double() * gs).sum(), [*wides.values(), zw])
+    for pad, (k, g) in enumerate(zip(wides, grads), start=1):
+        width = x[k][0, 0].numel()
+        assert_close(g[..., pad: pad + width].reshape(x[k].shape), g2[k], TOL[torch.float32], f"d{k}")
+        assert not g[..., :pad].any() and not g[..., pad + width:].any(), f"d{k} outside the slice"
+    assert_close(grads[-1][..., :3], g2["z"], TOL[torch.float32], "dz")
+    assert not grads[-1][..., 3:].any()
 
 
 def test_ssd_saves_chunk_states_not_step_states():
@@ -303,7 +314,7 @@ def test_step_without_options_and_strided_state():
     s1 = big[..., :n]
     s2 = s1.clone()
     step = {k: x[k][:, 0] for k in ("x", "dt", "B", "C")}
-    y1 = step_tri(s1, A=x["A"], **{k: slice_of_wider(v, 1) for k, v in step.items()})
+    y1 = step_tri(s1, A=x["A"], **{k: wider(v, 1, i + 1)[1].detach() for i, (k, v) in enumerate(step.items())})
     y2 = ssd_state_update_ref(s2, A=x["A"], **step)
     assert_close(y1, y2, TOL[torch.float32], "y")
     assert_close(big[..., :n], s2, TOL[torch.float32], "state")
