@@ -334,6 +334,15 @@ def test_step_half_precision(dtype):
 
 
 # --------------------------------------------------------------------------------------------- dispatch
+def test_empty_batch():
+    """b = 0: nothing to launch; empty results of the right shapes."""
+    x = make_inputs(0, 5, 2, 3, 1, 4)
+    y, s = ssd_tri(**x, chunk_size=4, return_final_states=True)
+    assert y.shape == (0, 5, 2, 3) and s.shape == (0, 2, 3, 4)
+    step = {k: x[k][:, 0] for k in ("x", "dt", "B", "C", "z")}
+    assert step_tri(x["initial_states"].clone(), A=x["A"], **step).shape == (0, 2, 3)
+
+
 def test_dispatch(monkeypatch):
     """backend='triton' through the public ops: CPU tensors only under the interpreter, no float64; backend=None
     picks Triton for CUDA tensors when it is installed (a stand-in CUDA tensor) and the chunked path otherwise."""

@@ -252,8 +252,8 @@ def _chunk_scan_kernel(
         seq_m = _seq_at(seq_ptr, pid_b, t_m, l)
 
     # the incoming state's share, exp(acs_t)·H C_t, only for tokens of the carried state's sequence
-    Hin = tl.load(Hin_ptr + ((pid_b.to(tl.int64) * n_chunks + pid_c) * h + hd) * p * n
-                  + offs_p[None, :] * n + offs_n[:, None], mask=m_n[:, None] & m_p[None, :], other=0.0)  # Hᵀ (BLOCK_N, BLOCK_P)
+    Hin = tl.load(Hin_ptr + ((pid_b.to(tl.int64) * n_chunks + pid_c) * h + hd) * p * n + offs_p[None, :] * n
+                  + offs_n[:, None], mask=m_n[:, None] & m_p[None, :], other=0.0)  # Hᵀ: (BLOCK_N, BLOCK_P)
     from_start = exp(a_m)
     if HAS_SEQ:
         # the sequence the carried state belongs to: that of the previous chunk's last token (0 before t = 0)
@@ -484,7 +484,8 @@ def _chunk_scan_bwd_key_kernel(
         dacs -= tl.sum(Gt * Mt, axis=1)
     dxv = dxbar * d_s[:, None]
     if HAS_D:
-        dxv += tl.load(D_ptr + hd * p + offs_p, mask=m_p, other=0.0)[None, :] * tl.load(dyg_ptr + at, mask=m_sp, other=0.0)
+        Dv = tl.load(D_ptr + hd * p + offs_p, mask=m_p, other=0.0)
+        dxv += Dv[None, :] * tl.load(dyg_ptr + at, mask=m_sp, other=0.0)
     tl.store(dx_ptr + at, dxv.to(dx_ptr.dtype.element_ty), mask=m_sp)
     tl.store(dB_ptr + ((base + t_s)[:, None] * h + hd) * n + offs_n[None, :], dB, mask=m_s[:, None] & m_n[None, :])
     tl.store(ddelta_ptr + row + offs_s, tl.sum(xs * dxbar, axis=1), mask=offs_s < Q)
@@ -544,7 +545,8 @@ def _ssd_forward(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initia
     )  # fmt: skip
     S = x.new_empty(b, c, h, p, n, dtype=f32)
     _chunk_outer_kernel[(b * c, h, triton.cdiv(p, cfg["BLOCK_P"]))](
-        x, B, delta, acs, seq, S, l, h, p, g, n, Q, c, *_strides(x, B), TO_END=True, HAS_SEQ=seq_idx is not None, DOT=dot,
+        x, B, delta, acs, seq, S, l, h, p, g, n, Q, c, *_strides(x, B),
+        TO_END=True, HAS_SEQ=seq_idx is not None, DOT=dot,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
     )  # fmt: skip
     Hin = torch.empty_like(S)
@@ -593,7 +595,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, delta, acs
     )  # fmt: skip
     dHd = torch.empty_like(Hin)
     _chunk_outer_kernel[(b * c, h, triton.cdiv(p, cfg["BLOCK_P"]))](
-        dyg, C, delta, acs, seq, dHd, l, h, p, g, n, Q, c, *_strides(dyg, C), TO_END=False, HAS_SEQ=seq_idx is not None, DOT=dot,
+        dyg, C, delta, acs, seq, dHd, l, h, p, g, n, Q, c, *_strides(dyg, C),
+        TO_END=False, HAS_SEQ=seq_idx is not None, DOT=dot,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["WARPS"],
     )  # fmt: skip
     dS = torch.empty_like(Hin)
@@ -662,7 +665,9 @@ class _SSDTriton(torch.autograd.Function):
         ddt = dbias = None
         if need[1] or need[7]:  # Δ = clamp(softplus(dt + dt_bias)): elementwise, (b, l, h), through autograd
             with torch.enable_grad():
-                leaves = [dt.detach().requires_grad_()] + ([dt_bias.detach().requires_grad_()] if dt_bias is not None else [])
+                leaves = [dt.detach().requires_grad_()]
+                if dt_bias is not None:
+                    leaves.append(dt_bias.detach().requires_grad_())
                 d = ssd_dt(leaves[0], leaves[1] if dt_bias is not None else None, dt_softplus, dt_limit)
                 grads = torch.autograd.grad(d, leaves, ddelta)
             ddt = grads[0]
@@ -687,6 +692,11 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
                return_final_states):  # fmt: skip
     """The Triton SSD of checked arguments (mambakit.ops.ssd); results as ssd_ref (float16, bfloat16 and
     float32 inputs; float32 states and accumulation)."""
+    if x.numel() == 0:  # b = 0 or p = 0: nothing to launch; the twin returns the empty results
+        from ..reference import ssd_ref
+
+        return ssd_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
+                       return_final_states)  # fmt: skip
     save = records_grad(x, dt, A, B, C, D, z, dt_bias, initial_states)
     y, final = _SSDTriton.apply(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, int(chunk_size),
                                 bool(dt_softplus), tuple(dt_limit), save)  # fmt: skip
