@@ -26,7 +26,9 @@
    and the decoding step at batch 1 and 8: triton, ssd_state_update_ref, and mamba_ssm's
    selective_state_update (A, dt, D broadcast per channel as Mamba2.step passes them) when importable.
 
-    python benchmarks/gpu.py                           # everything, about 2-4 minutes on an H100/H200
+    python benchmarks/gpu.py                           # everything, about 2-4 minutes on an H100/H200 before
+                                                       # the SSD part was added (its time: not measured yet)
+    python benchmarks/gpu.py --skip-ssd                # the Mamba-1 kernels only
     python benchmarks/gpu.py --lengths 1024,4096 --skip-model
     python benchmarks/gpu.py --skip-check --skip-model --lengths 1 --ssd-lengths 1024,4096   # SSD rows mainly
     python benchmarks/gpu.py --sweep                   # also times alternative tile sizes at one length
