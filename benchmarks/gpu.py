@@ -13,9 +13,24 @@
        vs sdpa                   sdpa fwd / triton fwd (the paper: faster than FlashAttention-2 beyond 2K)
 3. The 130m model (random weights; the released shape): prefill tokens/s (triton and reference ops) and
    generation tokens/s (greedy, MambaLM.step with in-place state).
+4. SSD, the Mamba-2 scan (ssd_benchmarks; --skip-ssd leaves it out), at mamba2-130m's mixer shape (--ssd-shape
+   b,h,p,g,n = 1,24,64,1,128, chunk 256, D, z gate, dt bias + softplus, bf16):
+       check                     triton vs ssd_ref (the sequential twin) at --ssd-check-shape with g > 1,
+                                 D per channel, z, initial states and packed sequences: y, final states, every
+                                 gradient; the decoding step vs ssd_state_update_ref
+       triton fwd / fwd+bwd      backend="triton"
+       chunked fwd / fwd+bwd     the chunked torch path (ops/cpu/ssd.py, GEMMs in torch) on the GPU
+       ref fwd / fwd+bwd         ssd_ref, sequential over time, up to --ref-max-len (fwd+bwd up to 2048)
+       official fwd / fwd+bwd    mamba_ssm's mamba_chunk_scan_combined, when mamba_ssm is importable
+       hf fwd / fwd+bwd          transformers' mamba2_chunk_scan (its torch path), when importable
+   and the decoding step at batch 1 and 8: triton, ssd_state_update_ref, and mamba_ssm's
+   selective_state_update (A, dt, D broadcast per channel as Mamba2.step passes them) when importable.
 
-    python benchmarks/gpu.py                           # everything, about 2-4 minutes on an H100/H200
+    python benchmarks/gpu.py                           # everything, about 2-4 minutes on an H100/H200 before
+                                                       # the SSD part was added (its time: not measured yet)
+    python benchmarks/gpu.py --skip-ssd                # the Mamba-1 kernels only
     python benchmarks/gpu.py --lengths 1024,4096 --skip-model
+    python benchmarks/gpu.py --skip-check --skip-model --lengths 1 --ssd-lengths 1024,4096   # SSD rows mainly
     python benchmarks/gpu.py --sweep                   # also times alternative tile sizes at one length
     python benchmarks/gpu.py --json out.json           # results as JSON too
     python benchmarks/gpu.py --dry-run                 # tiny shapes on CPU under Triton's interpreter:
@@ -65,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--sweep-batch", default="1,8", help="batch sizes the sweep times each tile at")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of repeats per timing (after warmup)")
     p.add_argument("--model-preset", default="130m")
+    p.add_argument("--skip-ssd", action="store_true", help="leave out the SSD (Mamba-2) checks and tables")
+    p.add_argument("--ssd-lengths", default="1024,2048,4096,8192,16384", help="sequence lengths for the SSD table")
+    p.add_argument("--ssd-shape", default="1,24,64,1,128", help="b,h,p,g,n of the SSD table (mamba2-130m)")
+    p.add_argument("--ssd-chunk", type=int, default=256)
+    p.add_argument("--ssd-check-shape", default="2,512,8,64,2,64", help="b,l,h,p,g,n of the SSD check")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU with TRITON_INTERPRET=1")
     p.add_argument("--compile-only", action="store_true", help="compile the kernels for --arch, no GPU needed")
@@ -75,6 +95,7 @@ def parse_args(argv=None):
         args.lengths, args.d, args.n, args.ref_max_len, args.check_shape = "16,32", 16, 4, 32, "2,20,12,4"
         args.model_batch, args.prefill_len, args.gen_tokens, args.model_preset = "1,2", 8, 3, "tiny"
         args.sweep_len, args.sweep_batch, args.min_time = 16, "1,2", 0.01
+        args.ssd_lengths, args.ssd_shape, args.ssd_chunk, args.ssd_check_shape = "20,40", "1,2,4,1,4", 16, "2,20,4,4,2,4"
     return args
 
 
@@ -337,6 +358,184 @@ def model_speed(args, dtype) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------- 4. SSD (Mamba-2)
+def ssd_inputs(b, l, h, p, g, n, dtype, seed=0, D_per_channel=False, requires_grad=False):
+    """Inputs in a Mamba-2 layer's ranges (A, D, dt_bias, initial states float32, as in the model)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def r(*s, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*s, generator=gen, device=DEVICE) * scale + shift).to(dt)
+
+    f32 = torch.float32
+    x = dict(
+        x=r(b, l, h, p), dt=r(b, l, h, scale=0.5, shift=-1.0), A=-torch.exp(r(h, scale=0.5, shift=0.5, dt=f32)),
+        B=r(b, l, g, n), C=r(b, l, g, n), D=r(*((h, p) if D_per_channel else (h,)), dt=f32), z=r(b, l, h, p),
+        dt_bias=r(h, scale=0.3, dt=f32).abs(), initial_states=r(b, h, p, n, dt=f32),
+    )  # fmt: skip
+    if requires_grad:
+        for v in x.values():
+            v.requires_grad_()
+    return x
+
+
+def _official_ssd():
+    """mamba_ssm's combined SSD op and its decoding step, or (None, None) where mamba_ssm is not importable."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # not installed, or built for another torch / CUDA
+        return None, None
+    return mamba_chunk_scan_combined, selective_state_update
+
+
+def _hf_ssd():
+    """transformers' mamba2_chunk_scan (its torch path; no z gate: the model gates outside it), or None."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub kernel downloads from a benchmark
+    try:
+        from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+    except Exception:
+        return None
+    return mamba2_chunk_scan
+
+
+def check_ssd(shape, dtype_name) -> list[tuple[str, float, float]]:
+    """(what, relative error, tolerance): triton SSD vs ssd_ref with g > 1, D per channel, z, initial states
+    and three packed sequences (one cut inside a chunk, one on a chunk edge); the step vs its twin."""
+    from mambakit import ops
+
+    b, l, h, p, g, n = shape
+    Q = max(16, l // 4)
+    seq = torch.zeros(b, l, dtype=torch.int32, device=DEVICE)
+    seq[:, l // 3:] = 1
+    seq[:, 2 * Q:] = 2
+    rows = []
+    dtypes = [(torch.float32, 1e-4, 1e-3)]
+    if dtype_name != "float32":
+        dtypes.append((getattr(torch, dtype_name), 2e-2, 5e-2))
+    for dtype, tol_y, tol_g in dtypes:
+        x = ssd_inputs(b, l, h, p, g, n, dtype, D_per_channel=True, requires_grad=True)
+        outs = {}
+        for backend in ("triton", "reference"):
+            y, s = ops.ssd(**x, chunk_size=Q, dt_softplus=True, seq_idx=seq, return_final_states=True, backend=backend)
+            gen = torch.Generator(device=DEVICE).manual_seed(1)
+            loss = (y.float() * torch.randn(y.shape, generator=gen, device=DEVICE)).sum()
+            loss = loss + (s * torch.randn(s.shape, generator=gen, device=DEVICE)).sum()
+            outs[backend] = (y.detach(), s.detach(), dict(zip(x, torch.autograd.grad(loss, list(x.values())))))
+            sync()
+        (y1, s1, g1), (y2, s2, g2) = outs["triton"], outs["reference"]
+        name = str(dtype).replace("torch.", "")
+        rows.append((f"ssd {name} y", rel_err(y1, y2), tol_y))
+        rows.append((f"ssd {name} final states", rel_err(s1, s2), 1e-4 if dtype == torch.float32 else tol_y))
+        worst = max(g2, key=lambda k: rel_err(g1[k], g2[k]))
+        rows.append((f"ssd {name} grads (worst of 9: d{worst})", rel_err(g1[worst], g2[worst]), tol_g))
+        del outs, x
+    x = ssd_inputs(b, 4, h, p, g, n, torch.float32, D_per_channel=True)
+    s1, s2 = x["initial_states"].clone(), x["initial_states"].clone()
+    errs = []
+    common = dict(A=x["A"], D=x["D"], dt_bias=x["dt_bias"], dt_softplus=True)
+    for t in range(4):
+        step = {k: x[k][:, t] for k in ("x", "dt", "B", "C", "z")}
+        y1 = ops.ssd_state_update(s1, **step, **common, backend="triton")
+        y2 = ops.ssd_state_update(s2, **step, **common, backend="reference")
+        errs += [rel_err(y1, y2), rel_err(s1, s2)]
+    rows.append(("ssd step y, state", max(errs), 1e-5))
+    return rows
+
+
+def time_ssd(fn, x, grad: bool, min_time: float) -> float:
+    """Milliseconds of fn(**x) (forward, or forward + backward to every input)."""
+    if not grad:
+        def fwd():
+            with torch.no_grad():
+                fn(**x)
+
+        return bench(fwd, min_time)
+    leaves = [v for v in x.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    y = fn(**x)
+    dy = torch.randn_like(y)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(**x), leaves, dy, allow_unused=True)  # hf's row takes no z
+
+    return bench(fwd_bwd, min_time)
+
+
+def ssd_benchmarks(args, dtype) -> dict:
+    """The SSD table (triton, the chunked torch path, the reference, mamba_ssm, transformers) and the decoding
+    step at batch 1 and 8, milliseconds."""
+    from functools import partial
+
+    from mambakit import ops
+    from mambakit.ops.cpu.ssd import ssd_cpu  # the chunked torch path: plain torch, runs on the GPU too
+
+    b, h, p, g, n = (int(v) for v in args.ssd_shape.split(","))
+    Q = args.ssd_chunk
+    official, official_step = _official_ssd()
+    hf = _hf_ssd()
+    kw = dict(chunk_size=Q, dt_softplus=True)
+    impls = {
+        "triton": partial(ops.ssd, backend="triton", **kw),
+        "chunked": lambda **x: ssd_cpu(**{**dict(D=None, z=None, dt_bias=None, initial_states=None), **x}, **kw),
+        "ref": partial(ops.ssd, backend="reference", **kw),
+    }
+    if official is not None:
+        impls["official"] = partial(official, **kw)
+    if hf is not None:  # no z argument: the gate is left out of its row
+        impls["hf"] = lambda z=None, **x: hf(x.pop("x"), x.pop("dt"), x.pop("A"), x.pop("B"), x.pop("C"), Q,
+                                             dt_softplus=True, **x)  # fmt: skip
+    print(f"\nSSD (Mamba-2 scan), b={b} h={h} p={p} g={g} n={n} chunk={Q} {args.dtype} (D, z gate, dt bias + "
+          f"softplus), milliseconds; not importable: "
+          f"{', '.join(k for k, v in (('mamba_ssm', official), ('transformers', hf)) if v is None) or 'none'}")
+    names = list(impls)
+    print(f"{'l':>6} " + " ".join(f"{k + ' fwd':>12} {k + ' f+b':>12}" for k in names))
+    table = []
+    for l in (int(v) for v in args.ssd_lengths.split(",")):
+        row = dict(l=l)
+        for name, fn in impls.items():
+            if name == "ref" and l > args.ref_max_len:
+                continue
+            for grad in (False, True):
+                if name == "ref" and grad and l > 2048:
+                    continue
+                x = ssd_inputs(b, l, h, p, g, n, dtype, requires_grad=grad)
+                x.pop("initial_states")
+                try:
+                    row[f"{name}_{'fwd_bwd' if grad else 'fwd'}"] = time_ssd(fn, x, grad, args.min_time)
+                except torch.OutOfMemoryError:
+                    pass
+                del x
+        table.append(row)
+
+        def f(key):
+            v = row.get(key)
+            return f"{v:>12.3f}" if v is not None else f"{'-':>12}"
+
+        print(f"{l:>6} " + " ".join(f"{f(k + '_fwd')} {f(k + '_fwd_bwd')}" for k in names))
+        sys.stdout.flush()
+
+    steps = []
+    print(f"\nSSD decoding step (h={h} p={p} g={g} n={n}, float32 state, {args.dtype} inputs), milliseconds a call")
+    print(f"{'batch':>6} {'triton':>10} {'ref':>10} {'official':>10}")
+    for bs in (1, 8):
+        x = ssd_inputs(bs, 1, h, p, g, n, dtype)
+        step = {k: x[k][:, 0].contiguous() for k in ("x", "dt", "B", "C", "z")}
+        state = x["initial_states"].clone()
+        row = dict(batch=bs)
+        for name in ("triton", "reference"):
+            row[name] = bench(lambda: ops.ssd_state_update(state, **step, A=x["A"], D=x["D"], dt_bias=x["dt_bias"],
+                                                           dt_softplus=True, backend=name), args.min_time)  # fmt: skip
+        if official_step is not None:  # per-channel A, dt, D, dt_bias, broadcast with stride 0 (Mamba2.step)
+            A3 = x["A"][:, None, None].expand(h, p, n)
+            dt3 = step["dt"][..., None].expand(bs, h, p)
+            row["official"] = bench(lambda: official_step(
+                state, step["x"], dt3, A3, step["B"], step["C"], x["D"][:, None].expand(h, p), z=step["z"],
+                dt_bias=x["dt_bias"][:, None].expand(h, p), dt_softplus=True), args.min_time)  # fmt: skip
+        steps.append(row)
+        official_ms = f"{row['official']:.4f}" if "official" in row else "-"
+        print(f"{bs:>6} {row['triton']:>10.4f} {row['reference']:>10.4f} {official_ms:>10}")
+    return dict(table=table, step=steps)
+
+
 # ---------------------------------------------------------------------------------- compile, no GPU
 _TT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -344,7 +543,8 @@ _TT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 def compile_kernel(fn, data_ptrs, dtype, constexprs, num_warps, arch):
     """Compiles a @triton.jit kernel for compute capability `arch` (no GPU needed) and runs Triton's ptxas
     with -v on its PTX: returns (seconds, registers, spill bytes). Pointers named in data_ptrs have `dtype`,
-    the other pointers float32, the other runtime arguments int32."""
+    seq_ptr int32, the other pointers float32; lo and hi (the SSD's dt_limit) are float32, the other runtime
+    arguments int32."""
     import re
     import subprocess
 
@@ -356,8 +556,12 @@ def compile_kernel(fn, data_ptrs, dtype, constexprs, num_warps, arch):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "seq_ptr":
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*" + (_TT[dtype] if name in data_ptrs else "fp32")
+        elif name in ("lo", "hi"):
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
     t0 = time.perf_counter()
@@ -369,15 +573,21 @@ def compile_kernel(fn, data_ptrs, dtype, constexprs, num_warps, arch):
     seconds = time.perf_counter() - t0
     ptx = kernel.asm["ptx"]
     target = re.search(r"\.target\s+(\S+)", ptx).group(1).rstrip(",")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as fh:
             fh.write(ptx)
-        r = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                           capture_output=True, text=True)  # fmt: skip
+        # Triton 3.9 writes PTX 9.x, which only its second bundled ptxas ("ptxas-blackwell") reads
+        for exe in ("ptxas", "ptxas-blackwell"):
+            ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", exe)
+            if not os.path.exists(ptxas):
+                continue
+            r = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True)  # fmt: skip
+            if r.returncode == 0:
+                break
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spills = re.search(r"(\d+) bytes spill stores", r.stderr)
     return seconds, int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else -1
@@ -418,6 +628,7 @@ def compile_only(args) -> int:
             ("conv update", step_triton._conv_update_kernel, ("state_ptr", "x_ptr", "y_ptr"), dtype,
              dict(W=4, HAS_BIAS=True, SILU=True, BLOCK_D=256, BLOCK_W=4), 4),
         ]  # fmt: skip
+    jobs += ssd_compile_jobs(args)
     print(f"compiling for sm_{args.arch} (no GPU needed)")
     print(f"{'kernel':<22} {'dtype':<9} {'tiles':<44} {'warps':>5} {'regs':>5} {'spill B':>7} {'s':>5}")
     failed = 0
@@ -433,6 +644,42 @@ def compile_only(args) -> int:
         sys.stdout.flush()
     print("all kernels compiled" if not failed else f"{failed} kernels FAILED to compile")
     return 1 if failed else 0
+
+
+def ssd_compile_jobs(args) -> list:
+    """The SSD kernels with every option on, at the block sizes ssd_config picks for --ssd-shape's p, n and
+    --ssd-chunk."""
+    from mambakit.ops.triton import ssd as ssd_triton
+
+    _, _, p, _, n = (int(v) for v in args.ssd_shape.split(","))
+    c = ssd_triton.ssd_config(args.ssd_chunk, p, n)
+    io = ("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dz_ptr", "v_ptr", "u_ptr")
+    dots = {"bfloat16": 2, "float16": 1, "float32": 0}
+    pw = max(16, triton_pow2(p))
+    jobs = []
+    for dtype in args.compile_dtypes.split(","):
+        fwd = dict(DOT=dots[dtype], BLOCK_M=c["BLOCK_M"], BLOCK_P=c["BLOCK_P"], BLOCK_N=c["BLOCK_N"])
+        bwd = dict(DOT=dots[dtype], BLOCK_M=c["BWD_M"], BLOCK_P=pw, BLOCK_N=c["BLOCK_N"])
+        w = c["WARPS"]
+        jobs += [
+            ("ssd dt cumsum", ssd_triton._dt_cumsum_kernel, io, dtype, dict(
+                HAS_BIAS=True, SOFTPLUS=True, HAS_LIMIT=True, BLOCK_Q=c["BLOCK_Q"], BLOCK_H=c["BLOCK_H"]), 4),
+            ("ssd chunk state", ssd_triton._chunk_outer_kernel, io, dtype, dict(TO_END=True, HAS_SEQ=True, **fwd), w),
+            ("ssd state passing", ssd_triton._state_passing_kernel, io, dtype, dict(
+                HAS_H0=True, HAS_SEQ=True, BLOCK_PN=c["BLOCK_PN"]), 4),
+            ("ssd chunk scan", ssd_triton._chunk_scan_kernel, io, dtype, dict(
+                HAS_D=True, HAS_Z=True, HAS_SEQ=True, **fwd), w),
+            ("ssd bwd query", ssd_triton._chunk_scan_bwd_query_kernel, io, dtype, dict(
+                HAS_D=True, HAS_Z=True, HAS_SEQ=True, **bwd), w),
+            ("ssd bwd dstates", ssd_triton._chunk_outer_kernel, io, dtype, dict(TO_END=False, HAS_SEQ=True, **fwd), w),
+            ("ssd bwd passing", ssd_triton._state_passing_bwd_kernel, io, dtype, dict(
+                HAS_DFINAL=True, HAS_SEQ=True, BLOCK_PN=c["BLOCK_PN"]), 4),
+            ("ssd bwd key", ssd_triton._chunk_scan_bwd_key_kernel, io, dtype, dict(HAS_D=True, HAS_SEQ=True, **bwd), w),
+            ("ssd step", ssd_triton._ssd_step_kernel, io, dtype, dict(
+                HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_LIMIT=True,
+                BLOCK_P=max(1, min(triton_pow2(p), 4096 // triton_pow2(n))), BLOCK_N=triton_pow2(n)), 4),
+        ]  # fmt: skip
+    return jobs
 
 
 def triton_pow2(x: int) -> int:
@@ -530,6 +777,19 @@ def main(argv=None) -> int:
             print(f"{r['batch']:>6} {r['prefill_tok_s_triton']:>21.0f} {(f'{ref:.0f}' if ref else '-'):>18} "
                   f"{r['gen_tok_s']:>10.0f} {r['ms_per_step']:>8.2f}")  # fmt: skip
         results["model"] = rows
+
+    if not args.skip_ssd:
+        if not args.skip_check:
+            t0 = time.perf_counter()
+            shape = tuple(int(s) for s in args.ssd_check_shape.split(","))
+            rows = check_ssd(shape, args.dtype)
+            print(f"\nSSD correctness, triton vs reference at b,l,h,p,g,n = {shape} ({time.perf_counter() - t0:.0f} s)")
+            for what, err, tol in rows:
+                good = err <= tol and math.isfinite(err)
+                ok &= good
+                print(f"  {what:<44} rel err {err:.2e}  (tol {tol:.0e})  {'ok' if good else 'FAIL'}")
+            results["ssd_checks"] = [dict(what=w, rel_err=e, tol=t) for w, e, t in rows]
+        results["ssd"] = ssd_benchmarks(args, dtype)
 
     results["seconds"] = time.perf_counter() - t_start
     results["checks_passed"] = ok

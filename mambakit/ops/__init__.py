@@ -314,7 +314,7 @@ def causal_conv1d_update(
 # ------------------------------------------------------------------------------------ SSD (Mamba-2)
 # Kept in one section so that Mamba-1 edits above and this one merge apart. Layouts: x, z (b, l, h, p);
 # dt (b, l, h); A (h,); B, C (b, l, g, n) with g dividing h; states (b, h, p, n). The chunked torch path runs
-# on any device, so a default call on a GPU (no Triton ssd yet) takes it rather than the sequential twin.
+# on any device, so a default call on a GPU without Triton takes it rather than the sequential twin.
 import operator  # noqa: E402
 
 from .reference import ssd_ref, ssd_state_update_ref  # noqa: E402, F401  (public, as the Mamba-1 twins)
@@ -324,22 +324,27 @@ __all__ += ["ssd", "ssd_state_update"]
 _IMPLEMENTATIONS["ssd"] = {
     "reference": (".reference", "ssd_ref"),
     "cpu": (".cpu.ssd", "ssd_cpu"),
+    "triton": (".triton.ssd", "ssd_triton"),
 }
 _IMPLEMENTATIONS["ssd_state_update"] = {
     "reference": (".reference", "ssd_state_update_ref"),
     "cpu": (".cpu.ssd", "ssd_state_update_cpu"),
+    "triton": (".triton.ssd", "ssd_state_update_triton"),
 }
 
 
 def _ssd_implementation(op: str, backend: str | None, x: Tensor):
-    """The function for an SSD op: "cpu" (the chunked torch path; the default, on every device) or
-    "reference"; "triton" has no SSD kernel yet and is refused by name."""
+    """The function for an SSD op. Default: "triton" for CUDA tensors when Triton is installed (not float64),
+    else "cpu" (the chunked torch path, which runs on every device). "triton" when asked for is checked as the
+    Mamba-1 ops check it (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
     if backend is None:
-        chosen = "cpu"
+        cuda_triton = x.device.type == "cuda" and x.dtype != torch.float64 and _triton_available()
+        chosen = "triton" if cuda_triton else "cpu"
     elif backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     elif backend == "triton":
-        raise NotImplementedError(f"backend='triton' has no {op} kernel yet: use backend='cpu' or 'reference'")
+        _check_triton(x)
+        chosen = backend
     else:
         chosen = backend
         if chosen == "cpu" and x.device.type != "cpu":
