@@ -640,14 +640,19 @@ def _plain_name(name: Any, index: Path) -> str:
     return name
 
 
-def _read_state_dict(view, directory: Path) -> dict[str, Tensor]:
+def _read_state_dict(view, directory: Path, on_read=None) -> dict[str, Tensor]:
+    """The checkpoint's tensors, from its one weight file or the shards its index lists; on_read(path), if given,
+    is called after each file is read (a progress bar's hook)."""
+    done = on_read or (lambda path: None)
     for name in WEIGHT_FILES:
         path = view.path(name)
         if path is None:
             continue
         shown = directory / name
         if not name.endswith(".index.json"):
-            return _read_weights(path, shown)
+            sd = _read_weights(path, shown)
+            done(path)
+            return sd
         index = _read_json(path, shown)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -662,6 +667,7 @@ def _read_state_dict(view, directory: Path) -> dict[str, Tensor]:
             if shard_path is None:
                 raise CheckpointError(f"shard {shard} listed in {shown} is missing")
             part = _read_weights(shard_path, directory / shard)
+            done(shard_path)
             for k in part:
                 if k in sd:
                     raise CheckpointError(f"{k} is in two shards of {shown}; which one is meant?")
@@ -815,10 +821,10 @@ def _load_tokenizer(view, directory: Path):
         raise CheckpointError(f"the tokenizer saved with {directory} cannot be read: {msg}") from None
 
 
-def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device=None) -> "MambaLM":
+def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device=None, on_read=None) -> "MambaLM":
     """Builds the model (an instance of cls, MambaLM or a subclass) of a checkpoint directory (either layout) and
     loads its weights, cast to `dtype` (None: the checkpoint's own dtype, that of its embedding); A_log and D
-    stay float32 either way."""
+    stay float32 either way. on_read(path): called after each weight file is read."""
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be None or one of {[str(d) for d in _FLOAT_DTYPES]}, got {dtype!r}")
     directory = _resolve_directory(path)
@@ -827,7 +833,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device
         with read_files(directory) as view:
             config, layout = _load_config(view, directory)  # a family mambakit lacks is refused before any weight
             source = f"{directory} ({layout} layout)"
-            sd = _read_state_dict(view, directory)
+            sd = _read_state_dict(view, directory, on_read)
             tokenizer = _load_tokenizer(view, directory)
     except JournalError as e:
         raise CheckpointError(str(e)) from None
@@ -897,10 +903,24 @@ def save_pretrained(model: "MambaLM", path, layout: str = "hf") -> None:
     replace_files(directory, files, remove=managed - set(files))
 
 
-def convert(cls, src, dst, layout: str = "hf", dtype: torch.dtype | None = None) -> tuple[str, "MambaLM"]:
+def convert(cls, src, dst, layout: str = "hf", dtype: torch.dtype | None = None,
+            progress: bool | None = None) -> tuple[str, "MambaLM"]:
     """Reads a checkpoint in either layout as a cls (MambaLM) and writes it in `layout`; returns (source layout,
-    model). dtype None keeps the checkpoint's dtype (that of its embedding)."""
+    model). dtype None keeps the checkpoint's dtype (that of its embedding). progress: a tqdm bar over the bytes
+    read (a weight file or shard at a time) and written; None shows it only on a terminal, False never."""
+    from tqdm.auto import tqdm
+
     _, src_layout = load_config(src)
-    model = load_pretrained(cls, src, dtype=dtype)
-    save_pretrained(model, dst, layout=layout)
+    directory = _resolve_directory(src)
+    weights = [f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()]
+    with tqdm(total=sum(f.stat().st_size for f in weights), unit="B", unit_scale=True, desc="convert",
+              disable=None if progress is None else not progress) as bar:
+        bar.set_postfix_str("reading")
+        model = load_pretrained(cls, src, dtype=dtype, on_read=lambda path: bar.update(path.stat().st_size))
+        out_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        bar.total = bar.n + out_bytes  # what is left: the weights in the new layout and dtype
+        bar.set_postfix_str("writing")
+        bar.refresh()
+        save_pretrained(model, dst, layout=layout)
+        bar.update(out_bytes)
     return src_layout, model

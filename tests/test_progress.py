@@ -155,3 +155,18 @@ def test_tensorboard_missing_is_a_clear_error(corpus, tmp_path, monkeypatch, cap
     assert "--log tensorboard needs the tensorboard package" in capsys.readouterr().err
     with pytest.raises(ValueError, match="log must be one of"):
         tiny(corpus, tmp_path / "run", log="wandb")
+
+
+def test_convert_bar_on_a_terminal_only(tmp_path, capsys):
+    """`mambakit convert` shows a bar over the bytes read (a weight file or shard at a time) and written."""
+    model = random_model(vocab_size=260, tokenizer=ByteTokenizer())
+    model.save_pretrained(tmp_path / "m")
+    with terminal_stderr() as seen:
+        assert cli.main(["convert", str(tmp_path / "m"), str(tmp_path / "official"), "--layout", "official"]) == 0
+    assert "convert: 100%" in seen[0] and "B/s" in seen[0] and "writing" in seen[0], seen[0]
+    with terminal_stderr() as seen:
+        assert cli.main(["convert", str(tmp_path / "official"), str(tmp_path / "back"), "--quiet"]) == 0
+    assert "%|" not in seen[0]
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "m"), str(tmp_path / "again")]) == 0
+    assert "%|" not in capsys.readouterr().err  # not a terminal

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
                    help="hf: config.json + model.safetensors; official: config.json + pytorch_model.bin")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast the weights (default: keep)")
     add_revision_arg(p)
-    p.add_argument("--quiet", action="store_true", help="no download progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (download, conversion)")
     p.set_defaults(func=_convert)
 
 
@@ -29,7 +29,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     src = resolve_model(args.src, args.revision, args.quiet)
-    src_layout, model = convert(MambaLM, src, args.dst, layout=args.layout, dtype=dtype)
+    src_layout, model = convert(MambaLM, src, args.dst, layout=args.layout, dtype=dtype,
+                                progress=False if args.quiet else None)
     dtype_name = str(model.backbone.embedding.weight.dtype).removeprefix("torch.")
     print(f"converted {args.src} ({src_layout} layout) -> {args.dst} ({args.layout} layout, {dtype_name}, "
           f"{model.num_parameters():,} parameters)")
