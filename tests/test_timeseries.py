@@ -1,4 +1,4 @@
-"""mambakit.data.timeseries: CSV parsing, frequency inference, gaps, irregular timestamps, calendar features."""
+"""mambakit.data.timeseries: CSV/Parquet reading (pandas), frequency inference, gaps, irregular timestamps, calendar features."""
 
 import numpy as np
 import pytest
@@ -38,7 +38,8 @@ def test_select_columns_and_time_col(tmp_path):
     ("date,a\n2020-01-01,1\n2020-02-01,abc\n", r"line 3: value 'abc' in column 'a' is not a number"),
     ("date,a\nyesterday,1\n2020-02-01,2\n", "cannot read timestamp 'yesterday'"),
     ("date,a\n2020-01-01,1\n2020-01-01,2\n", "duplicate timestamp"),
-    ("date,a\n2020-01-01,1\n2020-02-01\n", "1 fields, the header has 2"),
+    ("date,a\n2020-01-01,1\n2020-02-01,2,3\n", "malformed CSV.*Expected 2 fields in line 3, saw 3"),
+    ("date,a\n2020-01-01,1\n2020-02-01\n", "last value of column 'a' is missing"),  # a short row: missing cells
     ("date,a\n2020-01-01,1\n2020-02-01,inf\n", "infinite"),
     ("date,a,a\n2020-01-01,1,2\n2020-02-01,2,3\n", "duplicate column"),
     ("date,a\n2020-01-01,1\n2020-02-01,\n", "last value of column 'a' is missing"),
