@@ -146,3 +146,20 @@ def test_timeseries_slice_is_a_copy():
     p = s.slice(0, 5)
     p.values[:] = -1
     assert s.values[0, 0] == 0 and len(p) == 5
+
+
+# ------------------------------------------------------------------------------------------ pandas formats
+def test_parquet_and_time_zones(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    df = pd.DataFrame({"when": pd.date_range("2024-03-01", periods=4, freq="D"), "a": [1.0, 2.0, 3.0, 4.0]})
+    df.to_parquet(tmp_path / "d.parquet", index=False)
+    s = read_csv(tmp_path / "d.parquet")
+    assert s.freq == Frequency("s", 86400) and s.names == ["a"]
+    np.testing.assert_array_equal(s.values[:, 0], [1, 2, 3, 4])
+    # offsets are converted to UTC: 01:00+01:00 is 00:00 UTC
+    s = read_csv(_write(tmp_path, "t,a\n2024-03-01T01:00+01:00,1\n2024-03-01T02:00+01:00,2\n"))
+    assert str(s.timestamps[0]) == "2024-03-01T00:00:00" and s.freq == Frequency("s", 3600)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
+        read_csv(tmp_path / "bad.parquet")

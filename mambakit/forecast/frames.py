@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.timeseries import TimeSeries, regularize, require_pandas, timestamp_column
+from .origins import rolling_origins
 
 ID, DS, Y = "unique_id", "ds", "y"
 MODEL = "Mamba"
@@ -184,8 +185,6 @@ def cross_validation(forecaster, df, h=None, n_windows: int = 1, step: int | Non
     before the window), y (the actual value), Mamba and its quantile columns. The same origins, fitting and
     forecasts as mambakit.forecast.backtest (leak-free by the same construction); the forecaster is left
     fitted on the part before the first cutoff."""
-    from .backtest import rolling_origins  # backtest imports the forecasters: import it when called
-
     pd = require_pandas()
     h = check_h(forecaster.config.horizon if h is None else h, forecaster.config.horizon)
     series, ids = from_long(df, max_gap=max_gap, exog=exog)
