@@ -77,7 +77,8 @@ def test_many_series_in_one_frame_are_the_columns_of_the_array_path():
     assert f.frame_ids == ids
     np.testing.assert_array_equal(as_wide(f.predict(), "Mamba", ids),
                                   Forecaster(cfg).fit(series.select(ids)).predict(series.select(ids)).point)
-    out = f.predict(4)  # the first 4 of the 6 steps
+    out = f.predict(h=4)  # the first 4 of the 6 steps
+    assert out.equals(f.predict(4))
     assert list(out.columns) == ["unique_id", "ds", "Mamba"] and len(out) == 8
     assert sorted(out["ds"].unique()) == list(pd.date_range("2009-01-01", periods=4, freq="MS"))
     g = Forecaster(cfg).fit(to_long(series))  # series in the array's column order
@@ -88,6 +89,8 @@ def test_many_series_in_one_frame_are_the_columns_of_the_array_path():
                                   g.predict(series.slice(0, 90)).point)
     with pytest.raises(ValueError, match=r"h must be an int in \[1, 6\]"):
         g.predict(7)
+    with pytest.raises(ValueError, match="not both"):
+        g.predict(series, h=3)
     with pytest.raises(ValueError, match="fitted on"):
         g.predict(6, df=to_long(series.select(["north"])))
 

@@ -124,10 +124,14 @@ class EnsembleForecaster:
                         "members": [{k: v for k, v in m.history.items() if k != "record"} for m in self.members]}
         return self
 
-    def predict(self, history=None, df=None, max_gap: int = 0, exog: str = "refuse"):
+    def predict(self, history=None, df=None, *, h: int | None = None, max_gap: int = 0, exog: str = "refuse"):
         """predict(history) → Forecast; predict(h, df) → DataFrame: the two paths of Forecaster.predict."""
-        if history is None or isinstance(history, (int, np.integer)):
-            return frames.predict_frame(self, history, df, max_gap, exog)
+        if isinstance(history, (int, np.integer)) and not isinstance(history, bool):
+            history, h = None, history  # predict(12): h given positionally
+        if history is None:
+            return frames.predict_frame(self, h, df, max_gap, exog)
+        if h is not None or df is not None:
+            raise ValueError("predict takes a history (→ Forecast) or h and df (→ DataFrame), not both")
         if not self.members:
             raise RuntimeError("EnsembleForecaster.predict before fit (or load)")
         fcs = [m.predict(history) for m in self.members]

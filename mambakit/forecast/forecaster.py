@@ -225,14 +225,19 @@ class Forecaster:
         return float(np.mean(mae / mase_scale(values[: int(val[0])].double().numpy(), max(1, c.season))))
 
     # ------------------------------------------------------------------------------------------ predict
-    def predict(self, history=None, df=None, max_gap: int = 0, exog: str = "refuse"):
+    def predict(self, history=None, df=None, *, h: int | None = None, max_gap: int = 0, exog: str = "refuse"):
         """Two paths:
         - predict(history) → Forecast: the H steps after `history` (a TimeSeries with the columns fitted, or a
           (T, C) array), from its last `context` values;
-        - predict(h=None, df=None) → DataFrame (unique_id, ds, Mamba, quantile columns): the first h (default H)
-          steps after `df`, a long frame with the series fitted (default: after the frame given to fit)."""
-        if history is None or isinstance(history, (int, np.integer)):
-            return frames.predict_frame(self, history, df, max_gap, exog)
+        - predict(h) or predict(h=h, df=df) → DataFrame (unique_id, ds, Mamba, quantile columns): the first h
+          (default H) steps after `df`, a long frame with the series fitted (default: after the frame given to
+          fit)."""
+        if isinstance(history, (int, np.integer)) and not isinstance(history, bool):
+            history, h = None, history  # predict(12): h given positionally
+        if history is None:
+            return frames.predict_frame(self, h, df, max_gap, exog)
+        if h is not None or df is not None:
+            raise ValueError("predict takes a history (→ Forecast) or h and df (→ DataFrame), not both")
         return self._predict(as_series(history))
 
     def cross_validation(self, df, h: int | None = None, n_windows: int = 1, step: int | None = None,
