@@ -18,7 +18,7 @@ from mambakit.forecast.baselines import Naive, SeasonalNaive  # noqa: E402
 from mambakit.forecast.ensemble import EnsembleForecaster  # noqa: E402
 from mambakit.forecast.frames import forecast_frame, from_long, quantile_names, to_long  # noqa: E402
 
-TINY = dict(d_model=8, n_layer=1, d_state=4, batch_size=16, max_steps=20, eval_every=10, patience=2, threads=1)
+TINY = dict(d_model=8, n_layer=1, d_state=4, batch_size=16, max_steps=10, eval_every=5, patience=2, threads=1)
 
 
 def two_series(n=96):
@@ -44,7 +44,7 @@ def test_frame_and_array_paths_give_the_same_forecasts_on_a_dataset():
     from mambakit.data.timeseries import load_statsmodels
 
     series = load_statsmodels("elec_equip")  # the experiment's dataset: 257 months
-    cfg = ForecastConfig(horizon=12, context=36, quantiles=(0.1, 0.5, 0.9), **{**TINY, "max_steps": 10})
+    cfg = ForecastConfig(horizon=12, context=36, quantiles=(0.1, 0.5, 0.9), **TINY)
     df = to_long(series)
     assert list(df.columns) == ["unique_id", "ds", "y"] and len(df) == len(series)
     by_array = Forecaster(cfg).fit(series).predict(series)
@@ -206,3 +206,19 @@ def test_cli_reads_and_writes_the_long_format(tmp_path, ext):
     with pytest.raises(ValueError, match="exogenous"):
         df.assign(price=1.0).to_csv(tmp_path / "x.csv", index=False)
         _cli([str(tmp_path / "x.csv"), "--horizon", "3"])
+
+
+# ------------------------------------------------------------------------------------------- the experiment
+def test_experiment_frames_path_reproduces_the_array_path():
+    """experiments.forecasting --frames (long frames, EnsembleForecaster.cross_validation, backtest(df)) gives
+    the array path's numbers; sunspots because its season (11) is not its frequency's (yearly)."""
+    pytest.importorskip("statsmodels")
+    from experiments.forecasting.run import DATASETS, run_dataset, run_dataset_frames
+
+    args = ("sunspots", DATASETS["sunspots"], True, (0,), False, {"max_steps": 10}, False)
+    by_array, _, _ = run_dataset(*args)
+    by_frames, _, _ = run_dataset_frames(*args)
+    for method in ("naive", "seasonal naive", "Mamba"):
+        assert by_frames["metrics"][method] == by_array["metrics"][method], method
+    assert by_frames["mamba_80pct_coverage"] == by_array["mamba_80pct_coverage"]
+    assert by_frames["info"]["Mamba"]["chosen"] == by_array["info"]["Mamba"]["chosen"]

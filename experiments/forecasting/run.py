@@ -130,7 +130,9 @@ def run_dataset_frames(name: str, spec: dict, tiny: bool, seeds, verbose: bool, 
     df = to_long(series)  # unique_id = the column names, in the array's column order
     H, W, L = spec["horizon"], spec["windows"], spec["context"]
     m = series.season
-    cfg = ForecastConfig(horizon=H, context=L, **{**MAMBA, **(overrides or {})})
+    # a frame carries timestamps, not the dataset's seasonal period: sunspots' 11-year cycle is not its
+    # frequency's (yearly: none), so it is given here, as the array path reads it off the TimeSeries
+    cfg = ForecastConfig(horizon=H, context=L, **{**MAMBA, **(overrides or {})}).replace(season=m)
     if tiny:
         cfg = cfg.replace(d_model=16, max_steps=30, eval_every=10)
     methods = {"naive": Naive(), "seasonal naive": SeasonalNaive(m)}
@@ -141,7 +143,7 @@ def run_dataset_frames(name: str, spec: dict, tiny: bool, seeds, verbose: bool, 
     if tiny:
         variants = variants[:2]
     t0, c0 = time.perf_counter(), time.process_time()
-    r = backtest(df, methods, H, W, verbose=True)
+    r = backtest(df, methods, H, W, season=m, verbose=True)
     ens = EnsembleForecaster(cfg, variants, seeds=tuple(seeds), verbose=verbose)
     t1 = time.perf_counter()
     cv = ens.cross_validation(df, h=H, n_windows=W)  # unique_id, ds, cutoff, y, Mamba, Mamba-lo-80, Mamba-hi-80
