@@ -11,7 +11,8 @@ one at a time with shared weights, `channel_independent=True`), exactly as it re
 array. So fitting on a frame and on the equivalent array gives the same network and the same forecasts
 (tests/test_forecast_pandas.py). `ds` is datetimes (any regular frequency `infer_frequency` knows: fixed steps,
 calendar months, quarters, years) or integers (a step index); the future `ds` of a forecast continue that
-frequency from the last timestamp.
+frequency from the last timestamp. The seasonal period is the frequency's usual one (TimeSeries.season);
+another one goes in ForecastConfig.season (and backtest's `season`).
 
 Refused with a ValueError that says what to do (never guessed):
 - series with different timestamps (different starts, ends or frequencies): one joint network needs one
