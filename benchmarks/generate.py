@@ -8,6 +8,9 @@ Implementations (--impls):
     transformers      MambaForCausalLM.generate(do_sample=False) (its CPU fallback path, with its cache)
     mambapy           mambapy.mamba.Mamba.step() for the prompt and the new tokens (it has no parallel
                       prefill with a state), with our embedding, final RMSNorm and tied head
+    mamba2            mambakit.generate with a Mamba-2 model of the same d_model and depth (layer="Mamba2":
+                      d_state 128, headdim 64, 1 group)
+    transformers-mamba2  Mamba2ForCausalLM.generate(do_sample=False), its torch path, the same Mamba-2 shape
 
 Every (implementation, dtype, batch) cell runs in a fresh subprocess, so that its peak memory is its own:
 peak MB = high-water RSS during the timed run minus RSS just before it (weights excluded); resident MB = RSS just
@@ -25,6 +28,7 @@ within minutes, so a figure from another moment would make the ratio noise).
     python benchmarks/generate.py                    # full grid: batch 1, 8, 32; float32 and bfloat16
     python benchmarks/generate.py --quick            # tiny model, small sizes: checks that everything runs
     python benchmarks/generate.py --impls mambakit,transformers --batch 8 --dtypes float32
+    python benchmarks/generate.py --impls mamba2,transformers-mamba2,mambakit --batch 1,8
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import sys
 import time
 from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a script here runs
 
-IMPLS = ("mambakit", "mambakit-compile", "transformers", "mambapy")
+IMPLS = ("mambakit", "mambakit-compile", "transformers", "mambapy", "mamba2", "transformers-mamba2")
+PEER = {"mambakit": "transformers", "mambakit-compile": "transformers", "mamba2": "transformers-mamba2"}
 SHAPES = {  # name → (d_model, n_layer, vocab); 130m is state-spaces/mamba-130m
     "130m": (768, 24, 50280),
     "tiny": (64, 2, 256),
@@ -46,7 +51,7 @@ SHAPES = {  # name → (d_model, n_layer, vocab); 130m is state-spaces/mamba-130
 
 
 # ----------------------------------------------------------------------------------------------- runners
-def run_mambakit(shape, dtype, prompts, new, compile_step=False):
+def run_mambakit(shape, dtype, prompts, new, compile_step=False, layer="Mamba"):
     """Returns (prefill_s, step_times) for mambakit.generate with stream=True (one timestamp per step)."""
     import torch
 
@@ -55,7 +60,7 @@ def run_mambakit(shape, dtype, prompts, new, compile_step=False):
 
     d_model, n_layer, vocab = SHAPES[shape]
     torch.manual_seed(0)
-    model = MambaLM(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).eval().to(dtype)
+    model = MambaLM(MambaConfig(layer=layer, d_model=d_model, n_layer=n_layer, vocab_size=vocab)).eval().to(dtype)
     use_huge_pages(model)  # as `mambakit generate` does (opt-in in the library)
 
     def run(ps, n):
@@ -68,15 +73,23 @@ def run_mambakit(shape, dtype, prompts, new, compile_step=False):
     return model, run
 
 
-def run_transformers(shape, dtype, prompts, new):
+def run_transformers(shape, dtype, prompts, new, mamba2=False):
     import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers asks the hub for kernels otherwise
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
     d_model, n_layer, vocab = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = transformers.MambaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layer)
-    model = transformers.MambaForCausalLM(cfg).eval().to(dtype)
+    if mamba2:
+        cfg = transformers.Mamba2Config(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layer,
+                                        state_size=128, expand=2, head_dim=64, num_heads=2 * d_model // 64,
+                                        n_groups=1, chunk_size=256)
+        model = transformers.Mamba2ForCausalLM(cfg).eval().to(dtype)
+    else:
+        cfg = transformers.MambaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layer)
+        model = transformers.MambaForCausalLM(cfg).eval().to(dtype)
     model.generation_config.eos_token_id = None  # never stop early: time exactly `new` tokens
 
     class Stamps(BaseStreamer):  # generate calls put() once with the prompt, then once per new token
@@ -136,7 +149,9 @@ def run_mambapy(shape, dtype, prompts, new):
 
 
 RUNNERS = {"mambakit": run_mambakit, "transformers": run_transformers, "mambapy": run_mambapy,
-           "mambakit-compile": lambda *a: run_mambakit(*a, compile_step=True)}
+           "mambakit-compile": lambda *a: run_mambakit(*a, compile_step=True),
+           "mamba2": lambda *a: run_mambakit(*a, layer="Mamba2"),
+           "transformers-mamba2": lambda *a: run_transformers(*a, mamba2=True)}
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -245,7 +260,7 @@ def main(argv=None) -> None:
     print(f"# memory copy bandwidth (read + write) here: {bw / 1e9:.1f} GB/s; OMP_WAIT_POLICY for all cells: "
           f"{args.omp_wait_policy}")
     print("| dtype | batch | implementation | tok/s | decode tok/s | ms/step | prefill s | peak MB | resident MB | "
-          "vs transformers |")
+          "vs transformers (same family) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for dtype in dtypes:
@@ -255,21 +270,24 @@ def main(argv=None) -> None:
                 if "error" in r:
                     print(f"| {dtype} | {b} | {impl} | error: {r['error']} | | | | | | |", flush=True)
                     continue
-                ref = results.get((dtype, b, "transformers"), {})
+                ref = results.get((dtype, b, PEER.get(impl, "transformers")), {})
                 vs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f}×" if "tokens_per_s" in ref else ""
                 print(f"| {dtype} | {b} | {impl} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
                       f"{r['ms_per_step']:.1f} | {r['prefill_s']:.2f} | {r['peak_mb']:.0f} | "
                       f"{r.get('resident_mb', float('nan')):.0f} | {vs} |", flush=True)
     print()
     for dtype in dtypes:
-        for line in target_lines(results, dtype):
-            print(line)
+        for impl in ("mambakit", "mamba2"):
+            for line in target_lines(results, dtype, impl):
+                print(line)
 
 
-def target_lines(results: dict, dtype: str) -> list[str]:
-    """The issue's targets for mambakit, from the cells' results ({(dtype, batch, impl): dict}), as comment lines."""
+def target_lines(results: dict, dtype: str, impl: str = "mambakit") -> list[str]:
+    """The issue's targets for one mambakit family (impl "mambakit" or "mamba2"), from the cells' results
+    ({(dtype, batch, impl): dict}), as comment lines."""
     lines = []
-    one, eight = results.get((dtype, 1, "mambakit"), {}), results.get((dtype, 8, "mambakit"), {})
+    one, eight = results.get((dtype, 1, impl), {}), results.get((dtype, 8, impl), {})
+    dtype = f"{dtype} {impl}"
     if "weight_bytes" in one:
         floor = one["weight_bytes"] / one["copy_bw"] * 1e3
         lines.append(f"# {dtype}: weights {one['weight_bytes'] / 1e6:.0f} MB / {one['copy_bw'] / 1e9:.1f} GB/s (copy "
@@ -285,7 +303,7 @@ def target_lines(results: dict, dtype: str) -> list[str]:
             lines.append(f"# {dtype}: warning: the batch-1 and batch-8 cells measured {one['copy_bw'] / 1e9:.1f} and "
                          f"{eight['copy_bw'] / 1e9:.1f} GB/s of copy bandwidth: the machine changed state between "
                          "them, so this ratio compares two machines; run again")
-    hf8 = results.get((dtype, 8, "transformers"), {})
+    hf8 = results.get((dtype.split()[0], 8, PEER[impl]), {})
     if "tokens_per_s" in eight and "tokens_per_s" in hf8:
         e2e = eight["tokens_per_s"] / hf8["tokens_per_s"]
         dec = eight["decode_tokens_per_s"] / hf8["decode_tokens_per_s"]

@@ -7,6 +7,9 @@ Implementations (--impls):
     hf-slow           transformers MambaForCausalLM, torch fallback ("slow path": sequential scan)
     hf-mambapy        transformers MambaForCausalLM with use_mambapy=True (mamba.py's parallel scan)
     mambapy           mambapy.mamba.Mamba (pscan) + our own embedding, final RMSNorm and tied head
+    mamba2            mambakit MambaLM with the Mamba-2 mixer (layer="Mamba2": d_state 128, headdim 64, 1 group)
+    mamba2-noscan     the same with the SSD scan replaced by an identity: the Mamba-2 matmul-only floor
+    hf-mamba2         transformers Mamba2ForCausalLM, torch path (no mamba_ssm / causal_conv1d on a CPU)
 
 Every (implementation, dtype, batch, length) cell runs in a fresh subprocess so that its peak memory is its
 own: peak MB = the process's high-water RSS during the timed forwards minus its RSS just before them
@@ -16,6 +19,9 @@ bf16 means the weights cast with `.to(torch.bfloat16)` (mambakit keeps A_log and
     python benchmarks/prefill.py                       # the full grid: b ∈ {1, 4}, l ∈ {256, 1024, 4096}, fp32+bf16
     python benchmarks/prefill.py --quick               # a tiny model and sizes: checks that everything runs
     python benchmarks/prefill.py --impls mambakit,hf-slow --batch 1 --lengths 1024 --dtypes float32
+    python benchmarks/prefill.py --impls mamba2,mamba2-noscan,hf-mamba2,mambakit --batch 1 --lengths 1024,4096
+
+"vs first" divides by the first implementation listed in --impls that ran for that (batch, length, dtype).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a sc
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mambakit command sets it (mambakit/cli), before torch
 
-IMPLS = ("mambakit", "mambakit-noscan", "hf-slow", "hf-mambapy", "mambapy")
+IMPLS = ("mambakit", "mambakit-noscan", "hf-slow", "hf-mambapy", "mambapy", "mamba2", "mamba2-noscan", "hf-mamba2")
+DEFAULT_IMPLS = IMPLS[:5]  # Mamba-1 and its peers; Mamba-2 rows are asked for with --impls
 SHAPES = {  # name → (d_model, n_layer, vocab); 130m is state-spaces/mamba-130m
     "130m": (768, 24, 50280),
     "tiny": (64, 2, 256),
@@ -45,6 +52,23 @@ def build(impl: str, shape: str):
 
     d_model, n_layer, vocab = SHAPES[shape]
     torch.manual_seed(0)
+    if impl.startswith("mamba2"):
+        from mambakit import MambaConfig, MambaLM
+
+        model = MambaLM(MambaConfig(layer="Mamba2", d_model=d_model, n_layer=n_layer, vocab_size=vocab))
+        if impl == "mamba2-noscan":
+            _replace_ssd_by_identity()
+        return model, lambda ids: model(ids).logits
+    if impl == "hf-mamba2":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers asks the hub for kernels otherwise
+        import transformers
+
+        heads = 2 * d_model // 64
+        cfg = transformers.Mamba2Config(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=n_layer,
+                                        state_size=128, expand=2, head_dim=64, num_heads=heads, n_groups=1,
+                                        chunk_size=256)
+        model = transformers.Mamba2ForCausalLM(cfg)
+        return model, lambda ids: model(ids, use_cache=False).logits
     if impl.startswith("mambakit"):
         from mambakit import MambaConfig, MambaLM
 
@@ -88,6 +112,23 @@ def _replace_scan_by_identity() -> None:
         return u, torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float32)
 
     ops.selective_scan = identity_scan  # the model looks the op up at call time
+
+
+def _replace_ssd_by_identity() -> None:
+    """y = x (and a zero final state) for the SSD: every matmul, the conv and the norms are left."""
+    import torch
+
+    from mambakit import ops
+
+    def identity_ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=(0.0, float("inf")), initial_states=None, seq_idx=None, return_final_states=False,
+                     backend=None):
+        if not return_final_states:
+            return x
+        b, _, h, p = x.shape
+        return x, torch.zeros(b, h, p, B.shape[-1], dtype=torch.float32)
+
+    ops.ssd = identity_ssd  # the model looks the op up at call time
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -144,7 +185,7 @@ def run_cell(args, impl, dtype, batch, length) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model, b=1, l=64, two runs: a smoke test")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--shape", default="130m", choices=SHAPES)
     p.add_argument("--batch", default="1,4", help="batch sizes, comma-separated")
     p.add_argument("--lengths", default="256,1024,4096", help="sequence lengths, comma-separated")
@@ -174,7 +215,7 @@ def main(argv=None) -> None:
 
     print(f"# prefill, shape {args.shape} {SHAPES[args.shape]} (d_model, n_layer, vocab), torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs, median of up to {args.repeats} runs")
-    header = "| batch | length | dtype | implementation | tokens/s | ms / forward | peak MB | vs mambakit |"
+    header = "| batch | length | dtype | implementation | tokens/s | ms / forward | peak MB | vs first |"
     print(header)
     print("|---:|---:|---|---|---:|---:|---:|---:|")
     for dtype in dtypes:
@@ -186,7 +227,7 @@ def main(argv=None) -> None:
                     if "error" in r:
                         print(f"| {b} | {l} | {dtype} | {impl} | error: {r['error']} | | | |", flush=True)
                         continue
-                    if impl == "mambakit":
+                    if base is None:
                         base = r["tokens_per_s"]
                     rel = f"{r['tokens_per_s'] / base:.2f}×" if base else ""
                     print(f"| {b} | {l} | {dtype} | {impl} | {r['tokens_per_s']:,.0f} | {r['ms']:,.1f} | "

@@ -8,8 +8,10 @@
   `seq_len_warmup`, `train_stages`), and the held-out loss by position in the window (`eval_at_context`,
   `position_buckets`, `plot_loss_by_position`, `position_table`).
 - The synthetic tasks (selective_copying, induction_heads): `train` (Adam, scored positions only, evaluation
-  and early stopping), their models trained in several processes that merge into one results.json
-  (`fresh_models`, `save_results`, `run_experiment`), and their report (`Report`, `write_readme_keeping_notes`).
+  and early stopping), `train_curriculum` (lengths in stages), `Checkpoint` (one model's state every few
+  minutes; `--resume` continues bitwise), `steps_per_second` / `report_throughput` (`--time-steps`), their models
+  trained in several processes that merge into one results.json (`fresh_models`, `save_results`,
+  `run_experiment`), and their report (`Report`, `write_readme_keeping_notes`).
 
 Why not `mambakit.train`? The trainer reads text documents through a text tokenizer and draws its own windows;
 these experiments need per-step batches from their own samplers (genome windows with reverse-complement
@@ -25,11 +27,13 @@ import functools
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -419,22 +423,47 @@ def fresh_models(args, build: Callable[[str], torch.nn.Module]):
 def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vocab_size: int, *, steps: int,
           lr: float, warmup: int = 100, eval_every: int = 100, time_budget_s: float = math.inf,
           stop_at: float | None = None, stop_patience: int = 1, grad_clip: float = 1.0, name: str = "model",
-          stop_file=None, lr_min_frac: float | None = None, log=print) -> TrainResult:
+          stop_file=None, lr_min_frac: float | None = None, log=print, resume: dict | None = None,
+          save: Callable[[dict], None] | None = None, save_every_s: float = 300.0,
+          progress: bool = False) -> TrainResult:
     """Trains `model` for `steps` steps (or until time_budget_s, or until validation accuracy >= stop_at at
     stop_patience evaluations in a row: solved); evaluates every eval_every steps and at the end. Prints one
     progress line per evaluation. If the path `stop_file` comes to exist, training ends at the next step (a
     long run on a shared machine can be cut short by hand and still report its model). The lr warms up linearly
     over `warmup` steps, then stays constant (the paper's synthetic-task recipe, App. E.1), or with lr_min_frac
-    decays along a cosine to lr · lr_min_frac at the last step."""
+    decays along a cosine to lr · lr_min_frac at the last step.
+
+    Long runs: every save_every_s seconds (at a step boundary, after that step's evaluation) save(loop state)
+    receives everything the next steps depend on (loop_state: model, optimizer, schedule, torch's RNG, step, the
+    curve so far); train(..., resume=that state) continues bitwise as if never stopped, because batch_fn(step)
+    draws each batch from the step number alone. progress=True shows a tqdm bar with the ETA."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, warmup=warmup, steps=steps,
                                                                       min_frac=lr_min_frac))
     res = TrainResult()
-    t0 = time.perf_counter()
     losses: list[float] = []
-    solved_evals = 0
+    solved_evals, first = 0, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        first, losses, solved_evals = resume["step"] + 1, list(resume["losses"]), resume["solved_evals"]
+        res.curve = list(resume["curve"])
+        res.steps, res.seconds = resume["step"], resume["seconds"]
+    t0 = time.perf_counter() - res.seconds  # elapsed time carries over a resume
+
+    def snapshot(step: int) -> dict:
+        return {"step": step, "seconds": res.seconds, "losses": list(losses), "solved_evals": solved_evals,
+                "curve": list(res.curve), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+
+    if save is not None and resume is None:  # a stage's start: a kill soon after must not fall back a stage
+        save(snapshot(0))
+    last_save = time.perf_counter()
+    bar = _progress_bar(name, steps, first - 1) if progress else None
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         inputs, targets = batch_fn(step)
         loss = scored_loss(model(inputs).logits, targets, vocab_size)
         if not torch.isfinite(loss):
@@ -446,8 +475,11 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
         elapsed = time.perf_counter() - t0
         out_of_time = elapsed >= time_budget_s or (stop_file is not None and Path(stop_file).exists())
+        res.steps, res.seconds = step, elapsed
         if step % eval_every == 0 or step == steps or out_of_time:
             acc = evaluate(model, val_batches, vocab_size)
             mean_loss = sum(losses) / len(losses)
@@ -455,11 +487,15 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
             elapsed = time.perf_counter() - t0
             res.curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(mean_loss, 4),
                               "accuracy": round(acc, 4)})
-            rate = step / elapsed
+            rate = (step - first + 1) / max(elapsed - (resume or {}).get("seconds", 0.0), 1e-9)
             eta = (steps - step) / rate if rate > 0 else float("nan")
-            log(f"  {name:>12s} step {step:6d}/{steps}  loss {mean_loss:.4f}  val acc {100 * acc:5.1f}%  "
-                f"{rate:.1f} steps/s  elapsed {elapsed:5.0f}s  ETA {min(eta, time_budget_s - elapsed):5.0f}s")
-            res.steps, res.seconds = step, elapsed
+            line = (f"  {name:>12s} step {step:6d}/{steps}  loss {mean_loss:.4f}  val acc {100 * acc:5.1f}%  "
+                    f"{rate:.1f} steps/s  elapsed {elapsed:5.0f}s  ETA {min(eta, time_budget_s - elapsed):5.0f}s")
+            if bar is not None:
+                bar.write(line)
+            else:
+                log(line)
+            res.seconds = elapsed
             solved_evals = solved_evals + 1 if stop_at is not None and acc >= stop_at else 0
             if stop_at is not None and solved_evals >= stop_patience:
                 res.stopped = "solved"
@@ -467,11 +503,210 @@ def train(model, batch_fn: BatchFn, val_batches: list[tuple[Tensor, Tensor]], vo
             if out_of_time:
                 res.stopped = "time" if elapsed >= time_budget_s else "stop file"
                 break
+        if save is not None and step < steps and time.perf_counter() - last_save >= save_every_s:
+            save(snapshot(step))
+            last_save = time.perf_counter()
+    if bar is not None:
+        bar.close()
     return res
 
 
+def steps_per_second(model, batch_fn: BatchFn, vocab_size: int, steps: int, warm: int = 2) -> float:
+    """Training throughput: Adam steps (forward, scored loss, backward, update) per second over `steps` steps
+    after `warm` untimed ones (kernel compilation, allocator); the model is trained by them."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+    for i in range(warm + steps):
+        if i == warm:
+            t0 = time.perf_counter()
+        inputs, targets = batch_fn(i)
+        loss = scored_loss(model(inputs).logits, targets, vocab_size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t0)
+
+
+def report_throughput(models, batch_fn: BatchFn, vocab_size: int, steps: int, budget: Callable[[str], int],
+                      log=print) -> None:
+    """`--time-steps`: each (name, model) of `models` timed at the final training length, with the hours its
+    budget(name) steps need at that rate on this machine (one process, the threads set by the caller)."""
+    log(f"timing {steps} training steps per model (load average {os.getloadavg()[0]:.2f}, "
+        f"{torch.get_num_threads()} thread(s))")
+    for name, model, _ in models:
+        rate = steps_per_second(model, batch_fn, vocab_size, steps)
+        log(f"  {name}: {rate:.3f} steps/s; {budget(name):,} steps = {budget(name) / rate / 3600:.1f} h")
+
+
+def _progress_bar(name: str, total: int, initial: int):
+    """A tqdm bar on stderr with the ETA; in a log file it redraws every 30 s at most (one line each)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="step", mininterval=30, file=sys.stderr,
+                dynamic_ncols=False, ncols=100)
+
+
+@dataclass(frozen=True)
+class CurriculumStage:
+    """One stage of a length curriculum: train at `length` for at most `steps` steps, or until validation
+    accuracy reaches stop_at (None: run all of them)."""
+
+    length: int
+    steps: int
+    stop_at: float | None = None
+
+
+def train_curriculum(model, name: str, stages: list[CurriculumStage],
+                     batch_at: Callable[[int, int], tuple[Tensor, Tensor]], val_sets: dict[int, list], vocab_size: int, *, lr: float, warmup: int, eval_every: int,
+                     stop_patience: int, budget_s: float = math.inf, fill_to: int | None = None, stop_file=None,
+                     lr_min_frac: float | None = None, ckpt: "Checkpoint | None" = None, log=print,
+                     progress: bool = False) -> TrainResult:
+    """Trains through the stages in order, a fresh Adam per stage (the warm-up in the first only, the cosine
+    decay of lr_min_frac in the last only); batch_at(length, global step) gives each step's batch, so every
+    model sees the same batches. A stage ends at its steps, at its stop_at, or when the time budget is spent;
+    fill_to: the last stage runs until the total reaches fill_to steps (a total budget of steps, whatever the
+    shorter stages took). One TrainResult over all stages: the curve's steps and seconds are cumulative and each
+    point names its length. ckpt: save and resume (Checkpoint.train_state) at every stage, bitwise."""
+    total = TrainResult()
+    saved = ckpt.train_state() if ckpt is not None else None
+    first_stage = 0
+    if saved is not None:  # resume: the stages before saved["stage"] are done, its loop continues
+        first_stage = saved["stage"]
+        total = TrainResult(**saved["total"])
+        log(f"  {name}: resuming stage {first_stage + 1}/{len(stages)} at step {total.steps + saved['loop']['step']}")
+    for i in range(first_stage, len(stages)):
+        st, last = stages[i], i == len(stages) - 1
+        if total.seconds >= budget_s:
+            break
+        offset = total.steps
+        steps = max(1, fill_to - offset) if last and fill_to is not None else st.steps
+
+        def batch_fn(step: int, length=st.length, offset=offset):
+            return batch_at(length, offset + step)
+
+        def save(loop: dict, i=i, total=total) -> None:
+            ckpt.save_train(i, total, loop)
+
+        res = train(model, batch_fn, val_sets[st.length], vocab_size, steps=steps, lr=lr,
+                    warmup=warmup if i == 0 else 0, eval_every=eval_every, time_budget_s=budget_s - total.seconds,
+                    stop_at=st.stop_at, stop_patience=stop_patience,
+                    name=name if len(stages) == 1 else f"{name}@{st.length}", stop_file=stop_file,
+                    lr_min_frac=lr_min_frac if last else None, log=log,
+                    resume=saved["loop"] if saved is not None and i == first_stage else None,
+                    save=save if ckpt is not None else None, save_every_s=ckpt.every_s if ckpt else math.inf,
+                    progress=progress)
+        total = TrainResult(steps=total.steps + res.steps, seconds=total.seconds + res.seconds,
+                            stopped=res.stopped if last or res.stopped in ("time", "stop file") else "steps",
+                            curve=total.curve + [{**pt, "step": pt["step"] + offset,
+                                                  "seconds": round(pt["seconds"] + total.seconds, 1),
+                                                  "length": st.length} for pt in res.curve])
+        if res.stopped in ("time", "stop file"):
+            break
+    return total
+
+
+def stage_steps_of(curve: list[dict]) -> list[tuple[int, int]]:
+    """[(length, steps)] of a curriculum run, from its curve (each point names its length; cumulative steps)."""
+    ends: dict[int, int] = {}
+    for pt in curve:
+        ends[pt.get("length", 0)] = pt["step"]
+    out, prev = [], 0
+    for length, end in ends.items():
+        out.append((length, end - prev))
+        prev = end
+    return out
+
+
+def checkpoint_progress(out) -> list[dict]:
+    """Where each checkpointed model of a run stands (--out/checkpoints/*.pt, by name): its phase, the steps
+    trained, the curriculum stage, the processes that worked on it and when the state was saved."""
+    rows = []
+    for f in sorted((Path(out) / "checkpoints").glob("*.pt")):
+        st = torch.load(f, map_location="cpu", weights_only=False)
+        steps = (st["total"]["steps"] + st["loop"]["step"]) if st["phase"] == "train" else st["train"]["steps"]
+        seg = st.get("segments") or [{}]
+        rows.append({"name": f.stem, "phase": st["phase"], "steps": steps, "stage": st.get("stage"),
+                     "processes": len(seg), "saved": seg[-1].get("end", "?")})
+    return rows
+
+
+def progress_lines(out, total_steps: Callable[[str], int]) -> list[str]:
+    """The README's section on a run still in progress: one row per checkpointed model not yet done."""
+    rows = [r for r in checkpoint_progress(out) if r["phase"] != "done"]
+    if not rows:
+        return []
+    lines = ["## In progress (from the checkpoints)", "", "| model | phase | steps trained | of | processes so far | "
+             "last saved |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['phase']}" + (f" (stage {r['stage'] + 1})" if r["stage"] is not None else "")
+              + f" | {r['steps']:,} | {total_steps(r['name']):,} | {r['processes']} | {r['saved']} |" for r in rows]
+    return lines + ["", "Models without a checkpoint have not started. The run continues with its command "
+                    "(`--resume`)."]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def machine_conditions() -> dict:
+    """When and where a process starts: UTC time, CPUs, the 1-minute load average, this process's niceness."""
+    return {"start": _now(), "cpus": os.cpu_count(), "load_start": round(os.getloadavg()[0], 2), "nice": os.nice(0)}
+
+
+class Checkpoint:
+    """One model's resumable state in a single file (`<out>/checkpoints/<name>.pt`), written atomically:
+    the settings it was trained under, its phase ("train", "eval", "done"), the curriculum stage and the loop
+    state of `train` while training, the accuracies measured so far while evaluating, the weights throughout.
+    Only the latest state is kept; once done, the optimizer state is dropped (the file keeps the trained model).
+    Resuming under other settings is refused, naming the settings that differ (options newer than the
+    checkpoint are not compared)."""
+
+    def __init__(self, path, settings: dict, every_s: float, resume: bool, log=print):
+        self.path, self.settings, self.every_s, self.log = Path(path), settings, every_s, log
+        self.state: dict | None = None
+        if self.path.is_file():
+            if not resume:
+                raise SystemExit(f"{self.path} exists: pass --resume to continue it, or delete it to start over")
+            self.state = torch.load(self.path, map_location="cpu", weights_only=False)
+            # an option added after the checkpoint was written is not in its settings: taken to be at its default
+            old = self.state["settings"]
+            differ = sorted(k for k in old if k not in _RUN_ONLY_SETTINGS and k in settings and old[k] != settings[k])
+            if differ:
+                raise SystemExit(f"--resume: {self.path} was trained with other settings ("
+                                 + ", ".join(f"{k}: {self.state['settings'].get(k)!r} there, {settings.get(k)!r} now"
+                                             for k in differ) + "); use another --out or delete it")
+        # one entry per process that worked on this model: the wall time and machine conditions of a long run
+        self.segments = (self.state or {}).get("segments", []) + [machine_conditions()]
+
+    @property
+    def phase(self) -> str | None:
+        return None if self.state is None else self.state["phase"]
+
+    def train_state(self) -> dict | None:
+        return self.state if self.phase == "train" else None
+
+    def _write(self, state: dict) -> None:
+        self.segments[-1].update(end=_now(), load_end=round(os.getloadavg()[0], 2))
+        state["segments"] = self.segments
+        self.state = state
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def save_train(self, stage: int, total: TrainResult, loop: dict) -> None:
+        self._write({"settings": self.settings, "phase": "train", "stage": stage, "total": vars(total).copy(),
+                     "loop": loop})
+
+    def save_eval(self, model, train: TrainResult, evaluated: dict) -> None:
+        """After training and after each test length: the trained weights and what is measured so far."""
+        self._write({"settings": self.settings, "phase": "eval", "model": model.state_dict(),
+                     "train": vars(train).copy(), "eval": evaluated})
+
+    def save_done(self, model, train: TrainResult, evaluated: dict) -> None:
+        self._write({"settings": self.settings, "phase": "done", "model": model.state_dict(),
+                     "train": vars(train).copy(), "eval": evaluated})
+
+
 # settings that do not change a model's results: runs that differ only in these can share one results.json
-_RUN_ONLY_SETTINGS = {"models", "out", "no_readme", "report_only", "threads", "time_budget_min", "jobs"}
+_RUN_ONLY_SETTINGS = {"models", "out", "no_readme", "report_only", "threads", "time_budget_min", "jobs", "resume",
+                      "checkpoint_min", "progress"}
 
 
 def save_results(path, results: dict, order: list[str], log=print) -> dict:
@@ -530,11 +765,17 @@ class Report:
         return results
 
     def from_file(self, args, log=print) -> dict:
-        """`--report-only`: the table, plot and README rebuilt from --out/results.json."""
+        """`--report-only`: the table, plot and README rebuilt from --out/results.json; while a checkpointed run
+        has no finished model yet, from its checkpoints' settings (the README then shows only its progress)."""
         path = args.out / "results.json"
-        if not path.is_file():
-            raise SystemExit(f"--report-only: no results.json in {args.out}")
-        return self.write(args, json.loads(path.read_text()), log)
+        if path.is_file():
+            return self.write(args, json.loads(path.read_text()), log)
+        progress = checkpoint_progress(args.out)
+        if not progress:
+            raise SystemExit(f"--report-only: no results.json (nor checkpoints) in {args.out}")
+        first = torch.load(args.out / "checkpoints" / f"{progress[0]['name']}.pt", map_location="cpu",
+                           weights_only=False)
+        return self.write(args, {"task": "", "command": args.command, "settings": first["settings"], "models": {}}, log)
 
 
 def run_in_processes(args, argv: list[str], module: str, groups: list[list[str]], report: Report,

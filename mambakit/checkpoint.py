@@ -3,16 +3,21 @@
 Two layouts are read (detected from config.json) and written:
 
 - "official" (state-spaces/mamba `MambaLMHeadModel.save_pretrained`): config.json with d_model, n_layer,
-  vocab_size (unpadded), ssm_cfg, rms_norm, residual_in_fp32, pad_vocab_size_multiple, tie_embeddings,
-  and pytorch_model.bin. Keys are exactly MambaLM's: `backbone.embedding.weight`, `backbone.layers.{i}.…`.
-- "hf" (transformers `MambaForCausalLM`, model_type "mamba"): config.json with hidden_size, state_size,
-  time_step_rank, conv_kernel, expand, … (vocab_size already padded), and model.safetensors (or
-  pytorch_model.bin, or shards with an index json). One key differs: `backbone.embeddings.weight`.
+  vocab_size (unpadded), ssm_cfg (the mixer kwargs; ssm_cfg.layer "Mamba1" (the default) or "Mamba2"), rms_norm,
+  residual_in_fp32, pad_vocab_size_multiple, tie_embeddings, and pytorch_model.bin. Keys are exactly MambaLM's:
+  `backbone.embedding.weight`, `backbone.layers.{i}.…`.
+- "hf" (transformers `MambaForCausalLM`, model_type "mamba", or `Mamba2ForCausalLM`, model_type "mamba2"):
+  config.json with hidden_size, state_size, conv_kernel, expand, … (vocab_size already padded), and
+  model.safetensors (or pytorch_model.bin, or shards with an index json). One key differs:
+  `backbone.embeddings.weight` (Mamba-2's gated norm is `mixer.norm.weight` in both).
 
-Only Mamba-1 is implemented. Other families and mixers are refused by name from config.json, before any weight
-is read: transformers model_type "falcon_mamba", "mamba2", "jamba", "zamba", …; official configs with
-ssm_cfg.layer "Mamba2", attention layers (attn_layer_idx) or MLP blocks (d_intermediate > 0). An unknown
+Mamba-1 and Mamba-2 are implemented. Other families and mixers are refused by name from config.json, before any
+weight is read: transformers model_type "falcon_mamba", "jamba", "zamba", "bamba", …; official configs with
+ssm_cfg.layer "Mamba3", attention layers (attn_layer_idx) or MLP blocks (d_intermediate > 0). An unknown
 model_type, or a config without one that is not the official layout, is refused too: the family is never guessed.
+A config field that would change the computation in a way mambakit cannot follow is refused by name (see
+config_from_hf_mamba2); writing a model that transformers cannot express (e.g. Mamba-2 with D per channel) in
+the "hf" layout is refused, naming the field.
 
 Reading refuses, with one CheckpointError (a ValueError) naming the file and the problem, whatever it can tell
 is wrong: a config.json that is not a JSON object (or nested past reason, or has duplicate keys, or is a
@@ -95,27 +100,28 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------- configs
 # transformers model types and architectures of families that mambakit does not implement (yet)
 _OTHER_FAMILIES = {
-    "falcon_mamba": "FalconMamba", "mamba2": "Mamba-2", "jamba": "Jamba (an attention/Mamba hybrid)",
+    "falcon_mamba": "FalconMamba", "jamba": "Jamba (an attention/Mamba hybrid)",
     "zamba": "Zamba (a Mamba/attention hybrid)", "zamba2": "Zamba2 (a Mamba-2/attention hybrid)",
     "bamba": "Bamba (a Mamba-2/attention hybrid)", "nemotron_h": "Nemotron-H (a Mamba-2/attention hybrid)",
     "falcon_h1": "Falcon-H1 (a Mamba-2/attention hybrid)", "granitemoehybrid": "Granite 4 (a Mamba-2 hybrid)",
     "plamo2": "PLaMo 2 (a Mamba-2 hybrid)",
 }
 _OTHER_ARCHITECTURES = {
-    "FalconMambaForCausalLM": "falcon_mamba", "Mamba2ForCausalLM": "mamba2", "JambaForCausalLM": "jamba",
+    "FalconMambaForCausalLM": "falcon_mamba", "JambaForCausalLM": "jamba",
     "ZambaForCausalLM": "zamba", "Zamba2ForCausalLM": "zamba2", "BambaForCausalLM": "bamba",
     "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1",
     "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Plamo2ForCausalLM": "plamo2",
 }
-_MAMBA_ARCHITECTURES = ("MambaForCausalLM", "MambaLMHeadModel")
-# fields that only another family's transformers config has: a "mamba" config with them is something else
-_OTHER_FIELDS = {"mixer_rms_eps": "FalconMamba", "num_heads": "Mamba-2", "head_dim": "Mamba-2",
-                 "n_groups": "Mamba-2", "chunk_size": "Mamba-2", "attn_layer_indices": "a hybrid",
-                 "attn_layer_period": "a hybrid", "hybrid_override_pattern": "a hybrid"}
+# architectures mambakit loads → the transformers model_type they belong to (None: the official class)
+_MAMBA_ARCHITECTURES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2", "MambaLMHeadModel": None}
+# fields that only another family's transformers config has: a "mamba"/"mamba2" config with them is something else
+_OTHER_FIELDS = {"mixer_rms_eps": "FalconMamba", "attn_layer_indices": "a hybrid", "attn_layer_period": "a hybrid",
+                 "hybrid_override_pattern": "a hybrid"}
+_MAMBA2_ONLY_FIELDS = ("num_heads", "head_dim", "n_groups", "chunk_size", "time_step_limit")
 # every field of the official MambaConfig dataclass (which itself refuses others)
 _OFFICIAL_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
                     "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}
-_NOT_YET = "is not supported yet: mambakit implements Mamba-1 only"
+_NOT_YET = "is not supported yet: mambakit implements Mamba-1 and Mamba-2 language models"
 
 
 def _family_error(source: str, what: str) -> CheckpointError:
@@ -123,16 +129,17 @@ def _family_error(source: str, what: str) -> CheckpointError:
 
 
 def detect_layout(config: dict[str, Any], source: str = CONFIG_NAME) -> str:
-    """"official" or "hf"; a CheckpointError naming the family for anything that is not a Mamba-1 checkpoint."""
+    """"official" or "hf" (Mamba-1 or Mamba-2, told apart by config_from_official / the model_type); a
+    CheckpointError naming the family for anything else."""
     model_type = config.get("model_type")
     if "model_type" in config and not isinstance(model_type, str):
         raise CheckpointError(f"{source}: model_type must be a string, got {model_type!r}")
-    if model_type is not None and model_type != "mamba":
+    if model_type is not None and model_type not in ("mamba", "mamba2"):
         if model_type in _OTHER_FAMILIES:
             raise _family_error(source, f"{_OTHER_FAMILIES[model_type]} (model_type {model_type!r})")
         raise CheckpointError(
-            f"{source}: unknown model_type {model_type!r}; mambakit reads Mamba-1 checkpoints: transformers' "
-            "model_type 'mamba' or the official layout (d_model, n_layer, ssm_cfg)")
+            f"{source}: unknown model_type {model_type!r}; mambakit reads Mamba-1 and Mamba-2 checkpoints: "
+            "transformers' model_type 'mamba' or 'mamba2', or the official layout (d_model, n_layer, ssm_cfg)")
     archs = config.get("architectures")
     if archs is not None:
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -141,17 +148,26 @@ def detect_layout(config: dict[str, Any], source: str = CONFIG_NAME) -> str:
             if a in _OTHER_ARCHITECTURES:
                 raise _family_error(source, f"{_OTHER_FAMILIES[_OTHER_ARCHITECTURES[a]]} (architectures {a!r})")
             if a not in _MAMBA_ARCHITECTURES:
-                raise CheckpointError(f"{source}: architectures names {a!r}; mambakit loads Mamba-1 language "
-                                      f"models ({', '.join(_MAMBA_ARCHITECTURES)})")
+                raise CheckpointError(f"{source}: architectures names {a!r}; mambakit loads Mamba-1 and Mamba-2 "
+                                      f"language models ({', '.join(_MAMBA_ARCHITECTURES)})")
+            owner = _MAMBA_ARCHITECTURES[a]
+            if model_type is not None and owner is not None and owner != model_type:
+                raise CheckpointError(f"{source}: architectures names {a!r} (model_type {owner!r}) but model_type is "
+                                      f"{model_type!r}; which model is it?")
     if "d_model" in config:
         if "hidden_size" in config or model_type is not None:
             raise CheckpointError(f"{source} mixes the official layout (d_model) with transformers' fields "
                                   "(hidden_size, model_type): it is neither")
         return "official"
-    if model_type == "mamba":
+    if model_type in ("mamba", "mamba2"):
         others = sorted(k for k in config if k in _OTHER_FIELDS)
         if others:
             raise _family_error(source, f"a config with {', '.join(others)} ({_OTHER_FIELDS[others[0]]}'s)")
+        if model_type == "mamba":
+            mamba2 = sorted(k for k in config if k in _MAMBA2_ONLY_FIELDS)
+            if mamba2:
+                raise CheckpointError(f"{source}: a model_type 'mamba' (Mamba-1) config with {', '.join(mamba2)}, "
+                                      "Mamba-2's fields: it contradicts itself (a Mamba-2 config says 'mamba2')")
         return "hf"
     if "hidden_size" in config:
         raise CheckpointError(f"{source} has hidden_size but no model_type: mambakit does not guess the family "
@@ -172,10 +188,11 @@ def config_from_official(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaC
         raise CheckpointError(f"{source}: ssm_cfg must be an object, got {type(ssm).__name__}")
     ssm = dict(ssm)
     layer = ssm.pop("layer", "Mamba1")
-    if layer == "Mamba2":
-        raise _family_error(source, "the Mamba-2 mixer (ssm_cfg.layer = 'Mamba2')")
-    if layer != "Mamba1":
-        raise CheckpointError(f"{source}: unknown mixer ssm_cfg.layer = {layer!r}; mambakit implements 'Mamba1'")
+    if layer == "Mamba3":
+        raise _family_error(source, "the Mamba-3 mixer (ssm_cfg.layer = 'Mamba3')")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise CheckpointError(f"{source}: unknown mixer ssm_cfg.layer = {layer!r}; mambakit implements 'Mamba1' "
+                              "and 'Mamba2'")
     attn = d.get("attn_layer_idx") or []
     if not isinstance(attn, list):
         raise CheckpointError(f"{source}: attn_layer_idx must be a list, got {attn!r}")
@@ -186,12 +203,18 @@ def config_from_official(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaC
         raise CheckpointError(f"{source}: d_intermediate must be an int >= 0, got {d_int!r}")
     if d_int:
         raise _family_error(source, f"a hybrid with MLP blocks (d_intermediate = {d_int})")
-    keys = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor",
-            "conv_bias", "bias")
-    unknown = sorted(set(ssm) - set(keys) - {"use_fast_path"})
+    keys = _OFFICIAL_MAMBA2_KEYS if layer == "Mamba2" else _OFFICIAL_MAMBA_KEYS
+    ignored = {"use_mem_eff_path", "sequence_parallel"} if layer == "Mamba2" else {"use_fast_path"}  # kernel choices
+    unknown = sorted(set(ssm) - set(keys) - ignored - {"activation"})
     if unknown:
-        raise CheckpointError(f"{source}: ssm_cfg has keys mambakit does not support: {unknown}")
+        raise CheckpointError(f"{source}: ssm_cfg has keys mambakit does not support for the {layer} mixer: {unknown}")
+    if layer == "Mamba2" and ssm.get("activation", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"{source}: ssm_cfg.activation = {ssm['activation']!r}: mambakit's Mamba2 uses SiLU")
+    if layer == "Mamba1" and "activation" in ssm:
+        raise CheckpointError(f"{source}: ssm_cfg has keys mambakit does not support for the Mamba1 mixer: "
+                              "['activation']")
     values = {k: ssm[k] for k in keys if k in ssm}
+    values["layer"] = "Mamba2" if layer == "Mamba2" else "Mamba"
     for k in ("d_model", "n_layer", "vocab_size", "rms_norm", "residual_in_fp32", "pad_vocab_size_multiple",
               "tie_embeddings"):
         if k in d:
@@ -199,13 +222,28 @@ def config_from_official(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaC
     return MambaConfig.from_dict(values)
 
 
+_OFFICIAL_MAMBA_KEYS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
+                        "dt_init_floor", "conv_bias", "bias")
+# the official Mamba2 constructor's arguments (modules/mamba2.py) that a config may carry
+_OFFICIAL_MAMBA2_KEYS = ("d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
+                         "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit",
+                         "bias", "conv_bias", "chunk_size")
+
+
 def config_to_official(c: MambaConfig) -> dict[str, Any]:
     if c.norm_eps != 1e-5:
         import warnings
 
         warnings.warn(f"the official layout has no norm epsilon field: norm_eps={c.norm_eps} is saved as 1e-5")
-    ssm_cfg = {k: getattr(c, k) for k in ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init",
-                                          "dt_scale", "dt_init_floor", "conv_bias", "bias")}
+    if c.layer == "Mamba2":
+        ssm_cfg = {"layer": "Mamba2", **{k: getattr(c, k) for k in _OFFICIAL_MAMBA2_KEYS}}
+        ssm_cfg["A_init_range"], ssm_cfg["dt_limit"] = list(c.A_init_range), list(c.dt_limit)
+        if c.d_ssm == c.d_inner:
+            ssm_cfg["d_ssm"] = None  # the official "all of d_inner"
+        if c.dt_limit == (0.0, float("inf")):
+            del ssm_cfg["dt_limit"]  # the official default: its (0, inf) tuple skips the clamp, a JSON list would not
+    else:
+        ssm_cfg = {k: getattr(c, k) for k in _OFFICIAL_MAMBA_KEYS}
     return dict(d_model=c.d_model, d_intermediate=0, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg=ssm_cfg,
                 attn_layer_idx=[], attn_cfg={}, rms_norm=c.rms_norm, residual_in_fp32=c.residual_in_fp32,
                 fused_add_norm=True, pad_vocab_size_multiple=c.pad_vocab_size_multiple,
@@ -228,7 +266,10 @@ _HF_DEFAULTS = {"state_size": 16, "conv_kernel": 4, "expand": 2, "time_step_rank
 
 
 def config_from_hf(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaConfig:
-    """transformers MambaConfig → MambaConfig. Its vocab_size is already the padded one, so no padding."""
+    """transformers MambaConfig (or Mamba2Config, by model_type) → MambaConfig. Its vocab_size is already the
+    padded one, so no padding."""
+    if d.get("model_type") == "mamba2":
+        return config_from_hf_mamba2(d, source)
     act = d.get("hidden_act", "silu")
     if not isinstance(act, str) or act not in ("silu", "swish"):
         raise CheckpointError(f"{source}: hidden_act={act!r}: the Mamba block uses SiLU only")
@@ -238,16 +279,88 @@ def config_from_hf(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaConfig:
     return MambaConfig.from_dict(values)
 
 
+# transformers Mamba2Config field ↔ MambaConfig field
+_HF2_FIELDS = {
+    "hidden_size": "d_model", "num_hidden_layers": "n_layer", "state_size": "d_state", "conv_kernel": "d_conv",
+    "expand": "expand", "head_dim": "headdim", "n_groups": "ngroups", "chunk_size": "chunk_size",
+    "time_step_limit": "dt_limit", "time_step_min": "dt_min", "time_step_max": "dt_max",
+    "time_step_floor": "dt_init_floor", "use_conv_bias": "conv_bias", "use_bias": "bias",
+    "layer_norm_epsilon": "norm_eps", "residual_in_fp32": "residual_in_fp32",
+    "tie_word_embeddings": "tie_embeddings", "initializer_range": "initializer_range",
+}
+# transformers 5.x Mamba2Config defaults (Mamba-Codestral-7B's sizes) for fields a config.json may leave out
+_HF2_DEFAULTS = {"num_heads": 128, "head_dim": 64, "vocab_size": 32768, "hidden_size": 4096, "state_size": 128,
+                 "num_hidden_layers": 64, "layer_norm_epsilon": 1e-5, "expand": 2, "conv_kernel": 4, "n_groups": 8,
+                 "use_bias": False, "use_conv_bias": True, "residual_in_fp32": True, "time_step_min": 0.001,
+                 "time_step_max": 0.1, "time_step_floor": 1e-4, "time_step_limit": [0.0, float("inf")],
+                 "chunk_size": 256, "tie_word_embeddings": False, "initializer_range": 0.1}
+# Read and not used, as transformers does: time_step_rank (Mamba-1's), rescale_prenorm_residual (init only),
+# use_cache, the token ids, and fields of older transformers versions that 5.x ignores (its Mamba2 always computes
+# a gated RMSNorm, gate before norm, of width expand·hidden_size): rms_norm, norm_before_gate, intermediate_size,
+# time_step_init_scheme, time_step_scale.
+
+
+def _hf_float(v: Any) -> Any:
+    """A number as transformers writes it: plain, Infinity (parsed by json), or {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and set(v) == {"__float__"} and isinstance(v["__float__"], str):
+        try:
+            return float(v["__float__"])
+        except ValueError:
+            return v
+    return v
+
+
+def config_from_hf_mamba2(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaConfig:
+    """transformers Mamba2Config → MambaConfig (layer "Mamba2"); num_heads must be hidden_size·expand / head_dim,
+    as transformers checks."""
+    act = d.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ("silu", "swish"):
+        raise CheckpointError(f"{source}: hidden_act={act!r}: the Mamba-2 block uses SiLU only")
+    merged = {**_HF2_DEFAULTS, **d}
+    limit = merged["time_step_limit"]
+    if isinstance(limit, (list, tuple)):
+        merged["time_step_limit"] = [_hf_float(v) for v in limit]
+    values = {ours: merged[theirs] for theirs, ours in _HF2_FIELDS.items()}
+    values.update(layer="Mamba2", vocab_size=merged["vocab_size"], pad_vocab_size_multiple=1)
+    config = MambaConfig.from_dict(values)
+    heads = merged["num_heads"]
+    if heads != config.nheads:
+        raise CheckpointError(f"{source}: num_heads = {heads!r}, but hidden_size·expand / head_dim = "
+                              f"{config.d_inner} / {config.headdim} = {config.nheads}")
+    return config
+
+
 def config_to_hf(c: MambaConfig, dtype: torch.dtype) -> dict[str, Any]:
     if not c.rms_norm:
         raise CheckpointError(
             "transformers' Mamba has RMSNorm only; save a rms_norm=False model with layout='official'"
         )
+    if c.layer == "Mamba2":
+        return config_to_hf_mamba2(c, dtype)
     d = {theirs: getattr(c, ours) for theirs, ours in _HF_FIELDS.items()}
     # rescale_prenorm_residual is an init-time flag, but transformers 5.x re-applies it to out_proj after
     # loading (dividing trained weights by sqrt(n_layer) again), so a checkpoint must say false.
     d.update(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=c.padded_vocab_size,
              hidden_act="silu", rescale_prenorm_residual=False, dtype=str(dtype).removeprefix("torch."))
+    return d
+
+
+def config_to_hf_mamba2(c: MambaConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """MambaConfig (layer "Mamba2") → transformers Mamba2Config, refusing (naming the field) what transformers'
+    Mamba2 cannot compute: it always has the gated norm, gate before norm, D per head and no MLP branch."""
+    cannot = [f"{name}={getattr(c, name)!r}" for name, ok in (
+        ("rmsnorm", c.rmsnorm), ("norm_before_gate", not c.norm_before_gate), ("D_has_hdim", not c.D_has_hdim),
+        ("d_ssm", c.d_ssm == c.d_inner)) if not ok]
+    if cannot:
+        raise CheckpointError(f"transformers' Mamba2 cannot express {', '.join(cannot)}; save this model with "
+                              "layout='official'")
+    d = {theirs: getattr(c, ours) for theirs, ours in _HF2_FIELDS.items()}
+    d["time_step_limit"] = list(c.dt_limit)  # written [lo, Infinity], as transformers writes it
+    # rescale_prenorm_residual false: transformers would re-apply it to loaded weights (see config_to_hf).
+    # No token ids: transformers' defaults (Codestral's, eos 2) would stop its generate at an arbitrary token.
+    d.update(architectures=["Mamba2ForCausalLM"], model_type="mamba2", vocab_size=c.padded_vocab_size,
+             num_heads=c.nheads, hidden_act="silu", rescale_prenorm_residual=False, pad_token_id=None,
+             bos_token_id=None, eos_token_id=None, dtype=str(dtype).removeprefix("torch."))
     return d
 
 
@@ -579,10 +692,9 @@ def _resolve_directory(path) -> Path:
     s = str(path)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s):
         raise FileNotFoundError(
-            f"{s!r} is not a local directory. It looks like a Hugging Face Hub id; mambakit does not download. "
-            f"Fetch it first (on a machine with network access), then pass the directory:\n"
-            f"    hf download {s} --local-dir ./{s.split('/')[-1]}\n"
-            f"or in Python: huggingface_hub.snapshot_download({s!r}, local_dir='./{s.split('/')[-1]}')"
+            f"{s!r} is not a local directory. It looks like a Hugging Face Hub id: load it with "
+            f"MambaLM.from_pretrained({s!r}) or fetch it with mambakit.hub.resolve({s!r}) (the `hub` extra), "
+            "then pass the directory here"
         )
     raise FileNotFoundError(f"checkpoint directory {s!r} does not exist")
 

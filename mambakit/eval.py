@@ -217,23 +217,22 @@ def window_requests(ids: list[int], window: int, stride: int) -> list[tuple[list
     return requests
 
 
-def progress_printer(label: str, every: float = 1.0):
-    """A progress callback printing `label: done/total tokens (rate, ETA)` on stderr, at most every second."""
-    t0 = last = time.perf_counter()
-    finished = False
+def progress_bar(label: str, unit: str = "tok", enabled: bool = True) -> Callable[[int, int], None]:
+    """A progress(done, total) callback (as score and perplexity take) that draws a tqdm bar on stderr: count,
+    rate and ETA. None when not enabled, nor when stderr is not a terminal (tqdm's disable=None). The bar is made
+    at the first call (when the total is known) and closed when done reaches the total."""
+    from tqdm.auto import tqdm
+
+    bar = None
 
     def show(done: int, total: int) -> None:
-        nonlocal last, finished
-        now = time.perf_counter()
-        if finished or (now - last < every and done < total):
-            return
-        finished = done >= total
-        last, el = now, now - t0
-        eta = el / done * (total - done) if done else float("nan")
-        print(f"\r{label}: {done}/{total} tokens ({done / max(el, 1e-9):.0f} tokens/s, ETA {eta:.0f} s)", end="",
-              file=sys.stderr, flush=True)
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=label, unit=unit, unit_scale=total >= 10_000, file=sys.stderr,
+                       disable=None if enabled else True, dynamic_ncols=True)
+        bar.update(done - bar.n)
         if done >= total:
-            print(file=sys.stderr)
+            bar.close()
 
     return show
 
@@ -358,19 +357,20 @@ def register():
         chunk_tokens: positions per forward call. dtype: float32 or bfloat16, with pretrained only. device: where
         the model runs (moved there). max_gen_toks: the default generation length. window / stride: sliding
         windows for rolling log-likelihood (perplexity) tasks, as mambakit.eval.perplexity; other request
-        types are refused while a window is set. Any other argument is refused by name."""
+        types are refused while a window is set. progress: tqdm bars of the requests' tokens (or rows) on stderr,
+        shown only on a terminal. Any other argument is refused by name."""
 
         def __init__(self, pretrained: str | None = None, model: MambaLM | None = None, tokenizer=None,
                      batch_size: int | str = 16, max_batch_size: int | None = None, chunk_tokens: int = 2048,
                      dtype: str | None = None, device: str | None = None, max_gen_toks: int = 256,
-                     window: int | None = None, stride: int | None = None, **unknown):
+                     window: int | None = None, stride: int | None = None, progress: bool | str = True, **unknown):
             super().__init__()
             from .tokenizer import ByteTokenizer, load_tokenizer
 
             if unknown:  # collected rather than left to Python, to name them all and what is taken
                 raise TypeError(f"MambakitLM: unknown argument(s) {sorted(unknown)}; it takes pretrained, model, "
                                 "tokenizer, batch_size, max_batch_size, chunk_tokens, dtype, device, max_gen_toks, "
-                                "window, stride")
+                                "window, stride, progress")
             if (pretrained is None) == (model is None):
                 raise ValueError("pass exactly one of pretrained=DIR and model=MambaLM")
             if model is None:
@@ -403,6 +403,11 @@ def register():
             self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
             self.window = None if window is None else _positive_int("window", window)
             self.stride = check_window(self.window, None if stride is None else _positive_int("stride", stride))
+            if isinstance(progress, str) and progress.lower() in ("true", "false"):  # from lm_eval's model_args
+                progress = progress.lower() == "true"
+            if not isinstance(progress, bool):
+                raise ValueError(f"progress must be true or false, got {progress!r}")
+            self.progress = progress
             eos = getattr(self.tokenizer, "eos_token_id", None)
             self.prefix_token_id = eos if eos is not None and eos < model.config.vocab_size else None
 
@@ -433,7 +438,7 @@ def register():
             self._refuse_window("loglikelihood")
             pairs = [self._encode_pair(*r.args) for r in requests]
             out = score(self.model, pairs, self.batch_size, self.chunk_tokens,
-                        progress=progress_printer("loglikelihood") if len(pairs) > 100 else None)
+                        progress=progress_bar("loglikelihood", enabled=self.progress))
             for r, o in zip(requests, out):
                 self.cache_hook.add_partial("loglikelihood", r.args, o)
             return out
@@ -450,7 +455,8 @@ def register():
                                                                                   self.stride)
                 flat += parts
                 owner += [i] * len(parts)
-            scored = score(self.model, flat, self.batch_size, self.chunk_tokens)
+            scored = score(self.model, flat, self.batch_size, self.chunk_tokens,
+                           progress=progress_bar("loglikelihood_rolling", enabled=self.progress))
             out = [0.0] * len(pairs)
             for i, (lp, _) in zip(owner, scored):
                 out[i] += lp
@@ -468,6 +474,8 @@ def register():
                 groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
             settings = {key: generation_settings(requests[idx[0]].args[1], self.max_gen_toks)
                         for key, idx in groups.items()}  # every group checked before any generates
+            bar = progress_bar("generate_until", unit="req", enabled=self.progress)
+            done = 0
             for key, idx in groups.items():
                 kw = settings[key]
                 max_toks, until = kw.pop("max_new_tokens"), kw.pop("stop")
@@ -478,6 +486,8 @@ def register():
                     for i, text in zip(rows, gen.texts):
                         out[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    done += len(rows)
+                    bar(done, len(requests))
             return out  # type: ignore[return-value]
 
     register_model("mambakit")(MambakitLM)
@@ -488,11 +498,11 @@ def register():
 def evaluate_tasks(model: MambaLM, tasks: list[str], *, include_path: str | None = None, include_defaults: bool = True,
                    limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
                    seed: int = 1234, tokenizer=None, chunk_tokens: int = 2048, window: int | None = None,
-                   stride: int | None = None) -> dict:
+                   stride: int | None = None, progress: bool = True) -> dict:
     """Runs lm-evaluation-harness tasks on `model`; returns lm_eval's results dict (`["results"][task]`).
     include_path: a directory of extra task YAMLs; include_defaults=False skips indexing lm_eval's own
     tasks (seconds of start-up) when every task comes from include_path. chunk_tokens, window and stride go
-    to the adapter (window/stride: rolling log-likelihood tasks only, others are refused)."""
+    to the adapter (window/stride: rolling log-likelihood tasks only, others are refused); progress: its bars."""
     adapter = register()
     try:
         from lm_eval import simple_evaluate
@@ -500,7 +510,7 @@ def evaluate_tasks(model: MambaLM, tasks: list[str], *, include_path: str | None
     except ImportError as e:
         raise ImportError("mambakit eval --tasks needs lm_eval: pip install 'mambakit[eval]'") from e
     lm = adapter(model=model, tokenizer=tokenizer, batch_size=batch_size, chunk_tokens=chunk_tokens, window=window,
-                 stride=stride)
+                 stride=stride, progress=progress)
     if not include_defaults and not include_path:
         raise ValueError("include_defaults=False needs include_path (there would be no tasks at all)")
     manager = TaskManager(include_path=include_path, include_defaults=include_defaults)

@@ -2,8 +2,8 @@
 
     prefill (parallel scan over each prompt) → decode_step (single-step ops, state updated in place) → sample
 
-A Mamba carries, per sequence, a conv state (E·D, W−1) and an SSM state (E·D, N) per layer, whatever the
-length: nothing grows with the generated tokens (no KV cache), and rows of a batch never interact. So
+A Mamba carries, per sequence, a conv state (E·D, W−1) and an SSM state (E·D, N) per layer (Mamba-2: (S + 2GN,
+W−1) and (h, p, N); see model.MambaState), whatever the length: nothing grows with the generated tokens (no KV cache), and rows of a batch never interact. So
 prompts of different lengths batch without attention masks: each distinct length is prefilled on its own
 (rows of equal length together), the per-row states are stacked into one batch state, and then all rows
 decode together. A row that has finished keeps being fed a pad token; its outputs are ignored.

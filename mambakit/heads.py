@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import MambaConfig
-from .model import Backbone, Mamba, MambaLM
+from .model import Backbone, MambaLM
 
 POOLINGS = ("last", "mean")
 
@@ -45,10 +45,11 @@ class ClassifierOutput:
 
 
 class SequenceClassifier(nn.Module):
-    """Backbone (embedding → Mamba blocks → final norm) → pooling over the sequence → dropout → Linear."""
+    """Backbone (embedding → Mamba blocks → final norm) → pooling over the sequence → dropout → Linear.
+    mixer_cls: None for config.layer's mixer (Mamba or Mamba2), or a subclass of it (e.g. the S4D baseline)."""
 
     def __init__(self, config: MambaConfig, num_classes: int, pooling: str = "last", dropout: float = 0.0,
-                 mixer_cls: type[nn.Module] = Mamba, backbone: Backbone | None = None):
+                 mixer_cls: type[nn.Module] | None = None, backbone: Backbone | None = None):
         super().__init__()
         if not isinstance(config, MambaConfig):
             raise TypeError(f"SequenceClassifier needs a MambaConfig, got {type(config).__name__}")

@@ -8,6 +8,7 @@ Glossary (paper letters → names here):
     V   padded_vocab_size
 
 Pieces, smallest first: RMSNorm → Mamba (the mixer block of Figure 3) → ResidualBlock → MambaLM.
+The Mamba-2 mixer (mamba2.py) plugs into the same blocks: `config.layer` picks the mixer of every layer.
 Parameter names and shapes are those of state-spaces/mamba (`MambaLMHeadModel`), so `state_dict()` is the
 official layout. The scan and the conv are the ops of `mambakit.ops`; this file never re-implements them.
 """
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from . import ops
 from .config import MambaConfig
+from .mamba2 import Mamba2
 
 _HALF = (torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -74,8 +76,11 @@ def next_token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 class MambaState:
     """The recurrent state after a prefix, for every layer: enough to continue the sequence.
 
-    conv: (n_layer, b, E·D, W − 1): the last W − 1 conv inputs, in the model's dtype;
-    ssm:  (n_layer, b, E·D, N): the scan state h, in float32.
+    Mamba:  conv (n_layer, b, E·D, W − 1): the last W − 1 conv inputs, in the model's dtype;
+            ssm  (n_layer, b, E·D, N): the scan state h, in float32.
+    Mamba2: conv (n_layer, b, S + 2·G·N, W − 1): the last W − 1 inputs of the conv over [x | B | C];
+            ssm  (n_layer, b, h, p, N): one P×N state per head, in float32.
+    Rows (dim 1) are sequences in either case: callers index and copy state.conv[:, rows], state.ssm[:, rows].
     """
 
     conv: Tensor
@@ -84,14 +89,23 @@ class MambaState:
     @classmethod
     def zeros(cls, config: MambaConfig, batch_size: int, device=None, dtype=torch.float32) -> "MambaState":
         """The state before the first token (the official model starts from zeros too)."""
-        c = config
-        conv = torch.zeros(c.n_layer, batch_size, c.d_inner, c.d_conv - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(c.n_layer, batch_size, c.d_inner, c.d_state, device=device, dtype=torch.float32)
+        conv_shape, ssm_shape = state_shapes(config, batch_size)
+        conv = torch.zeros(conv_shape, device=device, dtype=dtype)
+        ssm = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
         return cls(conv, ssm)
 
     @property
     def batch_size(self) -> int:
         return self.ssm.shape[1]
+
+
+def state_shapes(config: MambaConfig, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (conv, ssm) shapes of a MambaState of `config`'s mixer for batch_size rows."""
+    c, b = config, batch_size
+    if c.layer == "Mamba2":
+        conv_dim = c.d_ssm + 2 * c.ngroups * c.d_state
+        return (c.n_layer, b, conv_dim, c.d_conv - 1), (c.n_layer, b, c.nheads, c.headdim, c.d_state)
+    return (c.n_layer, b, c.d_inner, c.d_conv - 1), (c.n_layer, b, c.d_inner, c.d_state)
 
 
 @dataclass
@@ -253,6 +267,17 @@ class Mamba(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- residual block
+def mixer_class(config: MambaConfig, mixer_cls: type[nn.Module] | None = None) -> type[nn.Module]:
+    """The mixer of every layer: config.layer's (Mamba or Mamba2), or mixer_cls, which must subclass it."""
+    default = Mamba2 if config.layer == "Mamba2" else Mamba
+    if mixer_cls is None:
+        return default
+    if not (isinstance(mixer_cls, type) and issubclass(mixer_cls, default)):
+        raise TypeError(f"mixer_cls must be {default.__name__} or a subclass for layer={config.layer!r}, got "
+                        f"{mixer_cls!r}")
+    return mixer_cls
+
+
 class ResidualBlock(nn.Module):
     """Pre-norm residual: r ← r + Mamba(Norm(r)).
 
@@ -260,8 +285,9 @@ class ResidualBlock(nn.Module):
     same computation. With residual_in_fp32 the residual stream r stays float32 in a bf16 model.
     """
 
-    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] | None = None):
         super().__init__()
+        mixer_cls = mixer_class(config, mixer_cls)
         self.norm = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
             config.d_model, eps=config.norm_eps
         )
@@ -275,7 +301,7 @@ class ResidualBlock(nn.Module):
 class Backbone(nn.Module):
     """Embedding → n_layer residual blocks → final norm (the official `MixerModel`)."""
 
-    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] | None = None):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
@@ -315,13 +341,14 @@ class MambaLM(nn.Module):
     pad_vocab_size_multiple, as in the official `MambaLMHeadModel`; logits cover the padded vocabulary.
     """
 
-    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] = Mamba):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] | None = None):
         super().__init__()
         if not isinstance(config, MambaConfig):
             raise TypeError(f"MambaLM needs a MambaConfig, got {type(config).__name__}")
         self.config = config
-        # mixer_cls: Mamba, or a subclass with another SSM in the same block (see Mamba.ssm)
-        self.backbone = Backbone(config, mixer_cls)
+        # mixer_cls None: the config's mixer (config.layer); or a subclass of it with another SSM in the same
+        # block (see Mamba.ssm)
+        self.backbone = Backbone(config, mixer_class(config, mixer_cls))
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.tokenizer = None  # set by from_pretrained when the checkpoint has one; used by generate
         self.tie_weights()
@@ -335,7 +362,8 @@ class MambaLM(nn.Module):
     def reset_parameters(self) -> None:
         """The official `_init_weights` (mixer_seq_simple.py) applied on top of the PyTorch defaults:
         Linear biases zeroed (except the Δ bias), embedding ~ N(0, initializer_range), and out_proj rescaled
-        by 1/sqrt(n_layer) (GPT-2's scheme for residual branches; one residual branch per layer, no MLP)."""
+        by 1/sqrt(n_layer) (GPT-2's scheme for residual branches; one residual branch per layer, no MLP). The
+        same for both mixers (Mamba-2's dt_bias is a parameter of its own, not a Linear bias)."""
         c = self.config
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
@@ -393,7 +421,7 @@ class MambaLM(nn.Module):
         if not isinstance(state, MambaState):
             raise TypeError(f"state must be a MambaState (from allocate_state or a forward with return_state), got "
                             f"{type(state).__name__}")
-        b = state.ssm.shape[1] if state.ssm.dim() == 4 else -1
+        b = state.ssm.shape[1] if state.ssm.dim() == (5 if self.config.layer == "Mamba2" else 4) else -1
         if input_ids.dim() != 1 or input_ids.shape[0] != b:
             raise ValueError(f"step takes input_ids of shape (batch,) = ({b},) matching the state, got "
                              f"{tuple(input_ids.shape)}")
@@ -416,13 +444,12 @@ class MambaLM(nn.Module):
 
     def _check_state(self, state: MambaState, b: int) -> None:
         """The state's shapes and device against this model, for b rows (the ops check the dtypes they take)."""
-        c = self.config
-        want_conv = (c.n_layer, b, c.d_inner, c.d_conv - 1)
-        want_ssm = (c.n_layer, b, c.d_inner, c.d_state)
+        want_conv, want_ssm = state_shapes(self.config, b)
         if tuple(state.conv.shape) != want_conv or tuple(state.ssm.shape) != want_ssm:
+            names = "(n_layer, b, h, p, n)" if self.config.layer == "Mamba2" else "(n_layer, b, d_inner, d_state)"
             raise ValueError(
-                f"state does not fit this model and batch: conv {tuple(state.conv.shape)} (want {want_conv}), "
-                f"ssm {tuple(state.ssm.shape)} (want {want_ssm})"
+                f"state does not fit this model ({self.config.layer}) and batch: conv {tuple(state.conv.shape)} "
+                f"(want {want_conv}), ssm {tuple(state.ssm.shape)} (want {want_ssm} = {names})"
             )
         if not (state.ssm.dtype.is_floating_point and state.conv.dtype.is_floating_point):
             raise ValueError(f"state must hold floating-point tensors, got conv {state.conv.dtype}, ssm {state.ssm.dtype}")
@@ -432,14 +459,27 @@ class MambaLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device=None) -> "MambaLM":
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device=None, *, revision: str | None = None,
+                        cache_dir=None, local_files_only: bool = False, token=None) -> "MambaLM":
         """Loads a checkpoint directory in the official (state-spaces/mamba) or transformers layout;
         the layout is detected from config.json. A tokenizer saved alongside (tokenizer.json, or
-        mambakit's byte tokenizer) becomes `model.tokenizer`. See mambakit/checkpoint.py (which builds the model
-        through `cls` and never imports this file)."""
+        mambakit's byte tokenizer) becomes `model.tokenizer`. `path` may also be a Hugging Face Hub id
+        ("org/name", at `revision`): its files are fetched into the Hub's cache first (mambakit/hub.py, the `hub`
+        extra; offline from the cache with local_files_only or HF_HUB_OFFLINE=1). See mambakit/checkpoint.py
+        (which builds the model through `cls` and never imports this file)."""
         from .checkpoint import load_pretrained
+        from .hub import resolve
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        directory = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                            token=token)
+        return load_pretrained(cls, directory, dtype=dtype, device=device)
+
+    def push_to_hub(self, repo_id: str, token=None, private: bool = False, revision: str | None = None):
+        """Saves this model (transformers layout) and uploads its files to the Hub repo `repo_id` as one commit
+        (mambakit/hub.py, the `hub` extra)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, token=token, private=private, revision=revision)
 
     def save_pretrained(self, path, layout: str = "hf") -> None:
         """Writes config.json + weights atomically: layout "hf" (model.safetensors, transformers'

@@ -199,9 +199,11 @@ def test_save_replaces_the_other_layouts_weights(tmp_path, tiny_model):
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
-def test_hub_id_explains_how_to_download():
-    with pytest.raises(FileNotFoundError, match="hf download state-spaces/mamba-130m"):
-        MambaLM.from_pretrained("state-spaces/mamba-130m")
+def test_hub_id_offline_names_what_is_missing(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"state-spaces/mamba-130m \(revision main\): config.json is not in the cache"):
+        MambaLM.from_pretrained("state-spaces/mamba-130m", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MambaLM.from_pretrained("/nonexistent/dir/x")
 

@@ -11,20 +11,25 @@ pytest.importorskip("matplotlib")
 
 from experiments.induction_heads import run as ih  # noqa: E402
 from experiments.selective_copying import run as sc  # noqa: E402
-from experiments._common import scored_loss, split_models, train  # noqa: E402
+from experiments._common import evaluate, scored_loss, split_models, train  # noqa: E402
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.data.synthetic import induction_heads  # noqa: E402
 
 
 def test_selective_copying_tiny(tmp_path):
     args = sc.parse_args(["--seq-len", "48", "--steps", "3", "--batch-size", "4", "--eval-every", "2",
-                          "--val-size", "8", "--test-size", "8", "--d-model", "16", "--out", str(tmp_path)])
+                          "--val-size", "8", "--test-size", "8", "--d-model", "16", "--out", str(tmp_path),
+                          "--checkpoint-min", "60"])
     results = sc.run(args, log=lambda *a: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["models"]) == {"mamba", "mamba_s4d", "s4d"}
-    for r in saved["models"].values():
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 3
-        assert [c["step"] for c in r["curve"]] == [2, 3]
+    test_set = sc._batches(8, 48, seed=20_000)  # the run's fixed test set (seed 0)
+    for name, r in saved["models"].items():
+        assert r["steps"] == 3 and [c["step"] for c in r["curve"]] == [2, 3]
+        # the reported accuracy is the saved model's, on the test set, recomputed here
+        model = sc.build_model(name, 16, 2, 16)
+        model.load_state_dict(torch.load(tmp_path / "checkpoints" / f"{name}.pt", weights_only=False)["model"])
+        assert r["test_accuracy"] == round(evaluate(model, test_set, 16), 4)
     assert results["models"]["mamba"]["params"] != results["models"]["s4d"]["params"]
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     readme = (tmp_path / "README.md").read_text()
@@ -158,3 +163,110 @@ def test_regenerated_readme_keeps_the_hand_written_notes(tmp_path):
     path.write_text(path.read_text() + "\n" + NOTES_MARKER + "\n\nAn observation.\n")
     write_readme_keeping_notes(path, "# generated 2\n")
     assert path.read_text() == "# generated 2\n\n" + NOTES_MARKER + "\n\nAn observation.\n"
+
+
+# ------------------------------------------------------------------------ --budget paper: settings, resume, report
+def test_paper_budget_follows_the_paper_and_explicit_options_win():
+    a = ih.parse_args(["--budget", "paper"])
+    assert (a.batch_size, a.mamba_steps, a.attn_steps, a.rope_steps) == (8, 204_800, 204_800, 409_600)
+    assert (a.mamba_lr, a.attn_lr, a.warmup, a.stop_at, a.attn_stop_at) == (1e-3, 2e-4, 0, None, None)
+    assert a.count_curriculum and a.checkpoint_min == 5.0 and a.out.name == "paper" and a.jobs == 1
+    n = {L: ih.n_samples(L, a.eval_tokens, a.min_samples, a.max_samples) for L in (2**k for k in range(6, 21))}
+    assert all(n[L] >= 64 for L in n if L <= 2**16) and all(n[L] >= 16 for L in n)
+    assert ih.n_samples(2**14, a.attn_eval_tokens, a.min_samples, a.max_samples) >= 64
+    assert ih.parse_args(["--budget", "paper", "--batch-size", "16"]).batch_size == 16
+    assert ih.parse_args([]).batch_size == 32 and ih.parse_args([]).checkpoint_min is None  # the default is kept
+    s = sc.parse_args(["--budget", "paper"])
+    assert (s.seq_len, s.batch_size, s.d_model, s.n_layer, s.follow) == (4096, 64, 64, 2, "mamba")
+    assert s.curriculum == [128, 256, 512, 1024, 2048]
+    assert [st.steps for st in sc.stages_of("mamba", s)] == [16384, 8192, 4096, 2048, 1024, 2000]
+    with pytest.raises(SystemExit):
+        ih.parse_args(["--resume"])  # no checkpoints to resume without --checkpoint-min
+
+
+IH_TINY = ["--budget", "paper", "--models", "mamba", "--train-len", "32", "--curriculum", "16", "--stage-steps", "3",
+           "--stage-acc", "0.99", "--batch-size", "3", "--mamba-steps", "8", "--eval-every", "2", "--val-size", "64",
+           "--min-log-len", "4", "--max-log-len", "6", "--eval-tokens", "128", "--min-samples", "2",
+           "--max-samples", "4", "--chunk", "32", "--mamba-d-model", "16", "--checkpoint-min", "0"]
+
+
+class Killed(Exception):
+    pass
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _without_seconds(curve):
+    return [{k: v for k, v in pt.items() if k != "seconds"} for pt in curve]
+
+
+def test_paper_budget_resumes_bitwise_and_regenerates_its_report(tmp_path, monkeypatch):
+    """8 steps straight vs killed after step 5 + --resume: the same weights, bit for bit, the same curve and
+    accuracies; the README rebuilt by --report is the one the run wrote."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ih.main(IH_TINY + ["--out", str(straight)])
+    done = _state(straight / "checkpoints" / "mamba.pt")
+    assert done["phase"] == "done" and "optimizer" not in str(done.keys())
+
+    real, calls = ih.induction_heads, []
+
+    def dies_at_step_6(batch_size, *a, **k):  # the 6th training batch: killed after step 5's checkpoint
+        calls.append(batch_size)
+        if batch_size == 3 and calls.count(3) == 6:
+            raise Killed
+        return real(batch_size, *a, **k)
+
+    monkeypatch.setattr(ih, "induction_heads", dies_at_step_6)
+    with pytest.raises(Killed):
+        ih.main(IH_TINY + ["--out", str(resumed)])
+    monkeypatch.setattr(ih, "induction_heads", real)
+    mid = _state(resumed / "checkpoints" / "mamba.pt")
+    assert mid["phase"] == "train" and mid["total"]["steps"] + mid["loop"]["step"] == 5
+    ih.main(["--budget", "paper", "--report", "--out", str(resumed)])  # before any model is done: the progress
+    assert f"| mamba | train (stage {mid['stage'] + 1}) | 5 | 8 | 1 |" in (resumed / "README.md").read_text()
+    with pytest.raises(SystemExit, match="--resume"):  # never overwritten silently
+        ih.main(IH_TINY + ["--out", str(resumed)])
+    with pytest.raises(SystemExit, match="mamba_lr"):  # nor continued under other settings
+        ih.main(IH_TINY + ["--out", str(resumed), "--resume", "--mamba-lr", "0.01"])
+    ih.main(IH_TINY + ["--out", str(resumed), "--resume"])
+
+    after = _state(resumed / "checkpoints" / "mamba.pt")
+    assert after["phase"] == "done" and len(after["segments"]) == 2 and len(done["segments"]) == 1
+    assert done["model"].keys() == after["model"].keys()
+    assert all(torch.equal(done["model"][k], after["model"][k]) for k in done["model"])
+    a, b = (json.loads((d / "results.json").read_text())["models"]["mamba"] for d in (straight, resumed))
+    assert a["steps"] == b["steps"] == 8 and a["accuracy"] == b["accuracy"] and a["samples"] == b["samples"]
+    assert _without_seconds(a["curve"]) == _without_seconds(b["curve"]) and a["horizons"] == b["horizons"]
+
+    readme = (resumed / "README.md").read_text()
+    assert "| ↳ test sequences |" in readme and "departure: why" in readme and "2 process(es)" in readme
+    (resumed / "README.md").unlink()
+    (resumed / "accuracy.png").unlink()
+    ih.main(["--budget", "paper", "--report", "--out", str(resumed)])
+    assert (resumed / "README.md").read_text() == readme and (resumed / "accuracy.png").stat().st_size > 1000
+    ih.main(IH_TINY + ["--out", str(resumed), "--resume"])  # done: kept, not retrained
+    kept = _state(resumed / "checkpoints" / "mamba.pt")["model"]
+    assert all(torch.equal(after["model"][k], v) for k, v in kept.items())
+
+
+def test_selective_copying_followers_replay_the_leaders_steps(tmp_path):
+    argv = ["--budget", "paper", "--seq-len", "48", "--curriculum", "32", "--stage-tokens", "256", "--steps", "3",
+            "--batch-size", "4", "--eval-every", "2", "--val-size", "8", "--test-size", "8", "--d-model", "16",
+            "--checkpoint-min", "0", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="train mamba first"):
+        sc.main(argv + ["--models", "s4d"])
+    sc.main(argv + ["--models", "s4d,mamba"])  # the leader trains first whatever the order
+    m = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert sc.stage_steps_of(m["s4d"]["curve"]) == sc.stage_steps_of(m["mamba"]["curve"])
+    assert m["s4d"]["stopped"] == "steps" and sc.stage_steps_of(m["mamba"]["curve"])[0] == (32, 2)
+
+
+def test_time_steps_reports_throughput_and_hours(tmp_path, capsys):
+    assert ih.main(["--time-steps", "1", "--models", "mamba", "--mamba-d-model", "8", "--batch-size", "2",
+                    "--train-len", "16", "--curriculum", "", "--mamba-steps", "7200", "--out", str(tmp_path)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("mamba:")][0]
+    rate = float(line.split()[1])
+    assert rate > 0 and f"= {7200 / rate / 3600:.1f} h" in line
+    assert not (tmp_path / "results.json").exists()  # nothing trained, nothing written

@@ -98,3 +98,14 @@ def test_standardize_whitens_pooled_features():
     assert m.training  # the mode is restored
     with pytest.raises(ValueError, match="at least 2"):
         m.standardize([torch.randint(0, 4, (1, 10))])
+
+
+def test_classifier_on_a_mamba2_backbone():
+    """A head on a Mamba-2 config gets the Mamba-2 mixer (mixer_cls defaults to the config's)."""
+    from mambakit.mamba2 import Mamba2
+
+    config = MambaConfig.from_preset("mamba2-tiny", vocab_size=16)
+    clf = SequenceClassifier(config, num_classes=3)
+    assert all(isinstance(layer.mixer, Mamba2) for layer in clf.backbone.layers)
+    logits = clf(torch.randint(0, 16, (2, 9))).logits
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()

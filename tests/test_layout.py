@@ -93,17 +93,22 @@ def test_the_import_graph_has_no_cycles():
 
 
 def test_the_model_imports_only_torch_config_and_ops():
+    # the model's files: model.py and the Mamba-2 mixer it builds (mamba2.py), itself torch + config + ops
     imported = {m for m, top in _imports(PACKAGE / "model.py") if top}
-    assert imported == {"mambakit.ops", "mambakit.config"}, imported
-    # its one deferred import: the checkpoint reader behind MambaLM.from_pretrained / save_pretrained, which
-    # builds the model through the class it is given and never imports model.py
+    assert imported == {"mambakit.ops", "mambakit.config", "mambakit.mamba2"}, imported
+    assert {m for m, _ in _imports(PACKAGE / "mamba2.py")} == {"mambakit.ops", "mambakit.config"}
+    # its deferred imports: the checkpoint reader behind MambaLM.from_pretrained / save_pretrained, which builds
+    # the model through the class it is given, and the Hub resolver; neither imports model.py
     deferred = {m for m, top in _imports(PACKAGE / "model.py") if not top}
-    assert deferred == {"mambakit.checkpoint"}, deferred
+    assert deferred == {"mambakit.checkpoint", "mambakit.hub"}, deferred
     assert not any(m.startswith("mambakit.model") for m, _ in _imports(PACKAGE / "checkpoint.py"))
-    tree = ast.parse((PACKAGE / "model.py").read_text(encoding="utf-8"))
-    third_party = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    third_party |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert third_party <= {"torch", "math", "dataclasses", "typing", "__future__"}, third_party
+    assert not any(m.startswith("mambakit.model") for m, top in _imports(PACKAGE / "hub.py") if top)
+    for name in ("model.py", "mamba2.py"):
+        tree = ast.parse((PACKAGE / name).read_text(encoding="utf-8"))
+        third_party = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        third_party |= {n.module.split(".")[0] for n in ast.walk(tree)
+                        if isinstance(n, ast.ImportFrom) and n.level == 0}
+        assert third_party <= {"torch", "math", "dataclasses", "typing", "__future__"}, (name, third_party)
 
 
 def test_nothing_but_the_apps_and_the_cli_imports_the_engine():

@@ -461,3 +461,23 @@ def test_intra_chunk_kernel_equals_its_twin():
         got = intra_chunk_fused(xbar, acs, CB, y_in, from_start, s, torch.float32)
         assert got.shape == want.shape == (b, c * Q, h, p)
         assert_close(got, want, 1e-6, f"intra_chunk, seq {'given' if s is not None else 'none'}")
+
+
+@pytest.mark.parametrize("n", [5, 16, 37, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_state_update_equals_reference(n, dtype):
+    """The numba step (ssd_step.py: one pass over the state, h·C in 16 lanes) against the reference twin: y and
+    the state updated in place, n below, at and between multiples of the lanes, bfloat16 activations, groups,
+    D per channel, z, dt limits; and in place through a view of a larger pool (as the server's state pool)."""
+    b, h, p, g = 3, 6, 4, 3
+    inp = make_inputs(b, 1, h, p, g, n, dtype, D="channel", h0=False, seed=n)
+    step = {k: inp[k][:, 0] for k in ("x", "dt", "B", "C", "z")}
+    kw = dict(A=inp["A"].float(), D=inp["D"].float(), dt_bias=inp["dt_bias"].float(), dt_softplus=True,
+              dt_limit=(0.01, 2.0))
+    pool = torch.randn(5, h, p, n, generator=torch.Generator().manual_seed(7))
+    s1, s2 = pool[1:4], pool[1:4].clone()  # s1: rows 1..3 of the pool, updated where they lie
+    y1 = ops.ssd_state_update(s1, **step, **kw, backend="cpu")
+    y2 = ssd_state_update_ref(s2, **step, **kw)
+    assert y1.dtype == dtype
+    assert_close(y1, y2, 1e-5 if dtype == torch.float32 else 1e-2, "y")
+    assert_close(pool[1:4], s2, 1e-6, "state in the pool")

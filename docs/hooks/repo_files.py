@@ -5,12 +5,15 @@ The guides live in docs/, but they point at files that belong beside the code (B
 experiment's README.md and plots, source files). MkDocs only knows docs/, so such a link would be a broken-link
 warning under `mkdocs build --strict`. This hook adds every repository file that a page links to (and, for
 Markdown files, what those link to in turn) under `repo/<path>` in the site, and rewrites the links of every
-page to where the target ended up. A link to a path that does not exist stays as written, so MkDocs still
-reports it.
+page to where the target ended up. A link in a docs page to a path that does not exist stays as written, so
+MkDocs reports it (and `--strict` fails). In a repository file shown this way, a link to a file that is not in
+the repository (the report of a run still going, say) becomes its text and path, logged at INFO: the strict
+check holds the guides, not every README of the experiments.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -18,7 +21,8 @@ import re
 from mkdocs.structure.files import File, InclusionLevel
 
 PREFIX = "repo/"
-LINK = re.compile(r"(\]\()([^)\s]+)(\))")  # [text](target): inline links and images
+LINK = re.compile(r"(!?\[([^\]]*)\]\()([^)\s]+)(\))")  # [text](target) and ![alt](image)
+log = logging.getLogger("mkdocs.hooks.repo_files")
 # fenced code is left alone: a `](...)` inside an example is not a link
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 
@@ -39,7 +43,7 @@ def _real(src_uri: str, docs: str) -> str:
 def _targets(markdown: str):
     text = FENCE.sub("", markdown)
     for m in LINK.finditer(text):
-        target = m.group(2)
+        target = m.group(3)
         if "://" in target or target.startswith(("#", "mailto:", "/")):
             continue
         yield target.split("#", 1)[0]
@@ -77,7 +81,7 @@ def on_page_markdown(markdown, page, config, files):
     base = posixpath.dirname(_real(here, docs))
 
     def rewrite(m):
-        target = m.group(2)
+        target = m.group(3)
         if "://" in target or target.startswith(("#", "mailto:", "/")):
             return m.group(0)
         path, _, anchor = target.partition("#")
@@ -87,9 +91,12 @@ def on_page_markdown(markdown, page, config, files):
         else:
             src = PREFIX + real
         if files.get_file_from_path(src) is None:
+            if here.startswith(PREFIX) and not os.path.exists(os.path.join(root, real)):
+                log.info("%s links to %s, which is not in the repository: shown as text", here, real)
+                return f"{m.group(2)} (`{path}`, not in the repository)"
             return m.group(0)
         new = posixpath.relpath(src, posixpath.dirname(here) or ".")
-        return m.group(1) + new + ("#" + anchor if anchor else "") + m.group(3)
+        return m.group(1) + new + ("#" + anchor if anchor else "") + m.group(4)
 
     # rewrite outside fenced code only
     out, last = [], 0

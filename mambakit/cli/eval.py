@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
 
 def _cli(args) -> int:
     from .._io import atomic_write
-    from ..eval import check_window, evaluate_tasks, perplexity, progress_printer
+    from ..eval import check_window, evaluate_tasks, perplexity, progress_bar
 
     set_threads(args)
     check_positive(args, "chunk_tokens", "batch_size")
@@ -69,7 +69,8 @@ def _cli(args) -> int:
         prefix = eos if eos is not None and eos < model.config.vocab_size else None
         result = perplexity(model, tok.encode(text), prefix_token_id=prefix, window=args.window, stride=args.stride,
                             chunk_tokens=args.chunk_tokens, batch_size=args.batch_size,
-                            num_bytes=len(text.encode("utf-8")), progress=progress_printer("perplexity"))
+                            num_bytes=len(text.encode("utf-8")),
+                            progress=progress_bar("perplexity", enabled=not args.quiet))
         result = {"file": str(path), **result}
         bpb = f", {result['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in result else ""
         print(f"{path}: {result['tokens']} tokens ({result['mode']}): perplexity {result['perplexity']:.4f}, "
@@ -81,7 +82,7 @@ def _cli(args) -> int:
         out = evaluate_tasks(model, tasks, include_path=args.include_path, include_defaults=not args.only_included,
                              limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                              seed=1234 if args.seed is None else args.seed, chunk_tokens=args.chunk_tokens,
-                             window=args.window, stride=args.stride)
+                             window=args.window, stride=args.stride, progress=not args.quiet)
         result = {"tasks": out["results"], "n_samples": out.get("n-samples"), "config": {
             k: v for k, v in out.get("config", {}).items() if isinstance(v, (int, float, str, type(None)))}}
         for task, metrics in out["results"].items():

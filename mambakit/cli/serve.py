@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
-    p.add_argument("--name", default=None, help="the model id clients send (default: the directory's name)")
+    p.add_argument("--name", default=None,
+                   help="the model id clients send (default: the directory's name, or the Hub id)")
     p.add_argument("--max-batch", type=int, default=32, help="state slots: sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
     p.add_argument("--prefill-chunk", type=int, default=512,
@@ -39,6 +40,15 @@ def _cli(args) -> int:
         return 130
 
 
+def _default_name(model: str) -> str:
+    """A Hub id names itself (as OpenAI-style servers call models "org/name"); a directory by its last part."""
+    from ..hub import is_hub_id
+
+    if not os.path.lexists(model) and is_hub_id(model):
+        return model
+    return os.path.basename(os.path.normpath(model))
+
+
 def _serve(args) -> int:
     from ..engine import use_huge_pages
     from ..serve import Limits, require_server_extra, serve_forever
@@ -57,7 +67,7 @@ def _serve(args) -> int:
               "(or pass --tokenizer PATH / byte)", file=sys.stderr)
     if not args.no_huge_pages:
         use_huge_pages(model)  # the server decodes every step: 2 MiB pages stream the weights faster
-    serve_forever(model, args.host, args.port, model_name=args.name or os.path.basename(os.path.normpath(args.model)),
+    serve_forever(model, args.host, args.port, model_name=args.name or _default_name(args.model),
                   max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, limits=limits,
                   log_level=args.log_level)
     return 0

@@ -13,6 +13,10 @@ from ..train.distributed import teardown_processes
 
 def _run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    if args.quiet:
+        if args.progress is not None:
+            raise ValueError("--quiet turns the progress bar off: leave out --progress")
+        overrides["progress"] = False
     try:
         train(config_from_args(args.config, overrides))
     except (TypeError, NonFiniteLossError) as e:  # the rest (ValueError, FileNotFoundError) mambakit.cli reports
@@ -35,6 +39,7 @@ def add_parser(subparsers) -> None:
         bool_field = f.type in (bool, "bool")
         p.add_argument(f"--{name}", default=None, nargs="?" if bool_field else None,
                        const="true" if bool_field else None, metavar="VALUE", help=f"(default: {default!r})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the same as --progress=false)")
     p.set_defaults(func=_run)
 
 

@@ -2,14 +2,16 @@
 the model (mambakit.model) is pure torch + ops and knows nothing of this package.
 
     from mambakit.engine import FusedDecoder, step_function, release, use_huge_pages
-    decoder = FusedDecoder(model)          # the fused decode step (fused.py); packs a copy of the weights
+    decoder = FusedDecoder(model)          # the fused decode step of Mamba-1 models (fused.py); packs a copy of
+                                           # the weights; Mamba2Decoder (mamba2.py) is the same for Mamba-2 models
     logits = decoder.step(ids, state)      # (b, V); the state is updated in place, as by MambaLM.step
     step = step_function(model)            # what generate and the server call: the fused step where it applies,
                                            # MambaLM.step elsewhere, saying once in the log which and why
     release(model)                         # frees the packed copy step_function made for model
     use_huge_pages(model)                  # opt-in: the model's parameters into 2 MiB pages (hugepages.py)
 
-Pieces: fused.py (one compiled call a step for all layers), panels.py (weights packed in 32-row panels and the
+Pieces: fused.py (one compiled call a step for all layers of a Mamba-1 model), mamba2.py (the same for Mamba-2
+models), panels.py (weights packed in 32-row panels and the
 kernel that streams them), hugepages.py (2 MiB pages for weight streaming). How a step runs, and the measurements
 behind its choices: docs/engine.md.
 """
@@ -23,18 +25,20 @@ from typing import Callable
 from torch import Tensor
 
 from ..model import MambaLM, MambaState
-from .fused import MAX_BATCH, FusedDecoder, unsupported
+from . import fused, mamba2
+from .fused import MAX_BATCH, FusedDecoder
 from .hugepages import use_huge_pages
+from .mamba2 import Mamba2Decoder
 
-__all__ = ["FusedDecoder", "MAX_BATCH", "StepFunction", "decoder_for", "release", "step_function", "unsupported",
-           "use_huge_pages"]
+__all__ = ["FusedDecoder", "MAX_BATCH", "Mamba2Decoder", "StepFunction", "decoder_for", "release", "step_function",
+           "unsupported", "use_huge_pages"]
 
 log = logging.getLogger("mambakit.engine")
 StepFunction = Callable[[Tensor, MambaState], Tensor]
 
 # One decoder (and so one packed copy of the weights) per model, shared by generate calls and servers; the
 # entry goes with the model (the decoder holds it weakly), or earlier with `release`.
-_DECODERS: "weakref.WeakKeyDictionary[MambaLM, FusedDecoder]" = weakref.WeakKeyDictionary()
+_DECODERS: "weakref.WeakKeyDictionary[MambaLM, FusedDecoder | Mamba2Decoder]" = weakref.WeakKeyDictionary()
 _SAID: set[str] = set()
 
 
@@ -44,11 +48,25 @@ def _say_once(message: str) -> None:
         log.info(message)
 
 
-def decoder_for(model: MambaLM) -> FusedDecoder:
-    """The model's shared FusedDecoder, made on first use (ValueError when the model is not covered)."""
+def _family(model):
+    """The engine module for the model's mixer: mamba2 for Mamba-2 models, fused for the others."""
+    config = getattr(model, "config", None)
+    return mamba2 if getattr(config, "layer", "Mamba") == "Mamba2" else fused
+
+
+def unsupported(model) -> str | None:
+    """Why no fused decode step covers this model (None when one does): Mamba-1 models through
+    `FusedDecoder`, Mamba-2 models through `Mamba2Decoder`."""
+    return _family(model).unsupported(model)
+
+
+def decoder_for(model: MambaLM) -> "FusedDecoder | Mamba2Decoder":
+    """The model's shared fused decoder (FusedDecoder, or Mamba2Decoder for a Mamba-2 model), made on first use
+    (ValueError when the model is not covered)."""
     decoder = _DECODERS.get(model)
     if decoder is None:
-        decoder = _DECODERS[model] = FusedDecoder(model)
+        cls = Mamba2Decoder if _family(model) is mamba2 else FusedDecoder
+        decoder = _DECODERS[model] = cls(model)
     return decoder
 
 
@@ -63,7 +81,7 @@ def release(model: MambaLM) -> None:
 def step_function(model: MambaLM, fused: bool | None = None) -> StepFunction:
     """A decode step for `model`: step(input_ids (b,), state) → logits (b, V), state updated in place.
 
-    fused None: the fused step (FusedDecoder) for every batch it supports and MambaLM.step for the others, each
+    fused None: the fused step (FusedDecoder, or Mamba2Decoder for Mamba-2 models) for every batch it supports and MambaLM.step for the others, each
     choice logged once with its reason (logger "mambakit.engine"); True: the fused step or a ValueError saying
     why not; False: MambaLM.step (the reference)."""
     if not isinstance(model, MambaLM):
@@ -83,7 +101,7 @@ def step_function(model: MambaLM, fused: bool | None = None) -> StepFunction:
     def step(input_ids: Tensor, state: MambaState) -> Tensor:
         reason = decoder.supports(input_ids, state)
         if reason is None:
-            _say_once("decode: the fused CPU step (mambakit.engine.FusedDecoder)")
+            _say_once(f"decode: the fused CPU step (mambakit.engine.{type(decoder).__name__})")
             step.last = "fused"
             return decoder.step(input_ids, state)
         if fused:

@@ -58,7 +58,8 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the sample printed at each evaluation; 0 = none
     sample_prompt: str = "\n"  # the sample continues this text
     log_every: int = 10
-    progress: bool = True  # the progress bar (rank 0, to stderr)
+    progress: bool = True  # the progress bar (rank 0, to stderr, only when it is a terminal); `--quiet`: false
+    log: str = "jsonl"  # metrics.jsonl is always written; "tensorboard": also TensorBoard events in out_dir/tensorboard
     plot: bool = True  # loss-curve PNG at the end (needs matplotlib)
     # ---- checkpoints and runs
     out_dir: str = "runs/default"
@@ -92,6 +93,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be <= {hi}, got {getattr(self, name)}")
         _choice(self, "precision", ("fp32", "bf16"))
         _choice(self, "distributed", ("ddp", "fsdp"))
+        _choice(self, "log", ("jsonl", "tensorboard"))
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of "
                              f"micro_batch_size ({self.micro_batch_size})")
@@ -164,7 +166,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 # d_state) is compared as the resolved MambaConfig instead (loop.py), so that d_model=0 and the preset's own
 # value count as equal. Every other field fixes the vocabulary or the data: resume_differences refuses it.
 RESUMABLE = ("max_steps", "time_budget_min", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
-             "grad_clip", "precision", "micro_batch_size", "eval_every", "eval_windows", "sample_tokens",
+             "log", "grad_clip", "precision", "micro_batch_size", "eval_every", "eval_windows", "sample_tokens",
              "sample_prompt", "log_every", "progress", "plot", "out_dir", "ckpt_every", "keep_checkpoints", "resume",
              "threads", "distributed", "cache_dir")
 MODEL_SIZE = ("model", "d_model", "n_layer", "d_state")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,7 +32,7 @@ from .checkpoint import (CONFIG_FILE, TRAINER_STATE, CheckpointCorruptError, che
 from .config import TrainConfig, resume_differences
 from .data import prepare_data
 from .distributed import Dist, full_state, load_full_state, parallelize, setup_processes, sharded, whole_model
-from .report import Progress, hms, plot_losses
+from .report import METRICS_FILE, MetricsLog, Progress, check_log, hms, plot_losses
 from .schedule import lr_at
 
 LN2 = math.log(2)
@@ -111,8 +110,9 @@ def sample(model: MambaLM, tokenizer, prompt: str, n: int, seed: int, temperatur
 # ------------------------------------------------------------------------------------------- resuming
 # MambaConfig fields that decide the shapes of the weights (and so of the optimizer's moments)
 # (config.json stores the padded vocabulary: the tokenizer's own size is compared as TrainConfig.tokenizer)
-_SHAPE_FIELDS = ("d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "d_inner", "padded_vocab_size",
-                 "conv_bias", "bias", "rms_norm", "tie_embeddings")
+_SHAPE_FIELDS = ("layer", "d_model", "n_layer", "d_state", "d_conv", "expand", "dt_rank", "d_inner",
+                 "padded_vocab_size", "conv_bias", "bias", "rms_norm", "tie_embeddings",
+                 "headdim", "ngroups", "d_ssm", "D_has_hdim", "rmsnorm")  # the last five: Mamba-2's
 
 
 def _check_resume_config(resume_dir: Path, manifest: dict, cfg: TrainConfig, main: bool) -> None:
@@ -164,20 +164,11 @@ def _check_resume_schedule(resume_dir: Path, state: dict, cfg: TrainConfig) -> N
                          f"larger --time_budget_min, or --time_budget_min=0 to train to --max_steps")
 
 
-def _repair_metrics(path: Path) -> None:
-    """Cuts a record that a killed run left half-written at the end of metrics.jsonl (appends are not atomic;
-    every complete record ends with a newline)."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        os.truncate(path, data.rfind(b"\n") + 1)
-
-
 # ------------------------------------------------------------------------------------------ the loop
 def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = None) -> dict:
     """Runs (or resumes) a training run; returns the final metrics. on_step(step, model) is called after
     every optimizer step (and after that step's checkpoint, if any): a hook for tests and experiments."""
+    check_log(cfg.log)  # a missing TensorBoard fails before any work
     d = setup_processes(cfg)
     out_dir = Path(cfg.out_dir).expanduser()
     ckpt_root = out_dir / "checkpoints"
@@ -246,15 +237,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
               f"parameters | data: {len(data.train):,} train / {len(data.val):,} val tokens ({tok!r}) | "
               f"{d.world} process(es), {torch.get_num_threads()} threads each, {cfg.precision}", flush=True)
         atomic_write(out_dir / CONFIG_FILE, config_json)
-        if resume_dir is not None:
-            _repair_metrics(out_dir / "metrics.jsonl")
 
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / METRICS_FILE
+    metrics = MetricsLog(out_dir, tensorboard=cfg.log == "tensorboard",
+                         resume_step=step if resume_dir is not None else None) if d.main else None
 
     def log(record: dict) -> None:
-        if d.main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if metrics is not None:
+            metrics.write(record)
 
     def checkpoint(at_step: int) -> None:
         model_sd, optim_sd = full_state(raw, optimizer, cfg, d)
@@ -277,7 +267,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
         copy.save_pretrained(out_dir)  # the run directory itself loads: `mambakit generate --model <out_dir>`
         d.barrier()
 
-    progress = Progress(total_steps, cfg.progress and d.main)
+    progress = Progress(total_steps, cfg.progress and d.main, initial=step)
     # Samples come from rank 0's copy; a sharded (FSDP) model has no whole copy to decode with.
     can_sample = cfg.sample_tokens > 0 and d.main and not sharded(cfg, d)
     budget_s = cfg.time_budget_min * 60
@@ -309,7 +299,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             good = latest_checkpoint(ckpt_root)
             what = f"loss {loss_val}" if not math.isfinite(loss_val) else f"gradient norm {grad_norm}"
-            progress.newline()
+            progress.close()
+            if metrics is not None:
+                metrics.close()
             raise NonFiniteLossError(
                 f"non-finite {what} at step {step + 1}: training stopped. Nothing was saved after the bad step; the "
                 f"last good checkpoint is {good or '(none yet)'}. Try a lower --lr, --precision=fp32 or a "
@@ -334,20 +326,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
             total_steps = min(cfg.max_steps, int(d.mean(torch.tensor(float(fit), dtype=torch.float64))))
             progress.total = total_steps
             if d.main and not fitted:
-                progress.newline()
-                print(f"time budget {cfg.time_budget_min:g} min: {per_step * 1000:.0f} ms/step -> about "
-                      f"{total_steps} steps (re-fitted as the run goes)", flush=True)
+                progress.print(f"time budget {cfg.time_budget_min:g} min: {per_step * 1000:.0f} ms/step -> about "
+                               f"{total_steps} steps (re-fitted as the run goes)")
             fitted = True
 
         if step % cfg.log_every == 0 or step == total_steps:
             dt = now - window_t0
             tok_s = window_tokens / dt
-            rate = dt / window_steps
             log({"step": step, "loss": window_loss / window_steps, "lr": optimizer.param_groups[0]["lr"],
                  "grad_norm": grad_norm, "tokens_per_s": tok_s, "elapsed_s": elapsed})
-            # with a budget the schedule is fitted to end when the budget does
-            eta = max(0.0, budget_s - elapsed) if budget_s else (total_steps - step) * rate
-            progress.update(step, window_loss / window_steps, tok_s, elapsed, eta)
+            progress.update(step, window_loss / window_steps, tok_s)
             window_loss, window_tokens, window_t0, window_steps = 0.0, 0, now, 0
 
         if step % cfg.eval_every == 0 and step < total_steps:
@@ -356,9 +344,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
             text = sample(raw, tok, cfg.sample_prompt, cfg.sample_tokens, cfg.seed) if can_sample else ""
             log({"step": step, **ev, "sample": text})
             if d.main:
-                progress.newline()
-                print(f"step {step}: val loss {ev['val_loss']:.4f} nats/token, {ev['val_bpc']:.3f} bits/char"
-                      + (f"\n--- sample ---\n{text}\n--------------" if text else ""), flush=True)
+                progress.print(f"step {step}: val loss {ev['val_loss']:.4f} nats/token, {ev['val_bpc']:.3f} bits/char"
+                               + (f"\n--- sample ---\n{text}\n--------------" if text else ""))
             window_t0 += time.perf_counter() - t0  # tokens/s counts training steps only
         if step % cfg.ckpt_every == 0:
             t0 = time.perf_counter()
@@ -368,7 +355,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
         if on_step is not None:
             on_step(step, raw)
 
-    progress.newline()
+    progress.close()
     if last_saved != step:
         checkpoint(step)
     ev = evaluate(model, val_w, data.val, cfg, d, 0)  # the whole held-out set
@@ -376,6 +363,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, MambaLM], None] | None = Non
     tok_s = cfg.batch_size * cfg.seq_len * max(0, step - first_step - 1) / max(train_s, 1e-9)
     final = {"step": step, **ev, "final": True, "elapsed_s": elapsed, "tokens_per_s_mean": tok_s}
     log({**final, "sample": text})
+    if metrics is not None:
+        metrics.close()
     if d.main:
         print(f"done: {step} steps in {hms(elapsed)} ({tok_s:,.0f} tokens/s)\n"
               f"validation ({ev['val_tokens']:,} held-out tokens): loss {ev['val_loss']:.4f} nats/token, "

@@ -42,6 +42,13 @@ from ..reference import _per_channel_D, compute_dtype, ssd_dt
 from .primitives import records_grad
 
 
+# The longest block the CPU path uses, whatever chunk_size asks for (smaller ones are honoured). The chunk size is a
+# tiling choice (256 suits the official GPU kernel); on this CPU, training (forward + backward through autograd)
+# runs much faster with 64-token blocks than with 256 and inference is no slower (`benchmarks/ssd.py`; the
+# figures are in docs/kernels.md).
+CPU_BLOCK = 64
+
+
 def _gemm(a: Tensor, b: Tensor, gemm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
     """a @ b with operands in gemm_dtype and the result in acc."""
     return torch.matmul(a.to(gemm_dtype), b.to(gemm_dtype)).to(acc)
@@ -116,6 +123,8 @@ def ssd_cpu(
     g, n = B.shape[2], B.shape[3]
     hg = h // g
     Q = int(chunk_size)
+    if x.device.type == "cpu":
+        Q = min(Q, CPU_BLOCK)  # a block length, not a result: see CPU_BLOCK
     c = max(1, -(-l // Q))
     pad = c * Q - l
     L = c * Q
@@ -192,9 +201,14 @@ def ssd_state_update_cpu(
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = (0.0, float("inf")),
 ) -> Tensor:
-    """One SSD step; arguments as `reference.ssd_state_update_ref`. Groups are read through a (b, g, hg, …) view
+    """One SSD step; arguments as `reference.ssd_state_update_ref`. A float32 state on the CPU takes the numba
+    kernel of ssd_step.py; otherwise (float64, other devices) this torch version runs. Groups are read through a (b, g, hg, …) view
     rather than copied per head, and the state is scaled and accumulated in place (no (b, h, p, n) temporaries
     beyond one outer product)."""
+    if state.device.type == "cpu" and state.dtype == torch.float32:
+        from .ssd_step import ssd_state_update_fused  # one pass over the state (ssd_step.py)
+
+        return ssd_state_update_fused(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     acc = compute_dtype(state)
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
