@@ -203,9 +203,12 @@ def test_cli_reads_and_writes_the_long_format(tmp_path, ext):
     assert list(got.columns) == ["unique_id", "ds", "Mamba", "Mamba-lo-80", "Mamba-hi-80"]
     assert set(got["unique_id"]) == {"north", "south"} and len(got) == 6
     assert got["ds"].min() == pd.Timestamp("2007-01-01")
+    df.assign(price=1.0).to_csv(tmp_path / "x.csv", index=False)
     with pytest.raises(ValueError, match="exogenous"):
-        df.assign(price=1.0).to_csv(tmp_path / "x.csv", index=False)
         _cli([str(tmp_path / "x.csv"), "--horizon", "3"])
+    assert _cli([str(tmp_path / "x.csv"), "--horizon", "3", "--context", "12", "--drop-exog", "--out",
+                 str(tmp_path / "x_fc.csv"), "--set", "max_steps=5", "--set", "d_model=8", "--set", "threads=1"]) == 0
+    assert len(pd.read_csv(tmp_path / "x_fc.csv")) == 6
 
 
 # ------------------------------------------------------------------------------------------- the experiment

@@ -302,14 +302,16 @@ def numeric_column(col, name: str, source: str) -> np.ndarray:
     return out
 
 
-def timestamp_column(col, name: str, source: str) -> np.ndarray:
+def timestamp_column(col, name: str, source: str, where=None) -> np.ndarray:
     """A pandas column of timestamps → datetime64[s] (time-zone-aware ones converted to UTC) or int64 (a step
     index). Integers are a step index, except 4 digits (a year, `1700`) and 8 digits (a date, `20240301`);
-    strings are ISO 8601 (`2024`, `2024-03`, `2024-03-01`, `2024-03-01 12:00[:00]`)."""
+    strings are ISO 8601 (`2024`, `2024-03`, `2024-03-01`, `2024-03-01 12:00[:00]`). where(i) names row i in
+    errors (default: its line in a CSV file)."""
     pd = require_pandas()
+    where = where or _line
     missing = np.nonzero(col.isna().to_numpy())[0]
     if len(missing):
-        raise ValueError(f"{source} {_line(int(missing[0]))}: empty timestamp in column {name!r}")
+        raise ValueError(f"{source} {where(int(missing[0]))}: empty timestamp in column {name!r}")
     if pd.api.types.is_datetime64_any_dtype(col):
         dt = col
     elif pd.api.types.is_integer_dtype(col):
@@ -330,7 +332,7 @@ def timestamp_column(col, name: str, source: str) -> np.ndarray:
         except (ValueError, TypeError, OverflowError):
             dt = pd.to_datetime(text, format="ISO8601", errors="coerce")
             i = int(np.nonzero(dt.isna().to_numpy())[0][0]) if dt.isna().any() else 0
-            raise ValueError(f"{source} {_line(i)}: cannot read timestamp {text.iloc[i]!r} in column {name!r} "
+            raise ValueError(f"{source} {where(i)}: cannot read timestamp {text.iloc[i]!r} in column {name!r} "
                              "(expected ISO 8601 like 2024-03-01 or 2024-03-01 12:00, or an integer)") from None
     if getattr(dt.dt, "tz", None) is not None:
         dt = dt.dt.tz_convert("UTC").dt.tz_localize(None)

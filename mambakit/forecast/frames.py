@@ -80,7 +80,7 @@ def from_long(df, max_gap: int = 0, exog: str = "refuse", source: str = "df") ->
     y = y.to_numpy(np.float64, na_value=np.nan)
     if np.isinf(y).any():
         raise ValueError(f"{source}: {Y!r} has infinite values")
-    ts = timestamp_column(df[DS].reset_index(drop=True), DS, source)
+    ts = timestamp_column(df[DS].reset_index(drop=True), DS, source, where=lambda i: f"row {i}")
     stamps, values = None, []
     codes = pd.Categorical(df[ID], categories=ids).codes  # (rows,) index of each row's series
     for k, uid in enumerate(ids):
