@@ -499,7 +499,7 @@ def evaluate_tasks(model: MambaLM, tasks: list[str], *, include_path: str | None
                    limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 16,
                    seed: int = 1234, tokenizer=None, chunk_tokens: int = 2048, window: int | None = None,
                    stride: int | None = None, progress: bool = True) -> dict:
-    """Runs lm-evaluation-harness tasks on `model`; returns lm_eval's results dict (["results"][task]).
+    """Runs lm-evaluation-harness tasks on `model`; returns lm_eval's results dict (`["results"][task]`).
     include_path: a directory of extra task YAMLs; include_defaults=False skips indexing lm_eval's own
     tasks (seconds of start-up) when every task comes from include_path. chunk_tokens, window and stride go
     to the adapter (window/stride: rolling log-likelihood tasks only, others are refused); progress: its bars."""

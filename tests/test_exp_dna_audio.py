@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mambakit.data.audio import write_wav
+from mambakit.data.audio import write_audio
 
 
 def write_genomes(root, rng):
@@ -86,8 +86,8 @@ def test_audio_waveform_tiny(tmp_path):
     rng = np.random.default_rng(0)
     t = np.arange(8000 * 2) / 8000
     for i in range(3):
-        write_wav(tmp_path / "moh" / f"t{i}.wav", 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t)
-                  + 0.02 * rng.standard_normal(len(t)), 8000)
+        write_audio(tmp_path / "moh" / f"t{i}.wav", 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t)
+                    + 0.02 * rng.standard_normal(len(t)), 8000)
     out = tmp_path / "out"
     assert main(["--parts", "waveform", "--out", str(out), "--moh_dir", str(tmp_path / "moh"), "--held_out", "t2",
                  "--contexts", "64,128", "--d_model", "16", "--n_layer", "1", "--tokens_per_step", "256",

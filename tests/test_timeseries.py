@@ -1,4 +1,4 @@
-"""mambakit.data.timeseries: CSV parsing, frequency inference, gaps, irregular timestamps, calendar features."""
+"""mambakit.data.timeseries: CSV/Parquet reading (pandas), frequency inference, gaps, irregular timestamps, calendar features."""
 
 import numpy as np
 import pytest
@@ -38,7 +38,8 @@ def test_select_columns_and_time_col(tmp_path):
     ("date,a\n2020-01-01,1\n2020-02-01,abc\n", r"line 3: value 'abc' in column 'a' is not a number"),
     ("date,a\nyesterday,1\n2020-02-01,2\n", "cannot read timestamp 'yesterday'"),
     ("date,a\n2020-01-01,1\n2020-01-01,2\n", "duplicate timestamp"),
-    ("date,a\n2020-01-01,1\n2020-02-01\n", "1 fields, the header has 2"),
+    ("date,a\n2020-01-01,1\n2020-02-01,2,3\n", "malformed CSV.*Expected 2 fields in line 3, saw 3"),
+    ("date,a\n2020-01-01,1\n2020-02-01\n", "last value of column 'a' is missing"),  # a short row: missing cells
     ("date,a\n2020-01-01,1\n2020-02-01,inf\n", "infinite"),
     ("date,a,a\n2020-01-01,1,2\n2020-02-01,2,3\n", "duplicate column"),
     ("date,a\n2020-01-01,1\n2020-02-01,\n", "last value of column 'a' is missing"),
@@ -145,3 +146,20 @@ def test_timeseries_slice_is_a_copy():
     p = s.slice(0, 5)
     p.values[:] = -1
     assert s.values[0, 0] == 0 and len(p) == 5
+
+
+# ------------------------------------------------------------------------------------------ pandas formats
+def test_parquet_and_time_zones(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    df = pd.DataFrame({"when": pd.date_range("2024-03-01", periods=4, freq="D"), "a": [1.0, 2.0, 3.0, 4.0]})
+    df.to_parquet(tmp_path / "d.parquet", index=False)
+    s = read_csv(tmp_path / "d.parquet")
+    assert s.freq == Frequency("s", 86400) and s.names == ["a"]
+    np.testing.assert_array_equal(s.values[:, 0], [1, 2, 3, 4])
+    # offsets are converted to UTC: 01:00+01:00 is 00:00 UTC
+    s = read_csv(_write(tmp_path, "t,a\n2024-03-01T01:00+01:00,1\n2024-03-01T02:00+01:00,2\n"))
+    assert str(s.timestamps[0]) == "2024-03-01T00:00:00" and s.freq == Frequency("s", 3600)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
+        read_csv(tmp_path / "bad.parquet")

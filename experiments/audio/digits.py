@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from mambakit.config import MambaConfig
-from mambakit.data.audio import log_mel_spectrogram, mu_law_decode, mu_law_encode, read_wav, resample, write_wav
+from mambakit.data.audio import (log_mel_spectrogram, mu_law_decode, mu_law_encode, read_audio, resample,
+                                 write_audio)
 from mambakit.generate import generate
 from mambakit.heads import SequenceClassifier
 from mambakit.model import MambaLM
@@ -78,7 +79,7 @@ def synthesize(voices, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
             else:
                 cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(f), word]
             subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-            x, r = read_wav(f)
+            x, r = read_audio(f)
             clips.append(fit_clip(resample(x, r, RATE)))
             labels.append(d)
     return np.stack(clips), np.array(labels)
@@ -91,7 +92,7 @@ def allison_digits() -> tuple[np.ndarray, np.ndarray] | None:
         return None
     clips = []
     for f in files:
-        x, r = read_wav(f)
+        x, r = read_audio(f)
         clips.append(fit_clip(resample(x, r, RATE)))
     return np.stack(clips), np.arange(10)
 
@@ -240,11 +241,11 @@ def run(args, out: Path) -> dict:
     res["prompt_seconds_of_speech"] = args.prompt_s
     samples = out / "samples"
     for i in range(min(4, len(uncond))):
-        write_wav(samples / f"unconditional_{i}.wav", uncond[i], RATE)
+        write_audio(samples / f"unconditional_{i}.wav", uncond[i], RATE)
     for i in range(min(4, len(cont))):
         d = int(test_y[pick[i]])
-        write_wav(samples / f"continued_{WORDS[d]}.wav", cont[i], RATE)
-        write_wav(samples / f"real_{WORDS[d]}.wav", test_x[pick[i]], RATE)
+        write_audio(samples / f"continued_{WORDS[d]}.wav", cont[i], RATE)
+        write_audio(samples / f"real_{WORDS[d]}.wav", test_x[pick[i]], RATE)
     spectrogram_grid([("real (held-out voices)", test_x[pick][:4]), ("unconditional", uncond[:4]),
                       (f"continued after {args.prompt_s:g} s", cont[:4])], out / "spectrograms.png")
     return res

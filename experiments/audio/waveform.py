@@ -18,7 +18,7 @@ import torch
 
 from mambakit.baselines.s4d import MambaS4D
 from mambakit.config import MambaConfig
-from mambakit.data.audio import AudioWindows, mu_law_encode, read_wav, resample
+from mambakit.data.audio import AudioWindows, mu_law_encode, read_audio, resample
 from mambakit.model import MambaLM
 
 from experiments._common import (eval_at_context, log2_axes, merge_tail, plan_text, plot_loss_by_position, pyplot,
@@ -30,13 +30,13 @@ VOCAB = 256  # 8-bit μ-law
 
 
 def load_tracks(directory: Path, rate: int) -> dict[str, np.ndarray]:
-    """Every *.wav under directory, mono, at `rate` (resampled when needed), as float32."""
-    files = sorted(directory.glob("*.wav"))
+    """Every audio file (*.wav, *.flac, *.ogg) under directory, mono, at `rate` (resampled when needed), float32."""
+    files = sorted(f for ext in ("wav", "flac", "ogg") for f in directory.glob(f"*.{ext}"))
     if not files:
-        raise FileNotFoundError(f"no .wav files in {directory} (run experiments/audio/setup.sh)")
+        raise FileNotFoundError(f"no .wav, .flac or .ogg files in {directory} (run experiments/audio/setup.sh)")
     out = {}
     for f in files:
-        x, r = read_wav(f)
+        x, r = read_audio(f)
         out[f.stem] = resample(x, r, rate) if r != rate else x
     return out
 

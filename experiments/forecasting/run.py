@@ -2,6 +2,13 @@
 
     python -m experiments.forecasting                  # all datasets (about 20 min on one core)
     python -m experiments.forecasting --tiny --out /tmp/fc   # seconds: the CI version
+    python -m experiments.forecasting --frames          # the same backtests through the pandas DataFrame API
+
+With --frames every dataset goes in as a long frame (unique_id, ds, y): the Mamba ensemble through
+`EnsembleForecaster.cross_validation(df, h, n_windows)`, the other methods through `backtest(df, ...)`, and
+the metrics are computed from the frames those return. Same seeds, same threads: the same forecasts as the
+array path (tests/test_forecast_pandas.py checks it on elec_equip); only the per-variant table and the
+seed-0 row, which read the ensemble's internals, are left out.
 
 For each dataset: a rolling-origin backtest (n windows of H steps tiling the end of the series); every method
 is fitted once on the data before the first origin, then forecasts H steps from every origin with the history
@@ -39,7 +46,8 @@ from mambakit.forecast import ForecastConfig
 from mambakit.forecast.backtest import METRICS, MambaMethod, backtest
 from mambakit.forecast.baselines import ARIMA, ETS, Naive, SeasonalNaive
 from mambakit.forecast.config import parse_overrides
-from mambakit.forecast.ensemble import MULTI_VARIANTS, STANDARD_VARIANTS
+from mambakit.forecast.ensemble import MULTI_VARIANTS, STANDARD_VARIANTS, EnsembleForecaster
+from mambakit.forecast.frames import to_long
 from mambakit.forecast.metrics import point_metrics
 from mambakit.forecast.plot import plot_backtest
 
@@ -110,6 +118,56 @@ def run_dataset(name: str, spec: dict, tiny: bool, seeds, verbose: bool, overrid
                                                                            for o in r.origins],
         "train_length": int(r.origins[0]), "metrics": r.metrics, "per_window": r.per_window,
         "fit_seconds": r.fit_seconds, "info": r.info, "mamba_80pct_coverage": coverage, "variants": variant_rows,
+        "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+    }
+    return res, series, r
+
+
+def run_dataset_frames(name: str, spec: dict, tiny: bool, seeds, verbose: bool, overrides: dict | None = None,
+                       classical: bool = True) -> tuple[dict, object, object]:
+    """run_dataset through the DataFrame API (module doc): the dataset as a long frame in, frames out."""
+    series = load_statsmodels(name)
+    df = to_long(series)  # unique_id = the column names, in the array's column order
+    H, W, L = spec["horizon"], spec["windows"], spec["context"]
+    m = series.season
+    # a frame carries timestamps, not the dataset's seasonal period: sunspots' 11-year cycle is not its
+    # frequency's (yearly: none), so it is given here, as the array path reads it off the TimeSeries
+    cfg = ForecastConfig(horizon=H, context=L, **{**MAMBA, **(overrides or {})}).replace(season=m)
+    if tiny:
+        cfg = cfg.replace(d_model=16, max_steps=30, eval_every=10)
+    methods = {"naive": Naive(), "seasonal naive": SeasonalNaive(m)}
+    if classical and not tiny:
+        methods["ETS"] = ETS(m, H, cfg.val_fraction)
+        methods["ARIMA"] = ARIMA(m, H, cfg.val_fraction, period=365.25 / 7 if m == 52 else None)
+    variants = MULTI_VARIANTS if series.n_channels > 1 else STANDARD_VARIANTS
+    if tiny:
+        variants = variants[:2]
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = backtest(df, methods, H, W, season=m, verbose=True)
+    ens = EnsembleForecaster(cfg, variants, seeds=tuple(seeds), verbose=verbose)
+    t1 = time.perf_counter()
+    cv = ens.cross_validation(df, h=H, n_windows=W)  # unique_id, ds, cutoff, y, Mamba, Mamba-lo-80, Mamba-hi-80
+    C = series.n_channels
+
+    def windows(column: str) -> np.ndarray:  # cv rows: window, then series, then step → (W, H, C)
+        return cv[column].to_numpy().reshape(W, C, H).transpose(0, 2, 1)
+
+    r.forecasts["Mamba"] = windows("Mamba")
+    r.per_window["Mamba"] = [point_metrics(r.actuals[i], r.forecasts["Mamba"][i], series.values[:o], m)
+                             for i, o in enumerate(r.origins)]
+    r.metrics["Mamba"] = {k: float(np.mean([w[k] for w in r.per_window["Mamba"]])) for k in METRICS}
+    r.fit_seconds["Mamba"] = time.perf_counter() - t1
+    r.info["Mamba"] = {k: v for k, v in ens.history.items() if k in ("chosen", "members")}
+    lo, hi = windows("Mamba-lo-80"), windows("Mamba-hi-80")
+    coverage = float(np.mean((r.actuals >= lo) & (r.actuals <= hi)))
+    print(f"  {'Mamba':16s} MASE {r.metrics['Mamba']['MASE']:.3f}  fit {r.fit_seconds['Mamba']:.1f}s (frames)",
+          file=sys.stderr, flush=True)
+    res = {
+        "dataset": name, "about": spec["about"], "length": len(series), "freq": series.freq.name,
+        "season": m, "horizon": H, "context": L, "windows": W, "origins": [str(series.timestamps[o])[:10]
+                                                                           for o in r.origins],
+        "train_length": int(r.origins[0]), "metrics": r.metrics, "per_window": r.per_window,
+        "fit_seconds": r.fit_seconds, "info": r.info, "mamba_80pct_coverage": coverage, "frames": True,
         "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
     }
     return res, series, r
@@ -240,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a Mamba ForecastConfig field (ablations), e.g. --set linear_skip=false")
     p.add_argument("--no-classical", action="store_true", help="skip ETS and ARIMA (ablation runs)")
+    p.add_argument("--frames", action="store_true",
+                   help="run every backtest through the pandas DataFrame API (long frames in and out)")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.json and README.md from the per-dataset <name>.json files in --out (after "
                         "running datasets as separate processes: --datasets co2 & --datasets elec_equip & ...)")
@@ -270,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         el = time.perf_counter() - t0
         eta = f", ETA {el / i * (len(names) - i) / 60:.1f} min" if i else ""
         print(f"[{i + 1}/{len(names)}] {name} ({el / 60:.1f} min elapsed{eta})", file=sys.stderr, flush=True)
-        res, series, r = run_dataset(name, DATASETS[name], args.tiny, seeds, args.verbose, overrides,
-                                     classical=not args.no_classical)
+        run = run_dataset_frames if args.frames else run_dataset
+        res, series, r = run(name, DATASETS[name], args.tiny, seeds, args.verbose, overrides,
+                             classical=not args.no_classical)
         res["tiny"], res["overrides"] = args.tiny, {k: str(v) for k, v in overrides.items()}
         results.append(res)
         atomic_write(os.path.join(args.out, f"{name}.json"), json.dumps(res, indent=1, default=float))
@@ -283,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{meth:16s}" + "".join(f"{met[k]:10.4g}" for k in METRICS), flush=True)
     total = time.perf_counter() - t0
     command = "python -m experiments.forecasting" + (" --tiny" if args.tiny else "") + (
+        " --frames" if args.frames else "") + (" --no-classical" if args.no_classical else "") + (
         f" --datasets {args.datasets}" if names != list(DATASETS) else "")
     return _report(args, results, seeds, command, total, args.tiny)
 

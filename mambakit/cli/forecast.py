@@ -1,6 +1,13 @@
-"""`mambakit forecast` (argparse only; see mambakit.forecast): CSV in (a timestamp column + value columns), forecasts CSV out (+ plot, + backtest).
+"""`mambakit forecast` (argparse only; see mambakit.forecast): a CSV or Parquet file in (read by pandas), forecasts out
+(+ plot, + backtest).
+
+Two table layouts: wide (a timestamp column + one value column per series; forecasts CSV: timestamp, then per
+series <name>, <name>_q<level>) or long (columns unique_id, ds, y, one row per series and timestamp, as
+statsforecast / neuralforecast; forecasts: unique_id, ds, Mamba, Mamba-lo-80, ... as Forecaster.predict(h)).
+A table with unique_id, ds and y columns is read as long unless --time-col or --columns say otherwise.
 
     mambakit forecast data.csv --horizon 12 --out forecast.csv --plot forecast.png
+    mambakit forecast panel.parquet --horizon 12 --out forecast.parquet  # long format: unique_id, ds, y
     mambakit forecast data.csv --time-col date --columns sales,visits --horizon 24 --quantiles 0.1,0.5,0.9
     mambakit forecast data.csv --horizon 12 --backtest 4 --classical    # score against naive/ETS/ARIMA first
     mambakit forecast data.csv --horizon 12 --set d_model=64 --set max_steps=2000 --save model_dir
@@ -15,7 +22,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ..data.timeseries import TimeSeries, read_csv
+from .._io import atomic_write
+from ..data.timeseries import TimeSeries, from_wide_frame, read_table
+from ..forecast import frames
 from ..forecast.config import ForecastConfig, default_context, parse_overrides
 from ..forecast.io import write_forecast_csv
 
@@ -23,7 +32,8 @@ from ..forecast.io import write_forecast_csv
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("forecast", help="forecast the next steps of time series in a CSV with a Mamba model",
                               description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("csv", help="CSV with a header: a timestamp column and numeric value columns")
+    p.add_argument("csv", help="CSV (with a header) or Parquet file: a timestamp column and numeric value columns, "
+                                "or the long format unique_id, ds, y")
     p.add_argument("--horizon", type=int, required=True, help="steps to forecast (H)")
     p.add_argument("--time-col", default=None, help="timestamp column (default: the first column)")
     p.add_argument("--columns", default=None, help="comma-separated value columns (default: all others)")
@@ -33,7 +43,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-gap", type=int, default=5, help="interpolate interior gaps up to this many steps (5)")
     p.add_argument("--resample", action="store_true",
                    help="average irregular timestamps onto a regular grid (else they are an error)")
-    p.add_argument("--out", default=None, help="forecasts CSV (default: <csv>.forecast.csv)")
+    p.add_argument("--drop-exog", action="store_true",
+                   help="long format: ignore columns besides unique_id, ds, y (else they are an error: exogenous "
+                        "inputs are not supported)")
+    p.add_argument("--out", default=None,
+                   help="forecasts CSV, or Parquet when it ends in .parquet (default: <input>.forecast.csv)")
     p.add_argument("--plot", default=None, help="also write a PNG of history and forecast")
     p.add_argument("--save", default=None, help="also save the fitted model to this directory")
     p.add_argument("--backtest", type=int, default=0, metavar="N",
@@ -87,6 +101,38 @@ def _check_args(args) -> None:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
 
 
+def _read(args) -> tuple[TimeSeries, list | None]:
+    """The input table as a TimeSeries, and the unique_id values when it is in the long format (else None)."""
+    table = read_table(args.csv)
+    long = {frames.ID, frames.DS, frames.Y} <= set(table.columns) and args.time_col is None and args.columns is None
+    if not long:
+        if args.drop_exog:
+            raise ValueError("--drop-exog applies to the long format (unique_id, ds, y) only")
+        columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+        series = from_wide_frame(table, args.time_col, columns, max_gap=args.max_gap, resample=args.resample,
+                                 source=args.csv)
+        return series, None
+    if args.resample:
+        raise ValueError("--resample applies to the wide format only: a long frame's series must share regular "
+                         "timestamps")
+    return frames.from_long(table, max_gap=args.max_gap, exog="drop" if args.drop_exog else "refuse",
+                            source=args.csv)
+
+
+def _write(path: str, fc, ids: list | None) -> None:
+    """Forecasts in the input's layout: wide CSV (write_forecast_csv) or the long frame (CSV or Parquet)."""
+    if ids is None:
+        if path.lower().endswith((".parquet", ".pq")):
+            raise ValueError("--out: Parquet output is written for the long format (unique_id, ds, y) only")
+        write_forecast_csv(path, fc)
+        return
+    df = frames.forecast_frame(fc, ids)
+    if path.lower().endswith((".parquet", ".pq")):
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    else:
+        atomic_write(path, df.to_csv(index=False))
+
+
 def _quantiles(text: str | None) -> tuple[float, ...]:
     if not text:
         return ()
@@ -100,9 +146,7 @@ def _cli(args) -> int:
     import torch
 
     _check_args(args)
-    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
-    series = read_csv(args.csv, time_col=args.time_col, value_cols=columns, max_gap=args.max_gap,
-                      resample=args.resample)
+    series, ids = _read(args)
     gaps = {k: v for k, v in series.meta.get("gaps", {}).items()}
     print(f"{args.csv}: {len(series)} steps ({series.freq.name}), series {series.names}"
           + (f"; interpolated {gaps}" if gaps else ""), file=sys.stderr)
@@ -126,7 +170,7 @@ def _cli(args) -> int:
               "candidates)", file=sys.stderr)
     fc = forecaster.predict(series)
     out = args.out or os.path.splitext(args.csv)[0] + ".forecast.csv"
-    write_forecast_csv(out, fc)
+    _write(out, fc, ids)
     print(f"wrote {out}", file=sys.stderr)
     if args.plot:
         from ..forecast.plot import plot_forecast

@@ -1,22 +1,21 @@
-"""Audio for Mamba's waveform modelling (paper §4.4): WAV files → samples in [−1, 1] → 8-bit μ-law tokens.
+"""Audio for Mamba's waveform modelling (paper §4.4): audio files → samples in [−1, 1] → 8-bit μ-law tokens.
 
-    read_wav(path) -> (x, rate)          PCM WAV (8/16/24/32-bit, any channels) via the stdlib `wave` module
-    write_wav(path, x, rate)             atomic write (temporary file + os.replace), 8/16/24/32-bit PCM
-    resample(x, orig_rate, new_rate)     band-limited (Kaiser-windowed sinc) resampling, any rational ratio
+    read_audio(path) -> (x, rate)        WAV, FLAC, OGG (and every format libsndfile reads) via `soundfile`
+    write_audio(path, x, rate)           atomic write; the format from the extension (.wav, .flac, .ogg)
+    resample(x, orig_rate, new_rate)     band-limited resampling by libsoxr (`soxr`, its "HQ" quality), any ratio
     mu_law_encode(x) / mu_law_decode(q)  the 256-level μ-law companding of WaveNet / SaShiMi / the paper
     spectrogram(x, rate)                 log-power STFT (for plots); log_mel_spectrogram for classifiers
     AudioWindows(arrays, l)              random token windows (b, l + 1) over a set of clips
 
-Bad files get a ValueError naming the file and the problem: not a RIFF/WAVE file, a non-PCM format
-(e.g. 32-bit float), an unsupported sample width, a header that promises more frames than the file holds
-(truncated download), an empty file.
+File I/O and resampling need the optional extra `pip install mambakit[audio]` (soundfile, soxr); without it
+they raise an ImportError that says so. Bad files get a ValueError naming the file: not a format libsndfile
+reads, or no samples. A truncated file is read as far as it goes (libsndfile's behaviour).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import wave
 from pathlib import Path
 from typing import Sequence
 
@@ -26,97 +25,69 @@ from torch import Tensor
 
 from .._io import atomic_write
 
-SAMPLE_WIDTHS = (1, 2, 3, 4)  # bytes per sample that PCM WAV files use; 1 is unsigned, the others signed
+AUDIO_INSTALL = "pip install mambakit[audio]  (or: pip install soundfile soxr)"
+# the container written for each extension, and its default sample encoding (soundfile's names)
+FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 
 
-# ------------------------------------------------------------------------------------------------ WAV
-def read_wav(path: str | os.PathLike, mono: bool = True) -> tuple[np.ndarray, int]:
-    """Reads a PCM WAV file. Returns (samples float32 in [−1, 1], sample rate). mono=True averages the
+def _soundfile():
+    try:
+        import soundfile
+    except (ImportError, OSError):  # OSError: the package is there but its libsndfile cannot be loaded
+        raise ImportError(f"reading and writing audio files needs soundfile: {AUDIO_INSTALL}") from None
+    return soundfile
+
+
+# ---------------------------------------------------------------------------------------------- files
+def read_audio(path: str | os.PathLike, mono: bool = True) -> tuple[np.ndarray, int]:
+    """Reads an audio file. Returns (samples float32 in [−1, 1], sample rate). mono=True averages the
     channels into shape (n,); mono=False keeps (n, channels)."""
+    sf = _soundfile()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"WAV file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"audio file {str(path)!r} does not exist")
     try:
-        with wave.open(str(path), "rb") as w:
-            channels, width, rate, n_frames = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n_frames)
-    except wave.Error as e:
-        msg = str(e)
-        if "unknown format" in msg:
-            msg += " (only integer PCM WAV is supported: convert float or compressed WAV to 16-bit PCM)"
-        raise ValueError(f"{path}: not a readable PCM WAV file: {msg}") from None
-    except EOFError:
-        raise ValueError(f"{path}: the WAV header is truncated (file of {path.stat().st_size} bytes)") from None
-    if width not in SAMPLE_WIDTHS:
-        raise ValueError(f"{path}: sample width {width} bytes is not supported (PCM WAV uses 1, 2, 3 or 4)")
-    if rate <= 0 or channels <= 0:
-        raise ValueError(f"{path}: invalid header (sample rate {rate}, {channels} channels)")
-    frame = channels * width
-    if len(raw) < n_frames * frame:
-        raise ValueError(f"{path}: truncated: the header says {n_frames} frames, the file holds "
-                         f"{len(raw) // frame} (+{len(raw) % frame} bytes)")
-    if n_frames == 0:
-        raise ValueError(f"{path}: the WAV file holds no samples")
-    x = _pcm_to_float(raw, width).reshape(n_frames, channels)
-    return (x.mean(axis=1) if mono else x), rate
+        x, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
+    except sf.LibsndfileError as e:
+        raise ValueError(f"{path}: not a readable audio file (WAV, FLAC, OGG, ...): {e}") from None
+    if len(x) == 0:
+        raise ValueError(f"{path}: the audio file holds no samples")
+    return (x.mean(axis=1) if mono else x), int(rate)
 
 
-def _pcm_to_float(raw: bytes, width: int) -> np.ndarray:
-    if width == 1:  # 8-bit WAV is unsigned, centred on 128
-        return (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    if width == 3:  # 24-bit little-endian: widen to int32 by placing the 3 bytes in the top of 4
-        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
-        wide = np.zeros((len(b), 4), dtype=np.uint8)
-        wide[:, 1:] = b
-        return wide.view("<i4")[:, 0].astype(np.float32) / 2.0**31
-    dtype = {2: "<i2", 4: "<i4"}[width]
-    return np.frombuffer(raw, dtype=dtype).astype(np.float32) / float(2 ** (8 * width - 1))
-
-
-def write_wav(path: str | os.PathLike, x, rate: int, sample_width: int = 2) -> None:
-    """Writes x (n,) or (n, channels), float in [−1, 1] (clipped) or integer PCM already at this width,
-    as PCM WAV; the file appears whole or not at all (temporary file + os.replace)."""
-    if sample_width not in SAMPLE_WIDTHS:
-        raise ValueError(f"sample_width must be one of {SAMPLE_WIDTHS} bytes, got {sample_width}")
+def write_audio(path: str | os.PathLike, x, rate: int, subtype: str | None = None) -> None:
+    """Writes x (n,) or (n, channels), float in [−1, 1] (clipped) or integer PCM (int16 / int32, full scale),
+    as WAV, FLAC or OGG Vorbis by the file's extension; `subtype` is soundfile's sample encoding (default
+    FORMATS: 16-bit PCM for WAV and FLAC; e.g. "PCM_24", "FLOAT"). The file appears whole or not at all."""
+    sf = _soundfile()
+    ext = Path(path).suffix.lower()
+    if ext not in FORMATS:
+        raise ValueError(f"write_audio writes {sorted(FORMATS)} files (chosen by the extension), got {str(path)!r}")
+    container, default = FORMATS[ext]
+    subtype = subtype or default
+    if not sf.check_format(container, subtype):
+        raise ValueError(f"{container} files cannot hold subtype {subtype!r}; valid: "
+                         f"{sorted(sf.available_subtypes(container))}")
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise ValueError(f"rate must be a positive int (samples per second), got {rate!r}")
     x = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if x.ndim not in (1, 2) or x.shape[0] == 0:
         raise ValueError(f"audio must have shape (n,) or (n, channels) with n > 0, got {x.shape}")
-    x2 = x.reshape(x.shape[0], -1)
-    if np.issubdtype(x2.dtype, np.floating):
-        if not np.isfinite(x2).all():
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
             raise ValueError("audio contains NaN or infinite samples")
-        full = float(2 ** (8 * sample_width - 1))
-        ints = np.clip(np.round(x2.astype(np.float64) * full), -full, full - 1).astype(np.int64)
-    elif np.issubdtype(x2.dtype, np.integer):
-        ints = x2.astype(np.int64)
-        lo, hi = -(2 ** (8 * sample_width - 1)), 2 ** (8 * sample_width - 1) - 1
-        if ints.min() < lo or ints.max() > hi:
-            raise ValueError(f"integer samples outside the {8 * sample_width}-bit range [{lo}, {hi}]")
-    else:
-        raise TypeError(f"audio must be float or integer samples, got dtype {x2.dtype}")
-    if sample_width == 1:
-        data = (ints + 128).astype(np.uint8).tobytes()
-    elif sample_width == 3:
-        data = ints.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
-    else:
-        data = ints.astype({2: "<i2", 4: "<i4"}[sample_width]).tobytes()
-    def write(tmp: Path) -> None:
-        with wave.open(str(tmp), "wb") as w:
-            w.setnchannels(x2.shape[1])
-            w.setsampwidth(sample_width)
-            w.setframerate(int(rate))
-            w.writeframes(data)
-
-    atomic_write(path, write)
+        x = np.clip(x, -1.0, 1.0)
+    elif x.dtype not in (np.int16, np.int32):
+        raise TypeError(f"audio must be float, int16 or int32 samples, got dtype {x.dtype}")
+    # soundfile picks the container from the name's extension, which the temporary file lacks: name it
+    atomic_write(path, lambda tmp: sf.write(str(tmp), x, int(rate), subtype=subtype, format=container))
 
 
 # ------------------------------------------------------------------------------------------ resampling
-def resample(x, orig_rate: int, new_rate: int, zero_crossings: int = 16, beta: float = 8.6) -> np.ndarray:
-    """Band-limited resampling of x (n,) from orig_rate to new_rate: each output sample is the input
-    convolved with a Kaiser-windowed sinc low-pass at min(orig, new)/2 (anti-aliasing when downsampling),
-    evaluated at the output time. `zero_crossings` sinc lobes each side; beta = 8.6 gives ≈ −90 dB side lobes."""
+def resample(x, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Band-limited resampling of x (n,) from orig_rate to new_rate by libsoxr (module doc): anti-aliased when
+    downsampling, linear phase and delay-compensated, so the output lines up with the input in time;
+    round(n · new_rate / orig_rate) samples, float32."""
     for name, r in (("orig_rate", orig_rate), ("new_rate", new_rate)):
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
             raise ValueError(f"{name} must be a positive int, got {r!r}")
@@ -125,26 +96,11 @@ def resample(x, orig_rate: int, new_rate: int, zero_crossings: int = 16, beta: f
         raise ValueError(f"resample takes mono audio (n,), got shape {x.shape}")
     if orig_rate == new_rate:
         return x.astype(np.float32)
-    g = math.gcd(orig_rate, new_rate)
-    up, down = new_rate // g, orig_rate // g
-    cutoff = min(1.0, up / down)  # of the input's Nyquist frequency
-    half = int(math.ceil(zero_crossings / cutoff))  # filter half-width in input samples
-    n_out = int(math.ceil(len(x) * up / down))
-    xp = np.concatenate([np.zeros(half), x, np.zeros(half + 1)])
-    k = np.arange(-half + 1, half + 1)  # (taps,)
-    out = np.empty(n_out, dtype=np.float64)
-    chunk = max(1, 2**20 // len(k))
-    for s in range(0, n_out, chunk):
-        m = np.arange(s, min(n_out, s + chunk))  # output indices
-        num = m * down  # output time in units of 1/up input samples (exact integers)
-        base = num // up  # (c,) the input sample at or before the output time
-        frac = (num - base * up) / up  # (c,) in [0, 1)
-        idx = base[:, None] + k[None, :]  # (c, taps) input samples around it
-        dist = frac[:, None] - k[None, :]  # (c, taps) distance in input samples
-        taper = np.clip(1.0 - (dist / half) ** 2, 0.0, None)
-        h = cutoff * np.sinc(cutoff * dist) * np.i0(beta * np.sqrt(taper)) / np.i0(beta)
-        out[m] = (xp[idx + half] * h).sum(1)
-    return out.astype(np.float32)
+    try:
+        import soxr
+    except ImportError:
+        raise ImportError(f"resampling needs soxr: {AUDIO_INSTALL}") from None
+    return soxr.resample(x, int(orig_rate), int(new_rate), quality="HQ").astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- μ-law

@@ -1,20 +1,23 @@
-"""Real-valued time series for forecasting: CSV → regular grid → gaps filled → calendar features.
+"""Real-valued time series for forecasting: CSV/Parquet (read by pandas) → regular grid → gaps filled → calendar
+features.
 
-    read_csv(path, time_col, value_cols)   a CSV with a timestamp column and value columns → TimeSeries
+    read_csv(path, time_col, value_cols)   a CSV or Parquet file, a timestamp column and value columns → TimeSeries
+    from_wide_frame(df, time_col, ...)     the same from a pandas DataFrame (long frames: mambakit.forecast.frames)
     infer_frequency(timestamps)            the regular step (fixed seconds, calendar months, or an index step)
     TimeSeries                             timestamps + values (T, C) + names + frequency; slicing, future dates
     calendar_features(timestamps, freq)    sin/cos phases known in advance (hour, weekday, day/month of year)
     load_statsmodels(name)                 the datasets bundled with statsmodels (co2, elec_equip, sunspots, ...)
 
 Handling of imperfect data (documented in the README; every refusal is a ValueError naming the problem):
-- timestamps: ISO 8601 (`2024`, `2024-03`, `2024-03-01`, `2024-03-01 12:00[:00]`, `T` or space) or plain
-  integers (a step index, e.g. a year or a sample number). Rows out of order are sorted; duplicates are refused.
+- timestamps: ISO 8601 (`2024`, `2024-03`, `2024-03-01`, `2024-03-01 12:00[:00]`, `T` or space; with a time
+  zone: converted to UTC), pandas datetimes, or plain integers (a step index; 4 digits a year, 8 digits
+  YYYYMMDD). Rows out of order are sorted; duplicates are refused.
 - frequency: a fixed step (seconds, minutes, hours, days, weeks), a step of k calendar months (monthly,
   quarterly, yearly dates on the same day of the month, or all on month ends), or an integer step. Timestamps
   on that grid with some steps absent are *missing values* (rows inserted as NaN). Timestamps off the grid are
   *irregular*: refused, unless `resample=True`, which averages the observations in each step-long bin of the
   grid of the most common step (empty bins become missing values).
-- missing values (empty cell, NA, NaN, nan, null): interior gaps of at most `max_gap` consecutive steps are
+- missing values (empty cell, NA, NaN, nan, null, none, n/a; a short row is missing its last cells): interior gaps of at most `max_gap` consecutive steps are
   linearly interpolated; longer gaps are refused (name the column, where, how long). Leading missing values
   are trimmed (the series starts at the first row where every column is observed); a missing last value is
   refused, since forecasts start after the last timestamp.
@@ -22,15 +25,14 @@ Handling of imperfect data (documented in the README; every refusal is a ValueEr
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-_MISSING = {"", "na", "nan", "null", "none", "n/a", "#n/a"}
+# missing-value spellings read as NaN, besides pandas' own (empty, NA, NaN, nan, null, N/A, #N/A, ...)
+_MISSING_EXTRA = ["none", "None", "n/a"]
 _SECONDS_PER_DAY = 86400
 
 
@@ -201,85 +203,140 @@ class TimeSeries:
         return self.freq.advance(self.timestamps[-1], np.arange(1, horizon + 1))
 
 
-# ---------------------------------------------------------------------------------------------------- CSV
-def _parse_time(text: str):
-    s = text.strip()
-    if not s:
-        raise ValueError("empty timestamp")
-    digits = s.lstrip("-")
-    if digits.isdigit():
-        if len(digits) == 4 and not s.startswith("-"):  # a year
-            return np.datetime64(s, "s")
-        if len(digits) == 8 and not s.startswith("-"):  # a compact date, YYYYMMDD
-            return np.datetime64(f"{s[:4]}-{s[4:6]}-{s[6:]}", "s")
-        return int(s)  # a step index
-    return np.datetime64(s.replace(" ", "T").rstrip("Z"), "s")
+# ------------------------------------------------------------------------------------------- CSV and Parquet
+PANDAS_INSTALL = "pip install mambakit[pandas]  (or: pip install pandas)"
+
+
+def require_pandas():
+    """pandas, imported lazily (an optional extra): reading CSV/Parquet files and the DataFrame API of
+    mambakit.forecast need it, the array path does not."""
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError(f"reading tables and the DataFrame API need pandas: {PANDAS_INSTALL}") from None
+    return pandas
+
+
+def read_table(path: str | os.PathLike):
+    """A CSV (`.csv`, `.csv.gz`, ...) or Parquet (`.parquet`, `.pq`) file → a pandas DataFrame, every column as
+    pandas types it; ValueError naming the file when it is empty or malformed."""
+    pd = require_pandas()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.lower().endswith((".parquet", ".pq")):
+        try:
+            return pd.read_parquet(path)
+        except ImportError as e:  # pandas reads Parquet through pyarrow (or fastparquet)
+            raise ImportError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow ({e})") from None
+        except Exception as e:  # noqa: BLE001 -- pyarrow's errors have no common base we can name
+            raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
+    try:
+        # the header alone first, unmangled: pandas renames a repeated column "a" to "a.1" and would hide it
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, encoding="utf-8-sig").iloc[0].tolist()
+        df = pd.read_csv(path, encoding="utf-8-sig", skip_blank_lines=True, na_values=_MISSING_EXTRA)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty (expected a header row, then one row per timestamp)") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}: malformed CSV: {e}") from None
+    dup = [h for h, n in Counter(str(h).strip() for h in header).items() if n > 1]
+    if dup:
+        raise ValueError(f"{path}: duplicate column name(s) {dup}")
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
 
 
 def read_csv(path: str | os.PathLike, time_col: str | None = None, value_cols: list[str] | None = None,
              max_gap: int = 5, resample: bool = False) -> TimeSeries:
-    """A CSV with a header row, one timestamp column (`time_col`, default the first column) and numeric value
-    columns (`value_cols`, default every other column) → a regular, gap-free TimeSeries (see module doc).
+    """A CSV or Parquet file (read by pandas: `read_table`) with one timestamp column (`time_col`, default the
+    first column) and numeric value columns (`value_cols`, default every other column) → a regular, gap-free
+    TimeSeries (see module doc). For the long format (`unique_id, ds, y`) see mambakit.forecast.frames."""
+    df = read_table(path)
+    series = from_wide_frame(df, time_col, value_cols, max_gap=max_gap, resample=resample, source=os.fspath(path))
+    series.meta["source"] = os.fspath(path)
+    return series
 
-    A 4-digit integer is read as a year (`1700`), an 8-digit one as a date (`20240301`); other integers are a
-    plain step index."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such CSV file: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
-    if not rows:
-        raise ValueError(f"{path} is empty (expected a header row, then one row per timestamp)")
-    header = [h.strip() for h in rows[0]]
-    body = rows[1:]
-    if not body:
-        raise ValueError(f"{path} has a header but no data rows")
-    if len(set(header)) != len(header):
-        dup = [h for h, n in Counter(header).items() if n > 1]
-        raise ValueError(f"{path}: duplicate column name(s) {dup}")
+
+def from_wide_frame(df, time_col: str | None = None, value_cols: list[str] | None = None, max_gap: int = 5,
+                    resample: bool = False, source: str = "frame") -> TimeSeries:
+    """A DataFrame with a timestamp column and numeric value columns (one per series) → TimeSeries."""
+    header = [str(c) for c in df.columns]
+    if len(df) == 0:
+        raise ValueError(f"{source} has a header but no data rows")
     time_col = header[0] if time_col is None else time_col
     if time_col not in header:
-        raise ValueError(f"{path}: no timestamp column {time_col!r}; columns: {header}")
+        raise ValueError(f"{source}: no timestamp column {time_col!r}; columns: {header}")
     if value_cols is None:
         value_cols = [h for h in header if h != time_col]
         if not value_cols:
-            raise ValueError(f"{path}: no value columns besides the timestamp column {time_col!r}")
+            raise ValueError(f"{source}: no value columns besides the timestamp column {time_col!r}")
     missing = [c for c in value_cols if c not in header]
     if missing:
-        raise ValueError(f"{path}: no value column(s) {missing}; columns: {header}")
+        raise ValueError(f"{source}: no value column(s) {missing}; columns: {header}")
     if time_col in value_cols:
-        raise ValueError(f"{path}: {time_col!r} is the timestamp column and cannot also be a value column")
-    ti = header.index(time_col)
-    vi = [header.index(c) for c in value_cols]
-    times, values = [], np.empty((len(body), len(vi)))
-    for r, row in enumerate(body):
-        line = r + 2  # 1-based, after the header
-        if len(row) != len(header):
-            raise ValueError(f"{path} line {line}: {len(row)} fields, the header has {len(header)}")
-        try:
-            times.append(_parse_time(row[ti]))
-        except ValueError:
-            raise ValueError(f"{path} line {line}: cannot read timestamp {row[ti]!r} in column {time_col!r} "
-                             "(expected ISO 8601 like 2024-03-01 or 2024-03-01 12:00, or an integer)") from None
-        for j, c in enumerate(vi):
-            cell = row[c].strip()
-            if cell.lower() in _MISSING:
-                values[r, j] = np.nan
-                continue
+        raise ValueError(f"{source}: {time_col!r} is the timestamp column and cannot also be a value column")
+    values = np.stack([numeric_column(df[c], c, source) for c in value_cols], axis=1)  # (T, C)
+    ts = timestamp_column(df[time_col], time_col, source)
+    return regularize(ts, values, list(value_cols), max_gap=max_gap, resample=resample, source=source)
+
+
+def _line(i: int) -> str:
+    return f"line {i + 2}"  # 1-based, after the header (pandas' row i of a file without blank lines)
+
+
+def numeric_column(col, name: str, source: str) -> np.ndarray:
+    """A pandas column → float64 (T,): missing cells NaN; a cell that is not a number or is infinite is a
+    ValueError naming its line and column."""
+    pd = require_pandas()
+    num = pd.to_numeric(col, errors="coerce")
+    bad = np.nonzero((num.isna() & col.notna()).to_numpy())[0]
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{source} {_line(i)}: value {str(col.iloc[i]).strip()!r} in column {name!r} is not a "
+                         "number")
+    out = num.to_numpy(dtype=np.float64, na_value=np.nan)
+    inf = np.nonzero(np.isinf(out))[0]
+    if len(inf):
+        raise ValueError(f"{source} {_line(int(inf[0]))}: value {col.iloc[int(inf[0])]!r} in column {name!r} is "
+                         "infinite")
+    return out
+
+
+def timestamp_column(col, name: str, source: str, where=None) -> np.ndarray:
+    """A pandas column of timestamps → datetime64[s] (time-zone-aware ones converted to UTC) or int64 (a step
+    index). Integers are a step index, except 4 digits (a year, `1700`) and 8 digits (a date, `20240301`);
+    strings are ISO 8601 (`2024`, `2024-03`, `2024-03-01`, `2024-03-01 12:00[:00]`). where(i) names row i in
+    errors (default: its line in a CSV file)."""
+    pd = require_pandas()
+    where = where or _line
+    missing = np.nonzero(col.isna().to_numpy())[0]
+    if len(missing):
+        raise ValueError(f"{source} {where(int(missing[0]))}: empty timestamp in column {name!r}")
+    if pd.api.types.is_datetime64_any_dtype(col):
+        dt = col
+    elif pd.api.types.is_integer_dtype(col):
+        v = col.to_numpy(np.int64)
+        if (v >= 1000).all() and (v <= 9999).all():  # years
+            dt = pd.to_datetime(col.astype(str), format="%Y")
+        elif (v >= 10000101).all() and (v <= 99991231).all():  # compact dates, YYYYMMDD
             try:
-                values[r, j] = float(cell)
+                dt = pd.to_datetime(col.astype(str), format="%Y%m%d")
             except ValueError:
-                raise ValueError(f"{path} line {line}: value {cell!r} in column {header[c]!r} is not a number") \
-                    from None
-            if not math.isfinite(values[r, j]):
-                raise ValueError(f"{path} line {line}: value {cell!r} in column {header[c]!r} is infinite")
-    kinds = {type(t) is int for t in times}
-    if len(kinds) > 1:
-        raise ValueError(f"{path}: column {time_col!r} mixes integer indices and dates")
-    ts = np.array(times, dtype=np.int64 if kinds == {True} else "datetime64[s]")
-    series = regularize(ts, values, list(value_cols), max_gap=max_gap, resample=resample, source=path)
-    series.meta["source"] = path
-    return series
+                return v  # 8-digit integers that are not dates: a step index
+        else:
+            return v
+    else:
+        text = col.astype(str).str.strip()
+        try:
+            dt = pd.to_datetime(text, format="ISO8601")
+        except (ValueError, TypeError, OverflowError):
+            dt = pd.to_datetime(text, format="ISO8601", errors="coerce")
+            i = int(np.nonzero(dt.isna().to_numpy())[0][0]) if dt.isna().any() else 0
+            raise ValueError(f"{source} {where(i)}: cannot read timestamp {text.iloc[i]!r} in column {name!r} "
+                             "(expected ISO 8601 like 2024-03-01 or 2024-03-01 12:00, or an integer)") from None
+    if getattr(dt.dt, "tz", None) is not None:
+        dt = dt.dt.tz_convert("UTC").dt.tz_localize(None)
+    return dt.to_numpy().astype("datetime64[s]")
 
 
 def regularize(timestamps: np.ndarray, values: np.ndarray, names: list[str], max_gap: int = 5,

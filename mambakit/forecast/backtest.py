@@ -3,6 +3,10 @@ forecast H steps from the history up to it and score them against what happened.
 
     origins = rolling_origins(n, horizon=12, n_windows=4)      # e.g. [209, 221, 233, 245] for n = 257
     result = backtest(series, {"mamba": MambaMethod(cfg), "ETS": ETS(12, 12)}, horizon=12, n_windows=4)
+    result.to_frame()       # unique_id, ds, cutoff, y, one column per method (+ Mamba's quantile columns)
+
+`series` may also be a pandas long frame (unique_id, ds, y; mambakit.forecast.frames): its series are the
+columns, and `to_frame()` names them by their unique_id.
 
 Leakage is ruled out by construction: a method's `fit` gets `series.slice(0, origins[0])` and its `forecast`
 gets `series.slice(0, origin)`, both copies, so no method can read (or write) a value at or after the origin
@@ -19,24 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.timeseries import TimeSeries
+from . import frames
 from .config import ForecastConfig
 from .ensemble import EnsembleForecaster
 from .forecaster import Forecaster
 from .metrics import point_metrics
+from .origins import rolling_origins  # noqa: F401 -- part of this module's interface
 
 METRICS = ("MAE", "RMSE", "MASE", "sMAPE")
-
-
-def rolling_origins(n: int, horizon: int, n_windows: int, step: int | None = None) -> np.ndarray:
-    """n_windows ascending origins (index of each window's first forecast step), `step` apart (default H: the
-    test windows tile the end of the series without overlapping); the last window ends at the last value."""
-    step = horizon if step is None else step
-    if horizon < 1 or n_windows < 1 or step < 1:
-        raise ValueError(f"horizon, n_windows and step must be >= 1, got {horizon}, {n_windows}, {step}")
-    origins = n - horizon - step * np.arange(n_windows)[::-1]
-    if origins[0] < 2:
-        raise ValueError(f"a series of {n} steps has no room for {n_windows} windows of {horizon} steps")
-    return origins
 
 
 class MambaMethod:
@@ -89,6 +83,15 @@ class BacktestResult:
     actuals: np.ndarray  # (n_windows, H, C)
     fit_seconds: dict[str, float]
     info: dict[str, dict] = field(default_factory=dict)  # method → what it chose / how it trained
+    ds: np.ndarray | None = None  # (W, H) the forecast steps' timestamps
+    cutoffs: np.ndarray | None = None  # (W,) the last timestamp before each window
+    quantiles: dict[str, tuple] = field(default_factory=dict)  # method → ((W, H, C, Q) quantiles, levels)
+    ids: list | None = None  # the series' names (a frame's unique_id values)
+
+    def to_frame(self):
+        """The long frame of statsforecast's cross_validation: unique_id, ds, cutoff, y, one column per method
+        (point forecasts), plus the quantile columns (Mamba-lo-80, ...) of methods that predicted quantiles."""
+        return frames.backtest_frame(self, self.ids)
 
 
 def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, step: int | None = None,
@@ -96,12 +99,15 @@ def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, st
     """Fit each method on the part before the first origin, forecast at every origin, score (see module doc).
 
     Methods get (T, C) arrays, or TimeSeries when they set `takes_series = True` (MambaMethod); a method's
-    `info()` (or its `chosen` specifications) goes into the result."""
+    `info()` (or its `chosen` specifications) goes into the result. `series` may be a long DataFrame."""
+    ids = None
+    if frames.is_frame(series):
+        series, ids = frames.from_long(series)
     origins = rolling_origins(len(series), horizon, n_windows, step)
     m = series.season if season is None else season
     train = series.slice(0, int(origins[0]))
     actuals = np.stack([series.values[o:o + horizon] for o in origins])  # (W, H, C)
-    metrics, per_window, forecasts, fit_seconds, info = {}, {}, {}, {}, {}
+    metrics, per_window, forecasts, fit_seconds, info, quantiles = {}, {}, {}, {}, {}, {}
     for name, method in methods.items():
         wants_series = getattr(method, "takes_series", False)
         t0 = time.perf_counter()
@@ -116,6 +122,8 @@ def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, st
         per_window[name] = [point_metrics(actuals[i], forecasts[name][i], series.values[:o], m)
                             for i, o in enumerate(origins)]
         metrics[name] = {k: float(np.mean([w[k] for w in per_window[name]])) for k in METRICS}
+        if getattr(method, "quantile_forecasts", None):
+            quantiles[name] = (np.stack(method.quantile_forecasts), method.config.quantiles)  # (W, H, C, Q)
         if hasattr(method, "info"):
             info[name] = method.info()
         elif hasattr(method, "chosen"):
@@ -123,4 +131,6 @@ def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, st
         if verbose:
             print(f"  {name:16s} MASE {metrics[name]['MASE']:.3f}  fit {fit_seconds[name]:.1f}s", file=sys.stderr,
                   flush=True)
-    return BacktestResult(origins, horizon, m, metrics, per_window, forecasts, actuals, fit_seconds, info)
+    ds = np.stack([series.timestamps[o:o + horizon] for o in origins])  # (W, H)
+    return BacktestResult(origins, horizon, m, metrics, per_window, forecasts, actuals, fit_seconds, info, ds,
+                          series.timestamps[origins - 1], quantiles, ids if ids is not None else list(series.names))

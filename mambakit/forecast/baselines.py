@@ -5,6 +5,9 @@ Every method has the interface the backtest uses:
     method.fit(train)            train: (T, C) array; estimates parameters (per column) from it alone
     method.forecast(history, H)  history: (T', C) array (any length, usually train plus later data) → (H, C)
 
+Both also take a TimeSeries or a pandas long frame (unique_id, ds, y; mambakit.forecast.frames); given a frame,
+`forecast` returns one (unique_id, ds, <method name>) with the future timestamps of the frame's frequency.
+
 ETS and ARIMA estimate their parameters once, in `fit`, and `forecast` runs the fitted model over the history
 it is given with those parameters fixed (Kalman filter / exponential smoothing recursions: the state is
 updated, nothing is re-estimated). That is the same protocol as the Mamba forecaster (trained once, then fed
@@ -25,6 +28,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..data.timeseries import TimeSeries
+from . import frames
+from .forecaster import Forecast
 
 STATSMODELS_INSTALL = "pip install mambakit[forecast]  (or: pip install statsmodels)"
 
@@ -54,12 +61,31 @@ def _quiet():
 
 
 def _2d(a) -> np.ndarray:
+    """(T, C) float64 values of an array, a TimeSeries or a long frame."""
+    if frames.is_frame(a):
+        a = frames.from_long(a)[0]
+    if isinstance(a, TimeSeries):
+        a = a.values
     a = np.asarray(a, dtype=np.float64)
     return a[:, None] if a.ndim == 1 else a
 
 
+class _Method:
+    """forecast(history, H) for every input kind; subclasses implement _predict((T, C) values, H) → (H, C)."""
+
+    name = "?"
+
+    def forecast(self, history, horizon: int):
+        if frames.is_frame(history):
+            series, ids = frames.from_long(history)
+            point = self._predict(series.values, horizon)
+            return frames.forecast_frame(Forecast(series.future_timestamps(horizon), point, list(series.names)),
+                                         ids, model=self.name)
+        return self._predict(_2d(history), horizon)
+
+
 # --------------------------------------------------------------------------------------------- the naives
-class Naive:
+class Naive(_Method):
     """Every future step = the last value."""
 
     name = "naive"
@@ -67,12 +93,11 @@ class Naive:
     def fit(self, train) -> "Naive":
         return self
 
-    def forecast(self, history, horizon: int) -> np.ndarray:
-        h = _2d(history)
+    def _predict(self, h: np.ndarray, horizon: int) -> np.ndarray:
         return np.repeat(h[-1:], horizon, axis=0)
 
 
-class SeasonalNaive:
+class SeasonalNaive(_Method):
     """Step h ahead = the value one season (m steps) before it: y[T − m + ((h − 1) mod m)]."""
 
     def __init__(self, m: int):
@@ -82,8 +107,7 @@ class SeasonalNaive:
     def fit(self, train) -> "SeasonalNaive":
         return self
 
-    def forecast(self, history, horizon: int) -> np.ndarray:
-        h = _2d(history)
+    def _predict(self, h: np.ndarray, horizon: int) -> np.ndarray:
         if len(h) < self.m:
             raise ValueError(f"seasonal naive needs a history of at least m={self.m} steps, got {len(h)}")
         idx = len(h) - self.m + np.arange(horizon) % self.m
@@ -105,7 +129,7 @@ def _holdout_origins(n: int, horizon: int, val_fraction: float) -> tuple[int, np
     return start, np.arange(start, n - horizon + 1, max(1, horizon // 2))
 
 
-class _Statsmodels:
+class _Statsmodels(_Method):
     """Per column: choose a specification on a holdout, fit it on the training data; forecast with it fixed."""
 
     name = "?"
@@ -148,10 +172,9 @@ class _Statsmodels:
             raise ValueError(f"{self.name}: no candidate model could be fitted: {errors}")
         return best
 
-    def forecast(self, history, horizon: int) -> np.ndarray:
+    def _predict(self, h: np.ndarray, horizon: int) -> np.ndarray:
         if not self.fitted:
             raise RuntimeError(f"{self.name}: forecast before fit")
-        h = _2d(history)
         cols = [self._forecast(h[:, j], spec, params, horizon) for j, (spec, params) in enumerate(self.fitted)]
         return np.stack(cols, axis=1)
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from .config import ForecastConfig
 from .._io import atomic_write
-from .forecaster import Forecast, Forecaster, as_series, read_json
+from . import frames
+from .forecaster import Forecast, Forecaster, fit_input, read_json
 
 # the structural choices validation makes per series: base forecast × linear skip (seasonal variants are
 # dropped for a series whose season does not fit the context; duplicates after resolving are dropped)
@@ -74,15 +75,18 @@ class EnsembleForecaster:
         self.members: list[Forecaster] = []  # the chosen variant, one per seed
         self.chosen: str = ""
         self.history: dict = {}
+        self.frame_ids: list | None = None  # fitted on a DataFrame: as Forecaster
+        self.frame_history = None
 
     def _log(self, msg: str) -> None:
         if self.verbose:
             print(msg, file=sys.stderr, flush=True)
 
-    def fit(self, data, verbose: bool | None = None) -> "EnsembleForecaster":
+    def fit(self, data, verbose: bool | None = None, max_gap: int = 0, exog: str = "refuse") -> "EnsembleForecaster":
+        """Trains on a TimeSeries, a (T, C) array or a long DataFrame, as Forecaster.fit."""
         if verbose is not None:
             self.verbose = verbose
-        series = as_series(data)
+        series = fit_input(self, data, max_gap, exog)
         season = self.config.season or series.season
         first = self.seeds[0]
         self.candidates, configs = {}, {}
@@ -120,7 +124,14 @@ class EnsembleForecaster:
                         "members": [{k: v for k, v in m.history.items() if k != "record"} for m in self.members]}
         return self
 
-    def predict(self, history) -> Forecast:
+    def predict(self, history=None, df=None, *, h: int | None = None, max_gap: int = 0, exog: str = "refuse"):
+        """predict(history) → Forecast; predict(h, df) → DataFrame: the two paths of Forecaster.predict."""
+        if isinstance(history, (int, np.integer)) and not isinstance(history, bool):
+            history, h = None, history  # predict(12): h given positionally
+        if history is None:
+            return frames.predict_frame(self, h, df, max_gap, exog)
+        if h is not None or df is not None:
+            raise ValueError("predict takes a history (→ Forecast) or h and df (→ DataFrame), not both")
         if not self.members:
             raise RuntimeError("EnsembleForecaster.predict before fit (or load)")
         fcs = [m.predict(history) for m in self.members]
@@ -128,6 +139,11 @@ class EnsembleForecaster:
         quantiles = np.mean([f.quantiles for f in fcs], axis=0) if fcs[0].quantiles is not None else None  # (H, C, Q)
         return Forecast(fcs[0].timestamps, np.median(points, axis=0), fcs[0].names, quantiles, fcs[0].levels,
                         members=points)
+
+    def cross_validation(self, df, h: int | None = None, n_windows: int = 1, step: int | None = None,
+                         max_gap: int = 0, exog: str = "refuse"):
+        """As Forecaster.cross_validation (mambakit.forecast.frames.cross_validation)."""
+        return frames.cross_validation(self, df, h, n_windows, step, max_gap, exog)
 
     def predict_variants(self, history) -> dict[str, np.ndarray]:
         """{variant label: its (seed-0) network's point forecast (H, C)}: what each candidate would forecast."""

@@ -3,6 +3,10 @@
     f = Forecaster(ForecastConfig(horizon=12, context=48)).fit(series)      # series: TimeSeries or (T, C) array
     fc = f.predict(series)        # Forecast: the H steps after series' last timestamp (point + quantiles)
 
+    f = Forecaster(cfg).fit(df)   # df: pandas long frame unique_id, ds, y (statsforecast / neuralforecast)
+    f.predict(12)                 # frame unique_id, ds, Mamba, Mamba-lo-80, ...: the 12 steps after df
+    f.cross_validation(df, h=12, n_windows=4)   # frame unique_id, ds, cutoff, y, Mamba, ... (frames.py)
+
 Training windows (Section "fit" below): every window whose H target steps lie in the first (1 − val_fraction)
 of the series trains; every window whose targets lie in the last val_fraction validates (its context may reach
 back into the training part: those values are in the past of its targets). The network with the lowest
@@ -25,6 +29,7 @@ import torch
 
 from .._io import atomic_write
 from ..data.timeseries import TimeSeries, calendar_features
+from . import frames
 from .config import ForecastConfig
 from .metrics import mase_scale, pinball_loss
 from .model import MambaForecastNet
@@ -45,6 +50,8 @@ class Forecast:
 
 
 def as_series(data) -> TimeSeries:
+    if frames.is_frame(data):
+        raise TypeError("a DataFrame here must go through fit(df) / predict(h, df) / cross_validation(df, ...)")
     if isinstance(data, TimeSeries):
         series = data
     else:
@@ -75,6 +82,9 @@ class Forecaster:
         self.net: MambaForecastNet | None = None
         self.names: list[str] = []
         self.history: dict = {}  # training record: steps, best step, losses, time
+        # fitted on a DataFrame: the unique_id values (column order) and the series, for predict(h)
+        self.frame_ids: list | None = None
+        self.frame_history: tuple[TimeSeries, list] | None = None
 
     # ------------------------------------------------------------------------------------------- inputs
     def _covariates(self, series: TimeSeries) -> np.ndarray:
@@ -104,8 +114,10 @@ class Forecaster:
         return train, val
 
     # ---------------------------------------------------------------------------------------------- fit
-    def fit(self, data, verbose: bool = False) -> "Forecaster":
-        series = as_series(data)
+    def fit(self, data, verbose: bool = False, max_gap: int = 0, exog: str = "refuse") -> "Forecaster":
+        """Trains on `data`: a TimeSeries, a (T, C) array, or a long DataFrame (unique_id, ds, y: its series
+        become the C columns; `max_gap` and `exog` as in mambakit.forecast.frames.from_long)."""
+        series = fit_input(self, data, max_gap, exog)
         self.names, self.freq = list(series.names), series.freq
         # fix the season and base for this series (config.season = 0 / base = "auto" depend on it), so that the
         # saved config rebuilds the same network
@@ -213,14 +225,32 @@ class Forecaster:
         return float(np.mean(mae / mase_scale(values[: int(val[0])].double().numpy(), max(1, c.season))))
 
     # ------------------------------------------------------------------------------------------ predict
+    def predict(self, history=None, df=None, *, h: int | None = None, max_gap: int = 0, exog: str = "refuse"):
+        """Two paths:
+        - predict(history) → Forecast: the H steps after `history` (a TimeSeries with the columns fitted, or a
+          (T, C) array), from its last `context` values;
+        - predict(h) or predict(h=h, df=df) → DataFrame (unique_id, ds, Mamba, quantile columns): the first h
+          (default H) steps after `df`, a long frame with the series fitted (default: after the frame given to
+          fit)."""
+        if isinstance(history, (int, np.integer)) and not isinstance(history, bool):
+            history, h = None, history  # predict(12): h given positionally
+        if history is None:
+            return frames.predict_frame(self, h, df, max_gap, exog)
+        if h is not None or df is not None:
+            raise ValueError("predict takes a history (→ Forecast) or h and df (→ DataFrame), not both")
+        return self._predict(as_series(history))
+
+    def cross_validation(self, df, h: int | None = None, n_windows: int = 1, step: int | None = None,
+                         max_gap: int = 0, exog: str = "refuse"):
+        """Rolling-origin cross-validation on a long frame (mambakit.forecast.frames.cross_validation): fit on
+        the part before the first cutoff, forecast h steps after each cutoff → unique_id, ds, cutoff, y, Mamba."""
+        return frames.cross_validation(self, df, h, n_windows, step, max_gap, exog)
+
     @torch.no_grad()
-    def predict(self, history) -> Forecast:
-        """The H steps after `history` (a TimeSeries with the columns fitted, or a (T, C) array), from its last
-        `context` values."""
+    def _predict(self, series: TimeSeries) -> Forecast:
         if self.net is None:
             raise RuntimeError("Forecaster.predict before fit (or load)")
         c = self.config
-        series = as_series(history)
         if series.n_channels != self.net.n_channels:
             raise ValueError(f"history has {series.n_channels} columns, the forecaster was fitted on "
                              f"{self.net.n_channels} ({self.names})")
@@ -264,3 +294,14 @@ class Forecaster:
         self.net.eval()
         self.history = meta.get("history", {})
         return self
+
+
+def fit_input(forecaster, data, max_gap: int, exog: str) -> TimeSeries:
+    """What fit trains on: data as a TimeSeries; a DataFrame also sets the forecaster's frame_ids and
+    frame_history (what predict(h) forecasts after), an array or TimeSeries clears them."""
+    if frames.is_frame(data):
+        series, ids = frames.from_long(data, max_gap=max_gap, exog=exog)
+        forecaster.frame_ids, forecaster.frame_history = ids, (series, ids)
+        return series
+    forecaster.frame_ids = forecaster.frame_history = None
+    return as_series(data)
