@@ -206,6 +206,10 @@ def run_budgeted(model: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Te
         groups += [{**g, "params": ps, "lr_mult": m} for m, ps in by_mult.items()]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     model.train()
+    # a bar over the spent percentage of the budget (rate and ETA), on a terminal only
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=label or "train", unit="%", disable=None, file=sys.stderr)
     t0 = time.perf_counter()
     step, tokens, window, losses = 0, 0, [], []
     while True:
@@ -213,6 +217,7 @@ def run_budgeted(model: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Te
         progress = max(elapsed / budget_s if budget_s > 0 else 0.0,
                        tokens / budget_tokens if budget_tokens > 0 else 0.0,
                        step / max_steps if max_steps else 0.0)
+        bar.update(min(100, int(progress * 100)) - bar.n)
         if step >= min_steps and progress >= 1.0:
             break
         factor = warmup_cosine(min(progress, 1.0), warmup=0.1, total=1.0, min_ratio=0.1, floor=0.02)
@@ -232,9 +237,10 @@ def run_budgeted(model: torch.nn.Module, loss_fn: Callable[[int], tuple[torch.Te
             el = time.perf_counter() - t0
             losses.append((step, sum(window) / len(window)))
             eta = el / max(progress, 1e-9) - el  # progress = the largest spent fraction of a budget
-            print(f"  {label} step {step} loss {losses[-1][1]:.4f} | {tokens / el:,.0f} tok/s | "
-                  f"{hms(el)} elapsed, ETA {hms(eta)}", file=sys.stderr, flush=True)
+            bar.write(f"  {label} step {step} loss {losses[-1][1]:.4f} | {tokens / el:,.0f} tok/s | "
+                      f"{hms(el)} elapsed, ETA {hms(eta)}", file=sys.stderr)
             window = []
+    bar.close()
     if window:
         losses.append((step, sum(window) / len(window)))
     model.eval()

@@ -170,3 +170,32 @@ def test_convert_bar_on_a_terminal_only(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["convert", str(tmp_path / "m"), str(tmp_path / "again")]) == 0
     assert "%|" not in capsys.readouterr().err  # not a terminal
+
+
+def test_backtest_and_budgeted_experiment_bars_on_a_terminal_only(capsys):
+    """Backtests (mambakit.forecast) and the experiments' budgeted training loop draw a bar on a terminal."""
+    import numpy as np
+    import torch
+
+    from experiments._common import run_budgeted
+    from mambakit.data.timeseries import regularize
+    from mambakit.forecast.backtest import backtest
+    from mambakit.forecast.baselines import Naive, SeasonalNaive
+
+    t = np.arange(60)
+    series = regularize(np.arange(np.datetime64("2001-01"), np.datetime64("2001-01") + 60).astype("datetime64[s]"),
+                        (10 + np.sin(2 * np.pi * t / 12))[:, None], ["s"])
+    with terminal_stderr() as seen:
+        backtest(series, {"naive": Naive(), "seasonal naive": SeasonalNaive(12)}, horizon=3, n_windows=4)
+    assert "backtest: 100%" in seen[0] and "10/10" in seen[0], seen[0]
+    model = torch.nn.Linear(4, 1)
+
+    def loss_fn(step):
+        return model(torch.ones(2, 4)).pow(2).mean(), 8
+
+    with terminal_stderr() as seen:
+        run_budgeted(model, loss_fn, budget_s=0, lr=1e-3, max_steps=20, label="tiny", log_every=10)
+    assert "tiny: 100%" in seen[0] and "step 20 loss" in seen[0], seen[0]
+    capsys.readouterr()
+    backtest(series, {"naive": Naive()}, horizon=3, n_windows=2)
+    assert "%|" not in capsys.readouterr().err  # not a terminal

@@ -95,11 +95,14 @@ class BacktestResult:
 
 
 def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, step: int | None = None,
-             season: int | None = None, verbose: bool = False) -> BacktestResult:
+             season: int | None = None, verbose: bool = False, progress: bool | None = None) -> BacktestResult:
     """Fit each method on the part before the first origin, forecast at every origin, score (see module doc).
 
     Methods get (T, C) arrays, or TimeSeries when they set `takes_series = True` (MambaMethod); a method's
-    `info()` (or its `chosen` specifications) goes into the result. `series` may be a long DataFrame."""
+    `info()` (or its `chosen` specifications) goes into the result. `series` may be a long DataFrame.
+    progress: a tqdm bar over the methods' fits and forecasts (None: on a terminal only; False: never)."""
+    from tqdm.auto import tqdm
+
     ids = None
     if frames.is_frame(series):
         series, ids = frames.from_long(series)
@@ -108,16 +111,22 @@ def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, st
     train = series.slice(0, int(origins[0]))
     actuals = np.stack([series.values[o:o + horizon] for o in origins])  # (W, H, C)
     metrics, per_window, forecasts, fit_seconds, info, quantiles = {}, {}, {}, {}, {}, {}
+    bar = tqdm(total=len(methods) * (1 + len(origins)), desc="backtest", unit="fit/forecast",
+               disable=None if progress is None else not progress)
     for name, method in methods.items():
         wants_series = getattr(method, "takes_series", False)
+        bar.set_postfix_str(f"{name}: fit")
         t0 = time.perf_counter()
         method.fit(train if wants_series else train.values)
         fit_seconds[name] = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix_str(f"{name}: forecasts")
         fc = []
         for o in origins:
             history = series.slice(0, int(o))
             f = method.forecast(history if wants_series else history.values, horizon)
             fc.append(np.asarray(f, dtype=np.float64).reshape(horizon, series.n_channels))
+            bar.update(1)
         forecasts[name] = np.stack(fc)  # (W, H, C)
         per_window[name] = [point_metrics(actuals[i], forecasts[name][i], series.values[:o], m)
                             for i, o in enumerate(origins)]
@@ -131,6 +140,7 @@ def backtest(series: TimeSeries, methods: dict, horizon: int, n_windows: int, st
         if verbose:
             print(f"  {name:16s} MASE {metrics[name]['MASE']:.3f}  fit {fit_seconds[name]:.1f}s", file=sys.stderr,
                   flush=True)
+    bar.close()
     ds = np.stack([series.timestamps[o:o + horizon] for o in origins])  # (W, H)
     return BacktestResult(origins, horizon, m, metrics, per_window, forecasts, actuals, fit_seconds, info, ds,
                           series.timestamps[origins - 1], quantiles, ids if ids is not None else list(series.names))
