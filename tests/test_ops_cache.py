@@ -144,3 +144,52 @@ def test_scan_compiled_equals_cached(tmp_path):
 @pytest.mark.slow
 def test_every_kernel_compiled_equals_cached(tmp_path):
     assert_cold_equals_warm("scan,scan_bf16,conv,steps,fused,fused_bf16,train", tmp_path)
+
+
+TRAIN = textwrap.dedent("""
+    import json, os, signal, sys
+    from mambakit.train import TrainConfig, train
+
+    def die(step, model):
+        if step == 7:  # after the checkpoint at step 6: steps 7 … are redone on resume
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = TrainConfig.from_file(sys.argv[1]).replace(resume=sys.argv[2] == "resume")
+    out = train(cfg, on_step=die if sys.argv[2] == "kill" else None)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_cold_cache_run_killed_then_resumed_equals_uninterrupted(tmp_path):
+    """The issue's case: a first run compiles its kernels (empty cache), is killed, and is resumed by a process
+    that loads them; its losses must equal, step for step, those of an uninterrupted run on a warm cache.
+    (tests/test_train_faults.py and test_train.py warm the cache first, so they do not cover this.)"""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_train import losses, tiny
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while the cat sat on the mat".split()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text("\n".join(" ".join(words[(7 * i + 3 * j + k) % len(words)]
+                                                                for k in range(8)) for j in range(300)) + "\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("MAMBAKIT_NO_CACHE", None)
+
+    def run(name, mode):
+        path = tmp_path / f"{name}.json"
+        cfg = tiny(corpus, tmp_path / name, max_steps=10, ckpt_every=3, keep_checkpoints=2)
+        path.write_text(json.dumps(cfg.to_dict()))
+        return subprocess.run([sys.executable, "-c", TRAIN, str(path), mode], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=900)
+
+    killed = run("killed", "kill")  # the first process on the empty cache: it compiles every kernel
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run("killed", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref = run("ref", "plain")  # warm
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert len(losses(tmp_path / "ref")) == 10
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # exactly, step for step

@@ -396,9 +396,9 @@ def _state_update_row(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus,
         du = dtj * u[bi, j]
         acc = D[j] * u[bi, j]
         for s in range(n):
-            hv = fexp(dtj * A[j, s]) * state[bi, j, s] + du * B[bi, s]
+            hv = fma(fexp(dtj * A[j, s]), state[bi, j, s], du * B[bi, s])
             state[bi, j, s] = hv
-            acc += hv * C[bi, s]
+            acc = fma(hv, C[bi, s], acc)
         y[bi, j] = acc
     if has_z:
         for j in range(d):
