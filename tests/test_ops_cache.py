@@ -72,7 +72,7 @@ CHILD = textwrap.dedent("""
             y = ops.selective_state_update(st, r(b, d), r(b, d), -torch.exp(r(d, n)), r(b, n), r(b, n), D=r(d),
                                            z=r(b, d), delta_bias=r(d), delta_softplus=True, backend="cpu")
             cs = r(b, d, 3)
-            yc = ops.causal_conv1d_update(r(b, d), cs, r(d, 4), r(d), activation="silu", backend="cpu")
+            yc = ops.causal_conv1d_update(cs, r(b, d), r(d, 4), r(d), activation="silu", backend="cpu")
             res.update({"steps.y": y, "steps.state": st, "steps.yc": yc, "steps.conv_state": cs})
         elif case in ("fused", "fused_bf16"):  # the fused decode engine, a few tokens
             sys.path.insert(0, sys.argv[3])
