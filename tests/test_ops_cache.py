@@ -11,9 +11,9 @@ bits of the scan's gradients: numba compiles a `prange` body as a function of it
 into the kernel, LLVM optimised the copies differently (reassociated sums, contracted multiply-adds), and the
 compiling process ran one copy while the cache held another. docs/kernels.md has the details.
 
-The default run checks the scan (forward and backward, about 25 s); the slow ones every kernel family (conv, the
-decoding steps, the fused decode engine, a training step of a tiny model, bfloat16) and a training run killed
-with a cold cache and resumed with a warm one.
+The default run checks the scan (forward and backward; 30 s on the 2-vCPU VM); the slow ones every kernel family
+(conv, the decoding steps, the fused decode engine, a training step of a tiny model, bfloat16) and a training run
+killed with a cold cache and resumed with a warm one.
 """
 
 from __future__ import annotations
