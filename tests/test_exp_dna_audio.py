@@ -59,7 +59,13 @@ def test_dna_experiment_tiny(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--contexts", "1024,3000"])  # not a power of two
     assert len(res["classify"]) == 8  # 2 tasks × 2 windows × (pretrained, scratch)
-    assert all(0.0 <= v["accuracy"] <= 1.0 for v in res["classify"].values())
+    md = (out / "results.md").read_text()
+    for v in res["classify"].values():
+        # a count of correct windows over the 8 asked for (4 from each of the 2 held-out genomes), as reported;
+        # both tasks have 2 classes (2 species here; the strand)
+        correct = v["accuracy"] * v["n_eval"]
+        assert v["n_eval"] == 8 and correct == pytest.approx(round(correct), abs=1e-9)
+        assert v["classes"] == 2 and v["chance"] == 0.5 and f"{100 * v['accuracy']:.1f} ({v['n_eval']})" in md
     assert (out / "ppl_vs_context.png").stat().st_size > 0 and (out / "accuracy_vs_window.png").stat().st_size > 0
     assert "held-out perplexity" in (out / "results.md").read_text()
     assert (tmp_path / "ckpt" / "lm_128" / "config.json").is_file()  # the pretrained LMs are saved

@@ -38,8 +38,8 @@ from torch import Tensor
 from ..model import Mamba, MambaLM, MambaState
 from . import panels
 from .panels import GROUP, panel_rows, renamed
-from ..ops.cpu.primitives import (exp_ir, fexp, kernel_options, loop_ir, narrow, prefetch_ir, set_threads, sigmoid, softplus,
-                         vector_fn, widen, widen_ir)
+from ..ops.cpu.primitives import (exp_ir, fexp, fma, halve, kernel_options, loop_ir, narrow, prefetch_ir, set_threads,
+                                  sigmoid, softplus, vector_fn, widen, widen_ir)
 from ..ops.cpu.tasks import claim, finish, home, sync_size, wait
 
 # The fused step runs for batches up to MAX_BATCH[dtype] (see `FusedDecoder.supports`); larger ones take the
@@ -260,65 +260,14 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
     return sig, codegen
 
 
-def _put(y, bb, r, v0, v1, v2, v3, bias, has_bias, add):
-    """y[bb … bb + 3, r] = v0 … v3 (+ bias[r]), or += when add."""
-    bv = widen(bias[r]) if has_bias else np.float32(0.0)
-    if add:
-        y[bb, r] += v0 + bv; y[bb + 1, r] += v1 + bv; y[bb + 2, r] += v2 + bv; y[bb + 3, r] += v3 + bv  # noqa: E702
-    else:
-        y[bb, r] = v0 + bv; y[bb + 1, r] = v1 + bv; y[bb + 2, r] = v2 + bv; y[bb + 3, r] = v3 + bv  # noqa: E702
-
-
-def _rows(x, W, bias, y, r, add):
-    """Rows r … r + 3 (fewer at the end of W) of y (b, o) = x[:, :i] · Wᵀ (+ bias), or y += that when add.
-
-    W (o, i) float32 or bfloat16 bits, read row after row in memory order (one sequential stream, which DRAM
-    serves fastest; streaming 4 rows side by side was slower: docs/engine.md). Below 4 input
-    rows each weight row is dotted with the b inputs while it sits in L1. From 4 inputs on, the decode is
-    compute-bound and a block of 4 weight rows × 4 inputs shares each load among 16 multiply-adds (8 loads for
-    16 FMAs instead of 2 for 1)."""
-    b = x.shape[0]
-    o, i = W.shape  # x may have more columns than W (dt_proj reads the first R of x_proj's output)
-    has_bias = bias.shape[0] > 0
-    r_end = min(o, r + 4)
-    b4 = b - b % 4 if r_end - r == 4 else 0  # inputs taken 4 at a time by the blocked kernel
-    for bb in range(0, b4, 4):
-        a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.float32(0.0)
-        d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = np.float32(0.0)
-        for j in range(i):  # vectorised by LLVM (fast-math reassociates the sums): 16 vector accumulators
-            w0, w1, w2, w3 = widen(W[r, j]), widen(W[r + 1, j]), widen(W[r + 2, j]), widen(W[r + 3, j])
-            x0, x1, x2, x3 = x[bb, j], x[bb + 1, j], x[bb + 2, j], x[bb + 3, j]
-            a0 += w0 * x0; a1 += w0 * x1; a2 += w0 * x2; a3 += w0 * x3  # noqa: E702
-            c0 += w1 * x0; c1 += w1 * x1; c2 += w1 * x2; c3 += w1 * x3  # noqa: E702
-            d0 += w2 * x0; d1 += w2 * x1; d2 += w2 * x2; d3 += w2 * x3  # noqa: E702
-            e0 += w3 * x0; e1 += w3 * x1; e2 += w3 * x2; e3 += w3 * x3  # noqa: E702
-        _put(y, bb, r, a0, a1, a2, a3, bias, has_bias, add)
-        _put(y, bb, r + 1, c0, c1, c2, c3, bias, has_bias, add)
-        _put(y, bb, r + 2, d0, d1, d2, d3, bias, has_bias, add)
-        _put(y, bb, r + 3, e0, e1, e2, e3, bias, has_bias, add)
-    for rr in range(r, r_end):  # one dot product per (row, input) for the inputs left
-        for bb in range(b4, b):
-            acc = np.float32(0.0)
-            for j in range(i):  # vectorised by LLVM
-                acc += widen(W[rr, j]) * x[bb, j]
-            if has_bias:
-                acc += widen(bias[rr])
-            y[bb, rr] = y[bb, rr] + acc if add else acc
-
-
-_put = njit(inline="always", **kernel_options(parallel=False))(_put)
-_rows = njit(**kernel_options(parallel=False))(_rows)
-
-
-
-def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, w_x, p_dt, dt_b, A, Dv, ssm_state,
+def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, p_x, p_dt, dt_b, A, Dv, ssm_state,
            p_out, b_out, hn, xz, xc, dbc, y, o, sync):
     """Thread t's part of one layer for b sequences; r (b, D) float32 is the residual stream, updated in place
     (r += mixer(norm(r))).
 
-    Weights are float32 arrays or bfloat16 bits (int16). in_proj, dt_proj and out_proj come packed in 32-row
-    panels (`panels.py`): p_in (2E/32, D, 32), p_dt (E/32, R, 32), p_out (D/32, E, 32), rounded up to
-    whole panels; conv_wt (W, E), the conv weight transposed, and w_x (R + 2N, E) as it is; vectors norm_w
+    Weights are float32 arrays or bfloat16 bits (int16). in_proj, x_proj, dt_proj and out_proj come packed in
+    32-row panels (`panels.py`): p_in (2E/32, D, 32), p_x ((R + 2N)/32, E, 32), p_dt (E/32, R, 32), p_out (D/32,
+    E, 32), rounded up to whole panels; conv_wt (W, E), the conv weight transposed; vectors norm_w
     (D,), conv_b (E,), dt_b (E,), Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log).
     conv_state (b, E, W − 1) in the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32
     scratch: hn (T, b, D), xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed
@@ -327,13 +276,13 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     First each thread computes the RMSNorm of r into its own hn[t]. Then four phases; each thread takes a
     phase's tasks from its own range first, then from the others', and waits for the phase to be done before
     the next (ops/cpu/tasks.py; `sync`: this layer's counters, zeroed): in_proj for ROWS channels a task, their x
-    and z rows, with the conv and SiLUs of the channels just produced; x_proj in 4-row tasks; dt_proj with the
+    and z rows, with the conv and SiLUs of the channels just produced; x_proj a panel a task; dt_proj with the
     state update, ROWS channels a task (task k of in_proj and of the state update cover the same channels, so
     the thread that did one usually does the other, and reads its x and z from its own caches); out_proj, a
     panel a task, adding into r.
     """
     E = A.shape[0]
-    n_ch, n_x, n_out = (E + ROWS - 1) // ROWS, (w_x.shape[0] + 3) // 4, p_out.shape[0]
+    n_ch, n_x, n_out = (E + ROWS - 1) // ROWS, p_x.shape[0], p_out.shape[0]
     h = hn[t]  # (b, D): this thread's own copy of the normed input (see `_layers`)
     _norm(r, norm_w, eps, h)
     k, q = claim(sync, 0, n_ch, t, threads, 0)
@@ -347,7 +296,7 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     k, q = claim(sync, 1, n_x, t, threads, 0)
     count = 0
     while k < n_x:
-        _rows(xc, w_x, b_out[:0], dbc, 4 * k, False)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
+        panel_rows(p_x, k, xc, dbc)  # (b, R + 2N): Δ's low-rank input, B, C (no bias)
         count += 1
         k, q = claim(sync, 1, n_x, t, threads, q)
     finish(sync, 1, threads, count)
@@ -375,13 +324,13 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     wait(sync, 3, threads, n_out)  # the next layer's norm reads all of r
 
 
-def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, w_x, dt_b, A, Dv, ssm_all, b_out,
+def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, R, dt_b, A, Dv, ssm_all, b_out,
             hn, xz, xc, dbc, y, o, sync, threads):
     """All L layers of a step in one parallel region (`threads` iterations of a prange), a thread going through
     the layers one after the other (`_layer`); the phases' waits order them. The small weights come stacked
-    by layer (norm_w (L, D), b_in (L, 2E or 0), conv_wt (L, W, E), conv_b, dt_b, Dv (L, E or 0), w_x (L, R + 2N,
-    E), A (L, E, N), b_out (L, D or 0)), in_proj, dt_proj and out_proj packed in one flat buffer, `panels`,
-    layer i's three starting at offsets[i]; the states as (L, b, E, W − 1) and (L, b, E, N); sync (L, …).
+    by layer (norm_w (L, D), b_in (L, 2E or 0), conv_wt (L, W, E), conv_b, dt_b, Dv (L, E or 0), A (L, E, N),
+    b_out (L, D or 0)), in_proj, x_proj, dt_proj and out_proj packed in one flat buffer, `panels`, layer i's four
+    starting at offsets[i]; R the dt rank; the states as (L, b, E, W − 1) and (L, b, E, N); sync (L, …).
 
     Why one region for the step, not one a layer: with OMP_WAIT_POLICY=PASSIVE the second thread sleeps
     between regions, and each layer's region also cost a Python loop turn and a numba dispatch of 24 arguments,
@@ -397,26 +346,39 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, w_
     """
     L, D = norm_w.shape
     E, N = A.shape[1], A.shape[2]
-    R = w_x.shape[1] - 2 * N
     n_in, n_dt, n_out = (2 * E + GROUP - 1) // GROUP, (E + GROUP - 1) // GROUP, (D + GROUP - 1) // GROUP
-    s_in, s_dt, s_out = n_in * D * GROUP, n_dt * R * GROUP, n_out * E * GROUP
+    n_x = (R + 2 * N + GROUP - 1) // GROUP
+    s_in, s_x, s_dt, s_out = n_in * D * GROUP, n_x * E * GROUP, n_dt * R * GROUP, n_out * E * GROUP
     for t in prange(threads):  # one parallel region
         for i in range(L):
             at = offsets[i]
             p_in = panels[at:at + s_in].reshape((n_in, D, GROUP))
-            p_dt = panels[at + s_in:at + s_in + s_dt].reshape((n_dt, R, GROUP))
-            p_out = panels[at + s_in + s_dt:at + s_in + s_dt + s_out].reshape((n_out, E, GROUP))
-            _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_wt[i], conv_b[i], conv_all[i], w_x[i], p_dt,
+            at += s_in
+            p_x = panels[at:at + s_x].reshape((n_x, E, GROUP))
+            at += s_x
+            p_dt = panels[at:at + s_dt].reshape((n_dt, R, GROUP))
+            at += s_dt
+            p_out = panels[at:at + s_out].reshape((n_out, E, GROUP))
+            _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_wt[i], conv_b[i], conv_all[i], p_x, p_dt,
                    dt_b[i], A[i], Dv[i], ssm_all[i], p_out, b_out[i], hn, xz, xc, dbc, y, o, sync[i])
 
 
 def _norm(r, norm_w, eps, hn):
-    """hn = RMSNorm(r) (the pre-norm of the residual block), in float32."""
+    """hn = RMSNorm(r) (the pre-norm of the residual block), in float32. The sum of squares runs in 8 chains
+    (j mod 8), added pairwise at the end: a fixed order that LLVM vectorises without fast-math (one chain would
+    be a serial add a column); columns past a multiple of 8 go to the chains in turn."""
     b, D = r.shape
+    ss8 = np.zeros(8, dtype=np.float32)
     for bb in range(b):
-        ss = _F32(0.0)
-        for j in range(D):
-            ss += r[bb, j] * r[bb, j]
+        ss8[:] = 0
+        rb = r[bb]
+        for j0 in range(0, D - 7, 8):
+            for q in range(8):
+                ss8[q] = fma(rb[j0 + q], rb[j0 + q], ss8[q])
+        for j in range(D - D % 8, D):
+            ss8[j % 8] = fma(rb[j], rb[j], ss8[j % 8])
+        halve(ss8, 4), halve(ss8, 2), halve(ss8, 1)
+        ss = ss8[0]
         scale = _F32(1.0) / np.sqrt(ss / _F32(D) + _F32(eps))
         for j in range(D):
             hn[bb, j] = r[bb, j] * scale * widen(norm_w[j])
@@ -715,7 +677,7 @@ class FusedDecoder:
             return v
 
         layers = watch(watch(model, "_modules", "backbone"), "_modules", "layers")
-        small = {k: [] for k in ("norm_w", "b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")}
+        small = {k: [] for k in ("norm_w", "b_in", "conv_w", "conv_b", "dt_b", "A", "Dv", "b_out")}
         packed = []
         for i in range(len(layers)):
             layer = watch(layers, "_modules", str(i))
@@ -730,16 +692,16 @@ class FusedDecoder:
             for k, t in (("norm_w", p(norm, "weight")), ("b_in", p(in_proj, "bias")),
                          ("conv_w", p(conv, "weight").reshape(-1, conv.weight.shape[-1]).t()),  # (W, E): `_conv16`
                          ("conv_b", p(conv, "bias")),
-                         ("w_x", p(x_proj, "weight")), ("dt_b", p(dt_proj, "bias")),
+                         ("dt_b", p(dt_proj, "bias")),
                          ("A", -torch.exp(p(m, "A_log").float())), ("Dv", p(m, "D")), ("b_out", p(out_proj, "bias"))):
                 small[k].append(t)
-            packed += [watch(module, "_parameters", "weight") for module in (in_proj, dt_proj, out_proj)]
+            packed += [watch(module, "_parameters", "weight") for module in (in_proj, x_proj, dt_proj, out_proj)]
         packed.append(watch(watch(model, "_modules", "lm_head"), "_parameters", "weight"))
-        # one buffer in the order a step reads them: layer 0's in_proj, dt_proj, out_proj, layer 1's, …, the head
+        # one buffer in the order a step reads them: layer 0's in_proj, x_proj, dt_proj, out_proj, layer 1's, …, the head
         flat, offsets = panels.pack_flat([t.detach() for t in packed])
         stacked = {k: _EMPTY.reshape(len(layers), 0) if v[0] is None else _np(torch.stack(v)) for k, v in small.items()}
-        args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0:-1:3], np.int64),
-                *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "w_x", "dt_b", "A", "Dv", "b_out")))
+        args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0:-1:4], np.int64),
+                *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "dt_b", "A", "Dv", "b_out")))
         result = (args, panels.panels_at(flat, offsets[-1], packed[-1]))
         self._packed = (checks, result)
         return result
@@ -765,8 +727,8 @@ class FusedDecoder:
             set_threads()
         threads = numba.get_num_threads() if parallel else 1
         hn, xz, xc, dbc, y, o, sync = _scratch(threads, b, c.d_model, E, R, N, c.n_layer)
-        norm_w, eps, flat, offsets, b_in, conv_w, conv_b, w_x, dt_b, A, Dv, b_out = weights
-        _LAYERS[parallel](r.numpy(), norm_w, eps, flat, offsets, b_in, conv_w, conv_b, _np(conv), w_x, dt_b, A,
+        norm_w, eps, flat, offsets, b_in, conv_w, conv_b, dt_b, A, Dv, b_out = weights
+        _LAYERS[parallel](r.numpy(), norm_w, eps, flat, offsets, b_in, conv_w, conv_b, _np(conv), R, dt_b, A,
                           Dv, ssm.numpy(), b_out, hn, xz, xc, dbc, y, o, sync, threads)
         h = model.backbone.norm_f(r)  # (b, D)
         return panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as MambaLM.step
@@ -777,7 +739,8 @@ _SCRATCH = threading.local()  # a thread's float32 scratch buffer and task count
 
 def _scratch(threads: int, b: int, D: int, E: int, R: int, N: int, L: int) -> tuple[np.ndarray, ...]:
     """The step's scratch arrays (`_layer`: hn (T, b, D), a normed input a thread; xz (b, 2E), y (b, E), o (b, D),
-    the outputs of packed matrices, whole panels wide (`panels.padded`); xc (b, E); dbc (b, R + 2N)) as views
+    the outputs of packed matrices, whole panels wide (`panels.padded`); xc (b, E); dbc (b, R + 2N), x_proj's
+    output, whole panels wide too) as views
     of one float32 buffer, and the layers' task counters (L, sync_size), zeroed (ops/cpu/tasks.py).
 
     Reused from step to step (no allocation per step). Every scratch element is written before it is read
@@ -785,7 +748,7 @@ def _scratch(threads: int, b: int, D: int, E: int, R: int, N: int, L: int) -> tu
     (`threading.local`), so concurrent steps from two threads never share it; it grows to the largest batch
     seen and is carved into C-contiguous views for smaller ones (a server's batch changes from step to step)."""
     P = panels.padded
-    shapes = ((threads, b, D), (b, P(2 * E)), (b, E), (b, R + 2 * N), (b, P(E)), (b, P(D)))
+    shapes = ((threads, b, D), (b, P(2 * E)), (b, E), (b, P(R + 2 * N)), (b, P(E)), (b, P(D)))
     sizes = [-(-int(np.prod(s)) // 16) * 16 for s in shapes]  # each view starts on a cache line
     n_sync = sync_size(PHASES, threads)
     buf, sync = getattr(_SCRATCH, "buf", None), getattr(_SCRATCH, "sync", None)

@@ -15,7 +15,7 @@ import torch
 from numba import njit, prange
 
 from ..reference import compute_dtype, conv_final_state
-from .primitives import kernel_options, kernel_tensor, narrow, owned, records_grad, set_threads, sigmoid, widen
+from .primitives import fma, kernel_options, kernel_tensor, narrow, owned, records_grad, set_threads, sigmoid, widen
 
 TIME_CHUNK = 64  # time steps per task
 
@@ -37,7 +37,7 @@ def _conv_fwd_kernel(xp, Wt, bias, silu, y):
                 acc[j] = bias[j]
             for k in range(w):  # y_t = bias + Σ_k W[k]·x_{t−w+1+k}; row t + k of xp is input t − w + 1 + k
                 for j in range(d):
-                    acc[j] += Wt[k, j] * widen(xp[bi, t + k, j])
+                    acc[j] = fma(Wt[k, j], widen(xp[bi, t + k, j]), acc[j])
             if silu:
                 for j in range(d):
                     acc[j] = acc[j] * sigmoid(acc[j])
@@ -68,7 +68,7 @@ def _conv_bwd_kernel(xp, Wt, bias, silu, dy, dpre, dxp, dW_part, dbias_part):
                     acc[j] = bias[j]
                 for k in range(w):
                     for j in range(d):
-                        acc[j] += Wt[k, j] * xp[bi, t + k, j]
+                        acc[j] = fma(Wt[k, j], xp[bi, t + k, j], acc[j])
                 for j in range(d):
                     sg = sigmoid(acc[j])
                     acc[j] = dy[bi, t, j] * sg * (1 + acc[j] * (1 - sg))
@@ -80,7 +80,7 @@ def _conv_bwd_kernel(xp, Wt, bias, silu, dy, dpre, dxp, dW_part, dbias_part):
                 dbias_part[task, j] += acc[j]
             for k in range(w):
                 for j in range(d):
-                    dW_part[task, k, j] += acc[j] * xp[bi, t + k, j]
+                    dW_part[task, k, j] = fma(acc[j], xp[bi, t + k, j], dW_part[task, k, j])
     # pass 2: dxp[s] = Σ_k W[k]·dpre[s − k], gathered (no two tasks write one row)
     ns = (lp + TIME_CHUNK - 1) // TIME_CHUNK
     for task in prange(b * ns):
@@ -92,7 +92,7 @@ def _conv_bwd_kernel(xp, Wt, bias, silu, dy, dpre, dxp, dW_part, dbias_part):
                 acc[j] = 0
             for k in range(max(0, s - l + 1), min(w, s + 1)):
                 for j in range(d):
-                    acc[j] += Wt[k, j] * dpre[bi, s - k, j]
+                    acc[j] = fma(Wt[k, j], dpre[bi, s - k, j], acc[j])
             for j in range(d):
                 dxp[bi, s, j] = acc[j]
 
@@ -168,9 +168,9 @@ def _conv_update_kernel(conv_state, x, weight, bias, silu, y):
     b, d, wm1 = conv_state.shape
     for bi in range(b):
         for j in range(d):
-            acc = bias[j] + weight[j, wm1] * x[bi, j]
+            acc = fma(weight[j, wm1], x[bi, j], bias[j])
             for k in range(wm1):
-                acc += weight[j, k] * conv_state[bi, j, k]
+                acc = fma(weight[j, k], conv_state[bi, j, k], acc)
             for k in range(wm1 - 1):  # shift the window left; the new input enters last
                 conv_state[bi, j, k] = conv_state[bi, j, k + 1]
             if wm1 > 0:

@@ -10,6 +10,9 @@ calls libm, since a polynomial there would make finite differences noisy.
 x = k·ln2 + r with |r| ≤ ln2/2, k an integer: exp(x) = 2^k · exp(r), exp(r) by a degree-7 Taylor polynomial
 (truncation error r^8/8! < 5e-9 relative), 2^k built directly in the exponent bits.
 
+The kernels are compiled without fast-math (see kernel_options): multiply-adds that should be fused say so (`fma`)
+and sums across vector lanes are pairwise in a fixed order (`halve`).
+
 Numba's on-disk cache is keyed on the source file of each kernel: after editing this file, clear the kernels'
 caches (`__pycache__/*.nbi, *.nbc` under mambakit/ops/cpu and mambakit/engine) or set MAMBAKIT_NO_CACHE=1
 while developing.
@@ -70,6 +73,24 @@ def f32_to_i32_bits(typingctx, x):
     return types.int32(x), codegen
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma, one instruction with FMA hardware, vectorised like any arithmetic), for
+    float32 or float64 arguments of one type. The kernels are compiled without fast-math (kernel_options), so
+    LLVM never fuses a multiply and an add by itself: where fusing pays, the code asks for it here, and every
+    compilation rounds the same way."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        name = "llvm.fma.f32" if isinstance(ty, ir.FloatType) else "llvm.fma.f64"
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ty, [ty] * 3), name=name)
+        return builder.call(fn, list(args))
+
+    return a(a, b, c), codegen
+
+
 def widen(x):
     """An element of a kernel input as a float: bfloat16, passed to kernels as its 16 bits (an int16 view),
     widened exactly to float32; float32/float64 unchanged. Kernels that read bf16 this way skip a float32 copy
@@ -123,13 +144,7 @@ def _fexp2_overload(x):
             x = min(max(x, _EXP2_LO), _EXP2_HI)
             k = np.floor(x + _HALF)  # nearest integer; f = x − k in [−1/2, 1/2]
             f = x - k
-            p = p6
-            p = p * f + p5
-            p = p * f + p4
-            p = p * f + p3
-            p = p * f + p2
-            p = p * f + p1
-            p = p * f + p0
+            p = fma(fma(fma(fma(fma(fma(p6, f, p5), f, p4), f, p3), f, p2), f, p1), f, p0)  # Horner
             return p * i32_bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))  # · 2^k
 
         return impl
@@ -143,15 +158,10 @@ def _fexp_overload(x):
 
         def impl(x):
             x = min(max(x, _EXP_LO), _EXP_HI)
-            k = np.floor(x * _LOG2E + _HALF)  # the nearest integer to x / ln2
-            r = (x - k * _LN2_HI) - k * _LN2_LO  # |r| <= ln2/2
-            p = _C7
-            p = p * r + _C6
-            p = p * r + _C5
-            p = p * r + _C4
-            p = p * r + _C3
-            p = p * r + _C2
-            p = (p * r) * r + r + _ONE
+            k = np.floor(fma(x, _LOG2E, _HALF))  # the nearest integer to x / ln2
+            r = fma(k, -_LN2_LO, fma(k, -_LN2_HI, x))  # |r| <= ln2/2
+            p = fma(fma(fma(fma(fma(_C7, r, _C6), r, _C5), r, _C4), r, _C3), r, _C2)  # Horner
+            p = fma(p * r, r, r + _ONE)  # p·r² + r + 1, as exp_ir
             scale = i32_bits_to_f32((np.int32(k) + np.int32(127)) << np.int32(23))  # 2^k
             return p * scale
 
@@ -219,6 +229,15 @@ def exp_ir(builder, x):
     return builder.fmul(p, builder.bitcast(bits, vt))  # · 2^k
 
 
+def halve(x, w):
+    """x[j] += x[j + w] for j < w: one level of a pairwise sum, vectorised (w ≥ the vector width) without
+    reassociating anything. Levels w = n/2, n/4, …, 1 leave x[0] = the sum of x[:n] in a fixed order (pairwise),
+    which is how the kernels reduce across vector lanes now that fast-math is off (kernel_options): the same
+    order whatever LLVM decides, and independent chains, so the products before it still vectorise."""
+    for j in range(w):
+        x[j] += x[j + w]
+
+
 def sigmoid(x):
     """1 / (1 + exp(−x)), vectorisable."""
     return 1 / (1 + math.exp(-x))
@@ -259,16 +278,13 @@ def _softplus_overload(x):
         e = fexp(-abs(x))
         s = e / (two + e)
         s2 = s * s
-        p = c[6]
-        p = p * s2 + c[5]
-        p = p * s2 + c[4]
-        p = p * s2 + c[3]
-        p = p * s2 + c[2]
-        p = p * s2 + c[1]
-        p = p * s2 + c[0]
-        return max(x, zero) + s * p
+        p = fma(fma(fma(fma(fma(fma(c[6], s2, c[5]), s2, c[4]), s2, c[3]), s2, c[2]), s2, c[1]), s2, c[0])
+        return fma(s, p, max(x, zero))
 
     return impl
+
+
+halve = numba.njit(inline="always", parallel=False, fastmath=False, error_model="numpy")(halve)
 
 
 def records_grad(*tensors) -> bool:
@@ -311,12 +327,20 @@ def set_threads() -> None:
 
 
 def kernel_options(parallel: bool = True) -> dict:
-    """Options for every fused kernel: parallel; fast-math (reassociation lets LLVM vectorise reductions);
-    numpy's error model (IEEE division: Python's raises ZeroDivisionError, and that branch blocks
-    vectorisation); cached on disk (MAMBAKIT_NO_CACHE=1 turns the cache off)."""
+    """Options for every fused kernel: parallel; no fast-math; numpy's error model (IEEE division: Python's
+    raises ZeroDivisionError, and that branch blocks vectorisation); cached on disk (MAMBAKIT_NO_CACHE=1 turns
+    the cache off).
+
+    Why no fast-math: numba compiles each `prange` body as a function of its own and links copies of it into
+    the kernel and its wrappers; with fast-math LLVM reassociated sums and fused multiply-adds differently in
+    each copy, and the process that compiled a kernel ran one copy while the on-disk cache kept another, so
+    a run that compiled its kernels and one that loaded them differed in the last bits (a killed first run
+    did not resume bitwise). Without it every copy rounds as the source says. Speed comes back where it
+    matters by asking for it explicitly: `fma` for multiply-adds, `halve` for sums across lanes
+    (docs/kernels.md has the measurements; tests/test_ops_cache.py the check)."""
     return dict(
         parallel=parallel,
-        fastmath=True,
+        fastmath=False,
         error_model="numpy",
         cache=os.environ.get("MAMBAKIT_NO_CACHE", "0") != "1",
     )

@@ -33,10 +33,11 @@ from numba import njit, prange
 from torch import Tensor
 
 from ..reference import compute_dtype
-from .primitives import (fexp, fexp2, kernel_options, kernel_tensor, narrow, owned, records_grad, set_threads, sigmoid,
-                         softplus, widen)
+from .primitives import (fexp, fexp2, fma, halve, kernel_options, kernel_tensor, narrow, owned, records_grad,
+                         set_threads, sigmoid, softplus, widen)
 
 BLOCK = 128  # channels per task: 8 AVX-512 vectors of float32; the state block is n·128·4 bytes
+assert BLOCK == 128, "the backward sums a block's channels by halving 64, 32, …, 1 (primitives.halve)"
 LOG2E = 1.4426950408889634
 TILE = 16  # the forward gathers inputs TILE steps at a time
 PARALLEL_STEP_UPDATES = 1 << 17  # a decoding step this large (b·d·n) is worth waking the thread pool for
@@ -115,9 +116,9 @@ def _scan_fwd_kernel(u, delta, At2, B, C, D, z, bias, h0, has_z, use_softplus, c
                     bs = widen(B[bi, t, s])
                     cs = widen(C[bi, t, s])
                     for j in range(BLOCK):
-                        hv = fexp2(dts[k, j] * A2_blk[s, j]) * h[s, j] + du[j] * bs  # Ā h + B̄ u
+                        hv = fma(fexp2(dts[k, j] * A2_blk[s, j]), h[s, j], du[j] * bs)  # Ā h + B̄ u
                         h[s, j] = hv
-                        acc[j] += hv * cs
+                        acc[j] = fma(hv, cs, acc[j])
                 if has_z:
                     for j in range(BLOCK):
                         acc[j] = acc[j] * zs[k, j] * sigmoid(zs[k, j])
@@ -159,7 +160,9 @@ def _scan_bwd_kernel(
         us = np.zeros((chunk, BLOCK), dtype=u.dtype)  # u of the chunk's steps
         bias_blk = np.zeros(BLOCK, dtype=u.dtype)
         D_blk = np.zeros(BLOCK, dtype=u.dtype)
-        du_blk = np.zeros(BLOCK, dtype=u.dtype)  # Δ·u
+        dus = np.zeros((chunk, BLOCK), dtype=u.dtype)  # Δ·u of the chunk's steps
+        pc = np.zeros(BLOCK, dtype=u.dtype)  # a step's terms of dC_t[s] and dB_t[s], summed by `halve`
+        pb = np.zeros(BLOCK, dtype=u.dtype)
         dyv = np.zeros(BLOCK, dtype=u.dtype)
         zv = np.zeros(BLOCK, dtype=u.dtype)
         dux = np.zeros(BLOCK, dtype=u.dtype)
@@ -167,7 +170,6 @@ def _scan_bwd_kernel(
         ysum = np.zeros(BLOCK, dtype=u.dtype)
         gD = np.zeros(BLOCK, dtype=u.dtype)
         gbias = np.zeros(BLOCK, dtype=u.dtype)
-        zero = gbias[0]
         for j in range(w):
             bias_blk[j] = bias[d0 + j]
             D_blk[j] = D[d0 + j]
@@ -197,13 +199,13 @@ def _scan_bwd_kernel(
                     for j in range(BLOCK):
                         dts[k, j] = xs[k, j]
                 for j in range(BLOCK):
-                    du_blk[j] = dts[k, j] * us[k, j]
+                    dus[k, j] = dts[k, j] * us[k, j]
                 for s in range(n):
                     bs = B[bi, t, s]
                     for j in range(BLOCK):
                         a = fexp2(dts[k, j] * A2_blk[s, j])
                         As[k, s, j] = a
-                        hs[k + 1, s, j] = a * hs[k, s, j] + du_blk[j] * bs
+                        hs[k + 1, s, j] = fma(a, hs[k, s, j], dus[k, j] * bs)  # as the forward rounds it
             # the adjoint recurrence, last step first
             for t in range(t1 - 1, t0 - 1, -1):
                 k = t - t0
@@ -217,7 +219,7 @@ def _scan_bwd_kernel(
                     for s in range(n):
                         cs = C[bi, t, s]
                         for j in range(BLOCK):
-                            ysum[j] += cs * hs[k + 1, s, j]
+                            ysum[j] = fma(hs[k + 1, s, j], cs, ysum[j])
                     for j in range(BLOCK):
                         sg = sigmoid(zv[j])
                         ysum[j] = dyv[j] * ysum[j] * sg * (1 + zv[j] * (1 - sg))  # now dz
@@ -225,28 +227,28 @@ def _scan_bwd_kernel(
                     for j in range(w):
                         dz_out[bi, t, d0 + j] = ysum[j]
                 for j in range(BLOCK):
-                    gD[j] += dyv[j] * us[k, j]
+                    gD[j] = fma(dyv[j], us[k, j], gD[j])
                     dux[j] = dyv[j] * D_blk[j]
                     ddt[j] = 0
                 for s in range(n):
                     bs = B[bi, t, s]
                     cs = C[bi, t, s]
-                    dcs = zero
-                    dbs = zero
                     for j in range(BLOCK):
                         dtv = dts[k, j]
-                        uj = us[k, j]
                         a = As[k, s, j]
-                        hp = hs[k, s, j]
-                        gv = g[s, j] + cs * dyv[j]  # ∂L/∂h_t, with y_t's own contribution
-                        dcs += dyv[j] * hs[k + 1, s, j]
-                        dbs += gv * dtv * uj
-                        ddt[j] += gv * (A_blk[s, j] * a * hp + bs * uj)
-                        dux[j] += gv * dtv * bs
-                        gA[s, j] += gv * dtv * a * hp
+                        ahp = a * hs[k, s, j]  # Ā h_{t−1}
+                        gv = fma(cs, dyv[j], g[s, j])  # ∂L/∂h_t, with y_t's own contribution
+                        pc[j] = dyv[j] * hs[k + 1, s, j]
+                        pb[j] = gv * dus[k, j]
+                        ddt[j] = fma(gv, fma(A_blk[s, j], ahp, bs * us[k, j]), ddt[j])
+                        dux[j] = fma(gv * dtv, bs, dux[j])
+                        gA[s, j] = fma(gv * dtv, ahp, gA[s, j])
                         g[s, j] = gv * a  # ∂L/∂h_{t−1} through h_t = Ā_t h_{t−1} + …
-                    dC_part[bi, blk, t, s] = dcs
-                    dB_part[bi, blk, t, s] = dbs
+                    # dC_t[s], dB_t[s]: sums over the block's channels, pairwise in a fixed order
+                    halve(pc, 64), halve(pc, 32), halve(pc, 16), halve(pc, 8), halve(pc, 4), halve(pc, 2), halve(pc, 1)
+                    halve(pb, 64), halve(pb, 32), halve(pb, 16), halve(pb, 8), halve(pb, 4), halve(pb, 2), halve(pb, 1)
+                    dC_part[bi, blk, t, s] = pc[0]
+                    dB_part[bi, blk, t, s] = pb[0]
                 if use_softplus:  # dsoftplus(x)/dx = sigmoid(x)
                     for j in range(BLOCK):
                         ddt[j] = ddt[j] * sigmoid(xs[k, j])
@@ -379,7 +381,7 @@ def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
 
 
 # ---------------------------------------------------------------------------------------- the decoding step
-@njit(inline="always", fastmath=True, error_model="numpy")
+@njit(inline="always", **kernel_options(parallel=False))
 def _state_update_row(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus, y, bi):
     """One step of sequence bi, in place: Δ and the gate vectorised over channels, the update over states."""
     d, n = A.shape
@@ -394,9 +396,9 @@ def _state_update_row(state, u, delta, A, B, C, D, z, bias, has_z, use_softplus,
         du = dtj * u[bi, j]
         acc = D[j] * u[bi, j]
         for s in range(n):
-            hv = fexp(dtj * A[j, s]) * state[bi, j, s] + du * B[bi, s]
+            hv = fma(fexp(dtj * A[j, s]), state[bi, j, s], du * B[bi, s])
             state[bi, j, s] = hv
-            acc += hv * C[bi, s]
+            acc = fma(hv, C[bi, s], acc)
         y[bi, j] = acc
     if has_z:
         for j in range(d):
