@@ -34,13 +34,14 @@ from torch import Tensor
 
 from ..model import MambaLM, MambaState
 from ..mamba2 import Mamba2
-from ..ops.cpu.primitives import fexp, kernel_options, narrow, set_threads, sigmoid, softplus, widen
+from ..ops.cpu.primitives import fexp, fma, halve, kernel_options, narrow, set_threads, sigmoid, softplus, widen
 from . import panels
 from .fused import MAX_BATCH, _layer_view, _np
 from .panels import GROUP, panel_rows, renamed
 
 _F32 = np.float32
 CONV_BLOCK = 64  # conv channels a task
+LANES = 16  # partial sums of h·C in the SSD step: one AVX-512 register of float32 (no fast-math: see kernel_options)
 
 
 def _layers(r, norm_w, eps, flat, offsets, conv_w, conv_b, dt_b, A, Dm, gn_w, G, N, before_gate, lo, hi,
@@ -95,18 +96,31 @@ def _layers(r, norm_w, eps, flat, offsets, conv_w, conv_b, dt_b, A, Dm, gn_w, G,
             hh = task - bb * H
             gg = hh // hg
             d = softplus(zx[bb, S + C + hh] + dt_b[i, hh])
-            d = min(max(d, lo), hi)
-            decay = fexp(d * A[i, hh])
+            d = _F32(min(max(d, _F32(lo)), _F32(hi)))  # float32 throughout (lo, hi arrive as float64)
+            decay = _F32(fexp(d * A[i, hh]))
             b0, c0 = S + gg * N, S + G * N + gg * N  # this group's B and C in xbc
+            Bv, Cv = xbc[bb, b0:b0 + N], xbc[bb, c0:c0 + N]
+            part = np.empty(LANES, dtype=np.float32)  # h·C in LANES partial sums, added in a fixed order
             for q in range(P):
                 e = hh * P + q
-                dx = d * xbc[bb, e]
-                acc = _F32(0.0)
-                for n in range(N):
-                    v = ssm_all[i, bb, e, n] * decay + dx * xbc[bb, b0 + n]
-                    ssm_all[i, bb, e, n] = v
-                    acc += v * xbc[bb, c0 + n]
-                y[bb, e] = acc + Dm[i, hh, q] * xbc[bb, e]
+                dx = _F32(d * xbc[bb, e])
+                h_e = ssm_all[i, bb, e]  # (N,)
+                for k in range(LANES):
+                    part[k] = _F32(0.0)
+                for n0 in range(0, N - N % LANES, LANES):
+                    for k in range(LANES):
+                        v = fma(h_e[n0 + k], decay, dx * Bv[n0 + k])
+                        h_e[n0 + k] = v
+                        part[k] = fma(v, Cv[n0 + k], part[k])
+                for n in range(N - N % LANES, N):  # N not a multiple of LANES: the rest into lane 0
+                    v = fma(h_e[n], decay, dx * Bv[n])
+                    h_e[n] = v
+                    part[0] = fma(v, Cv[n], part[0])
+                w = LANES
+                while w > 1:
+                    w //= 2
+                    halve(part, w)
+                y[bb, e] = fma(Dm[i, hh, q], xbc[bb, e], part[0])
         # 5. gated RMSNorm per group of S / G channels
         for bb in range(b):
             for gg in range(G):

@@ -438,7 +438,7 @@ def ssd(
     seq_idx (b, l), integers, non-decreasing along l and ≥ 0: packed sequences; the state resets to zero where
     it changes, and initial_states feeds only tokens with seq_idx 0 (as in the official op). chunk_size: the
     chunked path's block length (any positive int; the result does not depend on it beyond rounding); on CPU
-    tensors the "cpu" backend blocks by at most `ops.cpu.ssd.CPU_BLOCK` (64) tokens, its fastest size.
+    tensors the "cpu" backend blocks by at most `ops.cpu.ssd.CPU_BLOCK` (128) tokens, its fastest size.
 
     Returns y (in x's dtype), or (y, final_states) with return_final_states: the state after each row's last
     token (with seq_idx, that of the row's last sequence; per-sequence states are not returned), float32

@@ -44,9 +44,9 @@ from .primitives import records_grad
 
 # The longest block the CPU path uses, whatever chunk_size asks for (smaller ones are honoured). The chunk size is a
 # tiling choice (256 suits the official GPU kernel); on this CPU, training (forward + backward through autograd)
-# runs much faster with 64-token blocks than with 256 and inference is no slower (`benchmarks/ssd.py`; the
-# figures are in docs/kernels.md).
-CPU_BLOCK = 64
+# ran 1.7× faster with 128-token blocks than with 256 (64 about the same as 128) and inference no slower
+# (`benchmarks/ssd.py`; the figures are in docs/kernels.md).
+CPU_BLOCK = 128
 
 
 def _gemm(a: Tensor, b: Tensor, gemm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
