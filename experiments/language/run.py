@@ -198,7 +198,7 @@ def parse_runs(models: str, lr_mamba: str, lr_transformer: str, lr_mamba2: str |
     runs = []
     for m in [m for m in models.split(",") if m]:
         if m not in MODELS:
-            raise ValueError(f"--models takes mamba, mamba2 and/or transformer, got {m!r}")
+            raise ValueError(f"--models takes mamba2, mamba and/or transformer, got {m!r}")
         for lr in lrs[m].split(","):
             try:
                 value = float(lr)
