@@ -120,6 +120,11 @@ def test_quick_run_writes_results_plot_and_readme(tmp_path):
 def test_verdict_compares_the_largest_pair_count():
     models = {k: {"label": mq.MODELS[k][0], "accuracy": {"8": a8, "64": a64}}
               for k, a8, a64 in (("mamba", 1.0, 0.2), ("mamba2_n64", 1.0, 0.5), ("mamba2_n128", 1.0, 0.9))}
-    text = mq.verdict({"models": models})
+    text = mq.verdict({"models": models, "settings": {"vocab": 512}})
     assert "At 64 pairs, Mamba-2 (N=128) reaches 90.0% against Mamba-1 (N=16)'s 20.0%" in text
     assert "wins here (+70.0 points)" in text and "N=128 − N=64 at 64 pairs: +40.0 points" in text
+    assert "chance" not in text
+    for r in models.values():  # near chance (1/256): said so
+        r["accuracy"]["64"] = 0.01
+    text = mq.verdict({"models": models, "settings": {"vocab": 512}})
+    assert "does not win here (+0.0 points)" in text and "neither has learned" in text

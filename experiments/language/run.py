@@ -13,7 +13,7 @@ Mamba-2 (the Mamba-2 paper's §9.2 comparison, issue 25): the same width and dep
 (N = 64 for mini and small: +0.7% and −1.3%; the official N = 128 would add 14%), on the same batches for the
 same steps at the same learning rate.
 
-    python -m experiments.language                  # Mamba and Transformer++: 2000 steps each (8.2 M tokens), ≈ 20 min idle
+    python -m experiments.language                  # Mamba and Transformer++, 2000 steps each (8.2 M tokens): ≈ 20 min
     python -m experiments.language --models mamba,mamba2,transformer   # all three (longer than 30 min at 2000 steps)
     python -m experiments.language --models mamba2 --steps 800 --merge # Mamba-2 added to the runs in results.json
     python -m experiments.language --quick          # tiny sizes, 30 steps: checks that everything runs
