@@ -90,7 +90,7 @@ def test_equal_width_and_attention_matched_to_mamba_in_parameters():
     assert params["mamba"] < params["mamba2_n64"] < params["mamba2_n128"]  # B and C grow with N
     assert mq.state_size("mamba", args) == 2 * 64 * 16 and mq.state_size("mamba2_n128", args) == 2 * 64 * 128
     with pytest.raises(SystemExit):
-        mq.parse_args(["--test-pairs", "65"])  # 65 pairs do not fit in length 256
+        mq.parse_args(["--test-pairs", "33"])  # 33 pairs do not fit in length 128
 
 
 def test_quick_run_writes_results_plot_and_readme(tmp_path):
