@@ -8,10 +8,10 @@ the Pile. The CPU version: the main job's byte-level setting (configs/shakespear
 preset (4 × 128, the main job's model), and a Transformer++ of 2 layers × 128 (a Transformer layer costs
 about two Mamba blocks, paper §3.4) whose MLP width is chosen so that the two parameter counts agree to
 within 1%. Both see exactly the same batches (windows drawn from (seed, step)) for the same number of steps.
-Mamba-2 (the Mamba-2 paper's §9.2 comparison, issue 25): the same width and depth as the Mamba preset (`mamba2-mini`:
-4 × 128, heads of 64), with its state size N the multiple of 16 that brings its parameters closest to Mamba's
-(N = 64 for mini and small: +0.7% and −1.3%; the official N = 128 would add 14%), on the same batches for the
-same steps at the same learning rate.
+Mamba-2 (the Mamba-2 paper's §9.2 comparison, issue 25): the same width and depth as the Mamba preset
+(`mamba2-mini`: 4 × 128, heads of 64), with its state size N the multiple of 16 that brings its parameters
+closest to Mamba's (N = 48, 64, 80 for tiny, mini, small: −1.0%, +0.7%, +0.5%; the official N = 128 would add
+14% to mini), on the same batches for the same steps at the same learning rate.
 
     python -m experiments.language                  # Mamba and Transformer++, 2000 steps each (8.2 M tokens): ≈ 20 min
     python -m experiments.language --models mamba,mamba2,transformer   # all three (longer than 30 min at 2000 steps)
