@@ -1,7 +1,7 @@
 """Multi-query associative recall (MQAR) with Mamba-1, Mamba-2 and attention at equal width and budget — the
 Mamba-2 paper's synthetic result (§9.1, Figure 8), scaled to a CPU.
 
-    python -m experiments.mqar                      # the default run: 4 models in 2 processes (≤ 30 min idle)
+    python -m experiments.mqar                      # the default run: 4 models in 2 processes (≈ 28 min)
     python -m experiments.mqar --quick              # tiny sizes, a few steps (the test suite's run, seconds)
     python -m experiments.mqar --models mamba,mamba_n64 --jobs 1
     python -m experiments.mqar --report-only        # table, plot and README again from results.json
@@ -48,11 +48,11 @@ MODELS = {  # name → (label, mixer, d_state); attention: (label, None, None)
     "attention": ("Attention (Transformer++)", None, None),
 }
 DEFAULT_MODELS = "mamba,mamba2_n64,mamba2_n128,attention"
-# Relative cost of a training step, from steps/s measured here at length 256, batch 64, width 64 (1 thread, load
-# average 2.7-4.5): Mamba-1 1.02, Mamba-2 N=64 0.81, N=128 0.71, attention 1.21 (Mamba-1 N=64: not measured, taken
-# as Mamba-2 N=64's). --jobs balances its processes by these.
-COST = {"mamba": 1 / 1.02, "mamba_n64": 1 / 0.81, "mamba2_n64": 1 / 0.81, "mamba2_n128": 1 / 0.71,
-        "attention": 1 / 1.21}
+# Relative cost of a training step: steps/s at the defaults (`--time-steps 100`, 1 thread, 2026-12-07 22:58 UTC,
+# load average 0.9 rising to 4.0 during the timing): Mamba-1 8.79, Mamba-1 N=64 5.83, Mamba-2 N=64 7.02, N=128 5.42,
+# attention 11.11. --jobs balances its processes by these.
+COST = {"mamba": 1 / 8.79, "mamba_n64": 1 / 5.83, "mamba2_n64": 1 / 7.02, "mamba2_n128": 1 / 5.42,
+        "attention": 1 / 11.11}
 # The paper's setting (Mamba-2 §9.1 / Figure 8, after Zoology), for the README's comparison. From secondary
 # summaries (the PDF was not reachable here): lengths, widths, the state sizes and the claim; Zoology's vocabulary.
 PAPER = {"seq_len": "256, 512, 1024", "n_pairs": "16 … 256", "vocab": "8192 (Zoology's)",
@@ -142,9 +142,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-head", type=int, default=4, help="attention heads")
     p.add_argument("--batch-size", type=int, default=16,
                    help="sequences per step. Why 16: on this CPU a step of 16 costs far less than a quarter of a "
-                        "step of 64 (Mamba-2 N=64 at length 128: 13.5 steps/s at 16), and the task is learned by "
-                        "many updates: probes at 600 steps × 64 stayed within 3× chance")
-    p.add_argument("--steps", type=int, default=10_000, help="optimizer steps, the same for every model")
+                        "step of 64 (Mamba-2 N=64 at length 128, in probes beside other jobs: 13.5 steps/s at 16, "
+                        "1.8 at 64), and the task is learned by many updates: probes at 600 steps × 64 stayed "
+                        "within 3× chance")
+    p.add_argument("--steps", type=int, default=6000,
+                   help="optimizer steps, the same for every model (6000: ≈ 28 min in 2 processes at the rates in "
+                        "COST; more steps learn more, see the README's notes)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak lr (Adam, no weight decay), every model")
     p.add_argument("--lr-min", type=float, default=0.1, help="cosine decay to this fraction of the lr at the end")
     p.add_argument("--warmup", type=int, default=100)
