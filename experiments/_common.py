@@ -827,3 +827,19 @@ def write_readme_keeping_notes(path, text: str) -> None:
     if NOTES_MARKER in old:
         text = text.rstrip("\n") + "\n\n" + old[old.index(NOTES_MARKER):]
     atomic_write(path, text)
+
+
+# ------------------------------------------------------------------------------ models matched in parameters
+def closest_by_params(build: Callable[[int], torch.nn.Module], candidates, target: int) -> tuple[int, int]:
+    """(candidate, its parameter count) of the candidate whose model build(candidate) has the parameter count
+    closest to target (ties: the first); the models are built on the meta device, so nothing is allocated.
+    The experiments' "equal size" comparisons pick a width or a state size with it (mqar, language)."""
+    best = None
+    for c in candidates:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build(c).parameters())
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (c, n)
+    if best is None:
+        raise ValueError("closest_by_params: no candidates")
+    return best

@@ -1,5 +1,5 @@
-"""Experiment 5: Mamba vs a Transformer of equal parameter count, trained on the same tokens, on the main job's
-Shakespeare corpus (three whole plays held out), validation loss curves on one plot.
+"""Experiment 5: Mamba (Mamba-1 and Mamba-2) vs a Transformer of equal parameter count, trained on the same
+tokens, on the main job's Shakespeare corpus (three whole plays held out), validation loss curves on one plot.
 
 The paper's language-modelling comparison (§4.2.1, Figure 4, App. E.2.1) trains Mamba and Transformer++
 (rotary positions, SwiGLU, RMSNorm, no biases) at equal parameters with the same recipe and token budget on
@@ -8,8 +8,14 @@ the Pile. The CPU version: the main job's byte-level setting (configs/shakespear
 preset (4 × 128, the main job's model), and a Transformer++ of 2 layers × 128 (a Transformer layer costs
 about two Mamba blocks, paper §3.4) whose MLP width is chosen so that the two parameter counts agree to
 within 1%. Both see exactly the same batches (windows drawn from (seed, step)) for the same number of steps.
+Mamba-2 (the Mamba-2 paper's §9.2 comparison, issue 25): the same width and depth as the Mamba preset
+(`mamba2-mini`: 4 × 128, heads of 64), with its state size N the multiple of 16 that brings its parameters
+closest to Mamba's (N = 48, 64, 80 for tiny, mini, small: −1.0%, +0.7%, +0.5%; the official N = 128 would add
+14% to mini), on the same batches for the same steps at the same learning rate.
 
-    python -m experiments.language                  # 2000 steps each (8.2 M tokens), ≈ 20 min on an idle CPU
+    python -m experiments.language                  # Mamba and Transformer++, 2000 steps each (8.2 M tokens): ≈ 20 min
+    python -m experiments.language --models mamba,mamba2,transformer   # all three (longer than 30 min at 2000 steps)
+    python -m experiments.language --models mamba2 --steps 800 --merge # Mamba-2 added to the runs in results.json
     python -m experiments.language --quick          # tiny sizes, 30 steps: checks that everything runs
     python -m experiments.language --steps 3000 --lr-transformer 2e-3
 
@@ -43,7 +49,7 @@ from mambakit.data.text import TokenWindows
 from mambakit.model import MambaLM
 from mambakit.train import Dist, TrainConfig, evaluate, hms, lr_at, next_token_loss, param_groups, prepare_data
 
-from experiments._common import cli_args, command_line, pyplot, save_figure
+from experiments._common import cli_args, closest_by_params, command_line, pyplot, save_figure
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -53,6 +59,9 @@ SIZES = {  # --size → (Mamba preset, Transformer d_model, n_layer, n_head)
     "small": ("small", 256, 4, 8),
     "tiny": ("tiny", 64, 1, 2),
 }
+MODELS = ("mamba", "mamba2", "transformer")
+# The keys of results.json that must agree for runs to share one table (--merge): the same data and budget
+SAME_RUN = ("steps", "seq_len", "batch_size", "precision", "recipe", "final_windows", "size")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -78,6 +87,16 @@ def transformer_config(size: str, vocab_size: int, seq_len: int, target_params: 
     per_unit = (p32 - p16) / 16
     d_ff = max(8, round((16 + (target_params - p16) / per_unit) / 8) * 8)  # a multiple of 8
     return cfg(d_ff)
+
+
+def mamba2_config(size: str, vocab_size: int, target_params: int) -> MambaConfig:
+    """The Mamba-2 preset of the same width and depth as the Mamba one (`mamba2-<size>`), with the state size N
+    (a multiple of 16, up to the official 128) whose parameter count is closest to target_params: Mamba-2's
+    in_proj makes B and C (N each) for every token, so N is where its parameters differ from Mamba's."""
+    preset = "mamba2-" + SIZES[size][0]
+    n, _ = closest_by_params(lambda n: MambaLM(MambaConfig.from_preset(preset, vocab_size=vocab_size, d_state=n)),
+                             range(16, 129, 16), target_params)
+    return MambaConfig.from_preset(preset, vocab_size=vocab_size, d_state=n)
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -138,7 +157,8 @@ def train_one(name: str, model: torch.nn.Module, cfg: TrainConfig, lr: float, st
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"mamba": ["tab:blue", "tab:cyan", "navy"], "transformer": ["tab:red", "tab:orange", "darkred"]}
+    colors = {"mamba": ["tab:blue", "tab:cyan", "navy"], "mamba2": ["tab:green", "olive", "darkgreen"],
+              "transformer": ["tab:red", "tab:orange", "darkred"]}
     for key, r in results["runs"].items():
         color = colors[r["model"]].pop(0) if colors[r["model"]] else None
         label = f"{r['label']} ({r['params'] / 1e6:.2f} M params)"
@@ -170,13 +190,16 @@ def table(results: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- main
-def parse_runs(models: str, lr_mamba: str, lr_transformer: str) -> list[tuple[str, float]]:
-    """(model, peak lr) for every run: each model once per lr in its comma-separated list."""
+def parse_runs(models: str, lr_mamba: str, lr_transformer: str, lr_mamba2: str | None = None
+               ) -> list[tuple[str, float]]:
+    """(model, peak lr) for every run: each model once per lr in its comma-separated list (Mamba-2: lr_mamba2,
+    by default Mamba's)."""
+    lrs = {"mamba": lr_mamba, "mamba2": lr_mamba2 or lr_mamba, "transformer": lr_transformer}
     runs = []
     for m in [m for m in models.split(",") if m]:
-        if m not in ("mamba", "transformer"):
-            raise ValueError(f"--models takes mamba and/or transformer, got {m!r}")
-        for lr in (lr_mamba if m == "mamba" else lr_transformer).split(","):
+        if m not in MODELS:
+            raise ValueError(f"--models takes mamba2, mamba and/or transformer, got {m!r}")
+        for lr in lrs[m].split(","):
             try:
                 value = float(lr)
             except ValueError:
@@ -202,9 +225,15 @@ def main(argv=None) -> int:
     p.add_argument("--lr-transformer", default="",
                    help="peak lr(s) for the Transformer, comma-separated (default: the recipe's, as in the paper, "
                         "where Transformer++ and Mamba share the improved recipe)")
+    p.add_argument("--lr-mamba2", default="", help="peak lr(s) for Mamba-2 (default: Mamba's)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--final-windows", type=int, default=0, help="windows of the final evaluation (0: all)")
-    p.add_argument("--models", default="mamba,transformer", help="comma-separated subset")
+    p.add_argument("--models", default="mamba,transformer",
+                   help="comma-separated subset of mamba, mamba2, transformer (all three at the default 2000 steps "
+                        "take longer than 30 minutes: run mamba2 on its own with --merge)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs already in --out/results.json (made with the same steps, batches and recipe) "
+                        "beside this command's: one table and one plot for all")
     p.add_argument("--parallel", action="store_true", help="every run in its own process, all at once")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
     p.add_argument("--config", type=Path, default=MAIN_JOB, help="the recipe (default: the main job's)")
@@ -221,19 +250,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_file(args.config).replace(**overrides)
     try:
-        runs = parse_runs(args.models, args.lr_mamba or str(cfg.lr), args.lr_transformer or str(cfg.lr))
+        runs = parse_runs(args.models, args.lr_mamba or str(cfg.lr), args.lr_transformer or str(cfg.lr),
+                          args.lr_mamba2 or None)
     except ValueError as e:
         p.error(str(e))
     data = prepare_data(cfg, Dist(), args.out, None)  # byte tokenizer: nothing is written to out
     vocab = data.tokenizer.vocab_size
     mamba_params = mamba_model(args.size, vocab).num_parameters()
     tcfg = transformer_config(args.size, vocab, cfg.seq_len, mamba_params)
+    m2cfg = mamba2_config(args.size, vocab, mamba_params)
     labels = {"mamba": f"Mamba {SIZES[args.size][0]}", "transformer": f"Transformer++ {tcfg.n_layer}×{tcfg.d_model}, "
-              f"d_ff {tcfg.d_ff}"}
+              f"d_ff {tcfg.d_ff}", "mamba2": f"Mamba-2 {SIZES[args.size][0]} (N={m2cfg.d_state})"}
+    builders = {"mamba": lambda: mamba_model(args.size, vocab), "mamba2": lambda: MambaLM(m2cfg),
+                "transformer": lambda: TransformerLM(tcfg)}
 
     def one(model_name: str, lr: float) -> dict:
         torch.manual_seed(cfg.seed)
-        model = mamba_model(args.size, vocab) if model_name == "mamba" else TransformerLM(tcfg)
+        model = builders[model_name]()
         key = run_key(model_name, lr)
         print(f"# {labels[model_name]}: {model.num_parameters():,} parameters, peak lr {lr:g}", flush=True)
         r = train_one(key, model, cfg, lr, args.steps, data, args.eval_every, final_windows=args.final_windows)
@@ -241,6 +274,14 @@ def main(argv=None) -> int:
               f"after {hms(r['wall_s'])}", flush=True)
         return dict(model=model_name, label=f"{labels[model_name]}, lr {lr:g}", **r)
 
+    results = dict(steps=args.steps, seq_len=cfg.seq_len, batch_size=cfg.batch_size, precision=cfg.precision,
+                   size=args.size, config=str(args.config), transformer_config=tcfg.to_dict(),
+                   mamba2_config=m2cfg.to_dict(),
+                   recipe={k: getattr(cfg, k) for k in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1",
+                                                        "beta2", "grad_clip", "seed", "eval_windows")},
+                   final_windows=args.final_windows, load_average_start=os.getloadavg()[0],
+                   command=command_line("python -m experiments.language", argv),
+                   runs={})
     if args.worker:
         model_name, lr, path = args.worker
         part = one(model_name, float(lr))
@@ -251,13 +292,8 @@ def main(argv=None) -> int:
           f"{args.steps} steps × {cfg.batch_size} × {cfg.seq_len} = {args.steps * cfg.batch_size * cfg.seq_len:,} "
           f"tokens per run; {cfg.precision}; {torch.get_num_threads()} threads per run; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
-    results = dict(steps=args.steps, seq_len=cfg.seq_len, batch_size=cfg.batch_size, precision=cfg.precision,
-                   chars_per_token=chars_per_token, config=str(args.config), transformer_config=tcfg.to_dict(),
-                   recipe={k: getattr(cfg, k) for k in ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1",
-                                                        "beta2", "grad_clip", "seed", "eval_windows")},
-                   final_windows=args.final_windows, load_average_start=os.getloadavg()[0],
-                   command=command_line("python -m experiments.language", argv),
-                   runs={})
+    results["chars_per_token"] = chars_per_token
+    earlier = mergeable(results, args.out / "results.json") if args.merge else {}  # checked before training
     t0 = time.perf_counter()
     if args.parallel and len(runs) > 1:
         results["runs"] = run_parallel(args, argv, runs)
@@ -265,19 +301,50 @@ def main(argv=None) -> int:
         for model_name, lr in runs:
             results["runs"][run_key(model_name, lr)] = one(model_name, lr)
     results.update(wall_s=time.perf_counter() - t0, load_average_end=os.getloadavg()[0])
+    for r in results["runs"].values():
+        r["command"] = results["command"]
+    if earlier:
+        merge_runs(results, earlier)
     results["best"] = best = {}
     for key, r in results["runs"].items():  # each model at its best learning rate
         if r["model"] not in best or r["final"]["val_loss"] < results["runs"][best[r["model"]]]["final"]["val_loss"]:
             best[r["model"]] = key
     print(table(results))
-    if len(best) == 2:
-        m, t = (results["runs"][best[k]]["final"]["val_bpc"] for k in ("mamba", "transformer"))
-        results["bpc_difference_mamba_minus_transformer"] = m - t
-        print(f"# best Mamba − best Transformer: {m - t:+.4f} bits/char on the held-out plays")
+    names = {"mamba": "Mamba", "mamba2": "Mamba-2", "transformer": "Transformer"}
+    for a, b in (("mamba", "transformer"), ("mamba2", "mamba"), ("mamba2", "transformer")):
+        if a in best and b in best:
+            x, y = (results["runs"][best[k]]["final"]["val_bpc"] for k in (a, b))
+            results[f"bpc_difference_{a}_minus_{b}"] = x - y
+            print(f"# best {names[a]} − best {names[b]}: {x - y:+.4f} bits/char on the held-out plays")
     atomic_write(args.out / "results.json", json.dumps(results, indent=1))
     plot(results, args.out / "val_loss.png")
     print(f"# wrote {args.out / 'results.json'} and {args.out / 'val_loss.png'} ({hms(results['wall_s'])})")
     return 0
+
+
+def mergeable(results: dict, path: Path) -> dict:
+    """--merge: the runs of the results.json at path (each with its own command), when they were made with the
+    same data, budget and recipe as this command (SAME_RUN; files written before --size was recorded were all of
+    the default size); {} when there is no file. Other settings are an error, raised before any training."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    old.setdefault("size", "mini")
+    differ = [k for k in SAME_RUN if old.get(k) != results.get(k)]
+    if differ:
+        raise SystemExit(f"--merge: {path} holds runs made with other settings ("
+                         + ", ".join(f"{k}: {old.get(k)!r} there, {results.get(k)!r} now" for k in differ)
+                         + "); use the same ones, another --out, or no --merge")
+    return {k: {**r, "command": r.get("command", old["command"])} for k, r in old["runs"].items()}
+
+
+def merge_runs(results: dict, earlier: dict) -> None:
+    """The earlier runs join this command's (a run of the same model and lr is replaced by this command's)."""
+    runs = dict(earlier)
+    runs.update(results["runs"])
+    order = {m: i for i, m in enumerate(MODELS)}  # the table's order: model, then lr
+    results["runs"] = dict(sorted(runs.items(), key=lambda kv: (order[kv[1]["model"]], kv[1]["lr"])))
+    results["merged_commands"] = list(dict.fromkeys(r["command"] for r in results["runs"].values()))
 
 
 def run_parallel(args, argv, runs) -> dict:
