@@ -115,6 +115,9 @@ def train_one(name: str, model: torch.nn.Module, cfg: TrainConfig, lr: float, st
     ev = evaluate(model, val_w, data.val, cfg, d, cfg.eval_windows)
     curve.append(dict(step=0, tokens=0, **ev))
     model.train()
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc=name, unit="step", disable=None, file=sys.stderr)  # on a terminal only
     t0, train_s, window = time.perf_counter(), 0.0, []
     for step in range(steps):
         ts = time.perf_counter()
@@ -134,17 +137,19 @@ def train_one(name: str, model: torch.nn.Module, cfg: TrainConfig, lr: float, st
         window.append(value)
         train_s += time.perf_counter() - ts
         done = step + 1
+        bar.update(1)
         if done % log_every == 0 or done == steps:
             rate = done * tokens_per_step / train_s
             elapsed = time.perf_counter() - t0
             eta = elapsed / done * (steps - done)
             train_curve.append(dict(step=done, tokens=done * tokens_per_step, loss=sum(window) / len(window)))
-            print(f"  {name}: step {done}/{steps} loss {train_curve[-1]['loss']:.4f} | {rate:,.0f} tok/s | "
-                  f"{hms(elapsed)} elapsed, ETA {hms(eta)}", file=sys.stderr, flush=True)
+            bar.write(f"  {name}: step {done}/{steps} loss {train_curve[-1]['loss']:.4f} | {rate:,.0f} tok/s | "
+                      f"{hms(elapsed)} elapsed, ETA {hms(eta)}", file=sys.stderr)
             window = []
         if done % eval_every == 0 and done < steps:
             ev = evaluate(model, val_w, data.val, cfg, d, cfg.eval_windows)
             curve.append(dict(step=done, tokens=done * tokens_per_step, **ev))
+    bar.close()
     ev_subset = evaluate(model, val_w, data.val, cfg, d, cfg.eval_windows)
     curve.append(dict(step=steps, tokens=steps * tokens_per_step, **ev_subset))
     final = evaluate(model, val_w, data.val, cfg, d, final_windows)  # 0: the whole held-out set
