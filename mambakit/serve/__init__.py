@@ -12,6 +12,7 @@ FastAPI and uvicorn are an optional extra: pip install 'mambakit[serve]'.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -117,9 +118,25 @@ def serve_forever(model: MambaLM, host: str = "127.0.0.1", port: int = 8000, *, 
     h, p = sock.getsockname()[:2]
     print(f"mambakit serve: model {model_name!r} ({model.num_parameters():,} parameters, {max_batch} slots) "
           f"on http://{h}:{p}  (docs: /docs, schema: /openapi.json)", flush=True)
+    class Server(uvicorn.Server):
+        """Records the signals that stop it: uvicorn re-raises them after its graceful shutdown, but from inside
+        asyncio.run, whose own SIGINT handling can swallow the KeyboardInterrupt when the serving task has just
+        finished (seen under load: exit code 0 after a Ctrl-C)."""
+
+        def handle_exit(self, sig, frame):
+            self.stopped_by.append(sig)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=2))
+    server.stopped_by = []
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                      timeout_graceful_shutdown=2)).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         engine.close()
         sock.close()
+    # reached only when the re-raised signal was lost: end as the signal would have
+    if signal.SIGINT in server.stopped_by:
+        raise KeyboardInterrupt
+    if server.stopped_by:
+        signal.signal(server.stopped_by[-1], signal.SIG_DFL)
+        signal.raise_signal(server.stopped_by[-1])
