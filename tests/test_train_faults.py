@@ -6,8 +6,8 @@ uninterrupted run did.
 How: a driver process trains to the save at step 6 (checkpoints every 3 steps, one kept, so this save also
 rotates the step-3 checkpoint out). There it forks once per write point k, each child in its own copy of the run
 directory (a relative out_dir: the child changes its working directory) and SIGKILLs itself just before its k-th
-write. A counting run before it lists the points (and fills numba's kernel cache, so that every process after it
-runs the same cached kernels: compiled and cached code differ in the last bits, see the kernel-cache issue).
+write. A counting run before it lists the points (compiled and cache-loaded kernels agree bitwise,
+tests/test_ops_cache.py, so it does not matter which process compiles them).
 One more process then trains the reference run and resumes every killed copy."""
 
 import json
