@@ -132,10 +132,18 @@ class MHA(nn.Module):
         if a.d_conv > 0:  # only its (C, 1, W) weight and bias are used, through ops.causal_conv1d
             self.conv1d = nn.Conv1d(a.qkv_dim, a.qkv_dim, a.d_conv, groups=a.qkv_dim, padding=a.d_conv - 1)
         self.out_proj = nn.Linear(a.num_heads * a.head_dim + a.mlp_dim // 2, config.d_model, bias=a.out_proj_bias)
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device) -> Tensor:
+        """base^(−2i/rd), i < rd/2, in float32 (the official RotaryEmbedding's); a buffer not saved, as there."""
+        a = self.settings
         rd = a.rotary_emb_dim
-        # base^(−2i/rd), i < rd/2, in float32 (the official RotaryEmbedding's); not saved, as there
-        inv_freq = 1.0 / a.rotary_emb_base ** (torch.arange(0, rd, 2, dtype=torch.float32) / max(rd, 1))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return 1.0 / a.rotary_emb_base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / max(rd, 1))
+
+    def init_buffers(self) -> None:
+        """Recomputes the rotary frequencies on the weights' device: a model built on the meta device and given
+        loaded weights (checkpoint.build_model) has no values for this unsaved buffer otherwise."""
+        self.inv_freq = self._inv_freq(self.in_proj.weight.device)
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must leave the rotary frequencies in float32 (angles of long positions need them)

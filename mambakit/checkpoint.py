@@ -837,6 +837,8 @@ def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) ->
     for m in model.modules():
         if hasattr(m, "mark_parameters"):
             m.mark_parameters()  # assign=True made new Parameter objects: restore their flags
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()  # unsaved buffers (attention's rotary frequencies) are still on the meta device
     return model
 
 
@@ -893,10 +895,13 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
 
 
-def save_pretrained(model: "MambaLM", path, layout: str = "hf") -> None:
-    """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin), plus the
-    tokenizer files of `model.tokenizer`, replacing the checkpoint files of an earlier save as one unit (see
-    the module docstring); other files in the directory are kept."""
+def save_pretrained(model: "MambaLM", path, layout: str | None = None) -> None:
+    """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin; None: "hf",
+    or "official" for a hybrid, which transformers has no class for), plus the tokenizer files of
+    `model.tokenizer`, replacing the checkpoint files of an earlier save as one unit (see the module docstring);
+    other files in the directory are kept."""
+    if layout is None:
+        layout = "official" if (model.config.attn_layer_idx or model.config.d_intermediate) else "hf"
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     directory = Path(path).expanduser()

@@ -134,6 +134,7 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.attn_layer_idx must hold distinct layer indices in [0, n_layer = "
                              f"{self.n_layer}), got {list(idx)}")
         self.attn_layer_idx = list(idx)
+        self.attn_cfg = dict(self.attn_cfg) if isinstance(self.attn_cfg, dict) else self.attn_cfg  # own copy
         if not isinstance(self.attn_cfg, dict):
             raise TypeError(f"MambaConfig.attn_cfg must be a dict (the official MHA's arguments), got {self.attn_cfg!r}")
         self.attn = AttnSettings.resolve(self.attn_cfg, self.d_model) if idx else None
@@ -336,6 +337,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamba2-780m": dict(layer="Mamba2", d_model=1536, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
     "mamba2-1.3b": dict(layer="Mamba2", d_model=2048, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
     "mamba2-2.7b": dict(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=16),
+    # state-spaces/mamba2attn-2.7b (the Mamba-2 paper's hybrid: 58 Mamba-2 layers, 6 attention layers; config as
+    # /work/shared/mamba2.md §4a gives it)
+    "mamba2attn-2.7b": dict(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=16,
+                            attn_layer_idx=[9, 18, 27, 36, 45, 56],
+                            attn_cfg=dict(causal=True, d_conv=4, head_dim=128, num_heads=30, out_proj_bias=False,
+                                          qkv_proj_bias=False, rotary_emb_dim=64)),
+    # a small byte-level hybrid for experiments and tests: attention at layers 1 and 3 of 4, MLPs of width 128
+    "mamba2attn-tiny": dict(layer="Mamba2", d_model=64, n_layer=4, vocab_size=258, headdim=32, d_intermediate=128,
+                            attn_layer_idx=[1, 3], attn_cfg=dict(num_heads=4, causal=True, d_conv=4,
+                                                                 rotary_emb_dim=16)),
     # tiiuae/falcon-mamba-7b (its config.json: hidden 4096, intermediate 8192, 64 layers, vocab 65024, untied;
     # its "expand": 16 contradicts intermediate_size and is overridden by it, as transformers does)
     "falcon-mamba-7b": dict(d_model=4096, n_layer=64, vocab_size=65024, mixer_rms_eps=1e-6, tie_embeddings=False),

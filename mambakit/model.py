@@ -595,9 +595,10 @@ class MambaLM(nn.Module):
 
         return push_to_hub(self, repo_id, token=token, private=private, revision=revision)
 
-    def save_pretrained(self, path, layout: str = "hf") -> None:
+    def save_pretrained(self, path, layout: str | None = None) -> None:
         """Writes config.json + weights atomically: layout "hf" (model.safetensors, transformers'
-        MambaForCausalLM) or "official" (pytorch_model.bin, state-spaces/mamba); plus `self.tokenizer`, if set."""
+        MambaForCausalLM) or "official" (pytorch_model.bin, state-spaces/mamba); None: "hf", or "official" for a
+        hybrid (transformers has no class for it); plus `self.tokenizer`, if set."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, layout=layout)

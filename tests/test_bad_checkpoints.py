@@ -699,9 +699,6 @@ def test_every_corrupted_checkpoint_loads_equal_or_is_refused():
 @pytest.mark.parametrize("label, config, phrase", [
     ("Mamba-3 (official)", {"d_model": 16, "n_layer": 2, "vocab_size": 50, "ssm_cfg": {"layer": "Mamba3"}},
      "Mamba-3 mixer"),
-    ("hybrid with attention", {"d_model": 16, "n_layer": 2, "vocab_size": 50, "attn_layer_idx": [1]},
-     "attention layers"),
-    ("hybrid with MLPs", {"d_model": 16, "n_layer": 2, "vocab_size": 50, "d_intermediate": 64}, "MLP blocks"),
     ("Jamba", {"model_type": "jamba", "hidden_size": 16}, "Jamba"),
     ("unknown family", {"model_type": "rwkv7", "hidden_size": 16}, "unknown model_type 'rwkv7'"),
     ("no model_type", {"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 50}, "no model_type"),

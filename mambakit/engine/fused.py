@@ -601,6 +601,8 @@ def unsupported(model) -> str | None:
         return f"weights in {w.dtype}; the fused step covers float32 and bfloat16"
     if not c.rms_norm:
         return "LayerNorm model (rms_norm=False)"
+    if c.attn_layer_idx or c.d_intermediate:
+        return "a hybrid (attention layers or MLPs)"
     if not (c.residual_in_fp32 or w.dtype == torch.float32):
         return "a bfloat16 residual stream (residual_in_fp32=False)"
     other = {type(layer.mixer).__name__ for layer in model.backbone.layers if type(layer.mixer) is not Mamba}
