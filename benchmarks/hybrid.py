@@ -15,8 +15,8 @@ from the tensors themselves, plus `kv_bytes_per_token` (the growth per token).
 Table 2, decode: prompt 128, then 128 greedy steps, batch 1 and 8, float32; decode tok/s = batch / median step
 time. Rows: the hybrid through MambaLM.step (the fused CPU steps do not cover hybrids), the pure Mamba-2 through
 MambaLM.step (the same reference path) and through the engine's fused Mamba-2 step (what generate uses for it).
-Each (model, batch) cell is timed twice, interleaved with the others; the table gives the median over both runs'
-steps. Take the CPU lock (/work/tools/lock) and run with the machine otherwise quiet:
+The three are timed step for step in turn (step k of each before step k + 1 of any), in two runs a batch size;
+the table gives the median over both runs' steps. Take the CPU lock (/work/tools/lock) and run with the machine otherwise quiet:
 
     python benchmarks/hybrid.py                          # both tables, 2 threads
     python benchmarks/hybrid.py --quick                  # tiny sizes: checks that it runs
@@ -74,31 +74,34 @@ def memory_table(models: dict[str, MambaLM], lengths: list[int]) -> None:
     print(f"\nKV cache growth of the hybrid: {per} bytes ({per / 1024:.1f} KiB) per token and sequence (float32)")
 
 
-def time_decode(model: MambaLM, fused: bool, batch: int, prompt: int, new: int) -> list[float]:
+def time_decode(runs: list[tuple[MambaLM, bool | None]], batch: int, prompt: int, new: int) -> list[list[float]]:
+    """Prefills each (model, fused) run with the same prompts, then times their greedy steps in turn, step k of
+    every run before step k + 1 of any (so a change in the machine's load hits them alike): the step times of each."""
     ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(batch)).tolist()
-    step = step_function(model, fused)
-    times = []
+    live = []
     with torch.inference_mode():
-        state, logits = prefill(model, ids)
-        tok = logits.argmax(-1)
+        for model, fused in runs:
+            state, logits = prefill(model, ids)
+            live.append((step_function(model, fused), state, logits.argmax(-1), []))
         for _ in range(new):
-            t0 = time.perf_counter()
-            logits = step(tok, state)
-            times.append(time.perf_counter() - t0)
-            tok = logits.argmax(-1)
-    return times
+            for i, (step, state, tok, times) in enumerate(live):
+                t0 = time.perf_counter()
+                logits = step(tok, state)
+                times.append(time.perf_counter() - t0)
+                live[i] = (step, state, logits.argmax(-1), times)
+    return [times for *_, times in live]
 
 
 def decode_table(models: dict[str, MambaLM], batches: list[int], prompt: int, new: int) -> None:
     rows = [("hybrid, MambaLM.step", "hybrid", False), ("Mamba-2, MambaLM.step", "mamba2", False),
             ("Mamba-2, fused step", "mamba2", None)]
-    for _, name, fused in rows:  # warm-up: compiles, packs weights
-        time_decode(models[name], fused, 1, 8, 4)
+    runs = [(models[name], fused) for _, name, fused in rows]
+    time_decode(runs, 1, 8, 4)  # warm-up: compiles, packs weights
     results = {(label, b): [] for label, _, _ in rows for b in batches}
-    for _ in range(2):  # two interleaved runs
+    for _ in range(2):  # two runs
         for b in batches:
-            for label, name, fused in rows:
-                results[label, b] += time_decode(models[name], fused, b, prompt, new)
+            for (label, _, _), times in zip(rows, time_decode(runs, b, prompt, new)):
+                results[label, b] += times
     print("\n| model, decode path | batch | ms/step (median) | decode tok/s |")
     print("|---|---:|---:|---:|")
     for b in batches:
