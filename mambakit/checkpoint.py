@@ -6,14 +6,17 @@ Two layouts are read (detected from config.json) and written:
   vocab_size (unpadded), ssm_cfg (the mixer kwargs; ssm_cfg.layer "Mamba1" (the default) or "Mamba2"), rms_norm,
   residual_in_fp32, pad_vocab_size_multiple, tie_embeddings, and pytorch_model.bin. Keys are exactly MambaLM's:
   `backbone.embedding.weight`, `backbone.layers.{i}.…`.
-- "hf" (transformers `MambaForCausalLM`, model_type "mamba", or `Mamba2ForCausalLM`, model_type "mamba2"):
+- "hf" (transformers `MambaForCausalLM`, model_type "mamba", `Mamba2ForCausalLM`, model_type "mamba2", or
+  `FalconMambaForCausalLM`, model_type "falcon_mamba", Mamba-1 with its mixer norms, config.mixer_rms_eps):
   config.json with hidden_size, state_size, conv_kernel, expand, … (vocab_size already padded), and
   model.safetensors (or pytorch_model.bin, or shards with an index json). One key differs:
   `backbone.embeddings.weight` (Mamba-2's gated norm is `mixer.norm.weight` in both).
 
-Mamba-1 and Mamba-2 are implemented. Other families and mixers are refused by name from config.json, before any
-weight is read: transformers model_type "falcon_mamba", "jamba", "zamba", "bamba", …; official configs with
-ssm_cfg.layer "Mamba3", attention layers (attn_layer_idx) or MLP blocks (d_intermediate > 0). An unknown
+Mamba-1, FalconMamba and Mamba-2 are implemented (FalconMamba has no official layout: saving it as "official" is
+refused). Official hybrids (attention layers at attn_layer_idx with attn_cfg, MLP blocks with d_intermediate > 0;
+Mamba-1 or Mamba-2 mixers) are read and written in the official layout only (transformers has no class for them).
+Other families and mixers are refused by name from config.json, before any weight is read: transformers
+model_type "jamba", "zamba", "bamba", …; official configs with ssm_cfg.layer "Mamba3". An unknown
 model_type, or a config without one that is not the official layout, is refused too: the family is never guessed.
 A config field that would change the computation in a way mambakit cannot follow is refused by name (see
 config_from_hf_mamba2); writing a model that transformers cannot express (e.g. Mamba-2 with D per channel) in
@@ -100,28 +103,31 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------- configs
 # transformers model types and architectures of families that mambakit does not implement (yet)
 _OTHER_FAMILIES = {
-    "falcon_mamba": "FalconMamba", "jamba": "Jamba (an attention/Mamba hybrid)",
+    "jamba": "Jamba (an attention/Mamba hybrid)",
     "zamba": "Zamba (a Mamba/attention hybrid)", "zamba2": "Zamba2 (a Mamba-2/attention hybrid)",
     "bamba": "Bamba (a Mamba-2/attention hybrid)", "nemotron_h": "Nemotron-H (a Mamba-2/attention hybrid)",
     "falcon_h1": "Falcon-H1 (a Mamba-2/attention hybrid)", "granitemoehybrid": "Granite 4 (a Mamba-2 hybrid)",
     "plamo2": "PLaMo 2 (a Mamba-2 hybrid)",
 }
 _OTHER_ARCHITECTURES = {
-    "FalconMambaForCausalLM": "falcon_mamba", "JambaForCausalLM": "jamba",
+    "JambaForCausalLM": "jamba",
     "ZambaForCausalLM": "zamba", "Zamba2ForCausalLM": "zamba2", "BambaForCausalLM": "bamba",
     "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1",
     "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Plamo2ForCausalLM": "plamo2",
 }
 # architectures mambakit loads → the transformers model_type they belong to (None: the official class)
-_MAMBA_ARCHITECTURES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2", "MambaLMHeadModel": None}
+_MAMBA_ARCHITECTURES = {"MambaForCausalLM": "mamba", "Mamba2ForCausalLM": "mamba2",
+                        "FalconMambaForCausalLM": "falcon_mamba", "MambaLMHeadModel": None}
+_HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba")
 # fields that only another family's transformers config has: a "mamba"/"mamba2" config with them is something else
+# (mixer_rms_eps is FalconMamba's own: allowed in a "falcon_mamba" config only)
 _OTHER_FIELDS = {"mixer_rms_eps": "FalconMamba", "attn_layer_indices": "a hybrid", "attn_layer_period": "a hybrid",
                  "hybrid_override_pattern": "a hybrid"}
 _MAMBA2_ONLY_FIELDS = ("num_heads", "head_dim", "n_groups", "chunk_size", "time_step_limit")
 # every field of the official MambaConfig dataclass (which itself refuses others)
 _OFFICIAL_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
                     "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}
-_NOT_YET = "is not supported yet: mambakit implements Mamba-1 and Mamba-2 language models"
+_NOT_YET = "is not supported yet: mambakit implements Mamba-1, FalconMamba and Mamba-2 language models"
 
 
 def _family_error(source: str, what: str) -> CheckpointError:
@@ -134,12 +140,13 @@ def detect_layout(config: dict[str, Any], source: str = CONFIG_NAME) -> str:
     model_type = config.get("model_type")
     if "model_type" in config and not isinstance(model_type, str):
         raise CheckpointError(f"{source}: model_type must be a string, got {model_type!r}")
-    if model_type is not None and model_type not in ("mamba", "mamba2"):
+    if model_type is not None and model_type not in _HF_MODEL_TYPES:
         if model_type in _OTHER_FAMILIES:
             raise _family_error(source, f"{_OTHER_FAMILIES[model_type]} (model_type {model_type!r})")
         raise CheckpointError(
-            f"{source}: unknown model_type {model_type!r}; mambakit reads Mamba-1 and Mamba-2 checkpoints: "
-            "transformers' model_type 'mamba' or 'mamba2', or the official layout (d_model, n_layer, ssm_cfg)")
+            f"{source}: unknown model_type {model_type!r}; mambakit reads Mamba-1, FalconMamba and Mamba-2 "
+            "checkpoints: transformers' model_type 'mamba', 'falcon_mamba' or 'mamba2', or the official layout "
+            "(d_model, n_layer, ssm_cfg)")
     archs = config.get("architectures")
     if archs is not None:
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -148,8 +155,8 @@ def detect_layout(config: dict[str, Any], source: str = CONFIG_NAME) -> str:
             if a in _OTHER_ARCHITECTURES:
                 raise _family_error(source, f"{_OTHER_FAMILIES[_OTHER_ARCHITECTURES[a]]} (architectures {a!r})")
             if a not in _MAMBA_ARCHITECTURES:
-                raise CheckpointError(f"{source}: architectures names {a!r}; mambakit loads Mamba-1 and Mamba-2 "
-                                      f"language models ({', '.join(_MAMBA_ARCHITECTURES)})")
+                raise CheckpointError(f"{source}: architectures names {a!r}; mambakit loads Mamba-1, FalconMamba and "
+                                      f"Mamba-2 language models ({', '.join(_MAMBA_ARCHITECTURES)})")
             owner = _MAMBA_ARCHITECTURES[a]
             if model_type is not None and owner is not None and owner != model_type:
                 raise CheckpointError(f"{source}: architectures names {a!r} (model_type {owner!r}) but model_type is "
@@ -159,15 +166,17 @@ def detect_layout(config: dict[str, Any], source: str = CONFIG_NAME) -> str:
             raise CheckpointError(f"{source} mixes the official layout (d_model) with transformers' fields "
                                   "(hidden_size, model_type): it is neither")
         return "official"
-    if model_type in ("mamba", "mamba2"):
-        others = sorted(k for k in config if k in _OTHER_FIELDS)
+    if model_type in _HF_MODEL_TYPES:
+        others = sorted(k for k in config if k in _OTHER_FIELDS
+                        and not (k == "mixer_rms_eps" and model_type == "falcon_mamba"))
         if others:
             raise _family_error(source, f"a config with {', '.join(others)} ({_OTHER_FIELDS[others[0]]}'s)")
-        if model_type == "mamba":
+        if model_type in ("mamba", "falcon_mamba"):
             mamba2 = sorted(k for k in config if k in _MAMBA2_ONLY_FIELDS)
             if mamba2:
-                raise CheckpointError(f"{source}: a model_type 'mamba' (Mamba-1) config with {', '.join(mamba2)}, "
-                                      "Mamba-2's fields: it contradicts itself (a Mamba-2 config says 'mamba2')")
+                raise CheckpointError(f"{source}: a model_type {model_type!r} (Mamba-1) config with "
+                                      f"{', '.join(mamba2)}, Mamba-2's fields: it contradicts itself (a Mamba-2 "
+                                      "config says 'mamba2')")
         return "hf"
     if "hidden_size" in config:
         raise CheckpointError(f"{source} has hidden_size but no model_type: mambakit does not guess the family "
@@ -196,13 +205,12 @@ def config_from_official(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaC
     attn = d.get("attn_layer_idx") or []
     if not isinstance(attn, list):
         raise CheckpointError(f"{source}: attn_layer_idx must be a list, got {attn!r}")
-    if attn:
-        raise _family_error(source, f"a hybrid with attention layers (attn_layer_idx = {attn[:8]})")
+    attn_cfg = d.get("attn_cfg") or {}
+    if not isinstance(attn_cfg, dict):
+        raise CheckpointError(f"{source}: attn_cfg must be an object, got {type(attn_cfg).__name__}")
     d_int = d.get("d_intermediate", 0)
     if isinstance(d_int, bool) or not isinstance(d_int, int) or d_int < 0:
         raise CheckpointError(f"{source}: d_intermediate must be an int >= 0, got {d_int!r}")
-    if d_int:
-        raise _family_error(source, f"a hybrid with MLP blocks (d_intermediate = {d_int})")
     keys = _OFFICIAL_MAMBA2_KEYS if layer == "Mamba2" else _OFFICIAL_MAMBA_KEYS
     ignored = {"use_mem_eff_path", "sequence_parallel"} if layer == "Mamba2" else {"use_fast_path"}  # kernel choices
     unknown = sorted(set(ssm) - set(keys) - ignored - {"activation"})
@@ -215,8 +223,10 @@ def config_from_official(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaC
                               "['activation']")
     values = {k: ssm[k] for k in keys if k in ssm}
     values["layer"] = "Mamba2" if layer == "Mamba2" else "Mamba"
-    for k in ("d_model", "n_layer", "vocab_size", "rms_norm", "residual_in_fp32", "pad_vocab_size_multiple",
-              "tie_embeddings"):
+    if attn:  # a hybrid: attention layers (attn_cfg is read only then, as the official create_block does)
+        values.update(attn_layer_idx=attn, attn_cfg=attn_cfg)
+    for k in ("d_model", "n_layer", "vocab_size", "d_intermediate", "rms_norm", "residual_in_fp32",
+              "pad_vocab_size_multiple", "tie_embeddings"):
         if k in d:
             values[k] = d[k]
     return MambaConfig.from_dict(values)
@@ -231,6 +241,10 @@ _OFFICIAL_MAMBA2_KEYS = ("d_state", "d_conv", "conv_init", "expand", "headdim", 
 
 
 def config_to_official(c: MambaConfig) -> dict[str, Any]:
+    if c.mixer_rms_eps is not None:
+        raise CheckpointError("FalconMamba (mixer_rms_eps set) has no official layout: state-spaces/mamba's "
+                              "MambaLMHeadModel has no config field for its mixer norms; save it with layout='hf' "
+                              "(transformers' FalconMambaForCausalLM)")
     if c.norm_eps != 1e-5:
         import warnings
 
@@ -244,8 +258,9 @@ def config_to_official(c: MambaConfig) -> dict[str, Any]:
             del ssm_cfg["dt_limit"]  # the official default: its (0, inf) tuple skips the clamp, a JSON list would not
     else:
         ssm_cfg = {k: getattr(c, k) for k in _OFFICIAL_MAMBA_KEYS}
-    return dict(d_model=c.d_model, d_intermediate=0, n_layer=c.n_layer, vocab_size=c.vocab_size, ssm_cfg=ssm_cfg,
-                attn_layer_idx=[], attn_cfg={}, rms_norm=c.rms_norm, residual_in_fp32=c.residual_in_fp32,
+    return dict(d_model=c.d_model, d_intermediate=c.d_intermediate, n_layer=c.n_layer, vocab_size=c.vocab_size,
+                ssm_cfg=ssm_cfg, attn_layer_idx=list(c.attn_layer_idx),
+                attn_cfg=dict(c.attn_cfg) if c.attn_layer_idx else {}, rms_norm=c.rms_norm, residual_in_fp32=c.residual_in_fp32,
                 fused_add_norm=True, pad_vocab_size_multiple=c.pad_vocab_size_multiple,
                 tie_embeddings=c.tie_embeddings)
 
@@ -266,8 +281,9 @@ _HF_DEFAULTS = {"state_size": 16, "conv_kernel": 4, "expand": 2, "time_step_rank
 
 
 def config_from_hf(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaConfig:
-    """transformers MambaConfig (or Mamba2Config, by model_type) → MambaConfig. Its vocab_size is already the
-    padded one, so no padding."""
+    """transformers MambaConfig, FalconMambaConfig (or Mamba2Config), by model_type → MambaConfig. Its
+    vocab_size is already the padded one, so no padding. An intermediate_size in the config is the mixer's width,
+    as transformers reads it (it wins over expand·hidden_size: falcon-mamba-7b says expand 16 and means 2)."""
     if d.get("model_type") == "mamba2":
         return config_from_hf_mamba2(d, source)
     act = d.get("hidden_act", "silu")
@@ -276,6 +292,15 @@ def config_from_hf(d: dict[str, Any], source: str = CONFIG_NAME) -> MambaConfig:
     merged = {**_HF_DEFAULTS, **d}
     values = {ours: merged[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in merged}
     values.update(vocab_size=merged["vocab_size"], pad_vocab_size_multiple=1)
+    if d.get("model_type") == "falcon_mamba":
+        values["mixer_rms_eps"] = merged.get("mixer_rms_eps", 1e-6)  # transformers' default
+    width, hidden = merged.get("intermediate_size"), merged["hidden_size"]
+    if width is not None:
+        if (isinstance(width, bool) or not isinstance(width, int) or isinstance(hidden, bool)
+                or not isinstance(hidden, int) or hidden < 1 or width < 1 or width % hidden):
+            raise CheckpointError(f"{source}: intermediate_size = {width!r} must be a positive multiple of "
+                                  f"hidden_size = {hidden!r} (mambakit's width is expand·d_model)")
+        values["expand"] = width // hidden
     return MambaConfig.from_dict(values)
 
 
@@ -331,6 +356,9 @@ def config_from_hf_mamba2(d: dict[str, Any], source: str = CONFIG_NAME) -> Mamba
 
 
 def config_to_hf(c: MambaConfig, dtype: torch.dtype) -> dict[str, Any]:
+    if c.attn_layer_idx or c.d_intermediate:
+        raise CheckpointError("transformers has no class for the official hybrid (attention layers or MLPs, "
+                              "attn_layer_idx / d_intermediate); save this model with layout='official'")
     if not c.rms_norm:
         raise CheckpointError(
             "transformers' Mamba has RMSNorm only; save a rms_norm=False model with layout='official'"
@@ -341,7 +369,10 @@ def config_to_hf(c: MambaConfig, dtype: torch.dtype) -> dict[str, Any]:
     # rescale_prenorm_residual is an init-time flag, but transformers 5.x re-applies it to out_proj after
     # loading (dividing trained weights by sqrt(n_layer) again), so a checkpoint must say false.
     d.update(architectures=["MambaForCausalLM"], model_type="mamba", vocab_size=c.padded_vocab_size,
-             hidden_act="silu", rescale_prenorm_residual=False, dtype=str(dtype).removeprefix("torch."))
+             hidden_act="silu", rescale_prenorm_residual=False,
+             dtype=str(dtype).removeprefix("torch."))
+    if c.mixer_rms_eps is not None:  # FalconMamba: the same keys, its own class and the norms' epsilon
+        d.update(architectures=["FalconMambaForCausalLM"], model_type="falcon_mamba", mixer_rms_eps=c.mixer_rms_eps)
     return d
 
 
@@ -806,6 +837,8 @@ def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) ->
     for m in model.modules():
         if hasattr(m, "mark_parameters"):
             m.mark_parameters()  # assign=True made new Parameter objects: restore their flags
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()  # unsaved buffers (attention's rotary frequencies) are still on the meta device
     return model
 
 
@@ -862,10 +895,13 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
 
 
-def save_pretrained(model: "MambaLM", path, layout: str = "hf") -> None:
-    """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin), plus the
-    tokenizer files of `model.tokenizer`, replacing the checkpoint files of an earlier save as one unit (see
-    the module docstring); other files in the directory are kept."""
+def save_pretrained(model: "MambaLM", path, layout: str | None = None) -> None:
+    """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin; None: "hf",
+    or "official" for a hybrid, which transformers has no class for), plus the tokenizer files of
+    `model.tokenizer`, replacing the checkpoint files of an earlier save as one unit (see the module docstring);
+    other files in the directory are kept."""
+    if layout is None:
+        layout = "official" if (model.config.attn_layer_idx or model.config.d_intermediate) else "hf"
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     directory = Path(path).expanduser()

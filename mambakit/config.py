@@ -4,6 +4,11 @@ Field names follow the official package (state-spaces/mamba: `MambaConfig` plus 
 `ssm_cfg`, flattened), so an official config.json maps onto it one to one. `layer` picks the mixer as the
 official `ssm_cfg["layer"]` does: "Mamba" (Mamba-1, the paper's selective SSM) or "Mamba2" (SSD, Dao & Gu 2024);
 each mixer reads its own fields (listed below) and a field of the other mixer left at its default is ignored.
+`mixer_rms_eps` set (not None) makes the Mamba-1 mixer FalconMamba's (transformers `FalconMambaForCausalLM`):
+weightless RMS norms of Δ's low-rank input, B and C inside the mixer.
+Hybrids, as the official MixerModel builds them: `attn_layer_idx` makes those layers causal multi-head attention
+(`attn_cfg`: the official MHA's arguments, resolved into `attn`, an AttnSettings) and `d_intermediate > 0` adds a
+gated MLP after every layer's mixer (mambakit/attention.py, mambakit/mlp.py).
 Derived sizes (d_inner, the resolved dt_rank, the padded vocabulary; Mamba-2's d_ssm and nheads) are computed in
 __post_init__; every field is validated there and a bad value raises a ValueError / TypeError that names the
 field.
@@ -53,6 +58,14 @@ class MambaConfig:
     # ---- initialisation of the rest (official mixer_seq_simple.py `_init_weights`)
     initializer_range: float = 0.02  # std of the embedding
     rescale_prenorm_residual: bool = True  # out_proj.weight /= sqrt(n_layer) (GPT-2 scheme)
+    # ---- FalconMamba (transformers FalconMambaConfig.mixer_rms_eps; Mamba-1 only). None: plain Mamba-1. A number:
+    # Δ's low-rank input (R), B and C (N each) are each divided by their RMS (no weight) with this epsilon, in
+    # float32, right after x_proj and before dt_proj (transformers' placement; see docs/models.md).
+    mixer_rms_eps: float | None = None
+    # ---- hybrids (official MambaConfig): attention layers at these indices, an MLP of this width after every mixer
+    d_intermediate: int = 0  # 0: no MLP; else the GatedMLP's hidden width (rounded up to a multiple of 128)
+    attn_layer_idx: list[int] = field(default_factory=list)
+    attn_cfg: dict[str, Any] = field(default_factory=dict)  # the official MHA's keyword arguments (see AttnSettings)
     # ---- Mamba-2 only (official modules/mamba2.py; P = headdim, G = ngroups, H = nheads = d_ssm / P).
     # dt_rank, dt_init and dt_scale are Mamba-1's (Mamba-2 has no dt_proj); dt_min, dt_max, dt_init_floor are shared.
     headdim: int = 64  # P: channels per head; every head has one decay rate A_h and one Δ per token
@@ -69,6 +82,7 @@ class MambaConfig:
     d_inner: int = field(init=False)
     padded_vocab_size: int = field(init=False)
     nheads: int = field(init=False)  # Mamba-2: d_ssm // headdim (0 for Mamba-1)
+    attn: "AttnSettings | None" = field(init=False)  # attn_cfg resolved (None without attention layers)
 
     def __post_init__(self) -> None:
         if self.layer == "Mamba1":
@@ -103,7 +117,32 @@ class MambaConfig:
         self.d_inner = self.expand * self.d_model
         m = self.pad_vocab_size_multiple
         self.padded_vocab_size = -(-self.vocab_size // m) * m  # round up, as the official model does
+        if self.mixer_rms_eps is not None:
+            if self.layer != "Mamba":
+                raise ValueError(f"MambaConfig.mixer_rms_eps is FalconMamba's (a Mamba-1 mixer) field, but layer = "
+                                 f"{self.layer!r}; leave it None")
+            _check_float(self, "mixer_rms_eps", positive=True)
         self._check_mamba2_fields()
+        self._check_hybrid_fields()
+
+    def _check_hybrid_fields(self) -> None:
+        _check_int(self, "d_intermediate", 0)
+        idx = self.attn_layer_idx
+        if not isinstance(idx, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in idx):
+            raise TypeError(f"MambaConfig.attn_layer_idx must be a list of layer indices (ints), got {idx!r}")
+        if any(not 0 <= i < self.n_layer for i in idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"MambaConfig.attn_layer_idx must hold distinct layer indices in [0, n_layer = "
+                             f"{self.n_layer}), got {list(idx)}")
+        self.attn_layer_idx = list(idx)
+        self.attn_cfg = dict(self.attn_cfg) if isinstance(self.attn_cfg, dict) else self.attn_cfg  # own copy
+        if not isinstance(self.attn_cfg, dict):
+            raise TypeError(f"MambaConfig.attn_cfg must be a dict (the official MHA's arguments), got {self.attn_cfg!r}")
+        self.attn = AttnSettings.resolve(self.attn_cfg, self.d_model) if idx else None
+
+    @property
+    def n_mamba_layers(self) -> int:
+        """Layers with a Mamba (or Mamba-2) mixer: those not in attn_layer_idx."""
+        return self.n_layer - len(self.attn_layer_idx)
 
     def _check_mamba2_fields(self) -> None:
         """Mamba-2's fields: validated and resolved for a Mamba2 config; left at their defaults by a Mamba one."""
@@ -163,7 +202,94 @@ class MambaConfig:
     def to_dict(self) -> dict[str, Any]:
         """The init fields (derived sizes left out), JSON-serialisable (dt_limit's inf as JSON's Infinity);
         from_dict(to_dict()) == self."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d["attn_layer_idx"], d["attn_cfg"] = list(self.attn_layer_idx), dict(self.attn_cfg)
+        return d
+
+
+@dataclass(frozen=True)
+class AttnSettings:
+    """The official MHA's arguments (mamba_ssm/modules/mha.py), with its defaults resolved: H = num_heads query
+    heads, H_kv = num_heads_kv key/value heads (GQA: H_kv divides H), head_dim hd (default d_model / H),
+    mlp_dim (rounded up to a multiple of 256, as the official class does), rotary on the first rotary_emb_dim
+    dims of q and k (GPT-NeoX halves unless interleaved), an optional depthwise causal conv of width d_conv over
+    [q | k | v] (no activation), softmax_scale (None: 1/sqrt(hd))."""
+
+    num_heads: int
+    num_heads_kv: int
+    head_dim: int
+    mlp_dim: int = 0
+    qkv_proj_bias: bool = True
+    out_proj_bias: bool = True
+    softmax_scale: float | None = None
+    causal: bool = True
+    d_conv: int = 0
+    rotary_emb_dim: int = 0
+    rotary_emb_base: float = 10000.0
+    rotary_emb_interleaved: bool = False
+
+    @property
+    def qkv_dim(self) -> int:
+        return self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
+
+    @classmethod
+    def resolve(cls, cfg: dict[str, Any], d_model: int) -> "AttnSettings":
+        """attn_cfg → AttnSettings; ValueError / TypeError naming attn_cfg's key for anything off."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"MambaConfig.attn_cfg has keys the official MHA does not take: {unknown}; keys: "
+                             f"{sorted(known)}")
+        if "num_heads" not in cfg:
+            raise ValueError("MambaConfig.attn_cfg must give num_heads (the official MHA has no default)")
+        v = dict(cfg)
+
+        def integer(name: str, lo: int) -> int:
+            x = v[name]
+            if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+                raise ValueError(f"MambaConfig.attn_cfg.{name} must be an int >= {lo}, got {x!r}")
+            return x
+
+        def flag(name: str) -> bool:
+            if not isinstance(v[name], bool):
+                raise TypeError(f"MambaConfig.attn_cfg.{name} must be a bool, got {v[name]!r}")
+            return v[name]
+
+        h = integer("num_heads", 1)
+        v.setdefault("num_heads_kv", None)
+        v["num_heads_kv"] = h if v["num_heads_kv"] is None else integer("num_heads_kv", 1)
+        if h % v["num_heads_kv"]:
+            raise ValueError(f"MambaConfig.attn_cfg.num_heads_kv ({v['num_heads_kv']}) must divide num_heads ({h})")
+        if v.get("head_dim") is None:
+            if d_model % h:
+                raise ValueError(f"MambaConfig.attn_cfg: without head_dim, num_heads ({h}) must divide d_model "
+                                 f"({d_model})")
+            v["head_dim"] = d_model // h
+        integer("head_dim", 1)
+        for name, lo in (("mlp_dim", 0), ("d_conv", 0), ("rotary_emb_dim", 0)):
+            if name in v:
+                integer(name, lo)
+        v["mlp_dim"] = -(-v.get("mlp_dim", 0) // 256) * 256
+        for name in ("qkv_proj_bias", "out_proj_bias", "causal", "rotary_emb_interleaved"):
+            if name in v:
+                flag(name)
+        if not v.get("causal", False):
+            raise ValueError("MambaConfig.attn_cfg.causal must be true: a language model's attention is causal (the "
+                             "official MHA defaults to false, so a hybrid's config sets it)")
+        rd = v.get("rotary_emb_dim", 0)
+        if rd % 2 or rd > v["head_dim"]:
+            raise ValueError(f"MambaConfig.attn_cfg.rotary_emb_dim ({rd}) must be even and <= head_dim "
+                             f"({v['head_dim']})")
+        for name in ("softmax_scale", "rotary_emb_base"):
+            x = v.get(name)
+            if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+                                  or x <= 0):
+                raise ValueError(f"MambaConfig.attn_cfg.{name} must be a positive number, got {x!r}")
+            if x is not None:
+                v[name] = float(x)
+        if v.get("rotary_emb_base") is None:
+            v.pop("rotary_emb_base", None)
+        return cls(**v)
 
 
 def _check_int(cfg: MambaConfig, name: str, minimum: int) -> None:
@@ -211,6 +337,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamba2-780m": dict(layer="Mamba2", d_model=1536, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
     "mamba2-1.3b": dict(layer="Mamba2", d_model=2048, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
     "mamba2-2.7b": dict(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=16),
+    # state-spaces/mamba2attn-2.7b (the Mamba-2 paper's hybrid: 58 Mamba-2 layers, 6 attention layers; config as
+    # /work/shared/mamba2.md §4a gives it)
+    "mamba2attn-2.7b": dict(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=16,
+                            attn_layer_idx=[9, 18, 27, 36, 45, 56],
+                            attn_cfg=dict(causal=True, d_conv=4, head_dim=128, num_heads=30, out_proj_bias=False,
+                                          qkv_proj_bias=False, rotary_emb_dim=64)),
+    # a small byte-level hybrid for experiments and tests: attention at layers 1 and 3 of 4, MLPs of width 128
+    "mamba2attn-tiny": dict(layer="Mamba2", d_model=64, n_layer=4, vocab_size=258, headdim=32, d_intermediate=128,
+                            attn_layer_idx=[1, 3], attn_cfg=dict(num_heads=4, causal=True, d_conv=4,
+                                                                 rotary_emb_dim=16)),
+    # tiiuae/falcon-mamba-7b (its config.json: hidden 4096, intermediate 8192, 64 layers, vocab 65024, untied;
+    # its "expand": 16 contradicts intermediate_size and is overridden by it, as transformers does)
+    "falcon-mamba-7b": dict(d_model=4096, n_layer=64, vocab_size=65024, mixer_rms_eps=1e-6, tie_embeddings=False),
+    "falcon-mamba-tiny": dict(d_model=64, n_layer=2, vocab_size=258, mixer_rms_eps=1e-6),
     "mamba2-tiny": dict(layer="Mamba2", d_model=64, n_layer=2, vocab_size=258, headdim=32),
     "mamba2-mini": dict(layer="Mamba2", d_model=128, n_layer=4, vocab_size=258, headdim=64),
     "mamba2-small": dict(layer="Mamba2", d_model=256, n_layer=8, vocab_size=258, headdim=64),

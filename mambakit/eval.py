@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .generate import extend
-from .model import MambaLM, MambaState
+from .model import MambaLM
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -101,7 +101,7 @@ def score(
             ids = torch.tensor([block[j] for j in rows], dtype=torch.long, device=device)  # (g, l)
             st, h = extend(model, ids, chunk_tokens=chunk_tokens)
             for r, j in enumerate(rows):
-                states[j] = MambaState(st.conv[:, r: r + 1], st.ssm[:, r: r + 1])
+                states[j] = st.rows(torch.tensor([r], device=device))  # a hybrid's KV caches too
                 last_h[j] = h[r]
         # 2. the continuations of these contexts, batch_size rows at a time, from their context's state
         pairs = sorted(((j, i) for j, ctx in enumerate(block) for i in users[ctx]),
@@ -124,8 +124,9 @@ def score(
                     inputs[r, :n] = torch.tensor(c[:-1])
                     targets[r, :n] = torch.tensor(c[1:])
                     valid[r, :n] = True
-                state = MambaState(torch.cat([states[j].conv for j, _ in group], 1),
-                                   torch.cat([states[j].ssm for j, _ in group], 1))  # (n_layer, g, …)
+                state = model.allocate_state(len(group))  # (n_layer, g, …), row r the context of group[r]
+                for r, (j, _) in enumerate(group):
+                    state.set_rows_(torch.tensor([r], device=device), states[j])
                 row_of = torch.arange(len(group), device=device)[:, None].expand(-1, width)  # (g, w)
                 lp_sum = torch.zeros(len(group), dtype=torch.float64, device=device)
                 misses = torch.zeros(len(group), dtype=torch.long, device=device)  # non-argmax targets per row

@@ -7,6 +7,8 @@ W−1) and (h, p, N); see model.MambaState), whatever the length: nothing grows 
 prompts of different lengths batch without attention masks: each distinct length is prefilled on its own
 (rows of equal length together), the per-row states are stacked into one batch state, and then all rows
 decode together. A row that has finished keeps being fed a pad token; its outputs are ignored.
+Hybrids (attention layers, model.MambaState.attn) add a KV cache that does grow with the tokens; each row keeps
+its own length in it (attention.AttentionState), so the same batching stays exact row for row.
 
 Sampling is per row as well: row i draws from its own `torch.Generator` seeded with `seed + i`, so a
 batch gives, row for row, what `generate([prompt_i], seed=seed + i)` gives alone.
@@ -242,8 +244,7 @@ def prefill(model: MambaLM, prompts: list[list[int]], max_tokens_per_call: int =
                 last_logits = logits.new_empty(b, logits.shape[-1])
             index = torch.tensor(chunk, device=device)
             last_logits[index] = logits
-            state.conv[:, index] = row_state.conv.to(state.conv.dtype)
-            state.ssm[:, index] = row_state.ssm
+            state.set_rows_(index, row_state)  # a hybrid's KV caches too, each row at its own length
     return state, last_logits
 
 

@@ -9,6 +9,8 @@ Glossary (paper letters → names here):
 
 Pieces, smallest first: RMSNorm → Mamba (the mixer block of Figure 3) → ResidualBlock → MambaLM.
 The Mamba-2 mixer (mamba2.py) plugs into the same blocks: `config.layer` picks the mixer of every layer.
+Hybrids (the official MixerModel's options): the layers in `config.attn_layer_idx` get the attention mixer
+(attention.py) instead, and `config.d_intermediate > 0` adds norm2 → GatedMLP (mlp.py) after every mixer.
 Parameter names and shapes are those of state-spaces/mamba (`MambaLMHeadModel`), so `state_dict()` is the
 official layout. The scan and the conv are the ops of `mambakit.ops`; this file never re-implements them.
 """
@@ -25,8 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .attention import MHA, AttentionState
 from .config import MambaConfig
 from .mamba2 import Mamba2
+from .mlp import GatedMLP
 
 _HALF = (torch.float16, torch.bfloat16)
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
@@ -81,10 +85,14 @@ class MambaState:
     Mamba2: conv (n_layer, b, S + 2·G·N, W − 1): the last W − 1 inputs of the conv over [x | B | C];
             ssm  (n_layer, b, h, p, N): one P×N state per head, in float32.
     Rows (dim 1) are sequences in either case: callers index and copy state.conv[:, rows], state.ssm[:, rows].
+    Hybrids: conv and ssm stack the Mamba layers only (n_mamba_layers of them, in order), and `attn` holds the
+    attention layers' KV caches and per-row lengths (attention.AttentionState; None for a model without
+    attention layers): use `rows` / `set_rows_` to move rows of such a state.
     """
 
     conv: Tensor
     ssm: Tensor
+    attn: Optional[AttentionState] = None
 
     @classmethod
     def zeros(cls, config: MambaConfig, batch_size: int, device=None, dtype=torch.float32) -> "MambaState":
@@ -92,7 +100,20 @@ class MambaState:
         conv_shape, ssm_shape = state_shapes(config, batch_size)
         conv = torch.zeros(conv_shape, device=device, dtype=dtype)
         ssm = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
-        return cls(conv, ssm)
+        attn = None if config.attn is None else AttentionState.zeros(config, batch_size, device, dtype)
+        return cls(conv, ssm, attn)
+
+    def rows(self, index: Tensor) -> "MambaState":
+        """A new state holding the rows `index` (a 1-d index tensor) of this one."""
+        return MambaState(self.conv[:, index].clone(), self.ssm[:, index].clone(),
+                          None if self.attn is None else self.attn.rows(index))
+
+    def set_rows_(self, index: Tensor, src: "MambaState") -> None:
+        """Rows `index` of this state become the rows of src, in order (in place; KV caches grow as needed)."""
+        self.conv[:, index] = src.conv.to(self.conv.dtype)
+        self.ssm[:, index] = src.ssm
+        if self.attn is not None:
+            self.attn.set_rows_(index, src.attn)
 
     @property
     def batch_size(self) -> int:
@@ -100,12 +121,12 @@ class MambaState:
 
 
 def state_shapes(config: MambaConfig, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The (conv, ssm) shapes of a MambaState of `config`'s mixer for batch_size rows."""
-    c, b = config, batch_size
+    """The (conv, ssm) shapes of a MambaState of `config`'s mixer for batch_size rows (a hybrid's Mamba layers)."""
+    c, b, n = config, batch_size, config.n_mamba_layers
     if c.layer == "Mamba2":
         conv_dim = c.d_ssm + 2 * c.ngroups * c.d_state
-        return (c.n_layer, b, conv_dim, c.d_conv - 1), (c.n_layer, b, c.nheads, c.headdim, c.d_state)
-    return (c.n_layer, b, c.d_inner, c.d_conv - 1), (c.n_layer, b, c.d_inner, c.d_state)
+        return (n, b, conv_dim, c.d_conv - 1), (n, b, c.nheads, c.headdim, c.d_state)
+    return (n, b, c.d_inner, c.d_conv - 1), (n, b, c.d_inner, c.d_state)
 
 
 @dataclass
@@ -130,6 +151,13 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(self.weight.dtype)
 
 
+def weightless_rms_norm(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x²) + eps) over the last dim, computed in float32 and returned in x's dtype: FalconMamba's
+    norm of Δ's low-rank input, B and C (no weight, no bias; transformers' FalconMambaWeightlessRMSNorm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm in float32, returned in the weight's dtype (for configs with rms_norm=False)."""
 
@@ -144,6 +172,7 @@ class Mamba(nn.Module):
 
     x, z = in_proj(u); x = SiLU(conv1d(x)); (δ, B, C) = x_proj(x); Δ = softplus(dt_proj(δ) + bias);
     y = SelectiveScan(x, Δ, A, B, C) + D·x; out = out_proj(y · SiLU(z)).
+    FalconMamba (config.mixer_rms_eps set): δ, B and C are each RMS-normed (no weight) first (`split_dbc`).
     """
 
     def __init__(self, config: MambaConfig):
@@ -230,10 +259,8 @@ class Mamba(nn.Module):
         """The SSM of the block: x, z (b, l, E·D) → y = (SSM(x) + D·x)·SiLU(z) (b, l, E·D) and the final
         state (b, E·D, N) float32. A subclass replaces this (and `ssm_step`) to put another SSM in the same
         block, e.g. the LTI S4D of the paper's Table 1 ("Mamba block with S4")."""
-        c = self.config
         # 3. the selection mechanism (Section 3.2, Algorithm 2): Δ, B, C are functions of the input
-        dbc = self.x_proj(x)  # (b, l, R + 2N)
-        dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)
+        dt, B, C = self.split_dbc(self.x_proj(x))  # (b, l, R), (b, l, N), (b, l, N)
         delta = F.linear(dt, self.dt_proj.weight)  # (b, l, E·D); the bias goes to the scan as delta_bias
         A = -torch.exp(self.A_log.float())  # (E·D, N)
         with torch.autocast(x.device.type, enabled=False):
@@ -242,6 +269,19 @@ class Mamba(nn.Module):
             return ops.selective_scan(
                 x, delta, A, B, C, z=z, initial_state=ssm_state, return_final_state=True, **scan_args
             )
+
+    def split_dbc(self, dbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x_proj's output (…, R + 2N) → Δ's low-rank input (…, R), B (…, N), C (…, N); with
+        config.mixer_rms_eps (FalconMamba) each of the three divided by its RMS, before dt_proj."""
+        c = self.config
+        dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)
+        if c.mixer_rms_eps is not None:
+            eps = c.mixer_rms_eps
+            dt = weightless_rms_norm(dt, eps)
+            # B and C (the last 2N columns) normed in one call, each over its own N
+            BC = weightless_rms_norm(dbc[..., c.dt_rank:].unflatten(-1, (2, c.d_state)), eps)  # (…, 2, N)
+            B, C = BC.unbind(-2)
+        return dt, B, C
 
     @torch.no_grad()
     def step(self, u: Tensor, conv_state: Tensor, ssm_state: Tensor) -> Tensor:
@@ -257,9 +297,7 @@ class Mamba(nn.Module):
 
     def ssm_step(self, x: Tensor, z: Tensor, ssm_state: Tensor) -> Tensor:
         """`ssm` for one token: x, z (b, E·D) → y (b, E·D); ssm_state (b, E·D, N) updated in place."""
-        c = self.config
-        dbc = self.x_proj(x)
-        dt, B, C = torch.split(dbc, [c.dt_rank, c.d_state, c.d_state], dim=-1)  # (b, R), (b, N), (b, N)
+        dt, B, C = self.split_dbc(self.x_proj(x))  # (b, R), (b, N), (b, N)
         delta = F.linear(dt, self.dt_proj.weight)  # (b, E·D); the bias goes to the update as delta_bias
         A = -torch.exp(self.A_log.float())  # (E·D, N)
         return ops.selective_state_update(ssm_state, x, delta, A, B, C, D=self.D.float(), z=z,
@@ -278,24 +316,42 @@ def mixer_class(config: MambaConfig, mixer_cls: type[nn.Module] | None = None) -
     return mixer_cls
 
 
+def make_norm(config: MambaConfig) -> nn.Module:
+    return RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(config.d_model,
+                                                                                    eps=config.norm_eps)
+
+
 class ResidualBlock(nn.Module):
-    """Pre-norm residual: r ← r + Mamba(Norm(r)).
+    """Pre-norm residual: r ← r + Mamba(Norm(r)); with config.d_intermediate > 0 then r ← r + MLP(Norm2(r)).
 
     The official Block is written Add → Norm → Mixer (to fuse the add into the norm kernel); that is the
-    same computation. With residual_in_fp32 the residual stream r stays float32 in a bf16 model.
+    same computation. With residual_in_fp32 the residual stream r stays float32 in a bf16 model. An attention
+    layer (`attention=True`, a hybrid's) has the attention mixer (attention.MHA) in the same place, and
+    `attend` instead of `forward`.
     """
 
-    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] | None = None):
+    def __init__(self, config: MambaConfig, mixer_cls: type[nn.Module] | None = None, attention: bool = False):
         super().__init__()
-        mixer_cls = mixer_class(config, mixer_cls)
-        self.norm = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
-            config.d_model, eps=config.norm_eps
-        )
-        self.mixer = mixer_cls(config)
+        self.is_attention = attention
+        self.norm = make_norm(config)
+        self.mixer = MHA(config) if attention else mixer_class(config, mixer_cls)(config)
+        if config.d_intermediate > 0:
+            self.norm2 = make_norm(config)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate)
+        else:
+            self.mlp = None
 
     def forward(self, residual: Tensor, conv_state=None, ssm_state=None):
         out, conv_state, ssm_state = self.mixer(self.norm(residual), conv_state, ssm_state, return_state=True)
-        return residual + out, conv_state, ssm_state
+        return self.add_mlp(residual + out), conv_state, ssm_state
+
+    def attend(self, residual: Tensor, kv=None, conv_state=None, lengths=None) -> Tensor:
+        """An attention layer: residual (b, l, D) → (b, l, D); the cache arguments as attention.MHA.forward's."""
+        return self.add_mlp(residual + self.mixer(self.norm(residual), kv, conv_state, lengths))
+
+    def add_mlp(self, residual: Tensor) -> Tensor:
+        """r + MLP(Norm2(r)) with an MLP (d_intermediate > 0), else r."""
+        return residual if self.mlp is None else residual + self.mlp(self.norm2(residual))
 
 
 class Backbone(nn.Module):
@@ -305,10 +361,9 @@ class Backbone(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.layers = nn.ModuleList(ResidualBlock(config, mixer_cls) for _ in range(config.n_layer))
-        self.norm_f = RMSNorm(config.d_model, config.norm_eps) if config.rms_norm else LayerNorm(
-            config.d_model, eps=config.norm_eps
-        )
+        attn = set(config.attn_layer_idx)
+        self.layers = nn.ModuleList(ResidualBlock(config, mixer_cls, attention=i in attn) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
 
     def forward(
         self, input_ids: Tensor | None = None, state: MambaState | None = None, return_state: bool = False,
@@ -322,14 +377,35 @@ class Backbone(nn.Module):
             raise ValueError("Backbone.forward takes exactly one of input_ids and inputs_embeds")
         h = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (b, l, D)
         residual = h.float() if self.config.residual_in_fp32 else h
+        b, l = h.shape[:2]
+        attn = None  # a hybrid's KV caches: a copy of the given ones (left untouched), extended by these l tokens
+        if self.config.attn is not None and (state is not None or return_state):
+            attn = state.attn.clone() if state is not None else AttentionState.zeros(
+                self.config, b, h.device, self.embedding.weight.dtype, capacity=l)
+            attn.reserve(int(attn.lengths.max()) + l)
         conv_states, ssm_states = [], []
-        for i, layer in enumerate(self.layers):
-            cs, ss = (state.conv[i], state.ssm[i]) if state is not None else (None, None)
+        j = a = 0  # the next Mamba layer's index in the state; the next attention layer's
+        for layer in self.layers:
+            if layer.is_attention:
+                cache = () if attn is None else (attn.kv[a], None if attn.conv is None else attn.conv[a], attn.lengths)
+                residual = layer.attend(residual, *cache)
+                a += 1
+                continue
+            cs, ss = (state.conv[j], state.ssm[j]) if state is not None else (None, None)
             residual, cs, ss = layer(residual, cs, ss)
             conv_states.append(cs)
             ssm_states.append(ss)
+            j += 1
         h = self.norm_f(residual)  # (b, l, D), in the model's dtype
-        new_state = MambaState(torch.stack(conv_states), torch.stack(ssm_states)) if return_state else None
+        new_state = None
+        if return_state:
+            if attn is not None:
+                attn.lengths += l
+            if conv_states:
+                new_state = MambaState(torch.stack(conv_states), torch.stack(ssm_states), attn)
+            else:  # every layer is attention: empty Mamba states
+                empty = MambaState.zeros(self.config, b, h.device, self.embedding.weight.dtype)
+                new_state = MambaState(empty.conv, empty.ssm, attn)
         return h, new_state
 
 
@@ -362,18 +438,20 @@ class MambaLM(nn.Module):
     def reset_parameters(self) -> None:
         """The official `_init_weights` (mixer_seq_simple.py) applied on top of the PyTorch defaults:
         Linear biases zeroed (except the Δ bias), embedding ~ N(0, initializer_range), and out_proj rescaled
-        by 1/sqrt(n_layer) (GPT-2's scheme for residual branches; one residual branch per layer, no MLP). The
-        same for both mixers (Mamba-2's dt_bias is a parameter of its own, not a Linear bias)."""
+        by 1/sqrt(n_layer) (GPT-2's scheme for residual branches; one residual branch per layer). With MLPs
+        (d_intermediate > 0) a layer has two branches: out_proj and fc2 rescaled by 1/sqrt(2·n_layer). The
+        same for every mixer (Mamba-2's dt_bias is a parameter of its own, not a Linear bias)."""
         c = self.config
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.backbone.embedding.weight, std=c.initializer_range)
         if c.rescale_prenorm_residual:
+            branches = 2 if c.d_intermediate > 0 else 1
             for layer in self.backbone.layers:
-                w = layer.mixer.out_proj.weight
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-                w /= math.sqrt(c.n_layer)
+                for w in [layer.mixer.out_proj.weight] + ([] if layer.mlp is None else [layer.mlp.fc2.weight]):
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                    w /= math.sqrt(branches * c.n_layer)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -407,8 +485,21 @@ class MambaLM(nn.Module):
         self.check_step_inputs(input_ids, state)
         h = self.backbone.embedding(input_ids)  # (b, D)
         residual = h.float() if self.config.residual_in_fp32 else h
-        for layer, conv_state, ssm_state in zip(self.backbone.layers, state.conv, state.ssm):
-            residual = residual + layer.mixer.step(layer.norm(residual), conv_state, ssm_state)
+        attn = state.attn
+        if attn is not None:
+            attn.reserve(int(attn.lengths.max()) + 1)  # grows the KV caches (capacity doubled) when full
+        j = a = 0  # the next Mamba layer's index in the state; the next attention layer's
+        for layer in self.backbone.layers:
+            if layer.is_attention:  # the token at each row's own position, its key and value cached in place
+                cache = (attn.kv[a], None if attn.conv is None else attn.conv[a], attn.lengths)
+                residual = layer.attend(residual[:, None], *cache)[:, 0]
+                a += 1
+            else:
+                residual = residual + layer.mixer.step(layer.norm(residual), state.conv[j], state.ssm[j])
+                residual = layer.add_mlp(residual)
+                j += 1
+        if attn is not None:
+            attn.lengths += 1
         return self.lm_head(self.backbone.norm_f(residual))  # (b, V)
 
     def check_step_inputs(self, input_ids: Tensor, state: MambaState) -> None:
@@ -429,7 +520,7 @@ class MambaLM(nn.Module):
 
     def allocate_state(self, batch_size: int) -> MambaState:
         """A zero state (the state before any token) on the model's device, conv state in its dtype."""
-        w = self.backbone.layers[0].mixer.conv1d.weight
+        w = self.backbone.embedding.weight
         return MambaState.zeros(self.config, batch_size, device=w.device, dtype=w.dtype)
 
     def _check_inputs(self, input_ids, labels, state, num_last_tokens) -> None:
@@ -456,6 +547,29 @@ class MambaLM(nn.Module):
         device = self.lm_head.weight.device
         if state.conv.device != device or state.ssm.device != device:
             raise ValueError(f"state is on {state.ssm.device}/{state.conv.device}, the model on {device}")
+        self._check_attention_state(state.attn, b)
+
+    def _check_attention_state(self, attn, b: int) -> None:
+        """A hybrid's KV caches (state.attn) against this model: present exactly when it has attention layers."""
+        c = self.config
+        if c.attn is None:
+            if attn is not None:
+                raise ValueError("state has KV caches (state.attn) but this model has no attention layers")
+            return
+        if not isinstance(attn, AttentionState):
+            raise ValueError(f"this hybrid model's state needs its attention layers' KV caches: state.attn must be an "
+                             f"AttentionState, got {type(attn).__name__}")
+        a = c.attn
+        want = (len(c.attn_layer_idx), b, attn.capacity, 2, a.num_heads_kv, a.head_dim)
+        conv_ok = (attn.conv is None) if a.d_conv == 0 else (
+            attn.conv is not None and tuple(attn.conv.shape) == (want[0], b, a.qkv_dim, a.d_conv - 1))
+        if tuple(attn.kv.shape) != want or not conv_ok or tuple(attn.lengths.shape) != (b,):
+            raise ValueError(f"state.attn does not fit this model and batch: kv {tuple(attn.kv.shape)} (want {want} = "
+                             "(attention layers, b, capacity, 2, num_heads_kv, head_dim)), lengths "
+                             f"{tuple(attn.lengths.shape)} (want ({b},))")
+        if attn.lengths.dtype != torch.long or (b and int(attn.lengths.min()) < 0) or (
+                b and int(attn.lengths.max()) > attn.capacity):
+            raise ValueError("state.attn.lengths must be int64 counts in [0, capacity]")
 
     # ---------------------------------------------------------------------------------------- checkpoints
     @classmethod
@@ -481,9 +595,10 @@ class MambaLM(nn.Module):
 
         return push_to_hub(self, repo_id, token=token, private=private, revision=revision)
 
-    def save_pretrained(self, path, layout: str = "hf") -> None:
+    def save_pretrained(self, path, layout: str | None = None) -> None:
         """Writes config.json + weights atomically: layout "hf" (model.safetensors, transformers'
-        MambaForCausalLM) or "official" (pytorch_model.bin, state-spaces/mamba); plus `self.tokenizer`, if set."""
+        MambaForCausalLM) or "official" (pytorch_model.bin, state-spaces/mamba); None: "hf", or "official" for a
+        hybrid (transformers has no class for it); plus `self.tokenizer`, if set."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, layout=layout)

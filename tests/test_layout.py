@@ -93,17 +93,21 @@ def test_the_import_graph_has_no_cycles():
 
 
 def test_the_model_imports_only_torch_config_and_ops():
-    # the model's files: model.py and the Mamba-2 mixer it builds (mamba2.py), itself torch + config + ops
+    # the model's files: model.py and the mixers and MLP it builds (mamba2.py, attention.py, mlp.py), themselves
+    # torch + config + ops
     imported = {m for m, top in _imports(PACKAGE / "model.py") if top}
-    assert imported == {"mambakit.ops", "mambakit.config", "mambakit.mamba2"}, imported
+    assert imported == {"mambakit.ops", "mambakit.config", "mambakit.mamba2", "mambakit.attention",
+                        "mambakit.mlp"}, imported
     assert {m for m, _ in _imports(PACKAGE / "mamba2.py")} == {"mambakit.ops", "mambakit.config"}
+    assert {m for m, _ in _imports(PACKAGE / "attention.py")} == {"mambakit.ops", "mambakit.config"}
+    assert {m for m, _ in _imports(PACKAGE / "mlp.py")} == set()
     # its deferred imports: the checkpoint reader behind MambaLM.from_pretrained / save_pretrained, which builds
     # the model through the class it is given, and the Hub resolver; neither imports model.py
     deferred = {m for m, top in _imports(PACKAGE / "model.py") if not top}
     assert deferred == {"mambakit.checkpoint", "mambakit.hub"}, deferred
     assert not any(m.startswith("mambakit.model") for m, _ in _imports(PACKAGE / "checkpoint.py"))
     assert not any(m.startswith("mambakit.model") for m, top in _imports(PACKAGE / "hub.py") if top)
-    for name in ("model.py", "mamba2.py"):
+    for name in ("model.py", "mamba2.py", "attention.py", "mlp.py"):
         tree = ast.parse((PACKAGE / name).read_text(encoding="utf-8"))
         third_party = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         third_party |= {n.module.split(".")[0] for n in ast.walk(tree)

@@ -16,7 +16,8 @@ stages and their order are those of `Mamba.step`; what differs is rounding: inte
 where a bfloat16 model's unfused step rounds x, z and the projections' outputs to bfloat16.
 
 `unsupported(model)` and `FusedDecoder.supports(input_ids, state)` say when the fused path runs (CPU, float32 or
-bfloat16 weights, RMSNorm, a float32 residual stream, the plain Mamba mixer, batch ≤ MAX_BATCH[dtype], a state
+bfloat16 weights, RMSNorm, a float32 residual stream, the plain Mamba mixer (FalconMamba's too: its mixer norms
+run in `_mixer_norms`), batch ≤ MAX_BATCH[dtype], a state
 layout the kernel reads); `mambakit.engine.step_function` takes the unfused `MambaLM.step` otherwise.
 """
 
@@ -261,7 +262,7 @@ def _conv16(typingctx, conv_state, conv_wt, xz, xc, bb, e0, n):
 
 
 def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, p_x, p_dt, dt_b, A, Dv, ssm_state,
-           p_out, b_out, hn, xz, xc, dbc, y, o, sync):
+           p_out, b_out, hn, xz, xc, dbc, y, o, sync, rms_eps, dbn):
     """Thread t's part of one layer for b sequences; r (b, D) float32 is the residual stream, updated in place
     (r += mixer(norm(r))).
 
@@ -271,7 +272,10 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     (D,), conv_b (E,), dt_b (E,), Dv (E,), b_in (2E,) / b_out (D,) or empty. A (E, N) float32 = −exp(A_log).
     conv_state (b, E, W − 1) in the model's dtype and ssm_state (b, E, N) float32 are updated in place. Float32
     scratch: hn (T, b, D), xz (b, 2E), xc (b, E), dbc (b, R + 2N), y (b, E), o (b, D), the outputs of packed
-    matrices whole panels wide.
+    matrices whole panels wide. FalconMamba (rms_eps ≥ 0; −1 for Mamba): after x_proj each thread writes the
+    RMS-normed Δ input, B and C into its own dbn[t] (T, b, R + 2N) and its state-update tasks read that copy
+    (`_mixer_norms`; no wait: dbc is next written in the next layer's x_proj phase, after every task of this
+    layer's state update is done).
 
     First each thread computes the RMSNorm of r into its own hn[t]. Then four phases; each thread takes a
     phase's tasks from its own range first, then from the others', and waits for the phase to be done before
@@ -301,6 +305,10 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
         k, q = claim(sync, 1, n_x, t, threads, q)
     finish(sync, 1, threads, count)
     wait(sync, 1, threads, n_x)
+    d = dbc
+    if rms_eps >= 0:  # FalconMamba: this thread's normed copy
+        d = dbn[t]
+        _mixer_norms(dbc, p_dt.shape[1], A.shape[1], rms_eps, d)
     k, q = claim(sync, 2, n_ch, t, threads, 0)
     count = 0
     o0, o1 = home(n_out, t, threads)  # this thread's out_proj panels, fetched while the state update computes
@@ -309,7 +317,7 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     while k < n_ch:
         j = k - s0  # the j-th of its own tasks fetches the j-th part (none when taking another thread's task)
         part = ahead[j * ahead.shape[0] // (s1 - s0):(j + 1) * ahead.shape[0] // (s1 - s0)] if q == 0 else ahead[:0]
-        _delta_state_update(k, dbc, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y, part)
+        _delta_state_update(k, d, p_dt, dt_b, A, Dv, ssm_state, xz, xc, y, part)
         count += 1
         k, q = claim(sync, 2, n_ch, t, threads, q)
     finish(sync, 2, threads, count)
@@ -325,12 +333,13 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
 
 
 def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, R, dt_b, A, Dv, ssm_all, b_out,
-            hn, xz, xc, dbc, y, o, sync, threads):
+            hn, xz, xc, dbc, y, o, sync, threads, rms_eps, dbn):
     """All L layers of a step in one parallel region (`threads` iterations of a prange), a thread going through
     the layers one after the other (`_layer`); the phases' waits order them. The small weights come stacked
     by layer (norm_w (L, D), b_in (L, 2E or 0), conv_wt (L, W, E), conv_b, dt_b, Dv (L, E or 0), A (L, E, N),
     b_out (L, D or 0)), in_proj, x_proj, dt_proj and out_proj packed in one flat buffer, `panels`, layer i's four
-    starting at offsets[i]; R the dt rank; the states as (L, b, E, W − 1) and (L, b, E, N); sync (L, …).
+    starting at offsets[i]; R the dt rank; the states as (L, b, E, W − 1) and (L, b, E, N); sync (L, …);
+    rms_eps FalconMamba's mixer-norm epsilon (−1: plain Mamba) and dbn its per-thread scratch (`_layer`).
 
     Why one region for the step, not one a layer: with OMP_WAIT_POLICY=PASSIVE the second thread sleeps
     between regions, and each layer's region also cost a Python loop turn and a numba dispatch of 24 arguments,
@@ -360,7 +369,7 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, R,
             at += s_dt
             p_out = panels[at:at + s_out].reshape((n_out, E, GROUP))
             _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_wt[i], conv_b[i], conv_all[i], p_x, p_dt,
-                   dt_b[i], A[i], Dv[i], ssm_all[i], p_out, b_out[i], hn, xz, xc, dbc, y, o, sync[i])
+                   dt_b[i], A[i], Dv[i], ssm_all[i], p_out, b_out[i], hn, xz, xc, dbc, y, o, sync[i], rms_eps, dbn)
 
 
 def _norm(r, norm_w, eps, hn):
@@ -382,6 +391,25 @@ def _norm(r, norm_w, eps, hn):
         scale = _F32(1.0) / np.sqrt(ss / _F32(D) + _F32(eps))
         for j in range(D):
             hn[bb, j] = r[bb, j] * scale * widen(norm_w[j])
+
+
+def _mixer_norms(dbc, R, N, eps, out):
+    """FalconMamba's weightless RMS norms (`Mamba.split_dbc`): out[:, :R] = Δ's input / rms, out[:, R : R + N] =
+    B / rms, out[:, R + N : R + 2N] = C / rms, each over its own columns, in float32; the sums of squares in 8
+    chains added pairwise (a fixed order, as `_norm`)."""
+    b = dbc.shape[0]
+    ss8 = np.zeros(8, dtype=np.float32)
+    for bb in range(b):
+        for part in range(3):  # Δ's input, B, C
+            j0 = 0 if part == 0 else R + (part - 1) * N
+            n = R if part == 0 else N
+            ss8[:] = 0
+            for j in range(n):
+                ss8[j % 8] = fma(dbc[bb, j0 + j], dbc[bb, j0 + j], ss8[j % 8])
+            halve(ss8, 4), halve(ss8, 2), halve(ss8, 1)
+            scale = _F32(1.0) / np.sqrt(ss8[0] / _F32(n) + _F32(eps))
+            for j in range(n):
+                out[bb, j0 + j] = dbc[bb, j0 + j] * scale
 
 
 # Why the phases below pass channel counts as arguments: each is called with the literal GROUP or ROWS when
@@ -532,6 +560,7 @@ def _residual(j0, n, o, b_out, r):
 
 _layer = njit(inline="always", **kernel_options(parallel=False))(_layer)
 _norm = njit(inline="always", **kernel_options(parallel=False))(_norm)
+_mixer_norms = njit(inline="always", **kernel_options(parallel=False))(_mixer_norms)
 _in_proj_task = njit(inline="always", **kernel_options(parallel=False))(_in_proj_task)
 _in_proj_conv = njit(inline="always", **kernel_options(parallel=False))(_in_proj_conv)
 _delta_state_update = njit(inline="always", **kernel_options(parallel=False))(_delta_state_update)
@@ -572,6 +601,8 @@ def unsupported(model) -> str | None:
         return f"weights in {w.dtype}; the fused step covers float32 and bfloat16"
     if not c.rms_norm:
         return "LayerNorm model (rms_norm=False)"
+    if c.attn_layer_idx or c.d_intermediate:
+        return "a hybrid (attention layers or MLPs)"
     if not (c.residual_in_fp32 or w.dtype == torch.float32):
         return "a bfloat16 residual stream (residual_in_fp32=False)"
     other = {type(layer.mixer).__name__ for layer in model.backbone.layers if type(layer.mixer) is not Mamba}
@@ -726,10 +757,11 @@ class FusedDecoder:
         if parallel:
             set_threads()
         threads = numba.get_num_threads() if parallel else 1
-        hn, xz, xc, dbc, y, o, sync = _scratch(threads, b, c.d_model, E, R, N, c.n_layer)
+        hn, xz, xc, dbc, y, o, dbn, sync = _scratch(threads, b, c.d_model, E, R, N, c.n_layer)
         norm_w, eps, flat, offsets, b_in, conv_w, conv_b, dt_b, A, Dv, b_out = weights
+        rms_eps = -1.0 if c.mixer_rms_eps is None else float(c.mixer_rms_eps)  # FalconMamba's mixer norms
         _LAYERS[parallel](r.numpy(), norm_w, eps, flat, offsets, b_in, conv_w, conv_b, _np(conv), R, dt_b, A,
-                          Dv, ssm.numpy(), b_out, hn, xz, xc, dbc, y, o, sync, threads)
+                          Dv, ssm.numpy(), b_out, hn, xz, xc, dbc, y, o, sync, threads, rms_eps, dbn)
         h = model.backbone.norm_f(r)  # (b, D)
         return panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as MambaLM.step
 
@@ -740,7 +772,7 @@ _SCRATCH = threading.local()  # a thread's float32 scratch buffer and task count
 def _scratch(threads: int, b: int, D: int, E: int, R: int, N: int, L: int) -> tuple[np.ndarray, ...]:
     """The step's scratch arrays (`_layer`: hn (T, b, D), a normed input a thread; xz (b, 2E), y (b, E), o (b, D),
     the outputs of packed matrices, whole panels wide (`panels.padded`); xc (b, E); dbc (b, R + 2N), x_proj's
-    output, whole panels wide too) as views
+    output, whole panels wide too; dbn (T, b, R + 2N) a thread's FalconMamba-normed copy of it) as views
     of one float32 buffer, and the layers' task counters (L, sync_size), zeroed (ops/cpu/tasks.py).
 
     Reused from step to step (no allocation per step). Every scratch element is written before it is read
@@ -748,7 +780,8 @@ def _scratch(threads: int, b: int, D: int, E: int, R: int, N: int, L: int) -> tu
     (`threading.local`), so concurrent steps from two threads never share it; it grows to the largest batch
     seen and is carved into C-contiguous views for smaller ones (a server's batch changes from step to step)."""
     P = panels.padded
-    shapes = ((threads, b, D), (b, P(2 * E)), (b, E), (b, P(R + 2 * N)), (b, P(E)), (b, P(D)))
+    shapes = ((threads, b, D), (b, P(2 * E)), (b, E), (b, P(R + 2 * N)), (b, P(E)), (b, P(D)),
+              (threads, b, P(R + 2 * N)))
     sizes = [-(-int(np.prod(s)) // 16) * 16 for s in shapes]  # each view starts on a cache line
     n_sync = sync_size(PHASES, threads)
     buf, sync = getattr(_SCRATCH, "buf", None), getattr(_SCRATCH, "sync", None)

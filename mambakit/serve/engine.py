@@ -144,6 +144,9 @@ class Engine:
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, {max_queue}, "
                              f"{prefill_chunk}")
+        if getattr(model.config, "attn", None) is not None:
+            raise ValueError("the server does not serve hybrids with attention layers yet: its slot pool holds "
+                             "fixed-size Mamba states, not growing KV caches (use mambakit.generate)")
         self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer = model, tokenizer
         self.step_fn = cpu_engine.step_function(model, fused)  # fused where it applies (logged once)
