@@ -448,22 +448,39 @@ def test_fused_inference_equals_autograd_path(case, packed):
     assert_close(y_fused, y_torch.detach(), 1e-5, "fused vs torch twin")
 
 
-def test_intra_chunk_kernel_equals_its_twin():
-    """The kernel and `ssd.intra_chunk` on the same raw inputs (not only through ssd): every output row."""
-    from mambakit.ops.cpu.ssd import intra_chunk, intra_chunk_fused
+@pytest.mark.parametrize("tokens", [8, 24, 4096])  # several groups of chunks (a shorter last one), or one group
+def test_fused_inference_chunk_groups(monkeypatch, tokens):
+    """The inference path takes the chunks in groups of about BLOCK_TOKENS tokens, the state carried from one group
+    to the next: any group size gives the reference's outputs and final states (packed sequences, g > 1, padding)."""
+    from mambakit.ops.cpu import ssd_fused
 
-    gen = torch.Generator().manual_seed(3)
-    b, c, h, Q, g, p = 2, 3, 6, 8, 3, 5
-    r = partial(torch.randn, generator=gen)
-    xbar, CB = r(b, c * Q, h, p), r(b, c, g, Q, Q)
-    acs = -r(b, c, h, Q).abs().cumsum(-1)  # non-increasing from each chunk's start, as Δ·A ≤ 0 makes it
-    y_in, from_start = r(b, c, g, Q, (h // g) * p), r(b, c, h, Q).abs()
-    seq = torch.sort(torch.randint(0, 4, (b, c * Q), generator=gen), 1).values
+    monkeypatch.setattr(ssd_fused, "BLOCK_TOKENS", tokens)
+    b, l, h, p, g, n = 2, 45, 4, 3, 2, 5
+    inp = make_inputs(b, l, h, p, g, n, torch.float32, D="channel")
+    seq = torch.sort(torch.randint(0, 4, (b, l), generator=torch.Generator().manual_seed(5)), 1).values
     for s in (None, seq):
-        want = intra_chunk(xbar, acs, CB, y_in, from_start, s, torch.float32)
-        got = intra_chunk_fused(xbar, acs, CB, y_in, from_start, s, torch.float32)
-        assert got.shape == want.shape == (b, c * Q, h, p)
-        assert_close(got, want, 1e-6, f"intra_chunk, seq {'given' if s is not None else 'none'}")
+        kw = dict(chunk_size=8, dt_softplus=True, seq_idx=s, return_final_states=True)
+        with torch.no_grad():
+            y, st = ssd_cpu(**inp, **kw)
+        y_ref, s_ref = ssd_reference(**{k: v.double() if v is not None else None for k, v in inp.items()}, **kw)
+        assert_close(y, y_ref, TOL[torch.float32], f"y, BLOCK_TOKENS {tokens}")
+        assert_close(st, s_ref, TOL[torch.float32], f"final states, BLOCK_TOKENS {tokens}")
+
+
+def test_fused_inference_bfloat16_equals_autograd_path():
+    """In bfloat16 the inference kernels write the GEMM operands in bf16, as the autograd path rounds them: the two
+    agree to bf16 rounding, and both are within the bf16 tolerance of the float32 reference."""
+    inputs = make_inputs(2, 40, 4, 8, 2, 8, torch.bfloat16, D="channel")
+    kw = dict(chunk_size=16, dt_softplus=True, return_final_states=True)
+    with torch.no_grad():
+        y_inf, s_inf = ssd_cpu(**inputs, **kw)
+    y_ag, s_ag, _ = run_with_grads(ssd_cpu, inputs, chunk_size=16, dt_softplus=True)
+    y_ref, s_ref = ssd_reference(**{k: None if v is None else v.float() for k, v in inputs.items()}, **kw)
+    assert y_inf.dtype == torch.bfloat16 and s_inf.dtype == torch.float32
+    assert_close(y_inf.float(), y_ag.float(), 1e-2, "inference vs autograd path, y")
+    assert_close(s_inf, s_ag, 1e-2, "inference vs autograd path, final states")
+    assert_close(y_inf.float(), y_ref, 1.5e-2, "inference y vs float32 reference")
+    assert_close(s_inf, s_ref, 1.5e-2, "inference final states vs float32 reference")
 
 
 @pytest.mark.parametrize("n", [5, 16, 37, 128])

@@ -92,14 +92,6 @@ def intra_chunk(xbar: Tensor, acs: Tensor, CB: Tensor, y_in: Tensor, from_start:
     return y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)  # time-major
 
 
-def intra_chunk_fused(xbar: Tensor, acs: Tensor, CB: Tensor, y_in: Tensor, from_start: Tensor, seq: Tensor | None,
-                      gemm: torch.dtype) -> Tensor:
-    """`intra_chunk` in one numba kernel (float32 CPU tensors, no autograd): ssd_fused.py."""
-    from .ssd_fused import intra_chunk_kernel
-
-    return intra_chunk_kernel(xbar, acs, CB, y_in, from_start, seq)
-
-
 def ssd_cpu(
     x: Tensor,
     dt: Tensor,
@@ -132,32 +124,46 @@ def ssd_cpu(
     # 0. Discretise; pad time to whole chunks; chunk-major views.
     delta = _pad_time(ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc), pad)  # (b, L, h)
     acs = (delta * A.to(acc)).reshape(b, c, Q, h).cumsum(2).transpose(2, 3)  # (b, c, h, Q): log-decay from chunk start
-    xbar_t = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
-    xbar = xbar_t.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
     Bc = _pad_time(B, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = _pad_time(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    to_end = torch.exp(acs[..., -1:] - acs)  # (b, c, h, Q): decay from each token to its chunk's end
+    chunk_decay = torch.exp(acs[..., -1])  # (b, c, h)
+    from_start = torch.exp(acs)  # (b, c, h, Q): decay from the chunk's start to each token
+    seq = None
     if seq_idx is not None:
         # padded steps continue the row's last sequence, so they keep its state
         s = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).reshape(b, c, Q)  # (b, c, Q)
         last = s[:, :, -1]  # (b, c): the sequence each chunk ends in
         before = torch.cat([last.new_zeros(b, 1), last[:, :-1]], dim=1)  # (b, c): the carried state's sequence
+        to_end = to_end * (s == last.unsqueeze(-1)).unsqueeze(2)  # a chunk's state: only its last sequence
+        chunk_decay = chunk_decay * (last == before).unsqueeze(-1)  # the carry stops where a sequence ends
+        from_start = from_start * (s == before.unsqueeze(-1)).unsqueeze(2)  # the carried state: its sequence only
+        seq = s.reshape(b, L)
+    carried = initial_states.to(acc) if initial_states is not None else x.new_zeros(b, h, p, n, dtype=acc)
+
+    # Inference (no autograd) on the CPU in float32/bfloat16 arithmetic: the fused kernels of ssd_fused.py.
+    if acc == torch.float32 and x.device.type == "cpu" and not records_grad(
+            x, dt, A, B, C, D, z, dt_bias, initial_states):
+        from .ssd_fused import chunked_inference
+
+        Dm = _per_channel_D(D.to(acc), p) if D is not None else None
+        y, final = chunked_inference(x, delta, acs, to_end, chunk_decay, from_start, Bc, Cc, seq, Dm, z,
+                                     carried.clone(), gemm)
+        y = y.to(x.dtype)
+        return (y, final) if return_final_states else y
+
+    xbar_t = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
+    xbar = xbar_t.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
 
     # 1. C·Bᵀ inside each chunk, once per group (the rest of step 1 is summed with step 4 below).
     CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s)
 
     # 2. Each chunk's state at its end from a zero start; the heads of a group share one GEMM with B.
-    to_end = torch.exp(acs[..., -1:] - acs)  # (b, c, h, Q)
-    if seq_idx is not None:
-        to_end = to_end * (s == last.unsqueeze(-1)).unsqueeze(2)  # only the chunk's last sequence
     weighted = (xbar * to_end.view(b, c, g, hg, Q, 1)).transpose(-1, -2)  # (b, c, g, hg, p, Q)
     states = _gemm(weighted.reshape(b, c, g, hg * p, Q), Bc, gemm, acc)  # (b, c, g, hg·p, n)
     states = states.view(b, c, h, p, n)
 
     # 3. Pass states between chunks (sequential over c only).
-    chunk_decay = torch.exp(acs[..., -1])  # (b, c, h)
-    if seq_idx is not None:
-        chunk_decay = chunk_decay * (last == before).unsqueeze(-1)  # the carry stops where a sequence ends
-    carried = initial_states.to(acc) if initial_states is not None else x.new_zeros(b, h, p, n, dtype=acc)
     incoming = []
     for k in range(c):
         incoming.append(carried)
@@ -168,16 +174,8 @@ def ssd_cpu(
     # 4. The incoming state's share: exp(acs_t)·H C_t, one GEMM per group (the decay applied with step 1).
     Hg = incoming.view(b, c, g, hg * p, n).transpose(-1, -2)  # (b, c, g, n, hg·p)
     y_in = _gemm(Cc, Hg, gemm, acc)  # (b, c, g, Q, hg·p)
-    from_start = torch.exp(acs)  # (b, c, h, Q)
-    if seq_idx is not None:
-        from_start = from_start * (s == before.unsqueeze(-1)).unsqueeze(2)  # only the carried sequence
-    # Steps 1 and 4 summed, time-major: the numba kernel for inference (no (b, c, h, Q, Q) temporaries), the
-    # torch twin where autograd records (or off the CPU, or in float64).
-    fused = acc == torch.float32 and x.device.type == "cpu" and not records_grad(
-        x, dt, A, B, C, D, z, dt_bias, initial_states)
-    seq = s.reshape(b, L) if seq_idx is not None else None
-    intra = intra_chunk_fused if fused else intra_chunk
-    y = intra(xbar_t, acs, CB, y_in, from_start, seq, gemm)[:, :l]  # (b, l, h, p)
+    # Steps 1 and 4 summed, time-major.
+    y = intra_chunk(xbar_t, acs, CB, y_in, from_start, seq, gemm)[:, :l]  # (b, l, h, p)
 
     # 5. The skip and the gate.
     if D is not None:
