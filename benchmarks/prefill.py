@@ -122,7 +122,7 @@ def _replace_ssd_by_identity() -> None:
 
     def identity_ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
                      dt_limit=(0.0, float("inf")), initial_states=None, seq_idx=None, return_final_states=False,
-                     backend=None):
+                     cu_seqlens=None, return_varlen_states=False, backend=None):
         if not return_final_states:
             return x
         b, _, h, p = x.shape

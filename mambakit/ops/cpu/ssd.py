@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import _per_channel_D, compute_dtype, ssd_dt
+from ..reference import _per_channel_D, compute_dtype, ssd_dt, ssd_results, varlen_initial
 from .primitives import records_grad
 
 
@@ -107,6 +107,8 @@ def ssd_cpu(
     initial_states: Tensor | None = None,
     seq_idx: Tensor | None = None,
     return_final_states: bool = False,
+    cu_seqlens: Tensor | None = None,
+    return_varlen_states: bool = False,
 ):
     """The chunked SSD; arguments and results as `reference.ssd_ref`."""
     acc = compute_dtype(x)
@@ -147,10 +149,13 @@ def ssd_cpu(
         from .ssd_fused import chunked_inference
 
         Dm = _per_channel_D(D.to(acc), p) if D is not None else None
-        y, final = chunked_inference(x, delta, acs, to_end, chunk_decay, from_start, Bc, Cc, seq, Dm, z,
-                                     carried.clone(), gemm)
-        y = y.to(x.dtype)
-        return (y, final) if return_final_states else y
+        y, final, incoming = chunked_inference(x, delta, acs, to_end, chunk_decay, from_start, Bc, Cc, seq, Dm, z,
+                                               carried.clone(), gemm, keep_incoming=return_varlen_states)
+        varlen = None
+        if return_varlen_states:
+            varlen = varlen_states(x[0].to(acc), delta[0, :l], acs[0], incoming[0], B[0], seq_idx[0], cu_seqlens,
+                                   initial_states, Q)
+        return ssd_results(y.to(x.dtype), final, varlen, return_final_states)
 
     xbar_t = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
     xbar = xbar_t.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
@@ -183,7 +188,59 @@ def ssd_cpu(
     if z is not None:
         y = y * F.silu(z.to(acc))
     y = y.to(x.dtype)
-    return (y, final) if return_final_states else y
+    varlen = None
+    if return_varlen_states:
+        varlen = varlen_states(x[0].to(acc), delta[0, :l], acs[0], incoming[0], B[0], seq_idx[0], cu_seqlens,
+                               initial_states, Q)
+    return ssd_results(y, final, varlen, return_final_states)
+
+
+# Gathered tokens per batch of sequences in varlen_states (bounds its temporaries: 4M elements, 16 MB float32).
+_VARLEN_BATCH = 1 << 22
+
+
+def varlen_states(x: Tensor, delta: Tensor, acs: Tensor, incoming: Tensor, B: Tensor, seq: Tensor, cu_seqlens: Tensor,
+                  initial_states: Tensor | None, Q: int) -> Tensor:
+    """The state after each packed sequence's last token (the official `return_varlen_states`), from the chunked
+    forward's pieces, in torch (autograd differentiates it; the Triton path calls it too).
+
+    For batch row 0: x (l, h, p) and delta (l, h) in the compute dtype; acs (c, h, Q) the log-decays cumulated
+    from each chunk's start; incoming (c, h, p, n) the state entering each chunk; B (l, g, n); seq (l,) the
+    sequence of each token (from cu_seqlens); cu_seqlens (m + 1,). Returns (m, h, p, n) in incoming's dtype.
+
+    Sequence i ends at token e in chunk k = e // Q, at q = e % Q. Its state is the entering state decayed to q,
+    if that state is i's (the chunk's predecessor ended inside sequence i), plus the tokens s ≤ q of chunk k in
+    sequence i: Σ_s exp(acs_q − acs_s)·Δ_s x_s B_sᵀ. An empty sequence keeps its starting state
+    (`reference.varlen_initial`)."""
+    l, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    hg = h // g
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    m = cu.numel() - 1
+    acc = incoming.dtype
+    cu_list = [int(v) for v in cu.tolist()]
+    out = torch.stack([varlen_initial(i, cu_list, initial_states, (h, p, n), incoming) for i in range(m)])
+    ids_all = torch.nonzero(cu[1:] > cu[:-1]).squeeze(1)  # (m',): the sequences that have tokens
+    step = max(1, _VARLEN_BATCH // (Q * h * p))
+    ar = torch.arange(Q, device=x.device)
+    for j in range(0, ids_all.numel(), step):
+        ids = ids_all[j:j + step]  # (s,)
+        e = cu[ids + 1] - 1  # (s,): each sequence's last token
+        k, q = e // Q, e % Q
+        pos = (k.unsqueeze(1) * Q + ar).clamp(max=l - 1)  # (s, Q): the tokens of chunk k (clamped past l: unused)
+        used = (ar <= q.unsqueeze(1)) & (seq[pos] == ids.unsqueeze(1))  # (s, Q): s ≤ q, in sequence i
+        a = acs[k]  # (s, h, Q)
+        a_end = a.gather(2, q.view(-1, 1, 1).expand(-1, h, 1))  # (s, h, 1)
+        w = torch.exp((a_end - a).masked_fill(~used.unsqueeze(1), float("-inf")))  # (s, h, Q)
+        xw = x[pos] * (delta[pos] * w.transpose(1, 2)).unsqueeze(-1)  # (s, Q, h, p): Δ_s·x_s·decay to q
+        xw = xw.reshape(-1, Q, g, hg * p).permute(0, 2, 3, 1)  # (s, g, hg·p, Q)
+        part = torch.matmul(xw, B[pos].to(acc).transpose(1, 2)).reshape(-1, h, p, n)  # (s, h, p, n)
+        # the state entering chunk k is sequence `before`'s: that of token kQ − 1 (sequence 0 for k = 0)
+        before = torch.where(k > 0, seq[(k * Q - 1).clamp(min=0)], torch.zeros_like(k))
+        carry = torch.exp(a_end.squeeze(-1)) * (before == ids).unsqueeze(1)  # (s, h)
+        st = carry[..., None, None] * incoming[k] + part
+        out = out.index_put((ids,), st)
+    return out
 
 
 def ssd_state_update_cpu(

@@ -92,10 +92,11 @@ def _prepare(x, delta, acs, to_end, CB, seq, has_seq, k0, xh, xw, S):
 
 
 @njit(**kernel_options())
-def _pass(states, decay, k0, incoming, final):
+def _pass(states, decay, k0, incoming, final, kept, keep):
     """For the chunks k0 … k0 + nk − 1: states (b, nk, h, p, n), each chunk's own (float32 or bfloat16 bits); decay
     (b, c, h); final (b, h, p, n) float32 holds the state entering chunk k0 and is left holding the state after
-    chunk k0 + nk − 1. Writes incoming (b, nk, h, p, n), the state entering each chunk, in its element type."""
+    chunk k0 + nk − 1. Writes incoming (b, nk, h, p, n), the state entering each chunk, in its element type, and
+    with `keep` the same in float32 into kept (b, c, h, p, n) at chunks k0 …"""
     b, nk, h, p, n = states.shape
     for task in prange(b * h):
         bb = task // h
@@ -106,6 +107,10 @@ def _pass(states, decay, k0, incoming, final):
                 f_r = final[bb, hh, i]  # (n,)
                 in_r = incoming[bb, kk, hh, i]
                 s_r = states[bb, kk, hh, i]
+                if keep:
+                    kept_r = kept[bb, k0 + kk, hh, i]
+                    for j in range(n):
+                        kept_r[j] = f_r[j]
                 for j in range(n):
                     v = f_r[j]
                     in_r[j] = narrow(v, in_r)
@@ -160,14 +165,16 @@ def _io(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chunk_decay: Tensor,
                       from_start: Tensor, Bc: Tensor, Cc: Tensor, seq: Tensor | None, Dm: Tensor | None,
-                      z: Tensor | None, carried: Tensor, gemm: torch.dtype) -> tuple[Tensor, Tensor]:
+                      z: Tensor | None, carried: Tensor, gemm: torch.dtype,
+                      keep_incoming: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """The chunked SSD without autograd, from ssd.py's discretised inputs.
 
     x (b, l, h, p); delta (b, L, h) float32, L = c·Q; acs, to_end, from_start (b, c, h, Q) and chunk_decay (b, c, h)
     float32 (masked for packed sequences as ssd.py builds them); Bc, Cc (b, c, g, Q, n) (padded); seq (b, L) or
     None; Dm (h, p) float32 or None; z like x or None; carried (b, h, p, n) float32, the initial states (used as
     the working buffer: the caller passes its own copy); gemm: float32 or bfloat16, the GEMM operands' dtype.
-    Returns y (b, l, h, p) in x's dtype (float32 for float16 x) and the final states (b, h, p, n) float32.
+    Returns y (b, l, h, p) in x's dtype (float32 for float16 x), the final states (b, h, p, n) float32, and with
+    keep_incoming the states entering each chunk (b, c, h, p, n) float32 (else None).
 
     The chunks go in groups of about BLOCK_TOKENS tokens, every step for one group before the next, through
     workspaces allocated once per call: the group's scores, operands and products stay in the caches, and
@@ -185,6 +192,7 @@ def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chu
     delta_a, acs_a, to_end_a = (_kernel_view(_io(t, torch.float32)) for t in (delta, acs, to_end))
     decay_a, from_start_a = _kernel_view(_io(chunk_decay, torch.float32)), _kernel_view(_io(from_start, torch.float32))
     final = carried
+    kept = torch.empty(b, c, h, p, n) if keep_incoming else torch.empty(1, 1, 1, 1, 1)
     per = max(1, min(c, BLOCK_TOKENS // Q))  # chunks per group
     spaces = {}
     set_threads()
@@ -205,10 +213,10 @@ def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chu
         # each chunk's own state at its end, the heads of a group in one GEMM: (b, nk, g, hg·p, n)
         torch.matmul(w["xw"].transpose(-1, -2), Bk, out=w["states"])
         _pass(_kernel_view(w["states"].view(b, nk, h, p, n)), decay_a, k0, _kernel_view(w["incoming"]),
-              _kernel_view(final))
+              _kernel_view(final), kept.numpy(), keep_incoming)
         # the entering state's share C_t·H: (b, nk, g, Q, hg·p); the intra-chunk products S x̄: (b, nk, h, Q, p)
         torch.matmul(Ck, w["incoming"].view(b, nk, g, hg * p, n).transpose(-1, -2), out=w["y_in"])
         torch.matmul(w["S"], w["xh"], out=w["yi"])
         _combine(_kernel_view(w["yi"]), _kernel_view(w["y_in"]), from_start_a, _kernel_view(xk), _kernel_view(D_arr),
                  Dm is not None, _kernel_view(zk), z is not None, k0, _kernel_view(y))
-    return y, final
+    return y, final, (kept if keep_incoming else None)
