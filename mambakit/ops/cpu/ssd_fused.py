@@ -29,6 +29,8 @@ whole path is ssd.py's autograd path, which the tests compare it with, and `ssd_
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -52,6 +54,7 @@ def _prepare(x, delta, acs, to_end, CB, seq, has_seq, k0, xh, xw, S):
     g = CB.shape[2]
     hg = h // g
     l = x.shape[1]
+    zero = _F32(0.0)
     for task in prange(b * nk * h):
         bb = task // (nk * h)
         kk = (task // h) % nk
@@ -83,12 +86,12 @@ def _prepare(x, delta, acs, to_end, CB, seq, has_seq, k0, xh, xw, S):
             a_t = a[tq]
             S_r = S[bb, kk, hh, tq]
             CB_r = CB[bb, kk, gg, tq]
-            for sq in range(first):
-                S_r[sq] = 0
-            for sq in range(first, tq + 1):
-                S_r[sq] = narrow(fexp(a_t - a[sq]) * CB_r[sq], S_r)
-            for sq in range(tq + 1, Q):
-                S_r[sq] = 0
+            # The whole row, masked by a select: branch-free, so it vectorises (loops over the triangle's
+            # variable extent did not, and ran 3.5× slower for half the entries). min(·, 0) keeps the exp
+            # finite above the diagonal, where the value is discarded.
+            for sq in range(Q):
+                v = fexp(min(a_t - a[sq], zero)) * CB_r[sq]
+                S_r[sq] = narrow(v if (sq <= tq) & (sq >= first) else zero, S_r)
 
 
 @njit(**kernel_options())
@@ -163,6 +166,30 @@ def _io(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype).contiguous()
 
 
+_local = threading.local()
+
+
+def _workspace(b: int, nk: int, h: int, p: int, g: int, n: int, Q: int, gemm: torch.dtype) -> dict[str, Tensor]:
+    """The buffers of one group of nk chunks, kept between calls (per thread, for the last two shapes asked for:
+    a full group and a shorter last one). Why: allocated afresh, each large buffer is new memory for the
+    process, and its first touch page-faults (under the benchmarks' fixed mmap threshold, on every call); at the
+    130m shape that cost several milliseconds a layer. Their size is bounded by BLOCK_TOKENS, not by l."""
+    key = (b, nk, h, p, g, n, Q, gemm)
+    cache = getattr(_local, "spaces", None)
+    if cache is None:
+        cache = _local.spaces = {}
+    if key not in cache:
+        if len(cache) >= 2:
+            cache.pop(next(iter(cache)))
+        hg = h // g
+        cache[key] = dict(
+            CB=torch.empty(b, nk, g, Q, Q, dtype=gemm), xh=torch.empty(b, nk, h, Q, p, dtype=gemm),
+            xw=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), S=torch.empty(b, nk, h, Q, Q, dtype=gemm),
+            states=torch.empty(b, nk, g, hg * p, n, dtype=gemm), incoming=torch.empty(b, nk, h, p, n, dtype=gemm),
+            y_in=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), yi=torch.empty(b, nk, h, Q, p, dtype=gemm))
+    return cache[key]
+
+
 def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chunk_decay: Tensor,
                       from_start: Tensor, Bc: Tensor, Cc: Tensor, seq: Tensor | None, Dm: Tensor | None,
                       z: Tensor | None, carried: Tensor, gemm: torch.dtype,
@@ -177,8 +204,8 @@ def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chu
     keep_incoming the states entering each chunk (b, c, h, p, n) float32 (else None).
 
     The chunks go in groups of about BLOCK_TOKENS tokens, every step for one group before the next, through
-    workspaces allocated once per call: the group's scores, operands and products stay in the caches, and
-    large temporaries allocated afresh for every step would each cost their page faults again."""
+    workspaces kept between calls (`_workspace`): the group's scores, operands and products stay in the caches,
+    and no large buffer is new memory to fault in."""
     b, l, h, p = x.shape
     _, c, g, Q, n = Bc.shape
     hg = h // g
@@ -194,17 +221,10 @@ def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chu
     final = carried
     kept = torch.empty(b, c, h, p, n) if keep_incoming else torch.empty(1, 1, 1, 1, 1)
     per = max(1, min(c, BLOCK_TOKENS // Q))  # chunks per group
-    spaces = {}
     set_threads()
     for k0 in range(0, c, per):
         nk = min(per, c - k0)
-        if nk not in spaces:  # one set for the full groups, one for a shorter last group
-            spaces[nk] = dict(
-                CB=torch.empty(b, nk, g, Q, Q, dtype=gemm), xh=torch.empty(b, nk, h, Q, p, dtype=gemm),
-                xw=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), S=torch.empty(b, nk, h, Q, Q, dtype=gemm),
-                states=torch.empty(b, nk, g, hg * p, n, dtype=gemm), incoming=torch.empty(b, nk, h, p, n, dtype=gemm),
-                y_in=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), yi=torch.empty(b, nk, h, Q, p, dtype=gemm))
-        w = spaces[nk]
+        w = _workspace(b, nk, h, p, g, n, Q, gemm)
         Bk, Ck = Bg[:, k0:k0 + nk], Cg[:, k0:k0 + nk]  # (b, nk, g, Q, n)
         torch.matmul(Ck, Bk.transpose(-1, -2), out=w["CB"])  # C_t·B_s: (b, nk, g, Q_t, Q_s)
         CB = w["CB"] if gemm == torch.float32 else w["CB"].float()
