@@ -20,6 +20,7 @@ bf16 means the weights cast with `.to(torch.bfloat16)` (mambakit keeps A_log and
     python benchmarks/prefill.py --quick               # a tiny model and sizes: checks that everything runs
     python benchmarks/prefill.py --impls mambakit,hf-slow --batch 1 --lengths 1024 --dtypes float32
     python benchmarks/prefill.py --impls mamba2,mamba2-noscan,hf-mamba2,mambakit --batch 1 --lengths 1024,4096
+    python benchmarks/prefill.py --impls mamba2,mamba2-noscan --baseline-tree ../main   # before/after a change
 
 "vs first" divides by the first implementation listed in --impls that ran for that (batch, length, dtype).
 """
@@ -160,15 +161,19 @@ def worker(impl: str, shape: str, dtype_name: str, batch: int, length: int, repe
         hwm = rss_kib("VmHWM")
     med = statistics.median(times)
     peak = (hwm - rss0) / 1024 if exact_peak and hwm and rss0 else float("nan")
-    return dict(tokens_per_s=batch * length / med, ms=med * 1e3, runs=len(times), peak_mb=peak)
+    pkg = sys.modules.get("mambakit")
+    return dict(tokens_per_s=batch * length / med, ms=med * 1e3, runs=len(times), peak_mb=peak,
+                mambakit=os.path.dirname(os.path.dirname(pkg.__file__)) if pkg else None)
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def run_cell(args, impl, dtype, batch, length) -> dict:
+def run_cell(args, impl, dtype, batch, length, tree: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, args.shape, dtype, str(batch), str(length),
            str(args.repeats), str(args.budget)]
     # A fixed mmap threshold makes freed large buffers go back to the OS, so RSS tracks live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TRANSFORMERS_VERBOSITY": "error"}
+    if tree:  # another checkout's mambakit (--baseline-tree): first on the worker's path
+        env["PYTHONPATH"] = os.pathsep.join([tree] + [v for v in [env.get("PYTHONPATH")] if v])
     if args.threads:
         env["PREFILL_THREADS"] = str(args.threads)
     try:
@@ -194,6 +199,10 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=120.0, help="stop repeating a cell after this many seconds")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up on a cell after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--baseline-tree", default="", help="another mambakit checkout (a path): each implementation "
+                   "in --baseline-impls also runs with it first on PYTHONPATH, just before the current tree's row "
+                   "(before/after in one run)")
+    p.add_argument("--baseline-impls", default="mambakit,mamba2", help="the implementations --baseline-tree reruns")
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -218,20 +227,30 @@ def main(argv=None) -> None:
     header = "| batch | length | dtype | implementation | tokens/s | ms / forward | peak MB | vs first |"
     print(header)
     print("|---:|---:|---|---|---:|---:|---:|---:|")
+    trees = set()
     for dtype in dtypes:
         for b in batches:
             for l in lengths:
                 base = None
+                rows = []
                 for impl in impls:
-                    r = run_cell(args, impl, dtype, b, l)
+                    if args.baseline_tree and impl in args.baseline_impls.split(","):
+                        rows.append((f"{impl} ({args.baseline_tree})", impl, args.baseline_tree))
+                    rows.append((impl, impl, None))
+                for label, impl, tree in rows:
+                    r = run_cell(args, impl, dtype, b, l, tree)
                     if "error" in r:
-                        print(f"| {b} | {l} | {dtype} | {impl} | error: {r['error']} | | | |", flush=True)
+                        print(f"| {b} | {l} | {dtype} | {label} | error: {r['error']} | | | |", flush=True)
                         continue
+                    if r.get("mambakit"):
+                        trees.add(f"{label}: {r['mambakit']}")
                     if base is None:
                         base = r["tokens_per_s"]
                     rel = f"{r['tokens_per_s'] / base:.2f}×" if base else ""
-                    print(f"| {b} | {l} | {dtype} | {impl} | {r['tokens_per_s']:,.0f} | {r['ms']:,.1f} | "
+                    print(f"| {b} | {l} | {dtype} | {label} | {r['tokens_per_s']:,.0f} | {r['ms']:,.1f} | "
                           f"{r['peak_mb']:,.0f} | {rel} |", flush=True)
+    for line in sorted(trees):  # which checkout each row's mambakit came from (PYTHONPATH=. for a worktree's own)
+        print(f"# {line}")
 
 
 if __name__ == "__main__":
