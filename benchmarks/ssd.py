@@ -9,6 +9,7 @@ most `CPU_BLOCK` tokens whatever chunk_size asks for; --blocks overrides that ca
     python benchmarks/ssd.py                                  # 130m layer shape, b 1, l 1024 and 4096; fp32 + bf16
     python benchmarks/ssd.py --d-model 256 --batch 8 --lengths 512 --dtypes float32   # the train_step.py shape
     python benchmarks/ssd.py --quick
+    python benchmarks/ssd.py --forward-only --blocks 32,64,128,256    # inference by block length
 
 Times are the median of --repeats runs, interleaved across implementations (round-robin), in one process.
 """
@@ -31,6 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--blocks", default="64,128,256", help="block lengths of the mambakit rows (the CPU cap lifted)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--forward-only", action="store_true", help="time inference only (no forward + backward)")
     p.add_argument("--quick", action="store_true", help="d_model 64, l 128, 2 repeats")
     args = p.parse_args(argv)
     if args.quick:
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
                                 dt_bias=dtb, dt_softplus=True)
                     y.float().sum().backward()
 
-                return fwd, train
+                return fwd, (None if args.forward_only else train)
 
             cases = {f"mambakit, block {q}": mk(q) for q in blocks}
             if mamba2_chunk_scan is not None:
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
                                           dt_bias=dtb, dt_softplus=True)
                     y.float().sum().backward()
 
-                cases["transformers mamba2_chunk_scan, chunk 256"] = (hf_fwd, hf_train)
+                cases["transformers mamba2_chunk_scan, chunk 256"] = (hf_fwd, None if args.forward_only else hf_train)
             cases["projections (in_proj + out_proj)"] = (proj, None)
             times = {k: ([], []) for k in cases}
             cap = cpu_ssd.CPU_BLOCK

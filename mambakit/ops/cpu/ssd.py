@@ -14,8 +14,12 @@ Per chunk (Section 6, the four steps of the block decomposition):
    chunks only (c steps of (b, h, p, n)).
 4. The incoming state's share of each output: exp(acs_t)·H_k C_t.
 
-Steps 1 and 4 are summed by `intra_chunk`; without autograd (inference) its numba twin `intra_chunk_fused`
-(ssd_fused.py) runs instead and never builds the (b, c, h, Q, Q) blocks.
+Steps 1 and 4 are summed by `intra_chunk`. Without autograd (inference, float32 compute) the whole forward runs
+instead as ssd_fused.py's `chunked_inference`: the same GEMMs, with everything between them in three numba
+kernels, chunk group by chunk group through reused workspaces (this file stays its torch twin).
+
+Packed variable-length sequences (cu_seqlens, batch 1) run as seq_idx; `varlen_states` then gives the state
+after each sequence's last token from the states entering the chunks.
 
 Memory: the inputs padded to c·Q, the (b, c, h, Q, Q) decay and score blocks (b·l·h·Q elements, the same
 order as x for Q ≲ p) and the (b, c, h, p, n) chunk states; never the (b, l, h, p, n) states of every step.
