@@ -440,7 +440,8 @@ def ssd(
     seq_idx (b, l), integers, non-decreasing along l and ≥ 0: packed sequences; the state resets to zero where
     it changes, and initial_states feeds only tokens with seq_idx 0 (as in the official op). chunk_size: the
     chunked path's block length (any positive int; the result does not depend on it beyond rounding); on CPU
-    tensors the "cpu" backend blocks by at most `ops.cpu.ssd.CPU_BLOCK` (128) tokens, its fastest size.
+    tensors the "cpu" backend blocks by at most `ops.cpu.ssd.CPU_BLOCK` (128) tokens with autograd and
+    `CPU_INFERENCE_BLOCK` (64) without, its fastest sizes.
 
     cu_seqlens (num_seqs + 1,), integers: packed variable-length sequences in one row (b = 1), sequence i being
     tokens cu_seqlens[i] … cu_seqlens[i + 1] − 1: it must start at 0, be non-decreasing (empty sequences are

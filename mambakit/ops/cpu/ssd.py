@@ -51,6 +51,10 @@ from .primitives import records_grad
 # ran 1.7× faster with 128-token blocks than with 256 (64 about the same as 128) and inference no slower
 # (`benchmarks/ssd.py`; the figures are in docs/kernels.md).
 CPU_BLOCK = 128
+# The same cap for inference (the fused path of ssd_fused.py, no autograd): 64-token blocks halve the masked
+# intra-chunk GEMM and the scores, and ran as fast as 128 or faster at the 130m shape (1.15× in bfloat16 at l =
+# 4096; docs/kernels.md).
+CPU_INFERENCE_BLOCK = 64
 
 
 def _gemm(a: Tensor, b: Tensor, gemm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
@@ -120,9 +124,12 @@ def ssd_cpu(
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hg = h // g
+    # Inference (no autograd) on the CPU in float32/bfloat16 arithmetic runs the fused kernels of ssd_fused.py.
+    inference = acc == torch.float32 and x.device.type == "cpu" and not records_grad(
+        x, dt, A, B, C, D, z, dt_bias, initial_states)
     Q = int(chunk_size)
-    if x.device.type == "cpu":
-        Q = min(Q, CPU_BLOCK)  # a block length, not a result: see CPU_BLOCK
+    if x.device.type == "cpu":  # a block length, not a result: see CPU_BLOCK
+        Q = min(Q, CPU_INFERENCE_BLOCK if inference else CPU_BLOCK)
     c = max(1, -(-l // Q))
     pad = c * Q - l
     L = c * Q
@@ -147,9 +154,7 @@ def ssd_cpu(
         seq = s.reshape(b, L)
     carried = initial_states.to(acc) if initial_states is not None else x.new_zeros(b, h, p, n, dtype=acc)
 
-    # Inference (no autograd) on the CPU in float32/bfloat16 arithmetic: the fused kernels of ssd_fused.py.
-    if acc == torch.float32 and x.device.type == "cpu" and not records_grad(
-            x, dt, A, B, C, D, z, dt_bias, initial_states):
+    if inference:
         from .ssd_fused import chunked_inference
 
         Dm = _per_channel_D(D.to(acc), p) if D is not None else None
