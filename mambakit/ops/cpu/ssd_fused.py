@@ -40,8 +40,10 @@ from .primitives import fexp, kernel_options, narrow, set_threads, sigmoid, wide
 
 _F32 = np.float32
 
-# Tokens per group of chunks that chunked_inference takes through every step at once (see there).
+# Tokens (of all rows together) per group of chunks that chunked_inference takes through every step at once, and
+# the largest workspace kept between calls (see _workspace): 27 MB at the 130m shape in float32, 64-token chunks.
 BLOCK_TOKENS = 512
+KEEP_BYTES = 64 << 20
 
 
 @njit(**kernel_options())
@@ -177,23 +179,26 @@ _local = threading.local()
 
 def _workspace(b: int, nk: int, h: int, p: int, g: int, n: int, Q: int, gemm: torch.dtype) -> dict[str, Tensor]:
     """The buffers of one group of nk chunks, kept between calls (per thread, for the last two shapes asked for:
-    a full group and a shorter last one). Why: allocated afresh, each large buffer is new memory for the
-    process, and its first touch page-faults (under the benchmarks' fixed mmap threshold, on every call); at the
-    130m shape that cost several milliseconds a layer. Their size is bounded by BLOCK_TOKENS, not by l."""
+    a full group and a shorter last one) when they fit in KEEP_BYTES. Why: allocated afresh, each large buffer
+    is new memory for the process, and its first touch page-faults (under the benchmarks' fixed mmap threshold,
+    on every call); at the 130m shape that cost several milliseconds a layer. Their size is bounded by the
+    group (BLOCK_TOKENS tokens of all rows together, at least one chunk), not by l."""
     key = (b, nk, h, p, g, n, Q, gemm)
     cache = getattr(_local, "spaces", None)
     if cache is None:
         cache = _local.spaces = {}
-    if key not in cache:
+    if key in cache:
+        return cache[key]
+    hg = h // g
+    w = dict(CB=torch.empty(b, nk, g, Q, Q, dtype=gemm), xh=torch.empty(b, nk, h, Q, p, dtype=gemm),
+             xw=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), S=torch.empty(b, nk, h, Q, Q, dtype=gemm),
+             states=torch.empty(b, nk, g, hg * p, n, dtype=gemm), incoming=torch.empty(b, nk, h, p, n, dtype=gemm),
+             y_in=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), yi=torch.empty(b, nk, h, Q, p, dtype=gemm))
+    if sum(t.nbytes for t in w.values()) <= KEEP_BYTES:
         if len(cache) >= 2:
             cache.pop(next(iter(cache)))
-        hg = h // g
-        cache[key] = dict(
-            CB=torch.empty(b, nk, g, Q, Q, dtype=gemm), xh=torch.empty(b, nk, h, Q, p, dtype=gemm),
-            xw=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), S=torch.empty(b, nk, h, Q, Q, dtype=gemm),
-            states=torch.empty(b, nk, g, hg * p, n, dtype=gemm), incoming=torch.empty(b, nk, h, p, n, dtype=gemm),
-            y_in=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), yi=torch.empty(b, nk, h, Q, p, dtype=gemm))
-    return cache[key]
+        cache[key] = w
+    return w
 
 
 def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chunk_decay: Tensor,
@@ -209,7 +214,7 @@ def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chu
     Returns y (b, l, h, p) in x's dtype (float32 for float16 x), the final states (b, h, p, n) float32, and with
     keep_incoming the states entering each chunk (b, c, h, p, n) float32 (else None).
 
-    The chunks go in groups of about BLOCK_TOKENS tokens, every step for one group before the next, through
+    The chunks go in groups of about BLOCK_TOKENS tokens (all rows), every step for one group before the next, through
     workspaces kept between calls (`_workspace`): the group's scores, operands and products stay in the caches,
     and no large buffer is new memory to fault in."""
     b, l, h, p = x.shape
@@ -226,7 +231,7 @@ def chunked_inference(x: Tensor, delta: Tensor, acs: Tensor, to_end: Tensor, chu
     decay_a, from_start_a = _kernel_view(_io(chunk_decay, torch.float32)), _kernel_view(_io(from_start, torch.float32))
     final = carried
     kept = torch.empty(b, c, h, p, n) if keep_incoming else torch.empty(1, 1, 1, 1, 1)
-    per = max(1, min(c, BLOCK_TOKENS // Q))  # chunks per group
+    per = max(1, min(c, BLOCK_TOKENS // (b * Q)))  # chunks per group: about BLOCK_TOKENS tokens over all rows
     set_threads()
     for k0 in range(0, c, per):
         nk = min(per, c - k0)
