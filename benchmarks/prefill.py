@@ -9,6 +9,8 @@ Implementations (--impls):
     mambapy           mambapy.mamba.Mamba (pscan) + our own embedding, final RMSNorm and tied head
     mamba2            mambakit MambaLM with the Mamba-2 mixer (layer="Mamba2": d_state 128, headdim 64, 1 group)
     mamba2-noscan     the same with the SSD scan replaced by an identity: the Mamba-2 matmul-only floor
+    mamba2-interleaved  mamba2 and its floor in one process, forwards alternating between the SSD and the identity
+                      (two rows; their ratio is robust to a machine whose speed drifts between cells)
     hf-mamba2         transformers Mamba2ForCausalLM, torch path (no mamba_ssm / causal_conv1d on a CPU)
 
 Every (implementation, dtype, batch, length) cell runs in a fresh subprocess so that its peak memory is its
@@ -20,6 +22,8 @@ bf16 means the weights cast with `.to(torch.bfloat16)` (mambakit keeps A_log and
     python benchmarks/prefill.py --quick               # a tiny model and sizes: checks that everything runs
     python benchmarks/prefill.py --impls mambakit,hf-slow --batch 1 --lengths 1024 --dtypes float32
     python benchmarks/prefill.py --impls mamba2,mamba2-noscan,hf-mamba2,mambakit --batch 1 --lengths 1024,4096
+    python benchmarks/prefill.py --impls mamba2,mamba2-noscan --baseline-tree ../main   # before/after a change
+    python benchmarks/prefill.py --impls mamba2-interleaved --baseline-tree ../main --baseline-impls mamba2-interleaved
 
 "vs first" divides by the first implementation listed in --impls that ran for that (batch, length, dtype).
 """
@@ -37,7 +41,8 @@ from _rss import reset_peak_rss, rss_kib  # benchmarks/ is on sys.path when a sc
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the mambakit command sets it (mambakit/cli), before torch
 
-IMPLS = ("mambakit", "mambakit-noscan", "hf-slow", "hf-mambapy", "mambapy", "mamba2", "mamba2-noscan", "hf-mamba2")
+IMPLS = ("mambakit", "mambakit-noscan", "hf-slow", "hf-mambapy", "mambapy", "mamba2", "mamba2-noscan", "hf-mamba2",
+         "mamba2-interleaved")
 DEFAULT_IMPLS = IMPLS[:5]  # Mamba-1 and its peers; Mamba-2 rows are asked for with --impls
 SHAPES = {  # name → (d_model, n_layer, vocab); 130m is state-spaces/mamba-130m
     "130m": (768, 24, 50280),
@@ -122,7 +127,7 @@ def _replace_ssd_by_identity() -> None:
 
     def identity_ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
                      dt_limit=(0.0, float("inf")), initial_states=None, seq_idx=None, return_final_states=False,
-                     backend=None):
+                     cu_seqlens=None, return_varlen_states=False, backend=None):
         if not return_final_states:
             return x
         b, _, h, p = x.shape
@@ -137,7 +142,16 @@ def worker(impl: str, shape: str, dtype_name: str, batch: int, length: int, repe
 
     if os.environ.get("PREFILL_THREADS"):
         torch.set_num_threads(int(os.environ["PREFILL_THREADS"]))
-    model, forward = build(impl, shape)
+    interleaved = impl == "mamba2-interleaved"
+    model, forward = build("mamba2" if interleaved else impl, shape)
+    ops_pair = None
+    if interleaved:
+        from mambakit import ops
+
+        real = ops.ssd
+        _replace_ssd_by_identity()
+        ops_pair = (real, ops.ssd)  # the model looks ops.ssd up at call time
+        ops.ssd = real
     model.eval()
     if dtype_name == "bfloat16":
         model.to(torch.bfloat16)
@@ -150,25 +164,41 @@ def worker(impl: str, shape: str, dtype_name: str, batch: int, length: int, repe
             repeats = 1
         exact_peak = reset_peak_rss()
         rss0 = rss_kib("VmRSS")
-        times = []
+        times, floor_times = [], []
         while len(times) < repeats:
             t = time.perf_counter()
             forward(ids)  # the logits are freed at once, as in a prefill that keeps only the state
             times.append(time.perf_counter() - t)
-            if sum(times) > budget:  # slow peers at long lengths: fewer repeats rather than hours
+            if ops_pair is not None:  # the same forward with the SSD replaced by the identity, right after
+                from mambakit import ops
+
+                ops.ssd = ops_pair[1]
+                t = time.perf_counter()
+                forward(ids)
+                floor_times.append(time.perf_counter() - t)
+                ops.ssd = ops_pair[0]
+            if sum(times) + sum(floor_times) > budget:  # slow peers at long lengths: fewer repeats rather than hours
                 break
         hwm = rss_kib("VmHWM")
     med = statistics.median(times)
-    peak = (hwm - rss0) / 1024 if exact_peak and hwm and rss0 else float("nan")
-    return dict(tokens_per_s=batch * length / med, ms=med * 1e3, runs=len(times), peak_mb=peak)
+    peak = (hwm - rss0) / 1024 if exact_peak and hwm and rss0 and not floor_times else float("nan")
+    pkg = sys.modules.get("mambakit")
+    out = dict(tokens_per_s=batch * length / med, ms=med * 1e3, runs=len(times), peak_mb=peak,
+               mambakit=os.path.dirname(os.path.dirname(pkg.__file__)) if pkg else None)
+    if floor_times:
+        floor = statistics.median(floor_times)
+        out.update(floor_tokens_per_s=batch * length / floor, floor_ms=floor * 1e3)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def run_cell(args, impl, dtype, batch, length) -> dict:
+def run_cell(args, impl, dtype, batch, length, tree: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, args.shape, dtype, str(batch), str(length),
            str(args.repeats), str(args.budget)]
     # A fixed mmap threshold makes freed large buffers go back to the OS, so RSS tracks live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TRANSFORMERS_VERBOSITY": "error"}
+    if tree:  # another checkout's mambakit (--baseline-tree): first on the worker's path
+        env["PYTHONPATH"] = os.pathsep.join([tree] + [v for v in [env.get("PYTHONPATH")] if v])
     if args.threads:
         env["PREFILL_THREADS"] = str(args.threads)
     try:
@@ -194,6 +224,10 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=120.0, help="stop repeating a cell after this many seconds")
     p.add_argument("--timeout", type=float, default=1800.0, help="give up on a cell after this many seconds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--baseline-tree", default="", help="another mambakit checkout (a path): each implementation "
+                   "in --baseline-impls also runs with it first on PYTHONPATH, just before the current tree's row "
+                   "(before/after in one run)")
+    p.add_argument("--baseline-impls", default="mambakit,mamba2", help="the implementations --baseline-tree reruns")
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -218,20 +252,34 @@ def main(argv=None) -> None:
     header = "| batch | length | dtype | implementation | tokens/s | ms / forward | peak MB | vs first |"
     print(header)
     print("|---:|---:|---|---|---:|---:|---:|---:|")
+    trees = set()
     for dtype in dtypes:
         for b in batches:
             for l in lengths:
                 base = None
+                rows = []
                 for impl in impls:
-                    r = run_cell(args, impl, dtype, b, l)
+                    if args.baseline_tree and impl in args.baseline_impls.split(","):
+                        rows.append((f"{impl} ({args.baseline_tree})", impl, args.baseline_tree))
+                    rows.append((impl, impl, None))
+                for label, impl, tree in rows:
+                    r = run_cell(args, impl, dtype, b, l, tree)
                     if "error" in r:
-                        print(f"| {b} | {l} | {dtype} | {impl} | error: {r['error']} | | | |", flush=True)
+                        print(f"| {b} | {l} | {dtype} | {label} | error: {r['error']} | | | |", flush=True)
                         continue
+                    if r.get("mambakit"):
+                        trees.add(f"{label}: {r['mambakit']}")
                     if base is None:
                         base = r["tokens_per_s"]
                     rel = f"{r['tokens_per_s'] / base:.2f}×" if base else ""
-                    print(f"| {b} | {l} | {dtype} | {impl} | {r['tokens_per_s']:,.0f} | {r['ms']:,.1f} | "
+                    print(f"| {b} | {l} | {dtype} | {label} | {r['tokens_per_s']:,.0f} | {r['ms']:,.1f} | "
                           f"{r['peak_mb']:,.0f} | {rel} |", flush=True)
+                    if "floor_ms" in r:
+                        rel = f"{r['floor_tokens_per_s'] / base:.2f}×"
+                        print(f"| {b} | {l} | {dtype} | {label}: its floor (SSD removed) | "
+                              f"{r['floor_tokens_per_s']:,.0f} | {r['floor_ms']:,.1f} | | {rel} |", flush=True)
+    for line in sorted(trees):  # which checkout each row's mambakit came from (PYTHONPATH=. for a worktree's own)
+        print(f"# {line}")
 
 
 if __name__ == "__main__":

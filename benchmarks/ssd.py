@@ -4,11 +4,13 @@ chunked scan (`mamba2_chunk_scan`, what Mamba2ForCausalLM runs on a CPU) and the
 matmul floor the scan adds to).
 
 Shapes are one Mamba-2 layer's: h = 2·d_model / 64 heads of p = 64, n = 128, one group. The CPU path blocks by at
-most `CPU_BLOCK` tokens whatever chunk_size asks for; --blocks overrides that cap to compare block lengths.
+most `CPU_BLOCK` tokens (`CPU_INFERENCE_BLOCK` for inference) whatever chunk_size asks for; --blocks overrides
+those caps to compare block lengths.
 
     python benchmarks/ssd.py                                  # 130m layer shape, b 1, l 1024 and 4096; fp32 + bf16
     python benchmarks/ssd.py --d-model 256 --batch 8 --lengths 512 --dtypes float32   # the train_step.py shape
     python benchmarks/ssd.py --quick
+    python benchmarks/ssd.py --forward-only --blocks 32,64,128,256    # inference by block length
 
 Times are the median of --repeats runs, interleaved across implementations (round-robin), in one process.
 """
@@ -31,6 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--blocks", default="64,128,256", help="block lengths of the mambakit rows (the CPU cap lifted)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--forward-only", action="store_true", help="time inference only (no forward + backward)")
     p.add_argument("--quick", action="store_true", help="d_model 64, l 128, 2 repeats")
     args = p.parse_args(argv)
     if args.quick:
@@ -86,7 +89,7 @@ def main(argv=None) -> None:
                                 dt_bias=dtb, dt_softplus=True)
                     y.float().sum().backward()
 
-                return fwd, train
+                return fwd, (None if args.forward_only else train)
 
             cases = {f"mambakit, block {q}": mk(q) for q in blocks}
             if mamba2_chunk_scan is not None:
@@ -99,11 +102,11 @@ def main(argv=None) -> None:
                                           dt_bias=dtb, dt_softplus=True)
                     y.float().sum().backward()
 
-                cases["transformers mamba2_chunk_scan, chunk 256"] = (hf_fwd, hf_train)
+                cases["transformers mamba2_chunk_scan, chunk 256"] = (hf_fwd, None if args.forward_only else hf_train)
             cases["projections (in_proj + out_proj)"] = (proj, None)
             times = {k: ([], []) for k in cases}
-            cap = cpu_ssd.CPU_BLOCK
-            cpu_ssd.CPU_BLOCK = 1 << 30  # lift the cap: the rows compare block lengths
+            cap = cpu_ssd.CPU_BLOCK, cpu_ssd.CPU_INFERENCE_BLOCK
+            cpu_ssd.CPU_BLOCK = cpu_ssd.CPU_INFERENCE_BLOCK = 1 << 30  # lift the caps: the rows compare block lengths
             try:
                 for name, (fwd, train) in cases.items():  # warm-up: compilation, allocator
                     with torch.inference_mode():
@@ -121,7 +124,7 @@ def main(argv=None) -> None:
                             train()
                             times[name][1].append(time.perf_counter() - t)
             finally:
-                cpu_ssd.CPU_BLOCK = cap
+                cpu_ssd.CPU_BLOCK, cpu_ssd.CPU_INFERENCE_BLOCK = cap
             floor = statistics.median(times["projections (in_proj + out_proj)"][0])
             for name, (f, t) in times.items():
                 fm = statistics.median(f)

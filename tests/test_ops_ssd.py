@@ -181,6 +181,128 @@ def test_packed_sequences_equal_separate_runs(backend):
         assert_close(s[r:r + 1], ss, 1e-10, f"row {r} final state")
 
 
+# ------------------------------------------------------------------ cu_seqlens: packed variable-length sequences
+_TOKENWISE = ("x", "dt", "B", "C", "z")
+
+
+def _separate_runs(inp, lengths, **kw):
+    """y (1, l, h, p) and the per-sequence final states (m, h, p, n) of running each sequence on its own (the first
+    from initial_states, the others from zero; an empty one keeps the state it starts from)."""
+    ys, states, start = [], [], 0
+    h0 = inp["initial_states"]
+    for i, m in enumerate(lengths):
+        if m == 0:
+            states.append(h0[0].double() if i == 0 and h0 is not None else
+                          torch.zeros(inp["x"].shape[2], inp["x"].shape[3], inp["B"].shape[3], dtype=torch.float64))
+            continue
+        part = {k: (v[:, start:start + m] if k in _TOKENWISE else v) for k, v in inp.items()}
+        part["initial_states"] = h0 if i == 0 else None
+        y, st = ssd_ref(**part, return_final_states=True, **kw)
+        ys.append(y)
+        states.append(st[0].double())
+        start += m
+    return torch.cat(ys, 1), torch.stack(states)
+
+
+LENGTHS = [[5, 9, 4], [0, 7, 1, 0, 10], [18]]  # boundaries inside and at the ends of chunks of 4; empty sequences
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=lambda ls: "-".join(map(str, ls)))
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cu_seqlens_equal_separate_runs_with_every_gradient(backend, lengths):
+    """cu_seqlens packs the sequences into one row: outputs, the per-sequence final states (return_varlen_states),
+    the row's final state and the gradient of every input through all three equal those of separate runs."""
+    l, h, p, g, n = sum(lengths), 4, 3, 2, 3
+    inp = make_inputs(1, l, h, p, g, n, torch.float64, D="channel")
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    kw = dict(chunk_size=4, dt_softplus=True, dt_limit=(0.0, 2.0))
+    leaves = {k: v.clone().requires_grad_() for k, v in inp.items()}
+    y, final, varlen = ops.ssd(**leaves, **kw, cu_seqlens=cu, return_final_states=True, return_varlen_states=True,
+                               backend=backend)
+    assert varlen.shape == (len(lengths), h, p, n) and varlen.dtype == torch.float64
+    leaves2 = {k: v.clone().requires_grad_() for k, v in inp.items()}
+    y2, varlen2 = _separate_runs(leaves2, lengths, **kw)
+    assert_close(y, y2, 1e-10, "y")
+    assert_close(varlen, varlen2, 1e-10, "varlen states")
+    assert_close(final, varlen2[-1] if lengths[-1] else final, 1e-10, "final state = the last sequence's")
+    gen = torch.Generator().manual_seed(4)
+    gy, gv = torch.randn(y.shape, generator=gen, dtype=torch.float64), torch.randn(varlen.shape, generator=gen,
+                                                                                     dtype=torch.float64)
+    g1 = torch.autograd.grad((y * gy).sum() + (varlen * gv).sum(), list(leaves.values()), allow_unused=True)
+    g2 = torch.autograd.grad((y2 * gy).sum() + (varlen2 * gv).sum(), list(leaves2.values()), allow_unused=True)
+    for k, a, b in zip(leaves, g1, g2):
+        a = torch.zeros_like(leaves[k]) if a is None else a
+        b = torch.zeros_like(leaves[k]) if b is None else b
+        assert_close(a, b, 1e-10, f"grad {k}")
+
+
+@pytest.mark.parametrize("tokens", [8, 4096])
+def test_cu_seqlens_inference_path_float32(monkeypatch, tokens):
+    """Without autograd the CPU path keeps the states entering each chunk from the fused kernels for the varlen
+    states: equal to separate runs in float32 (one and several groups of chunks)."""
+    from mambakit.ops.cpu import ssd_fused
+
+    monkeypatch.setattr(ssd_fused, "BLOCK_TOKENS", tokens)
+    lengths = [3, 0, 12, 1, 9]
+    inp = make_inputs(1, sum(lengths), 4, 3, 2, 3, torch.float32, D="head")
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    with torch.no_grad():
+        y, varlen = ssd_cpu(**inp, chunk_size=4, dt_softplus=True, cu_seqlens=cu, return_varlen_states=True)
+    y2, varlen2 = _separate_runs({k: v.double() for k, v in inp.items()}, lengths, dt_softplus=True)
+    assert_close(y, y2, TOL[torch.float32], "y")
+    assert_close(varlen, varlen2, TOL[torch.float32], "varlen states")
+
+
+def test_cu_seqlens_gradcheck_float64():
+    inp = make_inputs(1, 9, 2, 1, 1, 2, torch.float64, D=None, z=False)
+    cu = torch.tensor([0, 4, 4, 6, 9])
+    names = [k for k, v in inp.items() if v is not None]
+
+    def f(*tensors):
+        args = dict(inp, **dict(zip(names, tensors)))
+        return ops.ssd(**args, chunk_size=4, dt_softplus=True, cu_seqlens=cu, return_final_states=True,
+                       return_varlen_states=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, [inp[k].clone().requires_grad_() for k in names], eps=1e-6, atol=1e-7)
+
+
+def test_cu_seqlens_and_seq_idx():
+    """cu_seqlens implies seq_idx: given both, they must agree; the results equal those with seq_idx alone."""
+    inp = make_inputs(1, 9, 2, 2, 1, 3, torch.float64)
+    cu = torch.tensor([0, 2, 2, 9])
+    seq_idx = torch.tensor([[0, 0, 2, 2, 2, 2, 2, 2, 2]])
+    assert torch.equal(ops.seq_idx_from_cu_seqlens(cu, 9), seq_idx)
+    for backend in ("cpu", "reference"):
+        a = ops.ssd(**inp, cu_seqlens=cu, backend=backend)
+        b = ops.ssd(**inp, cu_seqlens=cu, seq_idx=seq_idx, backend=backend)
+        c = ops.ssd(**inp, seq_idx=seq_idx, backend=backend)
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(ValueError, match="seq_idx and cu_seqlens disagree"):
+        ops.ssd(**inp, cu_seqlens=cu, seq_idx=torch.zeros(1, 9, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("cu, exc, match", [
+    (torch.tensor([1, 4, 9]), ValueError, "start at 0"),
+    (torch.tensor([0, 5, 4, 9]), ValueError, "non-decreasing"),
+    (torch.tensor([0, 4, 8]), ValueError, "end at l = 9"),
+    (torch.tensor([0.0, 9.0]), TypeError, "cu_seqlens must be an integer tensor"),
+    (torch.tensor([[0, 9]]), ValueError, r"cu_seqlens must have shape \(num_seqs \+ 1,\)"),
+    (torch.tensor([9]), ValueError, "num_seqs >= 1"),
+])
+def test_cu_seqlens_bad_input(cu, exc, match):
+    inp = make_inputs(1, 9, 2, 2, 1, 3)
+    with pytest.raises(exc, match=match):
+        ops.ssd(**inp, cu_seqlens=cu)
+
+
+def test_cu_seqlens_needs_batch_one_and_varlen_needs_cu_seqlens():
+    inp = make_inputs(2, 9, 2, 2, 1, 3)
+    with pytest.raises(ValueError, match="batch size 1"):
+        ops.ssd(**inp, cu_seqlens=torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="return_varlen_states needs cu_seqlens"):
+        ops.ssd(**inp, return_varlen_states=True)
+
+
 def test_initial_states_feed_seq_idx_zero_only():
     """The official convention: the state before the first token is sequence 0's."""
     inp = make_inputs(1, 6, 2, 2, 1, 2, torch.float64)
@@ -448,22 +570,39 @@ def test_fused_inference_equals_autograd_path(case, packed):
     assert_close(y_fused, y_torch.detach(), 1e-5, "fused vs torch twin")
 
 
-def test_intra_chunk_kernel_equals_its_twin():
-    """The kernel and `ssd.intra_chunk` on the same raw inputs (not only through ssd): every output row."""
-    from mambakit.ops.cpu.ssd import intra_chunk, intra_chunk_fused
+@pytest.mark.parametrize("tokens", [8, 24, 4096])  # several groups of chunks (a shorter last one), or one group
+def test_fused_inference_chunk_groups(monkeypatch, tokens):
+    """The inference path takes the chunks in groups of about BLOCK_TOKENS tokens, the state carried from one group
+    to the next: any group size gives the reference's outputs and final states (packed sequences, g > 1, padding)."""
+    from mambakit.ops.cpu import ssd_fused
 
-    gen = torch.Generator().manual_seed(3)
-    b, c, h, Q, g, p = 2, 3, 6, 8, 3, 5
-    r = partial(torch.randn, generator=gen)
-    xbar, CB = r(b, c * Q, h, p), r(b, c, g, Q, Q)
-    acs = -r(b, c, h, Q).abs().cumsum(-1)  # non-increasing from each chunk's start, as Δ·A ≤ 0 makes it
-    y_in, from_start = r(b, c, g, Q, (h // g) * p), r(b, c, h, Q).abs()
-    seq = torch.sort(torch.randint(0, 4, (b, c * Q), generator=gen), 1).values
+    monkeypatch.setattr(ssd_fused, "BLOCK_TOKENS", tokens)
+    b, l, h, p, g, n = 2, 45, 4, 3, 2, 5
+    inp = make_inputs(b, l, h, p, g, n, torch.float32, D="channel")
+    seq = torch.sort(torch.randint(0, 4, (b, l), generator=torch.Generator().manual_seed(5)), 1).values
     for s in (None, seq):
-        want = intra_chunk(xbar, acs, CB, y_in, from_start, s, torch.float32)
-        got = intra_chunk_fused(xbar, acs, CB, y_in, from_start, s, torch.float32)
-        assert got.shape == want.shape == (b, c * Q, h, p)
-        assert_close(got, want, 1e-6, f"intra_chunk, seq {'given' if s is not None else 'none'}")
+        kw = dict(chunk_size=8, dt_softplus=True, seq_idx=s, return_final_states=True)
+        with torch.no_grad():
+            y, st = ssd_cpu(**inp, **kw)
+        y_ref, s_ref = ssd_reference(**{k: v.double() if v is not None else None for k, v in inp.items()}, **kw)
+        assert_close(y, y_ref, TOL[torch.float32], f"y, BLOCK_TOKENS {tokens}")
+        assert_close(st, s_ref, TOL[torch.float32], f"final states, BLOCK_TOKENS {tokens}")
+
+
+def test_fused_inference_bfloat16_equals_autograd_path():
+    """In bfloat16 the inference kernels write the GEMM operands in bf16, as the autograd path rounds them: the two
+    agree to bf16 rounding, and both are within the bf16 tolerance of the float32 reference."""
+    inputs = make_inputs(2, 40, 4, 8, 2, 8, torch.bfloat16, D="channel")
+    kw = dict(chunk_size=16, dt_softplus=True, return_final_states=True)
+    with torch.no_grad():
+        y_inf, s_inf = ssd_cpu(**inputs, **kw)
+    y_ag, s_ag, _ = run_with_grads(ssd_cpu, inputs, chunk_size=16, dt_softplus=True)
+    y_ref, s_ref = ssd_reference(**{k: None if v is None else v.float() for k, v in inputs.items()}, **kw)
+    assert y_inf.dtype == torch.bfloat16 and s_inf.dtype == torch.float32
+    assert_close(y_inf.float(), y_ag.float(), 1e-2, "inference vs autograd path, y")
+    assert_close(s_inf, s_ag, 1e-2, "inference vs autograd path, final states")
+    assert_close(y_inf.float(), y_ref, 1.5e-2, "inference y vs float32 reference")
+    assert_close(s_inf, s_ref, 1.5e-2, "inference final states vs float32 reference")
 
 
 @pytest.mark.parametrize("n", [5, 16, 37, 128])

@@ -166,6 +166,38 @@ def test_ssd_matches_reference(case):
         assert_close(g1[k], g2[k], TOL[torch.float32], f"d{k}")
 
 
+@pytest.mark.parametrize("lengths", [[5, 0, 9, 6], [0, 13], [7]], ids=lambda ls: "-".join(map(str, ls)))
+def test_ssd_cu_seqlens_varlen_states(lengths):
+    """cu_seqlens (batch 1): outputs, the row's final state and the state after each sequence's last token
+    (return_varlen_states, forward only as in the official op) equal the reference's, which the CPU tests check
+    against separate runs; empty sequences keep their starting state."""
+    l = sum(lengths)
+    inputs = make_inputs(1, l, 4, 3, 2, 5, D="channel")
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device=DEVICE)
+    kw = dict(chunk_size=4, dt_softplus=True, cu_seqlens=cu, return_final_states=True, return_varlen_states=True)
+    with torch.no_grad():
+        y1, s1, v1 = ssd_tri(**inputs, **kw)
+    y2, s2, v2 = ops.ssd(**inputs, **kw, backend="reference")
+    assert v1.shape == (len(lengths), 4, 3, 5) and v1.dtype == torch.float32
+    assert_close(y1, y2, TOL[torch.float32], "y")
+    assert_close(s1, s2, TOL[torch.float32], "final states")
+    assert_close(v1, v2, TOL[torch.float32], "varlen states")
+    # without the varlen states, cu_seqlens is seq_idx: the differentiable path, gradients as the reference's
+    y3, s3, g3 = run_with_grads(ssd_tri, inputs, chunk_size=4, dt_softplus=True, cu_seqlens=cu)
+    y4, s4, g4 = run_with_grads(ssd_ref, inputs, chunk_size=4, dt_softplus=True,
+                                seq_idx=ops.seq_idx_from_cu_seqlens(cu, l))
+    assert_close(y3, y4, TOL[torch.float32], "y with gradients")
+    for k in g4:
+        assert_close(g3[k], g4[k], TOL[torch.float32], f"d{k}")
+
+
+def test_ssd_varlen_states_refuse_autograd():
+    inputs = make_inputs(1, 6, 2, 2, 1, 3)
+    x = inputs.pop("x").clone().requires_grad_()
+    with pytest.raises(NotImplementedError, match="forward only"):
+        ssd_tri(x, **inputs, cu_seqlens=torch.tensor([0, 2, 6], device=DEVICE), return_varlen_states=True)
+
+
 def test_ssd_row_starting_in_another_sequence():
     """initial_states feeds seq_idx 0 only: a row whose first token has seq_idx 2 starts from zero."""
     inputs = make_inputs(2, 11, 2, 3, 1, 4)

@@ -317,7 +317,7 @@ def causal_conv1d_update(
 # on any device, so a default call on a GPU without Triton takes it rather than the sequential twin.
 import operator  # noqa: E402
 
-from .reference import ssd_ref, ssd_state_update_ref  # noqa: E402, F401  (public, as the Mamba-1 twins)
+from .reference import seq_idx_from_cu_seqlens, ssd_ref, ssd_state_update_ref  # noqa: E402, F401  (public twins)
 
 __all__ += ["ssd", "ssd_state_update"]
 
@@ -425,6 +425,8 @@ def ssd(
     initial_states: Tensor | None = None,
     seq_idx: Tensor | None = None,
     return_final_states: bool = False,
+    cu_seqlens: Tensor | None = None,
+    return_varlen_states: bool = False,
     backend: str | None = None,
 ):
     """The SSD scan of Mamba-2 ("Transformers are SSMs", Dao & Gu 2024), with the semantics of the official
@@ -438,12 +440,20 @@ def ssd(
     seq_idx (b, l), integers, non-decreasing along l and ≥ 0: packed sequences; the state resets to zero where
     it changes, and initial_states feeds only tokens with seq_idx 0 (as in the official op). chunk_size: the
     chunked path's block length (any positive int; the result does not depend on it beyond rounding); on CPU
-    tensors the "cpu" backend blocks by at most `ops.cpu.ssd.CPU_BLOCK` (128) tokens, its fastest size.
+    tensors the "cpu" backend blocks by at most `ops.cpu.ssd.CPU_BLOCK` (128) tokens with autograd and
+    `CPU_INFERENCE_BLOCK` (64) without, its fastest sizes.
 
-    Returns y (in x's dtype), or (y, final_states) with return_final_states: the state after each row's last
-    token (with seq_idx, that of the row's last sequence; per-sequence states are not returned), float32
-    (float64 for float64 inputs). Gradients flow to every floating input, initial_states included, and from
-    the final states.
+    cu_seqlens (num_seqs + 1,), integers: packed variable-length sequences in one row (b = 1), sequence i being
+    tokens cu_seqlens[i] … cu_seqlens[i + 1] − 1: it must start at 0, be non-decreasing (empty sequences are
+    allowed) and end at l. It implies seq_idx (the sequence of each token); a seq_idx given with it must agree.
+
+    Returns y (in x's dtype), then (y, final_states) with return_final_states: the state after each row's last
+    token (with seq_idx, that of the row's last sequence), float32 (float64 for float64 inputs); with
+    return_varlen_states (needs cu_seqlens) the state after each sequence's last token, (num_seqs, h, p, n),
+    comes last, as in the official op: (y, varlen_states) or (y, final_states, varlen_states). An empty
+    sequence's state is the one it starts from (initial_states for sequence 0, zeros for the others).
+    Gradients flow to every floating input, initial_states included, and from the final and varlen states
+    (not from varlen states on the Triton backend, whose backward does not take them: as the official op).
     """
     b, l, h, p, g, n = _check_ssd_args(x, dt, A, B, C, D, z, dt_bias, step=False)
     if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or operator.index(chunk_size) < 1:
@@ -464,11 +474,38 @@ def ssd(
         # The masks compare indices for equality: a sequence must be one contiguous run.
         if bool((seq_idx < 0).any()) or bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
             raise ValueError("seq_idx must be >= 0 and non-decreasing along l (each packed sequence one run)")
+    if cu_seqlens is not None:
+        derived = _check_cu_seqlens(cu_seqlens, b, l, x.device)
+        if seq_idx is not None and not torch.equal(seq_idx.to(torch.int64), derived):
+            raise ValueError("seq_idx and cu_seqlens disagree: seq_idx must be the index i of the sequence "
+                             "cu_seqlens[i] <= t < cu_seqlens[i + 1] of each token t (or pass only one of them)")
+        seq_idx = derived
+    elif return_varlen_states:
+        raise ValueError("return_varlen_states needs cu_seqlens (the boundaries of the packed sequences)")
     _check_A_nonpositive(A)
     with _no_autocast(x):
         run = _ssd_implementation("ssd", backend, x)
         return run(x, dt, A, B, C, chunk_size, D, z, dt_bias, bool(dt_softplus), dt_limit, initial_states,
-                   seq_idx, bool(return_final_states))
+                   seq_idx, bool(return_final_states), cu_seqlens, bool(return_varlen_states))
+
+
+def _check_cu_seqlens(cu_seqlens, b: int, l: int, device: torch.device) -> Tensor:
+    """Validates cu_seqlens (the official op's packed-sequence boundaries); returns the seq_idx (1, l) it implies."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex \
+            or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor of shape (num_seqs + 1,), "
+                        f"got {getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {device}; all inputs must share one device")
+    if b != 1:
+        raise ValueError(f"cu_seqlens packs sequences into one row: x must have batch size 1, got b = {b}")
+    cu = cu_seqlens.to(torch.int64)
+    if int(cu[0]) != 0 or int(cu[-1]) != l or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at l = {l}, got "
+                         f"{cu.tolist() if cu.numel() <= 8 else cu[:4].tolist() + ['…'] + cu[-2:].tolist()}")
+    return seq_idx_from_cu_seqlens(cu, l)
 
 
 def ssd_state_update(

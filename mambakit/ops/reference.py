@@ -212,12 +212,17 @@ def ssd_ref(
     initial_states: Tensor | None = None,
     seq_idx: Tensor | None = None,
     return_final_states: bool = False,
+    cu_seqlens: Tensor | None = None,
+    return_varlen_states: bool = False,
 ):
     """Reference SSD: the sequential recurrence, one token at a time. x, z: (b, l, h, p); dt: (b, l, h); A: (h,);
     B, C: (b, l, g, n); D: (h,) or (h, p); dt_bias: (h,); initial_states: (b, h, p, n); seq_idx: (b, l) int.
     chunk_size is the chunked kernels' block length: the result does not depend on it, so it is ignored here.
     Returns y (b, l, h, p) in x's dtype, and the final states (b, h, p, n) in float32 (float64 for float64
-    inputs) with `return_final_states`: the state after each row's last token."""
+    inputs) with `return_final_states`: the state after each row's last token. With `return_varlen_states`
+    (b = 1, cu_seqlens (m + 1,) the sequences' boundaries, seq_idx the matching indices): also the state after
+    each sequence's last token, (m, h, p, n) (`varlen_initial` for an empty one). Results in the order
+    y[, final states][, varlen states]."""
     acc = compute_dtype(x)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -234,21 +239,55 @@ def ssd_ref(
         keep = (seq_idx == prev).to(acc).unbind(1)  # l × (b,)
     else:
         keep = [None] * l
+    # varlen: the sequences ending after each step t (their last token is t)
+    ends: dict[int, list[int]] = {}
+    varlen = []
+    if return_varlen_states:
+        cu = [int(v) for v in cu_seqlens.tolist()]
+        varlen = [varlen_initial(i, cu, initial_states, (h, p, n), x_) for i in range(len(cu) - 1)]
+        for i in range(len(cu) - 1):
+            if cu[i + 1] > cu[i]:
+                ends.setdefault(cu[i + 1] - 1, []).append(i)
     ys = []
-    for d_t, x_t, B_t, C_t, k_t in zip(delta.unbind(1), x_.unbind(1), B_.unbind(1), C_.unbind(1), keep):
+    for t, (d_t, x_t, B_t, C_t, k_t) in enumerate(zip(delta.unbind(1), x_.unbind(1), B_.unbind(1), C_.unbind(1),
+                                                      keep)):
         decay = torch.exp(d_t * A_)  # (b, h)
         if k_t is not None:
             decay = decay * k_t.unsqueeze(-1)
         upd = (d_t.unsqueeze(-1) * x_t).unsqueeze(-1) * B_t.unsqueeze(2)  # (b, h, p, n): Δ_t x_t B_tᵀ
         state = decay[..., None, None] * state + upd
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C_t))
+        for i in ends.get(t, ()):
+            varlen[i] = state[0]
     y = torch.stack(ys, dim=1) if ys else x_.new_zeros(b, 0, h, p)  # (b, l, h, p)
     if D is not None:
         y = y + x_ * _per_channel_D(D.to(acc), p)
     if z is not None:
         y = y * F.silu(z.to(acc))
     y = y.to(x.dtype)
-    return (y, state) if return_final_states else y
+    return ssd_results(y, state, torch.stack(varlen) if return_varlen_states else None, return_final_states)
+
+
+def ssd_results(y: Tensor, final: Tensor, varlen: Tensor | None, return_final_states: bool):
+    """The SSD ops' results in the official order: y, then the final states if asked for, then the varlen states
+    if asked for (varlen not None)."""
+    out = (y,) + ((final,) if return_final_states else ()) + ((varlen,) if varlen is not None else ())
+    return out if len(out) > 1 else y
+
+
+def varlen_initial(i: int, cu: list[int], initial_states: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """The state sequence i of cu_seqlens starts from (and keeps, if it is empty): initial_states for the first
+    one (the state before the first token counts as sequence 0), zeros for the others."""
+    if i == 0 and initial_states is not None:
+        return initial_states[0].to(like.dtype)
+    return like.new_zeros(shape)
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, l: int) -> Tensor:
+    """(1, l) int64: the index i of the sequence each token belongs to, cu_seqlens[i] <= t < cu_seqlens[i + 1]
+    (empty sequences own no token, so their indices are skipped)."""
+    t = torch.arange(l, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), t, right=True).unsqueeze(0)
 
 
 def ssd_state_update_ref(

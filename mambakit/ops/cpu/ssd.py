@@ -14,8 +14,12 @@ Per chunk (Section 6, the four steps of the block decomposition):
    chunks only (c steps of (b, h, p, n)).
 4. The incoming state's share of each output: exp(acs_t)·H_k C_t.
 
-Steps 1 and 4 are summed by `intra_chunk`; without autograd (inference) its numba twin `intra_chunk_fused`
-(ssd_fused.py) runs instead and never builds the (b, c, h, Q, Q) blocks.
+Steps 1 and 4 are summed by `intra_chunk`. Without autograd (inference, float32 compute) the whole forward runs
+instead as ssd_fused.py's `chunked_inference`: the same GEMMs, with everything between them in three numba
+kernels, chunk group by chunk group through reused workspaces (this file stays its torch twin).
+
+Packed variable-length sequences (cu_seqlens, batch 1) run as seq_idx; `varlen_states` then gives the state
+after each sequence's last token from the states entering the chunks.
 
 Memory: the inputs padded to c·Q, the (b, c, h, Q, Q) decay and score blocks (b·l·h·Q elements, the same
 order as x for Q ≲ p) and the (b, c, h, p, n) chunk states; never the (b, l, h, p, n) states of every step.
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import _per_channel_D, compute_dtype, ssd_dt
+from ..reference import _per_channel_D, compute_dtype, ssd_dt, ssd_results, varlen_initial
 from .primitives import records_grad
 
 
@@ -47,6 +51,10 @@ from .primitives import records_grad
 # ran 1.7× faster with 128-token blocks than with 256 (64 about the same as 128) and inference no slower
 # (`benchmarks/ssd.py`; the figures are in docs/kernels.md).
 CPU_BLOCK = 128
+# The same cap for inference (the fused path of ssd_fused.py, no autograd): 64-token blocks halve the masked
+# intra-chunk GEMM and the scores, and ran as fast as 128 or faster at the 130m shape (1.15× in bfloat16 at l =
+# 4096; docs/kernels.md).
+CPU_INFERENCE_BLOCK = 64
 
 
 def _gemm(a: Tensor, b: Tensor, gemm_dtype: torch.dtype, acc: torch.dtype) -> Tensor:
@@ -92,14 +100,6 @@ def intra_chunk(xbar: Tensor, acs: Tensor, CB: Tensor, y_in: Tensor, from_start:
     return y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, h, p)  # time-major
 
 
-def intra_chunk_fused(xbar: Tensor, acs: Tensor, CB: Tensor, y_in: Tensor, from_start: Tensor, seq: Tensor | None,
-                      gemm: torch.dtype) -> Tensor:
-    """`intra_chunk` in one numba kernel (float32 CPU tensors, no autograd): ssd_fused.py."""
-    from .ssd_fused import intra_chunk_kernel
-
-    return intra_chunk_kernel(xbar, acs, CB, y_in, from_start, seq)
-
-
 def ssd_cpu(
     x: Tensor,
     dt: Tensor,
@@ -115,6 +115,8 @@ def ssd_cpu(
     initial_states: Tensor | None = None,
     seq_idx: Tensor | None = None,
     return_final_states: bool = False,
+    cu_seqlens: Tensor | None = None,
+    return_varlen_states: bool = False,
 ):
     """The chunked SSD; arguments and results as `reference.ssd_ref`."""
     acc = compute_dtype(x)
@@ -122,9 +124,12 @@ def ssd_cpu(
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     hg = h // g
+    # Inference (no autograd) on the CPU in float32/bfloat16 arithmetic runs the fused kernels of ssd_fused.py.
+    inference = acc == torch.float32 and x.device.type == "cpu" and not records_grad(
+        x, dt, A, B, C, D, z, dt_bias, initial_states)
     Q = int(chunk_size)
-    if x.device.type == "cpu":
-        Q = min(Q, CPU_BLOCK)  # a block length, not a result: see CPU_BLOCK
+    if x.device.type == "cpu":  # a block length, not a result: see CPU_BLOCK
+        Q = min(Q, CPU_INFERENCE_BLOCK if inference else CPU_BLOCK)
     c = max(1, -(-l // Q))
     pad = c * Q - l
     L = c * Q
@@ -132,32 +137,47 @@ def ssd_cpu(
     # 0. Discretise; pad time to whole chunks; chunk-major views.
     delta = _pad_time(ssd_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc), pad)  # (b, L, h)
     acs = (delta * A.to(acc)).reshape(b, c, Q, h).cumsum(2).transpose(2, 3)  # (b, c, h, Q): log-decay from chunk start
-    xbar_t = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
-    xbar = xbar_t.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
     Bc = _pad_time(B, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
     Cc = _pad_time(C, pad).reshape(b, c, Q, g, n).transpose(2, 3)  # (b, c, g, Q, n)
+    to_end = torch.exp(acs[..., -1:] - acs)  # (b, c, h, Q): decay from each token to its chunk's end
+    chunk_decay = torch.exp(acs[..., -1])  # (b, c, h)
+    from_start = torch.exp(acs)  # (b, c, h, Q): decay from the chunk's start to each token
+    seq = None
     if seq_idx is not None:
         # padded steps continue the row's last sequence, so they keep its state
         s = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).reshape(b, c, Q)  # (b, c, Q)
         last = s[:, :, -1]  # (b, c): the sequence each chunk ends in
         before = torch.cat([last.new_zeros(b, 1), last[:, :-1]], dim=1)  # (b, c): the carried state's sequence
+        to_end = to_end * (s == last.unsqueeze(-1)).unsqueeze(2)  # a chunk's state: only its last sequence
+        chunk_decay = chunk_decay * (last == before).unsqueeze(-1)  # the carry stops where a sequence ends
+        from_start = from_start * (s == before.unsqueeze(-1)).unsqueeze(2)  # the carried state: its sequence only
+        seq = s.reshape(b, L)
+    carried = initial_states.to(acc) if initial_states is not None else x.new_zeros(b, h, p, n, dtype=acc)
+
+    if inference:
+        from .ssd_fused import chunked_inference
+
+        Dm = _per_channel_D(D.to(acc), p) if D is not None else None
+        y, final, incoming = chunked_inference(x, delta, acs, to_end, chunk_decay, from_start, Bc, Cc, seq, Dm, z,
+                                               carried.clone(), gemm, keep_incoming=return_varlen_states)
+        varlen = None
+        if return_varlen_states:
+            varlen = varlen_states(x[0].to(acc), delta[0, :l], acs[0], incoming[0], B[0], seq_idx[0], cu_seqlens,
+                                   initial_states, Q)
+        return ssd_results(y.to(x.dtype), final, varlen, return_final_states)
+
+    xbar_t = _pad_time(x.to(acc) * delta.narrow(1, 0, l).unsqueeze(-1), pad)  # (b, L, h, p): Δ·x
+    xbar = xbar_t.reshape(b, c, Q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, Q, p)
 
     # 1. C·Bᵀ inside each chunk, once per group (the rest of step 1 is summed with step 4 below).
     CB = _gemm(Cc, Bc.transpose(-1, -2), gemm, acc)  # (b, c, g, Q_t, Q_s)
 
     # 2. Each chunk's state at its end from a zero start; the heads of a group share one GEMM with B.
-    to_end = torch.exp(acs[..., -1:] - acs)  # (b, c, h, Q)
-    if seq_idx is not None:
-        to_end = to_end * (s == last.unsqueeze(-1)).unsqueeze(2)  # only the chunk's last sequence
     weighted = (xbar * to_end.view(b, c, g, hg, Q, 1)).transpose(-1, -2)  # (b, c, g, hg, p, Q)
     states = _gemm(weighted.reshape(b, c, g, hg * p, Q), Bc, gemm, acc)  # (b, c, g, hg·p, n)
     states = states.view(b, c, h, p, n)
 
     # 3. Pass states between chunks (sequential over c only).
-    chunk_decay = torch.exp(acs[..., -1])  # (b, c, h)
-    if seq_idx is not None:
-        chunk_decay = chunk_decay * (last == before).unsqueeze(-1)  # the carry stops where a sequence ends
-    carried = initial_states.to(acc) if initial_states is not None else x.new_zeros(b, h, p, n, dtype=acc)
     incoming = []
     for k in range(c):
         incoming.append(carried)
@@ -168,16 +188,8 @@ def ssd_cpu(
     # 4. The incoming state's share: exp(acs_t)·H C_t, one GEMM per group (the decay applied with step 1).
     Hg = incoming.view(b, c, g, hg * p, n).transpose(-1, -2)  # (b, c, g, n, hg·p)
     y_in = _gemm(Cc, Hg, gemm, acc)  # (b, c, g, Q, hg·p)
-    from_start = torch.exp(acs)  # (b, c, h, Q)
-    if seq_idx is not None:
-        from_start = from_start * (s == before.unsqueeze(-1)).unsqueeze(2)  # only the carried sequence
-    # Steps 1 and 4 summed, time-major: the numba kernel for inference (no (b, c, h, Q, Q) temporaries), the
-    # torch twin where autograd records (or off the CPU, or in float64).
-    fused = acc == torch.float32 and x.device.type == "cpu" and not records_grad(
-        x, dt, A, B, C, D, z, dt_bias, initial_states)
-    seq = s.reshape(b, L) if seq_idx is not None else None
-    intra = intra_chunk_fused if fused else intra_chunk
-    y = intra(xbar_t, acs, CB, y_in, from_start, seq, gemm)[:, :l]  # (b, l, h, p)
+    # Steps 1 and 4 summed, time-major.
+    y = intra_chunk(xbar_t, acs, CB, y_in, from_start, seq, gemm)[:, :l]  # (b, l, h, p)
 
     # 5. The skip and the gate.
     if D is not None:
@@ -185,7 +197,59 @@ def ssd_cpu(
     if z is not None:
         y = y * F.silu(z.to(acc))
     y = y.to(x.dtype)
-    return (y, final) if return_final_states else y
+    varlen = None
+    if return_varlen_states:
+        varlen = varlen_states(x[0].to(acc), delta[0, :l], acs[0], incoming[0], B[0], seq_idx[0], cu_seqlens,
+                               initial_states, Q)
+    return ssd_results(y, final, varlen, return_final_states)
+
+
+# Gathered tokens per batch of sequences in varlen_states (bounds its temporaries: 4M elements, 16 MB float32).
+_VARLEN_BATCH = 1 << 22
+
+
+def varlen_states(x: Tensor, delta: Tensor, acs: Tensor, incoming: Tensor, B: Tensor, seq: Tensor, cu_seqlens: Tensor,
+                  initial_states: Tensor | None, Q: int) -> Tensor:
+    """The state after each packed sequence's last token (the official `return_varlen_states`), from the chunked
+    forward's pieces, in torch (autograd differentiates it; the Triton path calls it too).
+
+    For batch row 0: x (l, h, p) and delta (l, h) in the compute dtype; acs (c, h, Q) the log-decays cumulated
+    from each chunk's start; incoming (c, h, p, n) the state entering each chunk; B (l, g, n); seq (l,) the
+    sequence of each token (from cu_seqlens); cu_seqlens (m + 1,). Returns (m, h, p, n) in incoming's dtype.
+
+    Sequence i ends at token e in chunk k = e // Q, at q = e % Q. Its state is the entering state decayed to q,
+    if that state is i's (the chunk's predecessor ended inside sequence i), plus the tokens s ≤ q of chunk k in
+    sequence i: Σ_s exp(acs_q − acs_s)·Δ_s x_s B_sᵀ. An empty sequence keeps its starting state
+    (`reference.varlen_initial`)."""
+    l, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    hg = h // g
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    m = cu.numel() - 1
+    acc = incoming.dtype
+    cu_list = [int(v) for v in cu.tolist()]
+    out = torch.stack([varlen_initial(i, cu_list, initial_states, (h, p, n), incoming) for i in range(m)])
+    ids_all = torch.nonzero(cu[1:] > cu[:-1]).squeeze(1)  # (m',): the sequences that have tokens
+    step = max(1, _VARLEN_BATCH // (Q * h * p))
+    ar = torch.arange(Q, device=x.device)
+    for j in range(0, ids_all.numel(), step):
+        ids = ids_all[j:j + step]  # (s,)
+        e = cu[ids + 1] - 1  # (s,): each sequence's last token
+        k, q = e // Q, e % Q
+        pos = (k.unsqueeze(1) * Q + ar).clamp(max=l - 1)  # (s, Q): the tokens of chunk k (clamped past l: unused)
+        used = (ar <= q.unsqueeze(1)) & (seq[pos] == ids.unsqueeze(1))  # (s, Q): s ≤ q, in sequence i
+        a = acs[k]  # (s, h, Q)
+        a_end = a.gather(2, q.view(-1, 1, 1).expand(-1, h, 1))  # (s, h, 1)
+        w = torch.exp((a_end - a).masked_fill(~used.unsqueeze(1), float("-inf")))  # (s, h, Q)
+        xw = x[pos] * (delta[pos] * w.transpose(1, 2)).unsqueeze(-1)  # (s, Q, h, p): Δ_s·x_s·decay to q
+        xw = xw.reshape(-1, Q, g, hg * p).permute(0, 2, 3, 1)  # (s, g, hg·p, Q)
+        part = torch.matmul(xw, B[pos].to(acc).transpose(1, 2)).reshape(-1, h, p, n)  # (s, h, p, n)
+        # the state entering chunk k is sequence `before`'s: that of token kQ − 1 (sequence 0 for k = 0)
+        before = torch.where(k > 0, seq[(k * Q - 1).clamp(min=0)], torch.zeros_like(k))
+        carry = torch.exp(a_end.squeeze(-1)) * (before == ids).unsqueeze(1)  # (s, h)
+        st = carry[..., None, None] * incoming[k] + part
+        out = out.index_put((ids,), st)
+    return out
 
 
 def ssd_state_update_cpu(

@@ -689,18 +689,50 @@ class _SSDTriton(torch.autograd.Function):
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
-               return_final_states):  # fmt: skip
+               return_final_states, cu_seqlens=None, return_varlen_states=False):  # fmt: skip
     """The Triton SSD of checked arguments (mambakit.ops.ssd); results as ssd_ref (float16, bfloat16 and
-    float32 inputs; float32 states and accumulation)."""
+    float32 inputs; float32 states and accumulation). The varlen states (cu_seqlens) are computed from the
+    forward's per-chunk states by cpu/ssd.py's torch `varlen_states`, forward only (the backward does not take
+    their gradient, as in the official op)."""
+    from ..reference import ssd_results
+
     if x.numel() == 0:  # b = 0 or p = 0: nothing to launch; the twin returns the empty results
         from ..reference import ssd_ref
 
         return ssd_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
-                       return_final_states)  # fmt: skip
+                       return_final_states, cu_seqlens, return_varlen_states)  # fmt: skip
     save = records_grad(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    if return_varlen_states:
+        if save:
+            raise NotImplementedError(
+                "return_varlen_states on the Triton backend is forward only (as the official op): call it without "
+                "autograd recording (torch.no_grad()), or use backend='cpu' / 'reference' to differentiate them")
+        return _ssd_triton_varlen(x, dt, A, B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
+                                  tuple(dt_limit), initial_states, seq_idx, return_final_states, cu_seqlens)
     y, final = _SSDTriton.apply(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, int(chunk_size),
                                 bool(dt_softplus), tuple(dt_limit), save)  # fmt: skip
-    return (y, final) if return_final_states else y
+    return ssd_results(y, final, None, return_final_states)
+
+
+def _ssd_triton_varlen(x, dt, A, B, C, Q, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
+                       return_final_states, cu_seqlens):  # fmt: skip
+    """The forward kernels, then the state after each packed sequence's last token from the states entering each
+    chunk (Hin) and the cumulated log-decays they return."""
+    from ..cpu.ssd import varlen_states
+    from ..reference import ssd_results
+
+    f32 = torch.float32
+    b, l, h, p = x.shape
+    c = triton.cdiv(l, Q)
+    D_ = _own(_per_channel_D(D.detach(), p), f32) if D is not None else None
+    y, final, delta, acs, Hin = _ssd_forward(
+        _rows(x), _rows(dt), _own(A, f32), _rows(B), _rows(C), Q, D_, _rows(z), _own(dt_bias, f32), dt_softplus,
+        dt_limit, _own(initial_states, f32), _own(seq_idx, torch.int32))  # fmt: skip
+    acs_c = acs.view(b, h, c, Q).transpose(1, 2)  # (b, c, h, Q)
+    delta_t = delta[:, :, :l].transpose(1, 2)  # (b, l, h)
+    varlen = varlen_states(x[0].detach().to(f32), delta_t[0], acs_c[0], Hin[0], B[0].detach(), seq_idx[0],
+                           cu_seqlens, None if initial_states is None else initial_states.detach().to(f32), Q)
+    return ssd_results(y, final, varlen, return_final_states)
 
 
 # ---------------------------------------------------------------------------------- the decoding step
