@@ -1,9 +1,9 @@
 """One decode step, fused (`mambakit.engine.FusedDecoder`, or `Mamba2Decoder` with --layer Mamba2) against the
 reference (`MambaLM.step`), in one process, interleaved (reference, fused, reference, fused; the faster of each
-pair of medians), random weights of the 130m shape by default (mamba2-130m for --layer Mamba2). The ratio is what to read; absolute times move with the machine's load. A third
-column runs the fused step on a second copy of the model (same weights) whose parameters
-`mambakit.engine.use_huge_pages` moved into 2 MiB pages, as the `mambakit generate` and `serve` commands do,
-interleaved with the other two; without transparent huge pages on this machine it says so and shows "—".
+pair of medians), random weights of the 130m shape by default (mamba2-130m for --layer Mamba2). The ratio is what
+to read; absolute times move with the machine's load. A third column runs the fused step on a second copy of the
+model (same weights) whose parameters `mambakit.engine.use_huge_pages` moved into 2 MiB pages, as the `mambakit
+generate` and `serve` commands do, interleaved with the other two; without transparent huge pages on this machine it says so and shows "—".
 The floor: a step reads every weight once, so it takes at least weight bytes / memory bandwidth (bandwidth: bytes
 read + written per second by a 256 MB tensor copy, measured in the process before and after each dtype's rows, the
 higher of the two); "÷ floor" is the fused step (the faster of its two columns) over it.
@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     import mambakit
     Decoder = Mamba2Decoder if args.layer == "Mamba2" else FusedDecoder
     print(f"# {mambakit.__file__}")
-    print(f"# decode step ({Decoder.__name__}), shape {args.shape}, {args.threads} thread(s), median of {args.repeats}; "
+    print(f"# decode step ({Decoder.__name__}), shape {args.shape}, {args.threads} thread(s), "
+          f"median of {args.repeats}; "
           f"fused for batch <= { {str(k)[6:]: v for k, v in MAX_BATCH.items()} } (by dtype)")
     ok, why = hugepages.supported()
     if not ok:
@@ -113,8 +114,8 @@ def main(argv=None) -> None:
             fast = min(best.get("fused", float("inf")), best.get("huge", float("inf")))
             r3 = f"{fast / floor:.2f}×" if fast < float("inf") else "—"
             tok = f"{b / fast * 1e3:.1f}" if fast < float("inf") else "—"
-            print(f"| {dtype} | {b} | {cell('unfused')} | {cell('fused')} | {cell('huge')} | {r1} | {r2} | {floor:.1f} | "
-                  f"{r3} | {tok} |", flush=True)
+            print(f"| {dtype} | {b} | {cell('unfused')} | {cell('fused')} | {cell('huge')} | {r1} | {r2} | "
+                  f"{floor:.1f} | {r3} | {tok} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ where a phase needs all of the previous one:
     per layer:  hn = RMSNorm(r)                                   (each thread its own copy)
              0  xBC = in_proj_xBC · hn → SiLU(conv1d(xBC))        (panels; each finished at once: the conv is
                 z, dt = in_proj_z,dt · hn → SiLU(z), Δ             depthwise, the gates per channel)
-             1  h ← exp(Δ·A)·h + Δ·x·Bᵀ, y = h·C + D·x            (a (row, head) a task: the state read once)
+             1  h ← exp(Δ·A)·h + Δ·x·Bᵀ, y = h·C + D·x            (a (row, head) a task: its state read once)
                 yn = RMSNorm_grouped(y · SiLU(z)) · w              (each thread its own copy)
              2  r += out_proj · yn                                 (panels)
     then:       the final norm (each thread), the LM head          (panels)
@@ -63,7 +63,7 @@ PHASES = 3  # of a layer: in_proj (+ conv, gates, Δ), the SSD step, out_proj (+
 def _head_step(typingctx, state, xbc, y, Dm, bb, e0, P, b_at, c_at, decay, d):
     """The SSD step of one head for row bb, as explicit 16-lane vector code: for its channels e = e0 … e0 + P − 1
     (N states each, h = state[bb, e])
-        h ← decay·h + (d·x)·B,   y[bb, e] = C·h + D[e]·x      (x = xbc[bb, e]; B, C = xbc[bb, b_at …], [c_at …])
+        h ← decay·h + (d·x)·B,   y[bb, e] = C·h + D[e]·x     (x = xbc[bb, e]; B, C: xbc[bb, b_at …], [c_at …])
     with C·h in 16 lanes (lane k: n ≡ k mod 16, in order of n; states past a multiple of 16 into lane 0) added
     pairwise at the end (8, 4, 2, 1): one fixed order, whatever the machine, batch or thread count.
 
@@ -83,7 +83,8 @@ def _head_step(typingctx, state, xbc, y, Dm, bb, e0, P, b_at, c_at, decay, d):
         i32, i64, fl = ir.IntType(32), ir.IntType(64), ir.FloatType()
         vec = ir.VectorType(fl, 16)
         st, xa, ya, da = (context.make_array(signature.args[i])(context, builder, args[i]) for i in range(4))
-        bbv, e0v, Pv, bav, cav = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (4, 5, 6, 7, 8))
+        bbv, e0v, Pv, bav, cav = (context.cast(builder, args[i], signature.args[i], types.int64)
+                                  for i in (4, 5, 6, 7, 8))
         decay_s, d_s = args[9], args[10]
 
         def c(v):
@@ -94,7 +95,8 @@ def _head_step(typingctx, state, xbc, y, Dm, bb, e0, P, b_at, c_at, decay, d):
 
         def splat(x):
             v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, 16), [0] * 16))
 
         vfma = vector_fn(builder, "fma", vec, 3)
         sfma = builder.module.globals.get("llvm.fma.f32") or ir.Function(
@@ -129,7 +131,8 @@ def _head_step(typingctx, state, xbc, y, Dm, bb, e0, P, b_at, c_at, decay, d):
                 h = builder.call(sfma, [builder.load(p), decay_s, builder.fmul(dx, builder.load(builder.gep(Bp, [n])))])
                 builder.store(h, p)
                 a = builder.load(acc_p)
-                a0 = builder.call(sfma, [h, builder.load(builder.gep(Cp, [n])), builder.extract_element(a, ir.Constant(i32, 0))])
+                lane0 = builder.extract_element(a, ir.Constant(i32, 0))
+                a0 = builder.call(sfma, [h, builder.load(builder.gep(Cp, [n])), lane0])
                 builder.store(builder.insert_element(a, a0, ir.Constant(i32, 0)), acc_p)
 
             loop_ir(builder, builder.sub(N, n16), 1, rest, "ssd_rest")
@@ -203,7 +206,8 @@ def _conv_channels(e0, n, conv_wt, conv_b, conv_state, raw, xbc):
 
 
 def _ssd_task(task, H, G, N, P, A, Dm, ssm_state, xbc, zdt, y):
-    """The SSD step of (row, head) = divmod(task, H): h ← exp(Δ·A)·h + Δ·x·Bᵀ, y = h·C + D·x (`_head_step`)."""
+    """The SSD step of (row, head) = divmod(task, H): h ← exp(Δ·A)·h + Δ·x·Bᵀ, y = h·C + D·x
+    (`_head_step`)."""
     bb = task // H
     hh = task - bb * H
     gg = hh // (H // G)
@@ -475,7 +479,8 @@ class Mamba2Decoder(Decoder):
         model.check_step_inputs(input_ids, state)  # shapes against the model: the kernel does not bounds-check
         why = self.supports(input_ids, state)
         if why is not None:
-            raise ValueError(f"Mamba2Decoder.step: the fused step cannot take this batch of {input_ids.shape[0]}: {why}")
+            raise ValueError(f"Mamba2Decoder.step: the fused step cannot take this batch of {input_ids.shape[0]}: "
+                             f"{why}")
         c = model.config
         b = input_ids.shape[0]
         weights = self._weights(model)
