@@ -3,7 +3,8 @@ reference (`MambaLM.step`), in one process, interleaved (reference, fused, refer
 pair of medians), random weights of the 130m shape by default (mamba2-130m for --layer Mamba2). The ratio is what
 to read; absolute times move with the machine's load. A third column runs the fused step on a second copy of the
 model (same weights) whose parameters `mambakit.engine.use_huge_pages` moved into 2 MiB pages, as the `mambakit
-generate` and `serve` commands do, interleaved with the other two; without transparent huge pages on this machine it says so and shows "—".
+generate` and `serve` commands do, interleaved with the other two; without transparent huge pages on this machine
+it says so and shows "—".
 The floor: a step reads every weight once, so it takes at least weight bytes / memory bandwidth (bandwidth: bytes
 read + written per second by a 256 MB tensor copy, measured in the process before and after each dtype's rows, the
 higher of the two); "÷ floor" is the fused step (the faster of its two columns) over it.
