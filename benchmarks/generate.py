@@ -297,8 +297,9 @@ def target_lines(results: dict, dtype: str, impl: str = "mambakit") -> list[str]
     if "decode_tokens_per_s" in one and "decode_tokens_per_s" in eight:
         dec = eight["decode_tokens_per_s"] / one["decode_tokens_per_s"]
         e2e = eight["tokens_per_s"] / one["tokens_per_s"]
+        aim = 5 if impl == "mamba2" else 6  # issue 25 asks ≥ 5× of Mamba-2 (its state is 8× Mamba-1's a row)
         lines.append(f"# {dtype}: batch 8 / batch 1 throughput: decode {dec:.1f}×, end to end {e2e:.1f}× "
-                     "(target ≥ 6)")
+                     f"(target ≥ {aim})")
         if abs(eight["copy_bw"] / one["copy_bw"] - 1) > STATE_SHIFT:
             lines.append(f"# {dtype}: warning: the batch-1 and batch-8 cells measured {one['copy_bw'] / 1e9:.1f} and "
                          f"{eight['copy_bw'] / 1e9:.1f} GB/s of copy bandwidth: the machine changed state between "

@@ -3,7 +3,13 @@ Mamba2 mixer, and the engine's step function for Mamba-2 models."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +45,9 @@ CONFIGS = [
     dict(),  # one group, D per head, norm after the gate, conv bias
     dict(ngroups=3, D_has_hdim=True, norm_before_gate=True, conv_bias=False),
     dict(ngroups=2, d_state=16, dt_limit=(0.01, 0.2), d_conv=2),  # N a multiple of 16, Δ clamped, short conv
+    # N = 40: two vectors of 16 and 8 states into lane 0; 5 heads in 5 groups; S + h = 85: one in_proj panel holds
+    # the last z and the dt rows; xBC 480 channels = 15 panels, an odd number of panels a task (IN_PANELS = 2)
+    dict(d_model=40, d_state=40, ngroups=5),
 ]
 
 
@@ -144,3 +153,57 @@ def test_a_state_that_does_not_fit_is_refused_before_any_kernel_runs():
     state = model.allocate_state(1)
     with pytest.raises(ValueError):
         Mamba2Decoder(model).step(torch.tensor([1, 2]), state)  # batch of 2 against a state of 1
+
+
+def test_a_row_decodes_as_alone_in_every_batch_size():
+    """Batches 1 … 9 (every panel-kernel width, and 8 + 1): row 0 of each equals row 0 decoded alone, bitwise."""
+    model = _model(3, **CONFIGS[3])
+    ids = torch.randint(0, 64, (9, 5), generator=torch.Generator().manual_seed(9))
+    alone, alone_state = _run(model, ids[:1], fused=True)
+    for b in range(2, 10):
+        out, state = _run(model, ids[:b], fused=True)
+        assert torch.equal(out[:1], alone), b
+        assert torch.equal(state.ssm[:, :1], alone_state.ssm) and torch.equal(state.conv[:, :1], alone_state.conv)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = textwrap.dedent("""
+    import json, sys
+    import numba, torch
+    sys.path.insert(0, sys.argv[2])
+    from test_engine_mamba2 import CONFIGS, _model
+    from mambakit.engine import mamba2
+
+    torch.set_num_threads(int(sys.argv[3]))
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _model(1, **CONFIGS[1]).to(dtype)
+        dec, state = mamba2.Mamba2Decoder(model), model.allocate_state(3)
+        for t in range(4):
+            res[f"{dtype}.logits{t}"] = dec.step(torch.tensor([1, 7, 30 + t]), state)
+        res.update({f"{dtype}.ssm": state.ssm, f"{dtype}.conv": state.conv})
+    hits = sum(sum(d.stats.cache_hits.values()) for d in mamba2._LAYERS.values())
+    misses = sum(sum(d.stats.cache_misses.values()) for d in mamba2._LAYERS.values())
+    torch.save(res, sys.argv[1])
+    print(json.dumps({"hits": hits, "misses": misses}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_step_equals_cached(tmp_path, threads):
+    """The step compiled in a process and loaded from numba's disk cache by the next give the same bits
+    (kernel_options: no fast-math; see tests/test_ops_cache.py), serial and parallel builds."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads)}
+    env.pop("MAMBAKIT_NO_CACHE", None)
+    runs = []
+    for name in ("cold", "warm"):
+        p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / f"{name}.pt"), str(ROOT / "tests"),
+                            str(threads)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    assert runs[0]["misses"] > 0 and runs[0]["hits"] == 0, runs
+    assert runs[1]["hits"] > 0 and runs[1]["misses"] == 0, runs
+    a, b = torch.load(tmp_path / "cold.pt"), torch.load(tmp_path / "warm.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
