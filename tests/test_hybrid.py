@@ -246,6 +246,11 @@ def test_hf_layout_and_fused_steps_refuse_hybrids(tmp_path, caplog):
     assert step_function(model) == model.step
     mlp_only = hybrid("Mamba", attn_layer_idx=[], attn_cfg={})
     assert "hybrid" in unsupported(mlp_only)
+    from mambakit.engine import FusedDecoder, Mamba2Decoder
+
+    for decoder, mixer in ((FusedDecoder, "Mamba"), (Mamba2Decoder, "Mamba2")):  # built directly, too
+        with pytest.raises(ValueError, match="hybrid"):
+            decoder(hybrid(mixer, attn_layer_idx=[], attn_cfg={}))
     from mambakit.serve.engine import Engine
 
     with pytest.raises(ValueError, match="hybrids with attention layers"):

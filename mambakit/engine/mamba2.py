@@ -389,6 +389,8 @@ def unsupported(model) -> str | None:
         return f"mixers other than Mamba2 ({', '.join(sorted(other))})"
     if not c.rms_norm:
         return "LayerNorm model (rms_norm=False)"
+    if c.attn_layer_idx or c.d_intermediate:
+        return "a hybrid (attention layers or MLPs)"
     if not c.rmsnorm:
         return "Mamba-2 without its gated RMSNorm (rmsnorm=False)"
     if c.d_ssm != c.d_inner:
