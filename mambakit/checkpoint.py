@@ -89,6 +89,7 @@ _MAX_JSON_BYTES = 64 << 20  # config.json and indexes are KBs to a few MBs; this
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ST_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_QUANT = {"I8": torch.int8, "U8": torch.uint8}  # allowed for `*.qweight` tensors only
 _ST_OTHER = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0",
              "F4", "F6_E2M3", "F6_E3M2", "C64")
 
@@ -508,7 +509,9 @@ def _check_entry(name: str, e: Any, what: str, shown: Path) -> tuple[int, int, t
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
         raise CheckpointError(f"{what} entry {name!r} lacks dtype, shape or data_offsets: {str(e)[:200]}")
     dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-    if dtype not in _ST_FLOAT:
+    if dtype in _ST_QUANT and name.endswith(".qweight"):  # a quantized checkpoint's int weights (quantize.py)
+        dtype_t = _ST_QUANT[dtype]
+    elif dtype not in _ST_FLOAT:
         if dtype in _ST_OTHER:
             raise CheckpointError(
                 f"{shown}: tensor {name!r} has dtype {dtype}; Mamba weights are floating point (F32, F16, BF16 "
@@ -526,11 +529,12 @@ def _check_entry(name: str, e: Any, what: str, shown: Path) -> tuple[int, int, t
     numel = 1
     for s in shape:
         numel *= s
-    nbytes = numel * _ST_FLOAT[dtype].itemsize
+    dtype_t = _ST_FLOAT.get(dtype) or _ST_QUANT[dtype]
+    nbytes = numel * dtype_t.itemsize
     if offsets[1] - offsets[0] != nbytes:
         raise CheckpointError(f"{what} gives tensor {name!r} {offsets[1] - offsets[0]} bytes, but {dtype} "
                               f"{tuple(shape)} needs {nbytes}")
-    return offsets[0], offsets[1], _ST_FLOAT[dtype], shape
+    return offsets[0], offsets[1], dtype_t, shape
 
 
 def _read_crcs(meta: dict | None, header: dict, what: str) -> dict[str, int] | None:
@@ -833,10 +837,17 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device
         with read_files(directory) as view:
             config, layout = _load_config(view, directory)  # a family mambakit lacks is refused before any weight
             source = f"{directory} ({layout} layout)"
+            quantization = _read_json(view.path(CONFIG_NAME), directory / CONFIG_NAME).get("quantization")
             sd = _read_state_dict(view, directory, on_read)
             tokenizer = _load_tokenizer(view, directory)
     except JournalError as e:
         raise CheckpointError(str(e)) from None
+    if quantization is not None:  # int weights + scales: built by mambakit/quantize.py, which logs what it loaded
+        from .quantize import build_quantized
+
+        model = build_quantized(cls, config, sd, quantization, source, dtype)
+        model.tokenizer = tokenizer
+        return model.to(device=device or "cpu")
     model = build_model(cls, config, sd, source)
     model.tokenizer = tokenizer  # a tokenizer.json (or mambakit's byte tokenizer) saved alongside
     return model.to(device=device or "cpu", dtype=dtype or model.backbone.embedding.weight.dtype)
