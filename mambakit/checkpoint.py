@@ -845,7 +845,10 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device
     if quantization is not None:  # int weights + scales: built by mambakit/quantize.py, which logs what it loaded
         from .quantize import build_quantized
 
-        model = build_quantized(cls, config, sd, quantization, source, dtype)
+        try:
+            model = build_quantized(cls, config, sd, quantization, source, dtype)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         model.tokenizer = tokenizer
         return model.to(device=device or "cpu")
     model = build_model(cls, config, sd, source)
@@ -883,21 +886,28 @@ def save_pretrained(model: "MambaLM", path, layout: str = "hf") -> None:
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
     c = model.config
+    quantization = getattr(model, "quantization", None)  # mambakit/quantize.py's models: int weights + scales
+    if quantization is not None and layout != "hf":
+        raise ValueError("save_pretrained: a quantized model is saved in the hf layout only (layout='hf')")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for k, t in sd.items():
         if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
             raise ValueError(f"save_pretrained: parameter {k} holds NaN or inf values; refusing to write a "
                              "checkpoint that could not be loaded again")
-    dtype = model.backbone.embedding.weight.dtype
+    dtype = model.backbone.norm_f.weight.dtype if quantization else model.backbone.embedding.weight.dtype
     if layout == "hf":
-        if c.tie_embeddings:
-            sd.pop("lm_head.weight")  # the tie is in the config (safetensors refuses shared tensors)
-        sd[HF_EMBEDDING] = sd.pop(OFFICIAL_EMBEDDING)
+        if c.tie_embeddings:  # the tie is in the config (safetensors refuses shared tensors)
+            for k in ("lm_head.qweight", "lm_head.scales") if quantization else ("lm_head.weight",):
+                sd.pop(k)
+        if not quantization:
+            sd[HF_EMBEDDING] = sd.pop(OFFICIAL_EMBEDDING)
         from safetensors.torch import save_file
 
         metadata = {"format": "pt", CRC_KEY: json.dumps({k: _crc32(k, t) for k, t in sorted(sd.items())})}
         files = {SAFETENSORS_NAME: lambda tmp: save_file(sd, tmp, metadata=metadata)}
         config = config_to_hf(c, dtype)
+        if quantization:
+            config["quantization"] = dict(quantization)
     else:
         if c.tie_embeddings:
             sd["lm_head.weight"] = sd[OFFICIAL_EMBEDDING]  # the official file stores the tied head too (shared)

@@ -1,11 +1,17 @@
 """Weight-only quantization (issue 27): int8 per output channel, int4 in groups along the input; the format, the
 plain-PyTorch reference, and quantized checkpoints.
 
-    from mambakit.quantize import quantize, save_quantized
+    from mambakit.quantize import quantize
     quantize(model, bits=8)                 # in place: in_proj, out_proj and the head/embedding hold int weights
     quantize(model, bits=4, group_size=32)  # int4, one scale per 32 inputs of an output row
-    save_quantized(model, "out/")           # config.json with a "quantization" entry + model.safetensors
+    model.save_pretrained("out/")           # config.json with a "quantization" entry + model.safetensors
     MambaLM.from_pretrained("out/")         # loads it back quantized (checkpoint.py hands such configs here)
+    mambakit quantize SRC DST --bits 4      # the same from the command line (mambakit/cli/quantize.py)
+
+A quantized checkpoint is the transformers layout: config.json with a "quantization" entry ({bits, group_size,
+format, modules}); model.safetensors holding `<module>.qweight` (int8, or uint8 nibbles) and `<module>.scales`
+(float32) under mambakit's names (e.g. backbone.layers.0.mixer.in_proj.qweight, backbone.embedding.qweight;
+a tied head is stored once, as the embedding) beside the float tensors.
 
 Why weight-only: a decode step streams every weight once per token, so its time is the weight bytes over the
 memory bandwidth; int8 halves the bytes of bfloat16 and int4 quarters them (docs/engine.md). Activations, the
@@ -30,9 +36,7 @@ tested against it; the parallel forward (prefill, training-free eval) runs it as
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,7 +167,8 @@ class QuantizedLinear(_Quantized):
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int = 8, group_size: int | None = None,
                  dtype=torch.float32, device=None):
         super().__init__(out_features, in_features, bits, group_size, dtype, device)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+                                if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None) -> "QuantizedLinear":
@@ -212,10 +217,10 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize(model, bits: int = 8, group_size: int | None = None):
     """Quantizes `model` (a MambaLM) in place, from outside: in_proj, out_proj, the head and embedding become
     QuantizedLinear/QuantizedEmbedding holding int weights + scales; everything else is untouched. Returns the
-    model; `model.quantization` records the spec (what save_quantized writes into config.json)."""
-    from .model import MambaLM
-
-    if not isinstance(model, MambaLM):
+    model; `model.quantization` records the spec (what save_pretrained writes into config.json)."""
+    # duck-typed (a MambaLM has both): the model's files never import this one, nor this one the model's
+    if not (isinstance(model, nn.Module) and hasattr(model, "backbone") and hasattr(model, "lm_head")
+            and hasattr(model, "config")):
         raise TypeError(f"quantize: model must be a MambaLM, got {type(model).__name__}")
     if getattr(model, "quantization", None) is not None:
         raise ValueError(f"quantize: the model is quantized already ({model.quantization})")
@@ -276,13 +281,10 @@ def read_spec(entry: Any, source: str) -> tuple[int, int | None]:
 
 def build_quantized(cls, config, sd: dict[str, Tensor], entry: Any, source: str, dtype=None):
     """A quantized model of class cls from a checkpoint's state dict (official key names) and its config's
-    "quantization" entry; the float tensors are cast to dtype (None: keep), q and s are kept as stored."""
-    from .checkpoint import CheckpointError
-
-    try:
-        bits, group_size = read_spec(entry, source)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    "quantization" entry; the float tensors are cast to dtype (None: keep), q and s are kept as stored.
+    ValueError naming `source` for a state dict that does not fit (checkpoint.py raises it as CheckpointError)."""
+    bits, group_size = read_spec(entry, source)
+    CheckpointError = ValueError
     if config.tie_embeddings:
         for k in ("qweight", "scales"):
             sd.pop(f"lm_head.{k}", None)
@@ -318,53 +320,3 @@ def build_quantized(cls, config, sd: dict[str, Tensor], entry: Any, source: str,
              ", ".join(model.quantization["modules"]), str(model.backbone.norm_f.weight.dtype)[6:])
     return model
 
-
-def save_quantized(model, path) -> None:
-    """Writes a quantized model as a checkpoint directory (the transformers layout: config.json with a
-    "quantization" entry, model.safetensors holding `….qweight` (int) and `….scales` (float32) beside the float
-    tensors, with mambakit's checksums; the tokenizer), replacing an earlier save as one unit (mambakit._io)."""
-    from . import checkpoint as ck
-    from ._io import replace_files
-    from .tokenizer import TOKENIZER_FILES, tokenizer_files
-
-    if not is_quantized(model):
-        raise ValueError("save_quantized: the model is not quantized (call quantize(model, bits) first)")
-    directory = Path(path).expanduser()
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"save_quantized: {directory} exists and is not a directory")
-    c = model.config
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if c.tie_embeddings:
-        for k in ("qweight", "scales"):
-            sd.pop(f"lm_head.{k}")
-    for k, t in sd.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"save_quantized: {k} holds NaN or inf values")
-    from safetensors.torch import save_file
-
-    metadata = {"format": "pt", ck.CRC_KEY: json.dumps({k: ck._crc32(k, t) for k, t in sorted(sd.items())})}
-    config = ck.config_to_hf_mamba2(c, model.backbone.norm_f.weight.dtype) if c.layer == "Mamba2" else \
-        ck.config_to_hf(c, model.backbone.norm_f.weight.dtype)
-    config[CONFIG_KEY] = dict(model.quantization)
-    files = {ck.SAFETENSORS_NAME: lambda tmp: save_file(sd, tmp, metadata=metadata),
-             ck.CONFIG_NAME: json.dumps(config, indent=2) + "\n"}
-    if getattr(model, "tokenizer", None) is not None:
-        files.update(tokenizer_files(model.tokenizer))
-    managed = {ck.CONFIG_NAME, *ck.WEIGHT_FILES, *TOKENIZER_FILES} | ck._old_shards(directory)
-    replace_files(directory, files, remove=managed - set(files))
-
-
-def quantize_checkpoint(src, dst, bits: int = 8, group_size: int | None = None, dtype=None):
-    """`mambakit quantize`: loads the checkpoint `src` (either layout), quantizes it, writes `dst`; returns the
-    model. dtype: the float tensors' dtype in dst (None: the checkpoint's)."""
-    from .model import MambaLM
-
-    bits, group_size = _check_spec(bits, group_size)
-    if Path(dst).expanduser().resolve() == Path(src).expanduser().resolve():
-        raise ValueError("quantize: dst must differ from src (the float checkpoint would be replaced)")
-    model = MambaLM.from_pretrained(src, dtype=dtype)
-    if is_quantized(model):
-        raise ValueError(f"quantize: {src} is quantized already ({model.quantization})")
-    quantize(model, bits, group_size)
-    save_quantized(model, dst)
-    return model
