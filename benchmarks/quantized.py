@@ -13,7 +13,8 @@ the last position, as llama.cpp's pp test), the quantized models running their r
 `llama-batched-bench -npp 128 -ntg 128 -npl 8 -t 2` (S_TG for batch 8). Its Mamba GGUFs come from a transformers-
 layout save of the same model (conv1d weights squeezed to 2-D, which this commit's ggml_ssm_conv wants) through
 its convert_hf_to_gguf.py; Q4_0 through a copy of it with a q4_0 output type added (convert_hf_to_gguf_q4.py, see
-BENCHMARKS.md; llama-quantize refuses dt_proj's 48 columns). Time it with the CPU to itself (/work/tools/lock):
+BENCHMARKS.md; llama-quantize refuses dt_proj's 48 columns); the converter needs sentencepiece, looked for in
+WORK/pydeps too (`pip install --target WORK/pydeps sentencepiece`). Time it with the CPU to itself (/work/tools/lock):
 llama.cpp's threads spin at barriers and slow down 5-10x next to any other process.
 """
 
