@@ -175,10 +175,12 @@ def main(argv=None) -> None:
         return
     print(f"# shape {args.shape}, {args.threads} threads, int4 group size {args.group_size}; tokens/s (higher is "
           "better); ratios against mambakit bf16 of the same run")
-    dec = {b: mambakit_decode(models, b, args.repeats, args.rounds) for b in batches}
-    pre = mambakit_prefill(models, args.length, max(3, args.repeats // 5))
+    # llama.cpp first, before this process has started any compute threads (its own spin at barriers, and
+    # anything else awake on the two vCPUs slows it down several times)
     lb = llama_bench(llama, ggufs, args.length) if llama is not None else None
     lbb = {t: {b: llama_batched(llama, g, b) for b in batches if b > 1} for t, g in ggufs.items()} if llama else None
+    dec = {b: mambakit_decode(models, b, args.repeats, args.rounds) for b in batches}
+    pre = mambakit_prefill(models, args.length, max(3, args.repeats // 5))
 
     def f(v):
         return f"{v:,.1f}" if isinstance(v, float) else v

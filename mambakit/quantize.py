@@ -29,8 +29,9 @@ one copy of q and s serves both). These are ≈ 96% of a decode step's weight by
 and dt_proj (≈ 4%) stay: they feed Δ, which enters the state update through exp(ΔA), and a 48-wide dt_proj
 does not split into groups of 32 or 64. A_log, D, norms, the conv and biases stay too (small, precision-critical).
 
-The reference twin: `QuantizedLinear.forward` = dequantise (q · s in float32, then the compute dtype) and
-F.linear; `QuantizedEmbedding` = the same for the looked-up rows. The engine's kernels (engine/qpanels.py) are
+The reference twin: `QuantizedLinear.forward` = F.linear with the dequantised weight (int4: q · s in float32, then
+the compute dtype; int8: F.linear(x, q) times the row scales, the same product summed in another order);
+`QuantizedEmbedding` = the looked-up rows dequantised. The engine's kernels (engine/qpanels.py) are
 tested against it; the parallel forward (prefill, training-free eval) runs it as is.
 """
 
@@ -180,8 +181,16 @@ class QuantizedLinear(_Quantized):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.bits == 8:
+            # W = diag(s) q: y = (x qᵀ) · s, the row scales applied to the output (as the decode kernel does). q
+            # converts exactly to bf16 / fp32, so this is one pass over q and torch's GEMM, not a float32 copy of
+            # W per call (which cost prefill a third of its speed: docs/engine.md)
+            y = F.linear(x, self.qweight.to(x.dtype))
+            y = (y.float() * self.scales).to(x.dtype)
+            return y if bias is None else y + bias
         w = self.dequantized(x.dtype)  # (o, i)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, w, bias)
 
 
 class QuantizedEmbedding(_Quantized):

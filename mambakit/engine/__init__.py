@@ -56,8 +56,11 @@ def _family(model):
 
 def unsupported(model) -> str | None:
     """Why no fused decode step covers this model (None when one does): Mamba-1 models through
-    `FusedDecoder`, Mamba-2 models through `Mamba2Decoder`."""
-    return _family(model).unsupported(model)
+    `FusedDecoder`, Mamba-2 models through `Mamba2Decoder` (not yet when quantized: mambakit/quantize.py)."""
+    family = _family(model)
+    if family is mamba2 and hasattr(getattr(model, "lm_head", None), "qweight"):
+        return "a quantized Mamba-2 model (the fused Mamba-2 step reads float weights only, for now)"
+    return family.unsupported(model)
 
 
 def decoder_for(model: MambaLM) -> "FusedDecoder | Mamba2Decoder":
