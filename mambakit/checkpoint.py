@@ -92,6 +92,7 @@ _MAX_JSON_BYTES = 64 << 20  # config.json and indexes are KBs to a few MBs; this
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ST_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_QUANT = {"I8": torch.int8, "U8": torch.uint8}  # allowed for `*.qweight` tensors only
 _ST_OTHER = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0",
              "F4", "F6_E2M3", "F6_E3M2", "C64")
 
@@ -539,7 +540,9 @@ def _check_entry(name: str, e: Any, what: str, shown: Path) -> tuple[int, int, t
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
         raise CheckpointError(f"{what} entry {name!r} lacks dtype, shape or data_offsets: {str(e)[:200]}")
     dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-    if dtype not in _ST_FLOAT:
+    if dtype in _ST_QUANT and name.endswith(".qweight"):  # a quantized checkpoint's int weights (quantize.py)
+        dtype_t = _ST_QUANT[dtype]
+    elif dtype not in _ST_FLOAT:
         if dtype in _ST_OTHER:
             raise CheckpointError(
                 f"{shown}: tensor {name!r} has dtype {dtype}; Mamba weights are floating point (F32, F16, BF16 "
@@ -557,11 +560,12 @@ def _check_entry(name: str, e: Any, what: str, shown: Path) -> tuple[int, int, t
     numel = 1
     for s in shape:
         numel *= s
-    nbytes = numel * _ST_FLOAT[dtype].itemsize
+    dtype_t = _ST_FLOAT.get(dtype) or _ST_QUANT[dtype]
+    nbytes = numel * dtype_t.itemsize
     if offsets[1] - offsets[0] != nbytes:
         raise CheckpointError(f"{what} gives tensor {name!r} {offsets[1] - offsets[0]} bytes, but {dtype} "
                               f"{tuple(shape)} needs {nbytes}")
-    return offsets[0], offsets[1], _ST_FLOAT[dtype], shape
+    return offsets[0], offsets[1], dtype_t, shape
 
 
 def _read_crcs(meta: dict | None, header: dict, what: str) -> dict[str, int] | None:
@@ -866,10 +870,20 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device
         with read_files(directory) as view:
             config, layout = _load_config(view, directory)  # a family mambakit lacks is refused before any weight
             source = f"{directory} ({layout} layout)"
+            quantization = _read_json(view.path(CONFIG_NAME), directory / CONFIG_NAME).get("quantization")
             sd = _read_state_dict(view, directory, on_read)
             tokenizer = _load_tokenizer(view, directory)
     except JournalError as e:
         raise CheckpointError(str(e)) from None
+    if quantization is not None:  # int weights + scales: built by mambakit/quantize.py, which logs what it loaded
+        from .quantize import build_quantized
+
+        try:
+            model = build_quantized(cls, config, sd, quantization, source, dtype)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        model.tokenizer = tokenizer
+        return model.to(device=device or "cpu")
     model = build_model(cls, config, sd, source)
     model.tokenizer = tokenizer  # a tokenizer.json (or mambakit's byte tokenizer) saved alongside
     return model.to(device=device or "cpu", dtype=dtype or model.backbone.embedding.weight.dtype)
@@ -908,21 +922,28 @@ def save_pretrained(model: "MambaLM", path, layout: str | None = None) -> None:
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
     c = model.config
+    quantization = getattr(model, "quantization", None)  # mambakit/quantize.py's models: int weights + scales
+    if quantization is not None and layout != "hf":
+        raise ValueError("save_pretrained: a quantized model is saved in the hf layout only (layout='hf')")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for k, t in sd.items():
         if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
             raise ValueError(f"save_pretrained: parameter {k} holds NaN or inf values; refusing to write a "
                              "checkpoint that could not be loaded again")
-    dtype = model.backbone.embedding.weight.dtype
+    dtype = model.backbone.norm_f.weight.dtype if quantization else model.backbone.embedding.weight.dtype
     if layout == "hf":
-        if c.tie_embeddings:
-            sd.pop("lm_head.weight")  # the tie is in the config (safetensors refuses shared tensors)
-        sd[HF_EMBEDDING] = sd.pop(OFFICIAL_EMBEDDING)
+        if c.tie_embeddings:  # the tie is in the config (safetensors refuses shared tensors)
+            for k in ("lm_head.qweight", "lm_head.scales") if quantization else ("lm_head.weight",):
+                sd.pop(k)
+        if not quantization:
+            sd[HF_EMBEDDING] = sd.pop(OFFICIAL_EMBEDDING)
         from safetensors.torch import save_file
 
         metadata = {"format": "pt", CRC_KEY: json.dumps({k: _crc32(k, t) for k, t in sorted(sd.items())})}
         files = {SAFETENSORS_NAME: lambda tmp: save_file(sd, tmp, metadata=metadata)}
         config = config_to_hf(c, dtype)
+        if quantization:
+            config["quantization"] = dict(quantization)
     else:
         if c.tie_embeddings:
             sd["lm_head.weight"] = sd[OFFICIAL_EMBEDDING]  # the official file stores the tied head too (shared)

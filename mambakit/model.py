@@ -544,7 +544,7 @@ class MambaLM(nn.Module):
             )
         if not (state.ssm.dtype.is_floating_point and state.conv.dtype.is_floating_point):
             raise ValueError(f"state must hold floating-point tensors, got conv {state.conv.dtype}, ssm {state.ssm.dtype}")
-        device = self.lm_head.weight.device
+        device = self.backbone.norm_f.weight.device  # not lm_head's: a quantized head (quantize.py) has none
         if state.conv.device != device or state.ssm.device != device:
             raise ValueError(f"state is on {state.ssm.device}/{state.conv.device}, the model on {device}")
         self._check_attention_state(state.attn, b)

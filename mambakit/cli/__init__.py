@@ -1,6 +1,6 @@
 """The `mambakit` command line: argparse only, thin wrappers over the library (the library is the source of truth).
 
-    mambakit convert | generate | train | eval | serve | forecast ...   (one module a subcommand, mambakit/cli/)
+    mambakit convert | quantize | generate | train | eval | serve | forecast ...   (one module a subcommand, mambakit/cli/)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 # One module a subcommand (mambakit/cli/<name>.py): each defines `add_parser(subparsers)`, which registers its
 # parser with `set_defaults(func=handler)`; the handler takes the parsed args and returns an exit code.
-_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "eval", "serve", "forecast")
+_COMMAND_MODULES: tuple[str, ...] = ("convert", "quantize", "generate", "train", "eval", "serve", "forecast")
 
 
 def build_parser() -> argparse.ArgumentParser:

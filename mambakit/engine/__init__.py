@@ -56,7 +56,8 @@ def _family(model):
 
 def unsupported(model) -> str | None:
     """Why no fused decode step covers this model (None when one does): Mamba-1 models through
-    `FusedDecoder`, Mamba-2 models through `Mamba2Decoder`; not hybrids (attention layers or MLPs)."""
+    `FusedDecoder`, Mamba-2 models through `Mamba2Decoder`; not hybrids (attention layers or MLPs), nor
+    quantized Mamba-2 models yet (mambakit/quantize.py)."""
     config = getattr(model, "config", None)
     if getattr(config, "attn_layer_idx", None) or getattr(config, "d_intermediate", 0):
         return "a hybrid (attention layers or MLPs); the fused steps cover stacks of Mamba mixers only"

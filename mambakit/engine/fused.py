@@ -37,8 +37,9 @@ from numba.extending import intrinsic
 from torch import Tensor
 
 from ..model import Mamba, MambaLM, MambaState
-from . import panels
+from . import panels, qpanels
 from .panels import GROUP, panel_rows, renamed
+from .qpanels import n_panels, panel_stream, qview, rows
 from ..ops.cpu.primitives import (exp_ir, fexp, fma, halve, kernel_options, loop_ir, narrow, prefetch_ir, set_threads,
                                   sigmoid, softplus, vector_fn, widen, widen_ir)
 from ..ops.cpu.tasks import claim, finish, home, sync_size, wait
@@ -286,7 +287,7 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     panel a task, adding into r.
     """
     E = A.shape[0]
-    n_ch, n_x, n_out = (E + ROWS - 1) // ROWS, p_x.shape[0], p_out.shape[0]
+    n_ch, n_x, n_out = (E + ROWS - 1) // ROWS, p_x.shape[0], n_panels(p_out)
     h = hn[t]  # (b, D): this thread's own copy of the normed input (see `_layers`)
     _norm(r, norm_w, eps, h)
     k, q = claim(sync, 0, n_ch, t, threads, 0)
@@ -312,7 +313,7 @@ def _layer(t, threads, r, norm_w, eps, p_in, b_in, conv_wt, conv_b, conv_state, 
     k, q = claim(sync, 2, n_ch, t, threads, 0)
     count = 0
     o0, o1 = home(n_out, t, threads)  # this thread's out_proj panels, fetched while the state update computes
-    ahead = p_out[o0:o1].reshape(-1)
+    ahead = panel_stream(p_out, o0, o1)
     s0, s1 = home(n_ch, t, threads)
     while k < n_ch:
         j = k - s0  # the j-th of its own tasks fetches the j-th part (none when taking another thread's task)
@@ -368,6 +369,28 @@ def _layers(r, norm_w, eps, panels, offsets, b_in, conv_wt, conv_b, conv_all, R,
             p_dt = panels[at:at + s_dt].reshape((n_dt, R, GROUP))
             at += s_dt
             p_out = panels[at:at + s_out].reshape((n_out, E, GROUP))
+            _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_wt[i], conv_b[i], conv_all[i], p_x, p_dt,
+                   dt_b[i], A[i], Dv[i], ssm_all[i], p_out, b_out[i], hn, xz, xc, dbc, y, o, sync[i], rms_eps, dbn)
+
+
+def _layers_q(r, norm_w, eps, panels, offsets, qflat, sflat, qoffsets, G, b_in, conv_wt, conv_b, conv_all, R, dt_b,
+              A, Dv, ssm_all, b_out, hn, xz, xc, dbc, y, o, sync, threads, rms_eps, dbn):
+    """`_layers` for a quantized model (mambakit/quantize.py): in_proj and out_proj come quantized, layer i's at
+    qoffsets[i] = (in_proj's byte, its scales' float, out_proj's byte, its scales' float) in qflat (int8, or
+    uint8 for int4 with groups of G inputs) and sflat (engine/qpanels.py's layout), as (P, S) pairs that
+    `_layer` reads through `qpanels.rows`; x_proj and dt_proj stay in `panels` (float), layer i's at offsets[i]."""
+    L, D = norm_w.shape
+    E, N = A.shape[1], A.shape[2]
+    n_in, n_out = (2 * E + GROUP - 1) // GROUP, (D + GROUP - 1) // GROUP
+    n_dt, n_x = (E + GROUP - 1) // GROUP, (R + 2 * N + GROUP - 1) // GROUP
+    s_x, s_dt = n_x * E * GROUP, n_dt * R * GROUP
+    for t in prange(threads):  # one parallel region
+        for i in range(L):
+            at = offsets[i]
+            p_x = panels[at:at + s_x].reshape((n_x, E, GROUP))
+            p_dt = panels[at + s_x:at + s_x + s_dt].reshape((n_dt, R, GROUP))
+            p_in = qview(qflat, sflat, qoffsets[i, 0], qoffsets[i, 1], n_in, D, G)
+            p_out = qview(qflat, sflat, qoffsets[i, 2], qoffsets[i, 3], n_out, E, G)
             _layer(t, threads, r, norm_w[i], eps, p_in, b_in[i], conv_wt[i], conv_b[i], conv_all[i], p_x, p_dt,
                    dt_b[i], A[i], Dv[i], ssm_all[i], p_out, b_out[i], hn, xz, xc, dbc, y, o, sync[i], rms_eps, dbn)
 
@@ -434,7 +457,7 @@ def _in_proj_task(k, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc):
     for g in range(k * ROWS // GROUP, min((k + 1) * ROWS // GROUP, gx)):
         _in_proj_conv(g, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc)
     z0, z1 = (E + k * ROWS + GROUP - 1) // GROUP, (E + (k + 1) * ROWS + GROUP - 1) // GROUP  # z rows E + ROWS·k …
-    for g in range(max(gx, z0), min(p_in.shape[0], z1)):
+    for g in range(max(gx, z0), min(n_panels(p_in), z1)):
         _in_proj_conv(g, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc)
 
 
@@ -442,7 +465,7 @@ def _in_proj_conv(g, hn, p_in, b_in, conv_wt, conv_b, conv_state, xz, xc):
     """in_proj panel g (rows 32g … 32g + 31 of xz (b, 2E): x = xz[:, :E], z = xz[:, E:]), then the conv and
     SiLUs of the channels it has just produced (the conv is depthwise: channel e needs only x_e)."""
     E = conv_wt.shape[1]
-    panel_rows(p_in, g, hn, xz)
+    rows(p_in, g, hn, xz)
     r0, r1 = g * GROUP, min(2 * E, (g + 1) * GROUP)
     x1, z0 = min(r1, E), max(r0, E)  # x channels r0 … x1 − 1, z channels z0 … r1 − 1
     if x1 - r0 == GROUP:
@@ -540,7 +563,7 @@ def _channels(e0, n, dbc, R, dt_b, A, Dv, ssm_state, xz, xc, y, ahead):
 def _out_proj_residual(g, y, p_out, b_out, o, r):
     """r += out_proj(y) for the residual stream's columns 32g … 32g + 31 (out_proj panel g)."""
     D = r.shape[1]
-    panel_rows(p_out, g, y, o)
+    rows(p_out, g, y, o)
     j0, j1 = g * GROUP, min(D, (g + 1) * GROUP)
     if j1 - j0 == GROUP:
         _residual(j0, GROUP, o, b_out, r)
@@ -576,6 +599,10 @@ _LAYERS = {
     True: njit(**kernel_options(parallel=True))(_layers),
     False: njit(**kernel_options(parallel=False))(renamed(_layers, "_serial")),
 }
+_LAYERS_Q = {
+    True: njit(**kernel_options(parallel=True))(_layers_q),
+    False: njit(**kernel_options(parallel=False))(renamed(_layers_q, "_serial")),
+}
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -587,6 +614,33 @@ def _np(t: Tensor) -> np.ndarray:
 _EMPTY = np.zeros(0, np.float32)
 
 
+class _Head:
+    """What the checks read of the LM head: a tensor that identifies its weight, the compute dtype, device and
+    rows; for a quantized head (mambakit/quantize.py) its int weight, not `.weight` (a dequantised copy)."""
+
+    def __init__(self, model):
+        head = model.lm_head
+        self.quantized = hasattr(head, "qweight")
+        self.tensor = head.qweight if self.quantized else head.weight
+        self.dtype = head.dtype if self.quantized else head.weight.dtype
+        self.device, self.rows = self.tensor.device, head.out_features
+
+
+def _quantization_problem(model) -> str | None:
+    """Why the fused step cannot read this quantized model's modules (None when it can, or it is not quantized)."""
+    if not hasattr(model.lm_head, "qweight"):
+        return None
+    from ..quantize import QuantizedLinear
+
+    mods = [layer.mixer.in_proj for layer in model.backbone.layers] + [
+        layer.mixer.out_proj for layer in model.backbone.layers] + [model.lm_head]
+    if not all(isinstance(m, QuantizedLinear) for m in mods):
+        return "a partly quantized model (in_proj, out_proj and the head must all be quantized)"
+    if len({(m.bits, m.group_size) for m in mods}) != 1:
+        return "quantized modules of different bit widths or group sizes"
+    return None
+
+
 def unsupported(model) -> str | None:
     """Why the fused step cannot run this model (None when it can): it covers CPU MambaLMs in float32 or bfloat16
     with RMSNorm, a float32 residual stream (or float32 weights) and plain Mamba mixers (not subclasses such as
@@ -594,7 +648,7 @@ def unsupported(model) -> str | None:
     if not isinstance(model, MambaLM):
         return f"not a MambaLM ({type(model).__name__})"
     c = model.config
-    w = model.lm_head.weight
+    w = _Head(model)
     if w.device.type != "cpu":
         return f"weights on {w.device.type}, not the CPU"
     if w.dtype not in MAX_BATCH:
@@ -610,7 +664,7 @@ def unsupported(model) -> str | None:
         return f"mixers other than Mamba ({', '.join(sorted(other))})"
     if any(p.dtype not in MAX_BATCH or p.device.type != "cpu" for p in model.parameters()):
         return "parameters of other dtypes or devices than the head's"
-    return None
+    return _quantization_problem(model)
 
 
 def _layer_view(t: Tensor, b: int) -> Tensor | None:
@@ -666,8 +720,10 @@ class FusedDecoder:
         changes when the weights are replaced or converted (walking every parameter each step would cost a
         noticeable part of a step: docs/engine.md)."""
         model = self.model
-        w, layers = model.lm_head.weight, model.backbone.layers
-        key = (id(w), w.dtype, w.device, id(layers[0].mixer.in_proj.weight), id(layers[-1].mixer.out_proj.weight))
+        w, layers = _Head(model), model.backbone.layers
+        first, last = layers[0].mixer.in_proj, layers[-1].mixer.out_proj
+        key = (id(w.tensor), w.dtype, w.device, id(getattr(first, "qweight", None) if w.quantized else first.weight),
+               id(getattr(last, "qweight", None) if w.quantized else last.weight))
         if self._checked is None or self._checked[0] != key:
             self._checked = (key, unsupported(model))
         if self._checked[1] is not None:
@@ -709,7 +765,7 @@ class FusedDecoder:
 
         layers = watch(watch(model, "_modules", "backbone"), "_modules", "layers")
         small = {k: [] for k in ("norm_w", "b_in", "conv_w", "conv_b", "dt_b", "A", "Dv", "b_out")}
-        packed = []
+        packed, qmods, quantized = [], [], _Head(model).quantized
         for i in range(len(layers)):
             layer = watch(layers, "_modules", str(i))
             norm, m = watch(layer, "_modules", "norm"), watch(layer, "_modules", "mixer")
@@ -726,14 +782,41 @@ class FusedDecoder:
                          ("dt_b", p(dt_proj, "bias")),
                          ("A", -torch.exp(p(m, "A_log").float())), ("Dv", p(m, "D")), ("b_out", p(out_proj, "bias"))):
                 small[k].append(t)
-            packed += [watch(module, "_parameters", "weight") for module in (in_proj, x_proj, dt_proj, out_proj)]
-        packed.append(watch(watch(model, "_modules", "lm_head"), "_parameters", "weight"))
+            if quantized:  # in_proj, out_proj quantized (their q and s watched), x_proj, dt_proj float
+                for module in (in_proj, out_proj):
+                    watch(module, "_buffers", "qweight"), watch(module, "_buffers", "scales")
+                qmods += [in_proj, out_proj]
+                packed += [watch(module, "_parameters", "weight") for module in (x_proj, dt_proj)]
+            else:
+                packed += [watch(module, "_parameters", "weight") for module in (in_proj, x_proj, dt_proj, out_proj)]
+        head = watch(model, "_modules", "lm_head")
+        if quantized:
+            watch(head, "_buffers", "qweight"), watch(head, "_buffers", "scales")
+            return self._weights_quantized(checks, layers, small, packed, qmods + [head])
+        packed.append(watch(head, "_parameters", "weight"))
         # one buffer in the order a step reads them: layer 0's in_proj, x_proj, dt_proj, out_proj, layer 1's, …, the head
         flat, offsets = panels.pack_flat([t.detach() for t in packed])
         stacked = {k: _EMPTY.reshape(len(layers), 0) if v[0] is None else _np(torch.stack(v)) for k, v in small.items()}
         args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0:-1:4], np.int64),
                 *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "dt_b", "A", "Dv", "b_out")))
         result = (args, panels.panels_at(flat, offsets[-1], packed[-1]))
+        self._packed = (checks, result)
+        return result
+
+    def _weights_quantized(self, checks, layers, small, packed, qmods) -> tuple[tuple, tuple]:
+        """`_weights` for a quantized model: the arguments of `_layers_q` (x_proj and dt_proj packed as float
+        panels, `packed`; in_proj, out_proj of every layer and then the head as quantized panels, `qmods`,
+        engine/qpanels.py) and the head's (P, S)."""
+        flat, offsets = panels.pack_flat([t.detach() for t in packed])
+        qflat, sflat, qoffsets = qpanels.pack_flat(qmods)
+        if qmods[0].bits == 8:
+            qflat = qflat.view(np.int8)
+        stacked = {k: _EMPTY.reshape(len(layers), 0) if v[0] is None else _np(torch.stack(v)) for k, v in small.items()}
+        per_layer = np.array([[*qoffsets[2 * i], *qoffsets[2 * i + 1]] for i in range(len(layers))], np.int64)
+        args = (stacked["norm_w"], float(layers[0].norm.eps), flat, np.array(offsets[0::2], np.int64), qflat, sflat,
+                per_layer, int(qmods[0].group_size or 0),
+                *(stacked[k] for k in ("b_in", "conv_w", "conv_b", "dt_b", "A", "Dv", "b_out")))
+        result = (args, qpanels.qpanels_at(qflat.view(np.uint8), sflat, qoffsets[-1], qmods[-1]))
         self._packed = (checks, result)
         return result
 
@@ -758,12 +841,20 @@ class FusedDecoder:
             set_threads()
         threads = numba.get_num_threads() if parallel else 1
         hn, xz, xc, dbc, y, o, dbn, sync = _scratch(threads, b, c.d_model, E, R, N, c.n_layer)
-        norm_w, eps, flat, offsets, b_in, conv_w, conv_b, dt_b, A, Dv, b_out = weights
+        h_rows = model.lm_head.out_features
         rms_eps = -1.0 if c.mixer_rms_eps is None else float(c.mixer_rms_eps)  # FalconMamba's mixer norms
+        if isinstance(p_head, tuple):  # a quantized model (mambakit/quantize.py): `_layers_q`, qpanels' head
+            norm_w, eps, flat, offsets, qflat, sflat, qoffsets, G, b_in, conv_w, conv_b, dt_b, A, Dv, b_out = weights
+            _LAYERS_Q[parallel](r.numpy(), norm_w, eps, flat, offsets, qflat, sflat, qoffsets, G, b_in, conv_w,
+                                conv_b, _np(conv), R, dt_b, A, Dv, ssm.numpy(), b_out, hn, xz, xc, dbc, y, o, sync,
+                                threads, rms_eps, dbn)
+            h = model.backbone.norm_f(r)  # (b, D)
+            return qpanels.linear(h, p_head, h_rows).to(h.dtype)  # (b, V), as MambaLM.step
+        norm_w, eps, flat, offsets, b_in, conv_w, conv_b, dt_b, A, Dv, b_out = weights
         _LAYERS[parallel](r.numpy(), norm_w, eps, flat, offsets, b_in, conv_w, conv_b, _np(conv), R, dt_b, A,
                           Dv, ssm.numpy(), b_out, hn, xz, xc, dbc, y, o, sync, threads, rms_eps, dbn)
         h = model.backbone.norm_f(r)  # (b, D)
-        return panels.linear(h, p_head, model.lm_head.weight.shape[0]).to(h.dtype)  # (b, V), as MambaLM.step
+        return panels.linear(h, p_head, h_rows).to(h.dtype)  # (b, V), as MambaLM.step
 
 
 _SCRATCH = threading.local()  # a thread's float32 scratch buffer and task counters, reused across steps

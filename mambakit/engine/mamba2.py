@@ -379,6 +379,8 @@ def unsupported(model) -> str | None:
     if not isinstance(model, MambaLM):
         return f"not a MambaLM ({type(model).__name__})"
     c = model.config
+    if hasattr(model.lm_head, "qweight"):
+        return "a quantized Mamba-2 model (the fused Mamba-2 step reads float weights only, for now)"
     w = model.lm_head.weight
     if w.device.type != "cpu":
         return f"weights on {w.device.type}, not the CPU"
