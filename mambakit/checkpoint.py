@@ -63,7 +63,7 @@ import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,8 +72,6 @@ from ._io import JournalError, read_files, replace_files
 from .config import MambaConfig
 from .tokenizer import TOKENIZER_FILES, load_tokenizer_files, tokenizer_files
 
-if TYPE_CHECKING:  # the model is built through the class its caller passes: this file never imports model.py
-    from .model import MambaLM
 
 LAYOUTS = ("hf", "official")
 CONFIG_NAME = "config.json"
@@ -785,7 +783,7 @@ def to_mambakit_keys(sd: dict[str, Tensor], config: MambaConfig, source: str = "
     return sd
 
 
-def check_state_dict(sd: dict[str, Tensor], model: "MambaLM", source: str) -> None:
+def check_state_dict(sd: dict[str, Tensor], model: "torch.nn.Module", source: str) -> None:
     """Raises CheckpointError naming every missing key, unexpected key and shape mismatch."""
     want = {k: v.shape for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -823,7 +821,7 @@ def _check_sizes(sd: dict[str, Tensor], config: MambaConfig, source: str) -> Non
                               f"config says (padded vocabulary, d_model) = {want}")
 
 
-def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) -> "MambaLM":
+def build_model(cls, config: MambaConfig, sd: dict[str, Tensor], source: str) -> "torch.nn.Module":
     """cls(config) holding the state dict `sd` (either layout's keys; a tied head's copy is dropped), checked
     against the model's keys and shapes (CheckpointError naming `source`), without initialising parameters that
     are replaced anyway."""
@@ -858,7 +856,7 @@ def _load_tokenizer(view, directory: Path):
         raise CheckpointError(f"the tokenizer saved with {directory} cannot be read: {msg}") from None
 
 
-def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device=None, on_read=None) -> "MambaLM":
+def load_pretrained(cls, path, dtype: torch.dtype | None = torch.float32, device=None, on_read=None) -> "torch.nn.Module":
     """Builds the model (an instance of cls, MambaLM or a subclass) of a checkpoint directory (either layout) and
     loads its weights, cast to `dtype` (None: the checkpoint's own dtype, that of its embedding); A_log and D
     stay float32 either way. on_read(path): called after each weight file is read."""
@@ -909,7 +907,7 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, f)
 
 
-def save_pretrained(model: "MambaLM", path, layout: str | None = None) -> None:
+def save_pretrained(model: "torch.nn.Module", path, layout: str | None = None) -> None:
     """config.json + weights for `layout` ("hf": model.safetensors; "official": pytorch_model.bin; None: "hf",
     or "official" for a hybrid, which transformers has no class for), plus the tokenizer files of
     `model.tokenizer`, replacing the checkpoint files of an earlier save as one unit (see the module docstring);
@@ -961,7 +959,7 @@ def save_pretrained(model: "MambaLM", path, layout: str | None = None) -> None:
 
 
 def convert(cls, src, dst, layout: str = "hf", dtype: torch.dtype | None = None,
-            progress: bool | None = None) -> tuple[str, "MambaLM"]:
+            progress: bool | None = None) -> tuple[str, "torch.nn.Module"]:
     """Reads a checkpoint in either layout as a cls (MambaLM) and writes it in `layout`; returns (source layout,
     model). dtype None keeps the checkpoint's dtype (that of its embedding). progress: a tqdm bar over the bytes
     read (a weight file or shard at a time) and written; None shows it only on a terminal, False never."""

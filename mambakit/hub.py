@@ -26,15 +26,13 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._io import atomic_write, read_files
 from .checkpoint import (_SHARD_NAME, CONFIG_NAME, PICKLE_INDEX, SAFETENSORS_INDEX, WEIGHT_FILES, CheckpointError,
                          load_config)
 from .tokenizer import TOKENIZER_FILES
 
-if TYPE_CHECKING:  # this file never imports model.py: from_pretrained builds through the class it is given
-    from .model import MambaLM
 
 _INSTALL = "pip install 'mambakit[hub]'"
 # the Hub's own rule for a repository id: two parts of word characters, '-' and '.', neither starting nor
@@ -250,7 +248,7 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None, cac
     return snapshot
 
 
-def from_pretrained(cls: type["MambaLM"], path_or_repo_id, revision: str | None = None, cache_dir=None,
+def from_pretrained(cls: type, path_or_repo_id, revision: str | None = None, cache_dir=None,
                     local_files_only: bool = False, token=None, progress: bool | None = None, **load_kwargs):
     """cls.from_pretrained (MambaLM's: dtype, device) of a local directory or a Hub id (see resolve)."""
     directory = resolve(path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
@@ -278,7 +276,7 @@ def _checkpoint_files(view, directory: Path) -> list[str]:
     return names
 
 
-def push_to_hub(model_or_dir: "MambaLM | str | os.PathLike", repo_id: str, token: str | bool | None = None,
+def push_to_hub(model_or_dir: Any, repo_id: str, token: str | bool | None = None,
                 private: bool = False, revision: str | None = None, *, endpoint: str | None = None,
                 commit_message: str = "Upload a mambakit checkpoint") -> Any:
     """Uploads a saved checkpoint directory (or a MambaLM, saved first into a temporary directory in the
