@@ -3,7 +3,7 @@ the trees alternated round by round (so a change of the machine's speed hits bot
 ratios. For questions like "what did switching fast-math off cost" (docs/kernels.md), where only the tree
 differs.
 
-    python benchmarks/revisions.py --old d143336~1 --new HEAD          # scan, conv, fused decode step
+    python benchmarks/revisions.py --old d143336~1 --new 2a8078f       # before and after fast-math went off
     python benchmarks/revisions.py --old HEAD~3 --new . --rounds 3      # "." = the working tree as it is
     python benchmarks/revisions.py --old HEAD --new . --quick           # tiny shapes: checks that it runs
     python benchmarks/revisions.py --old d143336~1 --new HEAD --compile # + compile seconds on an empty cache
