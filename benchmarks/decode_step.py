@@ -13,7 +13,7 @@ higher of the two); "÷ floor" is the fused step (the faster of its two columns)
     python benchmarks/decode_step.py --threads 1 --batch 1,2
     python benchmarks/decode_step.py --quick                     # a tiny model: checks that it runs
     python benchmarks/decode_step.py --layer Mamba2 --batch 1,8  # Mamba-2 (mamba2-130m)
-    for t in /work/main .; do PYTHONPATH=$t python benchmarks/decode_step.py --layer Mamba2; done  # two trees
+    for t in <other checkout> .; do PYTHONPATH=$t python benchmarks/decode_step.py --layer Mamba2; done  # two trees
 """
 
 from __future__ import annotations

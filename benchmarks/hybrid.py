@@ -16,7 +16,7 @@ Table 2, decode: prompt 128, then 128 greedy steps, batch 1 and 8, float32; deco
 time. Rows: the hybrid through MambaLM.step (the fused CPU steps do not cover hybrids), the pure Mamba-2 through
 MambaLM.step (the same reference path) and through the engine's fused Mamba-2 step (what generate uses for it).
 The three are timed step for step in turn (step k of each before step k + 1 of any), in two runs a batch size;
-the table gives the median over both runs' steps. Take the CPU lock (/work/tools/lock) and run with the machine otherwise quiet:
+the table gives the median over both runs' steps. Run it with the machine otherwise quiet:
 
     python benchmarks/hybrid.py                          # both tables, 2 threads
     python benchmarks/hybrid.py --quick                  # tiny sizes: checks that it runs

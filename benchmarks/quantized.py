@@ -2,7 +2,7 @@
 vs int4 (mambakit/quantize.py, the fused decode step on engine/qpanels.py), with llama.cpp F32 / BF16 / Q8_0 /
 Q4_0 on the same random weights (the 130m shape, seed 0) in the same run.
 
-    python benchmarks/quantized.py --llama /work/llama.cpp      # or LLAMA_CPP_DIR=...; without it, mambakit only
+    python benchmarks/quantized.py --llama ../llama.cpp          # or LLAMA_CPP_DIR=...; without it, mambakit only
     python benchmarks/quantized.py --quick                      # a tiny model, mambakit only: checks it runs
     python benchmarks/quantized.py --prepare --llama ...        # only write the GGUF files and warm the kernels
 
@@ -14,7 +14,7 @@ the last position, as llama.cpp's pp test), the quantized models running their r
 layout save of the same model (conv1d weights squeezed to 2-D, which this commit's ggml_ssm_conv wants) through
 its convert_hf_to_gguf.py; Q4_0 through a copy of it with a q4_0 output type added (convert_hf_to_gguf_q4.py, see
 BENCHMARKS.md; llama-quantize refuses dt_proj's 48 columns); the converter needs sentencepiece, looked for in
-WORK/pydeps too (`pip install --target WORK/pydeps sentencepiece`). Time it with the CPU to itself (/work/tools/lock):
+WORK/pydeps too (`pip install --target WORK/pydeps sentencepiece`). Time it with the CPU to itself (nothing else running):
 llama.cpp's threads spin at barriers and slow down 5-10x next to any other process.
 """
 

@@ -18,7 +18,7 @@ values of every position so far, kv (L_a, b, T_cap, 2, H_kv, hd) in the model's 
 doubled when full): 2·H_kv·hd·bytes per token, layer and sequence. `lengths` (b,) counts each row's positions,
 so rows of different lengths share one batch: a row's new token sits at its own position (its rotary angle) and
 attends to its own positions only (a mask), and rows never interact. Two deliberate departures from the official
-decode path (see /work/shared/mamba2.md §5): the conv state keeps the pre-conv inputs (the official prefill stores
+decode path: the conv state keeps the pre-conv inputs (the official prefill stores
 post-conv values, so decoding after a prompt diverges when d_conv > 0), and a one-token query attends to every
 cached key (the official SDPA fallback's top-left causal mask lets it see key 0 only).
 """

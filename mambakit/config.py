@@ -338,7 +338,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamba2-1.3b": dict(layer="Mamba2", d_model=2048, n_layer=48, vocab_size=50277, pad_vocab_size_multiple=16),
     "mamba2-2.7b": dict(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=16),
     # state-spaces/mamba2attn-2.7b (the Mamba-2 paper's hybrid: 58 Mamba-2 layers, 6 attention layers; config as
-    # /work/shared/mamba2.md §4a gives it)
+    # its released config.json gives it)
     "mamba2attn-2.7b": dict(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, pad_vocab_size_multiple=16,
                             attn_layer_idx=[9, 18, 27, 36, 45, 56],
                             attn_cfg=dict(causal=True, d_conv=4, head_dim=128, num_heads=30, out_proj_bias=False,

