@@ -222,7 +222,7 @@ def ssd_ref(
     inputs) with `return_final_states`: the state after each row's last token. With `return_varlen_states`
     (b = 1, cu_seqlens (m + 1,) the sequences' boundaries, seq_idx the matching indices): also the state after
     each sequence's last token, (m, h, p, n) (`varlen_initial` for an empty one). Results in the order
-    y[, final states][, varlen states]."""
+    y, then the final states if asked, then the varlen states if asked."""
     acc = compute_dtype(x)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
