@@ -303,8 +303,10 @@ def test_decode_step_benchmark_quick_runs():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| float32 |")]
     cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
-    # dtype, batch, unfused, fused, fused in 2 MiB pages ("—": a tiny model is not moved), two ratios
-    assert len(rows) == 2 and all(len(c) == 7 and c[5].endswith("×") and c[4] == "—" for c in cells)
+    # dtype, batch, unfused, fused, fused in 2 MiB pages ("—": a tiny model is not moved), two ratios, the
+    # weight-streaming floor, fused ÷ floor, fused tokens/s
+    assert len(rows) == 2 and all(len(c) == 10 and c[5].endswith("×") and c[4] == "—" and c[8].endswith("×")
+                                  and float(c[9]) > 0 for c in cells)
 
 
 def test_release_frees_the_packed_copy_and_training_samples_release_it():
