@@ -589,6 +589,19 @@ def test_fused_inference_chunk_groups(monkeypatch, tokens):
         assert_close(st, s_ref, TOL[torch.float32], f"final states, BLOCK_TOKENS {tokens}")
 
 
+def test_fused_inference_workspaces_outlive_inference_mode():
+    """The inference path keeps its buffers between calls: one made under torch.inference_mode (as generate runs)
+    must still be writable by the next call under plain no_grad (a model evaluated after generating), and give the
+    same result."""
+    inp = make_inputs(1, 40, 4, 3, 2, 5, torch.float32, D="channel")
+    kw = dict(chunk_size=8, dt_softplus=True)
+    with torch.inference_mode():
+        y_inf = ssd_cpu(**inp, **kw)
+    with torch.no_grad():
+        y = ssd_cpu(**inp, **kw)
+    assert torch.equal(y, y_inf)
+
+
 def test_fused_inference_bfloat16_equals_autograd_path():
     """In bfloat16 the inference kernels write the GEMM operands in bf16, as the autograd path rounds them: the two
     agree to bf16 rounding, and both are within the bf16 tolerance of the float32 reference."""

@@ -190,10 +190,13 @@ def _workspace(b: int, nk: int, h: int, p: int, g: int, n: int, Q: int, gemm: to
     if key in cache:
         return cache[key]
     hg = h // g
-    w = dict(CB=torch.empty(b, nk, g, Q, Q, dtype=gemm), xh=torch.empty(b, nk, h, Q, p, dtype=gemm),
-             xw=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), S=torch.empty(b, nk, h, Q, Q, dtype=gemm),
-             states=torch.empty(b, nk, g, hg * p, n, dtype=gemm), incoming=torch.empty(b, nk, h, p, n, dtype=gemm),
-             y_in=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), yi=torch.empty(b, nk, h, Q, p, dtype=gemm))
+    # normal tensors even when asked for under inference mode (generate): an inference tensor kept here could not
+    # be written by a later call outside it (a plain no_grad forward)
+    with torch.inference_mode(False):
+        w = dict(CB=torch.empty(b, nk, g, Q, Q, dtype=gemm), xh=torch.empty(b, nk, h, Q, p, dtype=gemm),
+                 xw=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), S=torch.empty(b, nk, h, Q, Q, dtype=gemm),
+                 states=torch.empty(b, nk, g, hg * p, n, dtype=gemm), incoming=torch.empty(b, nk, h, p, n, dtype=gemm),
+                 y_in=torch.empty(b, nk, g, Q, hg * p, dtype=gemm), yi=torch.empty(b, nk, h, Q, p, dtype=gemm))
     if sum(t.nbytes for t in w.values()) <= KEEP_BYTES:
         if len(cache) >= 2:
             cache.pop(next(iter(cache)))
