@@ -28,18 +28,7 @@ import torch  # noqa: E402
 
 from mambakit import MambaConfig, MambaLM  # noqa: E402
 from mambakit.engine import MAX_BATCH, FusedDecoder, Mamba2Decoder, hugepages  # noqa: E402
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 256 MB tensor copy (best of 10), as benchmarks/generate.py."""
-    a = torch.ones(64 * 2**20)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.numel() * 4 / best
+from generate import copy_bandwidth  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 
 def median_ms(fn, repeats: int) -> float:
